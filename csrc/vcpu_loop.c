@@ -1,0 +1,266 @@
+/* See vcpu_loop.h for what this file owns and why. */
+#define _GNU_SOURCE
+#include "vcpu_loop.h"
+
+#include <errno.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+
+/* The kick signal. glibc reserves SIGRTMIN-2 and -1 for itself; SIGRTMIN is free for us and
+ * Python's signal module never installs a handler on it. */
+#define PYHV_KICK_SIGNAL (SIGRTMIN)
+
+int pyhv_ioctl(int fd, unsigned long request, void *arg)
+{
+    int result = ioctl(fd, request, arg);
+    return result < 0 ? -errno : result;
+}
+
+int pyhv_ioctl_value(int fd, unsigned long request, unsigned long arg)
+{
+    int result = ioctl(fd, request, arg);
+    return result < 0 ? -errno : result;
+}
+
+static void kick_handler(int signo)
+{
+    /* Nothing to do: the kicker set immediate_exit before signalling, and the signal's only
+     * job is to make a KVM_RUN already in progress return EINTR. */
+    (void)signo;
+}
+
+int pyhv_install_kick_handler(void)
+{
+    struct sigaction action;
+    memset(&action, 0, sizeof(action));
+    action.sa_handler = kick_handler;
+    sigemptyset(&action.sa_mask);
+    action.sa_flags = 0; /* no SA_RESTART: KVM_RUN must return EINTR */
+    if (sigaction(PYHV_KICK_SIGNAL, &action, NULL) < 0)
+        return -errno;
+    return 0;
+}
+
+int pyhv_vcpu_map_run(struct pyhv_vcpu *vcpu, int fd, size_t run_size)
+{
+    void *run = mmap(NULL, run_size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    if (run == MAP_FAILED)
+        return -errno;
+    vcpu->fd = fd;
+    vcpu->run = run;
+    vcpu->run_size = run_size;
+    return 0;
+}
+
+void pyhv_vcpu_unmap_run(struct pyhv_vcpu *vcpu)
+{
+    if (vcpu->run) {
+        munmap(vcpu->run, vcpu->run_size);
+        vcpu->run = NULL;
+    }
+}
+
+/* Binary search of a table sorted by base; NULL when the address is in no range. */
+static const struct pyhv_range *find_range(const struct pyhv_table *table, uint64_t address)
+{
+    uint32_t low = 0, high = table->count;
+    while (low < high) {
+        uint32_t middle = low + (high - low) / 2;
+        const struct pyhv_range *range = &table->ranges[middle];
+        if (address < range->base)
+            high = middle;
+        else if (address - range->base >= range->size)
+            low = middle + 1;
+        else
+            return range;
+    }
+    return NULL;
+}
+
+static int take_kick(struct pyhv_vcpu *vcpu, struct pyhv_exit *out)
+{
+    if (!vcpu->kick_pending)
+        return 0;
+    vcpu->kick_pending = 0;
+    __atomic_store_n(&vcpu->run->immediate_exit, 0, __ATOMIC_SEQ_CST);
+    vcpu->stats.kicks++;
+    out->kind = PYHV_EXIT_KICKED;
+    return 1;
+}
+
+/* Completes a port access in C when it can. Returns 1 when handled, 0 to go to Python. */
+static int handle_pio(struct pyhv_vcpu *vcpu, struct pyhv_exit *out)
+{
+    struct kvm_run *run = vcpu->run;
+    uint8_t *data = (uint8_t *)run + run->io.data_offset;
+    size_t bytes = (size_t)run->io.size * run->io.count;
+    int is_in = run->io.direction == KVM_EXIT_IO_IN;
+    const struct pyhv_range *range = find_range(&vcpu->pio, run->io.port);
+
+    if (range == NULL) {
+        if (is_in) {
+            memset(data, vcpu->pio.unmapped_fill, bytes);
+            vcpu->stats.pio_unmapped_reads++;
+        } else {
+            vcpu->stats.pio_unmapped_writes++;
+        }
+        if (!vcpu->stats.first_unmapped_pio)
+            vcpu->stats.first_unmapped_pio = (uint64_t)run->io.port + 1;
+        return 1;
+    }
+    if (range->action == PYHV_RANGE_SINK) {
+        if (is_in)
+            memset(data, range->fill, bytes);
+        vcpu->stats.pio_sink++;
+        return 1;
+    }
+    out->kind = is_in ? PYHV_EXIT_PIO_IN : PYHV_EXIT_PIO_OUT;
+    out->address = run->io.port;
+    out->offset = run->io.port - range->base;
+    out->device_id = range->device_id;
+    out->size = run->io.size;
+    out->count = run->io.count;
+    out->data = data;
+    return 0;
+}
+
+static int handle_mmio(struct pyhv_vcpu *vcpu, struct pyhv_exit *out)
+{
+    struct kvm_run *run = vcpu->run;
+    const struct pyhv_range *range = find_range(&vcpu->mmio, run->mmio.phys_addr);
+    uint32_t length = run->mmio.len > 8 ? 8 : run->mmio.len;
+
+    if (range == NULL) {
+        if (!run->mmio.is_write) {
+            memset(run->mmio.data, vcpu->mmio.unmapped_fill, length);
+            vcpu->stats.mmio_unmapped_reads++;
+        } else {
+            vcpu->stats.mmio_unmapped_writes++;
+        }
+        if (!vcpu->stats.first_unmapped_mmio)
+            vcpu->stats.first_unmapped_mmio = run->mmio.phys_addr + 1;
+        return 1;
+    }
+    if (range->action == PYHV_RANGE_SINK) {
+        if (!run->mmio.is_write)
+            memset(run->mmio.data, range->fill, length);
+        vcpu->stats.mmio_sink++;
+        return 1;
+    }
+    out->kind = run->mmio.is_write ? PYHV_EXIT_MMIO_WRITE : PYHV_EXIT_MMIO_READ;
+    out->address = run->mmio.phys_addr;
+    out->offset = run->mmio.phys_addr - range->base;
+    out->device_id = range->device_id;
+    out->size = length;
+    out->count = 1;
+    out->data = run->mmio.data;
+    return 0;
+}
+
+int pyhv_vcpu_run(struct pyhv_vcpu *vcpu, struct pyhv_exit *out)
+{
+    struct kvm_run *run = vcpu->run;
+
+    if (!vcpu->thread_valid) {
+        vcpu->thread = pthread_self();
+        __atomic_store_n(&vcpu->thread_valid, 1, __ATOMIC_SEQ_CST);
+    }
+    for (;;) {
+        if (take_kick(vcpu, out))
+            return out->kind;
+        int result = ioctl(vcpu->fd, KVM_RUN, 0);
+        vcpu->stats.kvm_run_calls++;
+        if (result < 0) {
+            int error = errno;
+            if (error == EINTR) {
+                __atomic_store_n(&run->immediate_exit, 0, __ATOMIC_SEQ_CST);
+                if (take_kick(vcpu, out))
+                    return out->kind;
+                vcpu->stats.eintr++;
+                out->kind = PYHV_EXIT_INTERRUPTED;
+                return out->kind;
+            }
+            if (error == EAGAIN) {
+                vcpu->stats.eagain++;
+                continue;
+            }
+            out->kind = PYHV_EXIT_ERROR;
+            out->error = error;
+            return out->kind;
+        }
+
+        uint32_t reason = run->exit_reason;
+        vcpu->stats.total_exits++;
+        vcpu->stats.exits_by_reason[reason < PYHV_MAX_EXIT_REASONS ? reason : 0]++;
+        out->exit_reason = reason;
+
+        int handled;
+        if (reason == KVM_EXIT_IO)
+            handled = handle_pio(vcpu, out);
+        else if (reason == KVM_EXIT_MMIO)
+            handled = handle_mmio(vcpu, out);
+        else {
+            out->kind = PYHV_EXIT_KVM;
+            handled = 0;
+        }
+        if (!handled) {
+            vcpu->stats.python_exits++;
+            if (vcpu->exit_budget)
+                vcpu->exit_budget--; /* the budget counts exits, Python's included */
+            return out->kind;
+        }
+        if (vcpu->exit_budget && --vcpu->exit_budget == 0) {
+            out->kind = PYHV_EXIT_BUDGET;
+            return out->kind;
+        }
+    }
+}
+
+int pyhv_vcpu_kick(struct pyhv_vcpu *vcpu)
+{
+    vcpu->kick_pending = 1;
+    if (vcpu->run)
+        __atomic_store_n(&vcpu->run->immediate_exit, 1, __ATOMIC_SEQ_CST);
+    if (__atomic_load_n(&vcpu->thread_valid, __ATOMIC_SEQ_CST)) {
+        int error = pthread_kill(vcpu->thread, PYHV_KICK_SIGNAL);
+        if (error && error != ESRCH)
+            return -error;
+    }
+    return 0;
+}
+
+/* Queues an exception for the next entry (api.rst, KVM_SET_VCPU_EVENTS): used to deliver the
+ * #BP of an int3 that the hypervisor emulated on the guest's behalf. */
+int pyhv_vcpu_inject_exception(struct pyhv_vcpu *vcpu, uint32_t vector, int has_error_code,
+                               uint32_t error_code)
+{
+    struct kvm_vcpu_events events;
+    if (ioctl(vcpu->fd, KVM_GET_VCPU_EVENTS, &events) < 0)
+        return -errno;
+    events.exception.injected = 1;
+    events.exception.nr = (uint8_t)vector;
+    events.exception.has_error_code = has_error_code ? 1 : 0;
+    events.exception.error_code = error_code;
+    events.exception.pending = 0;
+    events.flags = 0;
+    if (ioctl(vcpu->fd, KVM_SET_VCPU_EVENTS, &events) < 0)
+        return -errno;
+    return 0;
+}
+
+/* The benchmark's reference: KVM_RUN in a loop with no dispatch at all (port reads get
+ * whatever the buffer holds). Returns 0 or -errno. */
+int pyhv_bench_raw_loop(struct pyhv_vcpu *vcpu, uint64_t exits)
+{
+    for (uint64_t i = 0; i < exits; i++) {
+        if (ioctl(vcpu->fd, KVM_RUN, 0) < 0) {
+            if (errno == EINTR || errno == EAGAIN) {
+                __atomic_store_n(&vcpu->run->immediate_exit, 0, __ATOMIC_SEQ_CST);
+                continue;
+            }
+            return -errno;
+        }
+    }
+    return 0;
+}

@@ -1,0 +1,106 @@
+/*
+ * pyhv's C fast path: the KVM_RUN loop of one vCPU.
+ *
+ * The loop owns KVM_RUN, EAGAIN retries, the kick (a signal plus kvm_run.immediate_exit, see
+ * Documentation/virt/kvm/api.rst "immediate_exit"), frozen sorted tables of port and MMIO
+ * ranges, and per-exit counters. Exits that need no Python (writes to sink ranges, accesses to
+ * unmapped addresses) are completed here; every other exit comes back as one flat pyhv_exit
+ * record so Python never decodes the kvm_run union on the hot path.
+ */
+#ifndef PYHV_VCPU_LOOP_H
+#define PYHV_VCPU_LOOP_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <signal.h>
+#include <pthread.h>
+#include <linux/kvm.h>
+#include <asm/bootparam.h>
+
+#define PYHV_MAX_RANGES 128
+#define PYHV_MAX_EXIT_REASONS 64
+
+/* What the loop does with an access that falls in a range. */
+#define PYHV_RANGE_PYTHON 0 /* return the exit to Python with the range's device id */
+#define PYHV_RANGE_SINK 1   /* writes are dropped, reads return the range's fill byte */
+
+/* pyhv_exit.kind */
+#define PYHV_EXIT_PIO_IN 1
+#define PYHV_EXIT_PIO_OUT 2
+#define PYHV_EXIT_MMIO_READ 3
+#define PYHV_EXIT_MMIO_WRITE 4
+#define PYHV_EXIT_KICKED 5      /* another thread called pyhv_vcpu_kick() */
+#define PYHV_EXIT_INTERRUPTED 6 /* KVM_RUN was interrupted by a signal that was not a kick */
+#define PYHV_EXIT_BUDGET 7      /* exit_budget exits have been handled */
+#define PYHV_EXIT_KVM 8         /* any other KVM exit: read exit_reason (and kvm_run) */
+#define PYHV_EXIT_ERROR 9       /* KVM_RUN failed; error holds the errno */
+
+struct pyhv_range {
+    uint64_t base;
+    uint64_t size;
+    int32_t device_id;
+    uint32_t action;
+    uint8_t fill;
+};
+
+struct pyhv_table {
+    struct pyhv_range ranges[PYHV_MAX_RANGES];
+    uint32_t count;
+    uint8_t unmapped_fill; /* byte returned for reads of addresses in no range */
+};
+
+struct pyhv_exit {
+    uint32_t kind;
+    uint32_t exit_reason;
+    uint64_t address; /* port or guest physical address */
+    uint64_t offset;  /* address minus the range's base */
+    int32_t device_id;
+    uint32_t size;  /* bytes per access */
+    uint32_t count; /* accesses (string I/O: rep ins/outs), data holds size*count bytes */
+    int32_t error;
+    uint8_t *data;
+};
+
+struct pyhv_stats {
+    uint64_t exits_by_reason[PYHV_MAX_EXIT_REASONS];
+    uint64_t kvm_run_calls;
+    uint64_t total_exits;
+    uint64_t python_exits;
+    uint64_t pio_sink;
+    uint64_t mmio_sink;
+    uint64_t pio_unmapped_reads;
+    uint64_t pio_unmapped_writes;
+    uint64_t mmio_unmapped_reads;
+    uint64_t mmio_unmapped_writes;
+    uint64_t first_unmapped_pio;  /* port + 1, 0 when none yet */
+    uint64_t first_unmapped_mmio; /* address + 1, 0 when none yet */
+    uint64_t kicks;
+    uint64_t eintr;
+    uint64_t eagain;
+};
+
+struct pyhv_vcpu {
+    int fd;
+    struct kvm_run *run;
+    size_t run_size;
+    struct pyhv_table pio;
+    struct pyhv_table mmio;
+    volatile sig_atomic_t kick_pending;
+    volatile int thread_valid;
+    pthread_t thread;
+    uint64_t exit_budget; /* 0: unlimited; otherwise return PYHV_EXIT_BUDGET after this many */
+    struct pyhv_stats stats;
+};
+
+int pyhv_ioctl(int fd, unsigned long request, void *arg);
+int pyhv_ioctl_value(int fd, unsigned long request, unsigned long arg);
+int pyhv_install_kick_handler(void);
+int pyhv_vcpu_map_run(struct pyhv_vcpu *vcpu, int fd, size_t run_size);
+void pyhv_vcpu_unmap_run(struct pyhv_vcpu *vcpu);
+int pyhv_vcpu_run(struct pyhv_vcpu *vcpu, struct pyhv_exit *out);
+int pyhv_vcpu_kick(struct pyhv_vcpu *vcpu);
+int pyhv_vcpu_inject_exception(struct pyhv_vcpu *vcpu, uint32_t vector, int has_error_code,
+                               uint32_t error_code);
+int pyhv_bench_raw_loop(struct pyhv_vcpu *vcpu, uint64_t exits);
+
+#endif

@@ -1,0 +1,3 @@
+from hypervisor.cli import main
+
+main(prog_name="pyhv")

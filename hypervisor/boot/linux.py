@@ -1,0 +1,193 @@
+"""Loading a Linux kernel: bzImage or ELF vmlinux, initrd, command line, zero page or PVH info.
+
+`prepare_linux` is what the machine calls. It writes everything into guest memory and returns a
+`BootImage` whose `entry` the machine loads into the boot vCPU:
+
+- bzImage with XLF_KERNEL_64 (protocol 2.12+): boot.rst "64-bit BOOT PROTOCOL", RSI = zero page,
+  RIP = load address + 0x200, identity-mapped paging;
+- older bzImage: boot.rst "32-bit BOOT PROTOCOL", ESI = zero page, EIP = load address;
+- ELF vmlinux: the same 64-bit entry at e_entry (physical), with a zero page pyhv builds (a
+  vmlinux has no setup header to copy), or, when asked (`entry="pvh"`) and the kernel has the
+  XEN_ELFNOTE_PHYS32_ENTRY note, the PVH entry with EBX = hvm_start_info.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Literal
+
+from hypervisor.boot import layout
+from hypervisor.boot.bzimage import STARTUP_64_OFFSET, BzImage, footprint_end, load_bzimage, parse_bzimage
+from hypervisor.boot.cpu_state import (
+    DescriptorTable,
+    EntryState,
+    long_mode_state,
+    protected_mode_flat_state,
+    setup_gdt,
+)
+from hypervisor.boot.elf import EM_X86_64, ElfImage, load_segments, parse_elf
+from hypervisor.boot.image_format import decompress_if_xz, detect_kernel_format
+from hypervisor.boot.layout import GuestLayout, MmioWindow
+from hypervisor.boot.mptable import write_mptable
+from hypervisor.boot.page_tables import identity_page_tables_size, setup_identity_page_tables
+from hypervisor.boot.placement import BootImage, MemoryPlan, place_initrd, write_cmdline
+from hypervisor.boot.pvh import pvh_entry_point, write_start_info
+from hypervisor.boot.zero_page import (
+    BOOT_FLAG,
+    DEFAULT_INITRD_ADDR_MAX,
+    HEADER_MAGIC,
+    HEAP_END_PTR,
+    LOADFLAG_CAN_USE_HEAP,
+    LOADFLAG_LOADED_HIGH,
+    TYPE_OF_LOADER_UNDEFINED,
+    ZeroPage,
+)
+from hypervisor.errors import BootError
+from hypervisor.memory import GuestMemory
+
+log = logging.getLogger(__name__)
+
+LinuxEntry = Literal["auto", "linux-64", "pvh"]
+
+# A vmlinux has no setup header, so pyhv writes one for it with the values of a current kernel:
+# protocol 2.15, x86 COMMAND_LINE_SIZE 2048 (so 2047 characters plus the NUL), 2 MiB alignment
+# (CONFIG_PHYSICAL_ALIGN's default on x86-64, arch/x86/Kconfig).
+VMLINUX_PROTOCOL = 0x020F
+VMLINUX_CMDLINE_LIMIT = 2047
+VMLINUX_KERNEL_ALIGNMENT = 0x200000
+# The boot GDT and its null IDT, as laid out in layout.py.
+BOOT_GDT_SIZE = layout.BOOT_IDT_START - layout.BOOT_GDT_START
+
+
+def with_mmio_devices(cmdline: str, devices: Sequence[MmioWindow]) -> str:
+    """`cmdline` plus a virtio_mmio.device= parameter per device (no ACPI or DT tells Linux)."""
+    parameters = [cmdline.strip()] + [device.kernel_parameter() for device in devices]
+    return " ".join(p for p in parameters if p)
+
+
+def write_platform_tables(memory: GuestMemory, plan: MemoryPlan, cpus: int, long_mode: bool,
+                          low_ram_end: int) -> tuple[DescriptorTable, int | None]:
+    """GDT, identity page tables (long mode only), MP table and the BDA's EBDA pointer.
+
+    Returns the GDTR value and the PML4 address (None without paging).
+    """
+    plan.place("boot GDT", layout.BOOT_GDT_START, BOOT_GDT_SIZE)
+    gdt = setup_gdt(memory, layout.BOOT_GDT_START, long_mode=long_mode)
+    pml4: int | None = None
+    if long_mode:
+        plan.place("page tables", layout.PML4_START, identity_page_tables_size())
+        pml4 = setup_identity_page_tables(memory, layout.PML4_START)
+    mptable_size = write_mptable(memory, layout.MPTABLE_START, cpus)
+    plan.place("MP table", layout.MPTABLE_START, mptable_size)
+    # BIOS data area word 0x40e: the EBDA's segment, where Linux also looks for the MP table.
+    memory.write_u16(layout.BDA_EBDA_SEGMENT, layout.EBDA_START >> 4)
+    return gdt, pml4
+
+
+def _vmlinux_zero_page(cmdline_limit: int) -> ZeroPage:
+    page = ZeroPage()
+    page.set("boot_flag", BOOT_FLAG)
+    page.set("header", HEADER_MAGIC)
+    page.set("version", VMLINUX_PROTOCOL)
+    page.set("loadflags", LOADFLAG_LOADED_HIGH)
+    page.set("kernel_alignment", VMLINUX_KERNEL_ALIGNMENT)
+    page.set("cmdline_size", cmdline_limit)
+    page.set("initrd_addr_max", DEFAULT_INITRD_ADDR_MAX)
+    return page
+
+
+def _bzimage_zero_page(kernel: BzImage, load_address: int) -> ZeroPage:
+    page = ZeroPage()
+    page.data[:] = kernel.header.data
+    page.set("loadflags", page.get("loadflags") | LOADFLAG_CAN_USE_HEAP)
+    page.set("heap_end_ptr", HEAP_END_PTR)
+    page.set("code32_start", load_address)
+    return page
+
+
+def prepare_linux(memory: GuestMemory, guest: GuestLayout, kernel: bytes, cmdline: str,
+                  initrd: bytes | None = None, cpus: int = 1, mmio_devices: Sequence[MmioWindow] = (),
+                  entry: LinuxEntry = "auto", name: str = "the kernel") -> BootImage:
+    """Load a Linux bzImage or ELF vmlinux (either may be xz-compressed) and everything it needs.
+
+    `memory` must have been built from `guest.memory_regions`. `entry` picks the ELF entry:
+    "auto" and "linux-64" use the 64-bit boot protocol with a zero page; "pvh" the PVH entry.
+    Raises BootError (one line) for anything that cannot boot.
+    """
+    kernel = decompress_if_xz(kernel, memory.size, "kernel")
+    kind = detect_kernel_format(kernel, name)
+    if kind == "multiboot":
+        raise BootError(f"{name} is a multiboot kernel, not Linux; load it with prepare_multiboot")
+    if initrd is not None:
+        initrd = decompress_if_xz(initrd, memory.size, "initrd")
+    full_cmdline = with_mmio_devices(cmdline, mmio_devices)
+    low_end = guest.low_ram_end
+    plan = MemoryPlan()
+
+    if kind == "bzimage":
+        if entry == "pvh":
+            raise BootError(f"{name} is a bzImage; the PVH entry needs an ELF vmlinux with a PVH note")
+        bz = parse_bzimage(kernel, name)
+        load_address = load_bzimage(memory, bz, low_end, name)
+        kernel_end = footprint_end(bz, load_address)
+        plan.place("kernel", load_address, kernel_end - load_address)
+        page = _bzimage_zero_page(bz, load_address)
+        cmdline_limit, initrd_max = bz.cmdline_limit, bz.initrd_addr_max
+        long_mode = bz.has_64bit_entry
+        protocol = "linux-64" if long_mode else "linux-32"
+        rip = load_address + STARTUP_64_OFFSET if long_mode else load_address
+    else:
+        image = parse_elf(kernel, name)
+        if image.machine != EM_X86_64:
+            raise BootError(f"{name} is not an x86-64 ELF kernel")
+        rip, protocol = _elf_entry(image, entry, name)
+        for index, segment in enumerate(image.loads):
+            plan.place(f"kernel segment {index}", segment.paddr, segment.memory_size)
+        _, kernel_end = load_segments(memory, image, name)
+        page = _vmlinux_zero_page(VMLINUX_CMDLINE_LIMIT)
+        cmdline_limit, initrd_max = VMLINUX_CMDLINE_LIMIT, DEFAULT_INITRD_ADDR_MAX
+        long_mode = protocol == "linux-64"
+
+    cmdline_limit = min(cmdline_limit, layout.CMDLINE_MAX_SIZE - 1)
+    cmdline_gpa = write_cmdline(memory, plan, layout.CMDLINE_START, full_cmdline, cmdline_limit)
+    initrd_range: tuple[int, int] | None = None
+    if initrd is not None:
+        initrd_gpa = place_initrd(memory, plan, initrd, kernel_end, initrd_max + 1, low_end)
+        initrd_range = (initrd_gpa, len(initrd))
+    gdt, pml4 = write_platform_tables(memory, plan, cpus, long_mode, low_end)
+
+    if protocol == "pvh":
+        plan.place("PVH start info", layout.BOOT_INFO_START, layout.BOOT_INFO_END - layout.BOOT_INFO_START)
+        write_start_info(memory, layout.BOOT_INFO_START, layout.BOOT_INFO_END, cmdline_gpa, guest.e820,
+                         initrd_range)
+        state: EntryState = protected_mode_flat_state(rip, gdt, stack=layout.BOOT_STACK_POINTER,
+                                                      rbx=layout.BOOT_INFO_START)
+    else:
+        page.set_cmdline(cmdline_gpa)
+        page.set("type_of_loader", TYPE_OF_LOADER_UNDEFINED)
+        if initrd_range:
+            page.set_ramdisk(*initrd_range)
+        page.set_e820(guest.e820)
+        plan.place("zero page", layout.ZERO_PAGE_START, layout.ZERO_PAGE_SIZE)
+        page.write_to(memory, layout.ZERO_PAGE_START)
+        if long_mode:
+            assert pml4 is not None
+            state = long_mode_state(rip, gdt, pml4, stack=layout.BOOT_STACK_POINTER,
+                                    rsi=layout.ZERO_PAGE_START)
+        else:
+            # boot.rst 32-bit protocol: ESI = boot_params; EBP, EDI and EBX zero.
+            state = protected_mode_flat_state(rip, gdt, stack=layout.BOOT_STACK_POINTER,
+                                              rsi=layout.ZERO_PAGE_START)
+    log.info("Linux %s: %s entry at %#x, command line %r", kind, protocol, rip, full_cmdline)
+    return BootImage(state, protocol, plan.placements, full_cmdline)
+
+
+def _elf_entry(image: ElfImage, entry: LinuxEntry, name: str) -> tuple[int, str]:
+    if entry == "pvh":
+        pvh = pvh_entry_point(image)
+        if pvh is None:
+            raise BootError(f"{name} has no PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY); "
+                            "build it with CONFIG_PVH or use the 64-bit entry")
+        return pvh, "pvh"
+    return image.physical_entry(), "linux-64"

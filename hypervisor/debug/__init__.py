@@ -1,0 +1,1 @@
+"""Debugging VM exits: hooks, stepper, trace, statistics."""

@@ -1,0 +1,1 @@
+"""Emulated devices and the buses they sit on; no device knows about KVM."""

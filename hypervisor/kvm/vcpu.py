@@ -1,0 +1,229 @@
+"""A KVM vCPU file descriptor: registers, MSRs, CPUID, LAPIC, events, debug, and the run loop.
+
+The run loop itself is C (csrc/vcpu_loop.c); this class owns its `struct pyhv_vcpu` (the mmap of
+kvm_run, the frozen range tables, the counters) and exposes it to Python.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from hypervisor.errors import KvmError
+from hypervisor.kvm.ffi import ffi, ioctl, lib
+
+if TYPE_CHECKING:
+    from hypervisor.kvm.system import CpuidEntry
+    from hypervisor.kvm.vm import Vm
+
+log = logging.getLogger(__name__)
+
+GPR_NAMES = (
+    "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp",
+    "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15", "rip", "rflags",
+)  # fmt: skip
+SEGMENT_NAMES = ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt")
+SEGMENT_FIELDS = ("base", "limit", "selector", "type", "present", "dpl", "db", "s", "l", "g", "avl", "unusable")
+
+_kick_handler_installed = False
+
+
+@dataclass(frozen=True)
+class TableRange:
+    """One entry of the C loop's range table (see csrc/vcpu_loop.h)."""
+
+    base: int
+    size: int
+    device_id: int
+    sink: bool = False
+    fill: int = 0xFF
+
+
+def _install_kick_handler() -> None:
+    global _kick_handler_installed
+    if not _kick_handler_installed:
+        result = lib.pyhv_install_kick_handler()
+        if result < 0:
+            raise KvmError("sigaction(kick signal)", -result)
+        _kick_handler_installed = True
+
+
+class Vcpu:
+    def __init__(self, vm: Vm, fd: int, vcpu_id: int, run_size: int) -> None:
+        self.vm = vm
+        self.fd = fd
+        self.id = vcpu_id
+        _install_kick_handler()
+        self.state = ffi.new("struct pyhv_vcpu *")
+        result = lib.pyhv_vcpu_map_run(self.state, fd, run_size)
+        if result < 0:
+            raise KvmError("mmap(kvm_run)", -result)
+        self.run_struct = self.state.run
+        self.exit_record = ffi.new("struct pyhv_exit *")
+
+    # -- general purpose registers ---------------------------------------------------------
+
+    def get_regs(self) -> dict[str, int]:
+        regs = ffi.new("struct kvm_regs *")
+        ioctl(self.fd, "KVM_GET_REGS", regs)
+        return {name: getattr(regs, name) for name in GPR_NAMES}
+
+    def set_regs(self, **values: int) -> None:
+        """Sets the named registers (rax=..., rip=...), leaving the others as they are."""
+        regs = ffi.new("struct kvm_regs *")
+        ioctl(self.fd, "KVM_GET_REGS", regs)
+        for name, value in values.items():
+            if name not in GPR_NAMES:
+                raise ValueError(f"unknown register {name!r}")
+            setattr(regs, name, value & 0xFFFF_FFFF_FFFF_FFFF)
+        ioctl(self.fd, "KVM_SET_REGS", regs)
+
+    # -- system registers ------------------------------------------------------------------
+
+    def get_sregs(self) -> Any:
+        """A `struct kvm_sregs *` copy; change it and pass it to set_sregs."""
+        sregs = ffi.new("struct kvm_sregs *")
+        ioctl(self.fd, "KVM_GET_SREGS", sregs)
+        return sregs
+
+    def set_sregs(self, sregs: Any) -> None:
+        ioctl(self.fd, "KVM_SET_SREGS", sregs)
+
+    def get_fpu(self) -> Any:
+        fpu = ffi.new("struct kvm_fpu *")
+        ioctl(self.fd, "KVM_GET_FPU", fpu)
+        return fpu
+
+    def set_fpu(self, fcw: int = 0x37F, mxcsr: int = 0x1F80) -> None:
+        """Resets the x87/SSE state to the values the boot protocol expects (FNINIT, SDM 8.1.10)."""
+        fpu = ffi.new("struct kvm_fpu *", {"fcw": fcw, "mxcsr": mxcsr})
+        ioctl(self.fd, "KVM_SET_FPU", fpu)
+
+    def get_msrs(self, indices: Sequence[int]) -> dict[int, int]:
+        msrs = ffi.new("struct kvm_msrs *", {"nmsrs": len(indices), "entries": len(indices)})
+        for slot, index in enumerate(indices):
+            msrs.entries[slot].index = index
+        count = ioctl(self.fd, "KVM_GET_MSRS", msrs)
+        return {msrs.entries[i].index: msrs.entries[i].data for i in range(count)}
+
+    def set_msrs(self, values: dict[int, int]) -> None:
+        items = list(values.items())
+        msrs = ffi.new("struct kvm_msrs *", {"nmsrs": len(items), "entries": len(items)})
+        for slot, (index, data) in enumerate(items):
+            msrs.entries[slot].index = index
+            msrs.entries[slot].data = data
+        written = ioctl(self.fd, "KVM_SET_MSRS", msrs)
+        if written != len(items):
+            failed = items[written][0]
+            raise KvmError("KVM_SET_MSRS", 22, f"MSR {failed:#x} was refused")
+
+    def set_cpuid(self, entries: Iterable[CpuidEntry]) -> None:
+        entry_list = list(entries)
+        cpuid = ffi.new("struct kvm_cpuid2 *", {"nent": len(entry_list), "entries": len(entry_list)})
+        for slot, entry in enumerate(entry_list):
+            target = cpuid.entries[slot]
+            for field in ("function", "index", "flags", "eax", "ebx", "ecx", "edx"):
+                setattr(target, field, getattr(entry, field))
+        ioctl(self.fd, "KVM_SET_CPUID2", cpuid)
+
+    def get_lapic(self) -> bytearray:
+        lapic = ffi.new("struct kvm_lapic_state *")
+        ioctl(self.fd, "KVM_GET_LAPIC", lapic)
+        return bytearray(ffi.buffer(lapic.regs))
+
+    def set_lapic(self, registers: bytes) -> None:
+        lapic = ffi.new("struct kvm_lapic_state *")
+        ffi.memmove(lapic.regs, registers, len(registers))
+        ioctl(self.fd, "KVM_SET_LAPIC", lapic)
+
+    def get_mp_state(self) -> int:
+        state = ffi.new("struct kvm_mp_state *")
+        ioctl(self.fd, "KVM_GET_MP_STATE", state)
+        return int(state.mp_state)
+
+    def set_mp_state(self, mp_state: int) -> None:
+        ioctl(self.fd, "KVM_SET_MP_STATE", ffi.new("struct kvm_mp_state *", {"mp_state": mp_state}))
+
+    def inject_exception(self, vector: int, error_code: int | None = None) -> None:
+        result = lib.pyhv_vcpu_inject_exception(
+            self.state, vector, int(error_code is not None), error_code or 0
+        )
+        if result < 0:
+            raise KvmError("KVM_SET_VCPU_EVENTS", -result)
+
+    def set_guest_debug(self, control: int, debugregs: Sequence[int] = ()) -> None:
+        """KVM_SET_GUEST_DEBUG with KVM_GUESTDBG_* flags; debugregs are DR0-DR7."""
+        debug = ffi.new("struct kvm_guest_debug *", {"control": control})
+        for index, value in enumerate(debugregs[:8]):
+            debug.arch.debugreg[index] = value
+        ioctl(self.fd, "KVM_SET_GUEST_DEBUG", debug)
+
+    def translate(self, linear_address: int) -> int | None:
+        """Guest virtual to physical with the vCPU's current page tables; None if unmapped."""
+        translation = ffi.new("struct kvm_translation *", {"linear_address": linear_address})
+        ioctl(self.fd, "KVM_TRANSLATE", translation)
+        return int(translation.physical_address) if translation.valid else None
+
+    # -- the C run loop ----------------------------------------------------------------------
+
+    def set_range_tables(
+        self,
+        pio: Sequence[TableRange],
+        mmio: Sequence[TableRange],
+        pio_unmapped_fill: int = 0xFF,
+        mmio_unmapped_fill: int = 0x00,
+    ) -> None:
+        """Freezes the bus layout into the C loop. Call before the vCPU thread runs.
+
+        Unmapped port reads return all-ones (an ISA bus with nothing driving it floats high,
+        which is also what Linux's probes expect); unmapped MMIO reads return zeros.
+        """
+        for table, ranges, fill in (
+            (self.state.pio, pio, pio_unmapped_fill),
+            (self.state.mmio, mmio, mmio_unmapped_fill),
+        ):
+            ordered = sorted(ranges, key=lambda r: r.base)
+            if len(ordered) > lib.PYHV_MAX_RANGES:
+                raise ValueError(f"at most {lib.PYHV_MAX_RANGES} device ranges per bus")
+            for slot, entry in enumerate(ordered):
+                target = table.ranges[slot]
+                target.base = entry.base
+                target.size = entry.size
+                target.device_id = entry.device_id
+                target.action = lib.PYHV_RANGE_SINK if entry.sink else lib.PYHV_RANGE_PYTHON
+                target.fill = entry.fill
+            table.count = len(ordered)
+            table.unmapped_fill = fill
+
+    def run_once(self) -> Any:
+        """Runs until an exit the C loop cannot finish; returns the `struct pyhv_exit *`."""
+        lib.pyhv_vcpu_run(self.state, self.exit_record)
+        return self.exit_record
+
+    def kick(self) -> None:
+        """Makes a running (or the next) KVM_RUN return PYHV_EXIT_KICKED. Thread-safe."""
+        result = lib.pyhv_vcpu_kick(self.state)
+        if result < 0:
+            raise KvmError("pthread_kill(kick)", -result)
+
+    @property
+    def exit_budget(self) -> int:
+        return int(self.state.exit_budget)
+
+    @exit_budget.setter
+    def exit_budget(self, exits: int) -> None:
+        self.state.exit_budget = exits
+
+    @property
+    def stats(self) -> Any:
+        """The live `struct pyhv_stats` of the C loop (read it; hypervisor.vcpu formats it)."""
+        return self.state.stats
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            lib.pyhv_vcpu_unmap_run(self.state)
+            os.close(self.fd)
+            self.fd = -1

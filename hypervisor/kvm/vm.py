@@ -1,0 +1,116 @@
+"""A KVM VM file descriptor: memory slots, in-kernel irqchip and PIT, IRQs, irqfd, ioeventfd."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import TYPE_CHECKING
+
+from hypervisor.kvm.ffi import ffi, ioctl, ioctl_value, lib
+
+if TYPE_CHECKING:
+    from hypervisor.kvm.system import Kvm
+    from hypervisor.kvm.vcpu import Vcpu
+    from hypervisor.memory import GuestMemory
+
+log = logging.getLogger(__name__)
+
+# x86 addresses KVM needs for Intel's real-mode support (api.rst KVM_SET_TSS_ADDR: "three pages
+# ... must be in the first 4GB"; KVM_SET_IDENTITY_MAP_ADDR: one page). Just below the 4 GiB
+# MMIO top where no guest RAM or device lives, as QEMU and Firecracker place them.
+TSS_ADDRESS = 0xFFFB_D000
+IDENTITY_MAP_ADDRESS = 0xFFFB_C000
+
+
+class Vm:
+    def __init__(self, kvm: Kvm, fd: int) -> None:
+        self.kvm = kvm
+        self.fd = fd
+        self._next_slot = 0
+        self.vcpus: list[Vcpu] = []
+
+    def set_user_memory_region(
+        self, slot: int, gpa: int, size: int, host_address: int, flags: int = 0
+    ) -> None:
+        region = ffi.new(
+            "struct kvm_userspace_memory_region *",
+            {
+                "slot": slot,
+                "flags": flags,
+                "guest_phys_addr": gpa,
+                "memory_size": size,
+                "userspace_addr": host_address,
+            },
+        )
+        ioctl(self.fd, "KVM_SET_USER_MEMORY_REGION", region)
+
+    def map_memory(self, memory: GuestMemory) -> None:
+        """Registers every region of `memory` as a memory slot."""
+        for region in memory.regions:
+            self.set_user_memory_region(self._next_slot, region.gpa, region.size, region.host_address)
+            self._next_slot += 1
+
+    def set_tss_address(self, address: int = TSS_ADDRESS) -> None:
+        ioctl_value(self.fd, "KVM_SET_TSS_ADDR", address)
+
+    def set_identity_map_address(self, address: int = IDENTITY_MAP_ADDRESS) -> None:
+        ioctl(self.fd, "KVM_SET_IDENTITY_MAP_ADDR", ffi.new("uint64_t *", address))
+
+    def create_irqchip(self) -> None:
+        """The in-kernel PIC pair, IOAPIC and per-vCPU LAPICs (api.rst KVM_CREATE_IRQCHIP)."""
+        ioctl(self.fd, "KVM_CREATE_IRQCHIP")
+
+    def create_pit2(self) -> None:
+        """The in-kernel i8254 PIT; call after create_irqchip (api.rst KVM_CREATE_PIT2)."""
+        ioctl(self.fd, "KVM_CREATE_PIT2", ffi.new("struct kvm_pit_config *", {"flags": 0}))
+
+    def set_irq_line(self, irq: int, level: bool) -> None:
+        ioctl(self.fd, "KVM_IRQ_LINE", ffi.new("struct kvm_irq_level *", {"irq": irq, "level": int(level)}))
+
+    def register_irqfd(self, eventfd: int, gsi: int) -> None:
+        """Writes to `eventfd` inject an edge on GSI `gsi` without a syscall into pyhv."""
+        ioctl(self.fd, "KVM_IRQFD", ffi.new("struct kvm_irqfd *", {"fd": eventfd, "gsi": gsi}))
+
+    def unregister_irqfd(self, eventfd: int, gsi: int) -> None:
+        arg = {"fd": eventfd, "gsi": gsi, "flags": lib.KVM_IRQFD_FLAG_DEASSIGN}
+        ioctl(self.fd, "KVM_IRQFD", ffi.new("struct kvm_irqfd *", arg))
+
+    def register_ioeventfd(
+        self,
+        eventfd: int,
+        address: int,
+        length: int,
+        datamatch: int | None = None,
+        pio: bool = False,
+        deassign: bool = False,
+    ) -> None:
+        """A guest write of `length` bytes at `address` signals `eventfd` instead of exiting."""
+        flags = 0
+        if datamatch is not None:
+            flags |= lib.KVM_IOEVENTFD_FLAG_DATAMATCH
+        if pio:
+            flags |= lib.KVM_IOEVENTFD_FLAG_PIO
+        if deassign:
+            flags |= lib.KVM_IOEVENTFD_FLAG_DEASSIGN
+        arg = {"datamatch": datamatch or 0, "addr": address, "len": length, "fd": eventfd, "flags": flags}
+        ioctl(self.fd, "KVM_IOEVENTFD", ffi.new("struct kvm_ioeventfd *", arg))
+
+    def create_vcpu(self, vcpu_id: int) -> Vcpu:
+        from hypervisor.kvm.vcpu import Vcpu
+
+        fd = ioctl_value(self.fd, "KVM_CREATE_VCPU", vcpu_id)
+        try:
+            vcpu = Vcpu(self, fd, vcpu_id, self.kvm.vcpu_mmap_size)
+        except BaseException:
+            os.close(fd)
+            raise
+        self.vcpus.append(vcpu)
+        return vcpu
+
+    def close(self) -> None:
+        for vcpu in self.vcpus:
+            vcpu.close()
+        self.vcpus = []
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1

@@ -1,0 +1,1 @@
+"""virtio 1.2: split virtqueues, the MMIO transport and the block device."""

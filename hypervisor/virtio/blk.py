@@ -1,0 +1,166 @@
+"""virtio-blk (virtio 1.2 §5.2): one request queue over a BlockBackend (raw file or qcow2).
+
+The machine builds it as
+    device = VirtioBlock(open_disk(path, ...), serial="disk0")
+    transport = MmioTransport(device, memory, interrupt_line, name="vda")
+and owns neither requests nor files afterwards: `transport.close()` closes the backend.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from collections.abc import Sequence
+
+from hypervisor.block.backend import BlockBackend
+from hypervisor.errors import ConfigError
+from hypervisor.virtio.blk_request import (
+    ID_BYTES,
+    SECTOR_SIZE,
+    BlockLimits,
+    RequestExecutor,
+    parse_request,
+)
+from hypervisor.virtio.device import VirtioDevice
+from hypervisor.virtio.queue import Virtqueue
+from hypervisor.virtio.spec import DeviceId, feature_bit
+
+log = logging.getLogger(__name__)
+
+# §5.2.3 Feature bits.
+F_SIZE_MAX = 1
+F_SEG_MAX = 2
+F_RO = 5
+F_BLK_SIZE = 6
+F_FLUSH = 9
+F_DISCARD = 13
+F_WRITE_ZEROES = 14
+
+QUEUE_SIZE = 256
+# Linux needs seg_max + 2 descriptors per request (header and status); with this the largest
+# request still fits one queue, direct or indirect.
+SEG_MAX = QUEUE_SIZE - 2
+# Largest single segment the driver may hand us. Not enforced (every descriptor is checked
+# against guest RAM anyway); it only shapes how Linux builds its scatter lists.
+SIZE_MAX = 1 << 20
+BLK_SIZE = SECTOR_SIZE
+# Discard and write-zeroes limits (§5.2.4): 1 GiB per segment, aligned to 4 KiB pages.
+MAX_DISCARD_SECTORS = (1 << 30) // SECTOR_SIZE
+MAX_DISCARD_SEGMENTS = 32
+DISCARD_SECTOR_ALIGNMENT = 4096 // SECTOR_SIZE
+MAX_WRITE_ZEROES_SECTORS = MAX_DISCARD_SECTORS
+MAX_WRITE_ZEROES_SEGMENTS = MAX_DISCARD_SEGMENTS
+
+# §5.2.4 struct virtio_blk_config up to write_zeroes_may_unmap and its padding:
+# capacity, size_max, seg_max, geometry (cylinders, heads, sectors), blk_size,
+# topology (physical_block_exp, alignment_offset, min_io_size, opt_io_size), writeback, unused0,
+# num_queues, max_discard_sectors, max_discard_seg, discard_sector_alignment,
+# max_write_zeroes_sectors, max_write_zeroes_seg, write_zeroes_may_unmap, unused1[3].
+CONFIG_LAYOUT = struct.Struct("<QIIHBBIBBHIBBHIIIIIB3x")
+assert CONFIG_LAYOUT.size == 60
+
+
+def _serial_bytes(serial: str) -> bytes:
+    """§5.2.6: the GET_ID string, NUL-padded to 20 bytes (no NUL when it is 20 long)."""
+    if not serial.isascii() or not serial.isprintable() or len(serial) > ID_BYTES:
+        raise ConfigError(f"disk serial {serial!r} must be at most {ID_BYTES} printable ASCII characters")
+    return serial.encode("ascii").ljust(ID_BYTES, b"\0")
+
+
+class VirtioBlock(VirtioDevice):
+    """A virtio block device. Requests are validated against the disk, never trusted."""
+
+    device_id = DeviceId.BLOCK
+
+    def __init__(self, backend: BlockBackend, serial: str = "", name: str = "virtio-blk") -> None:
+        self.backend = backend
+        self.name = name
+        self.serial = _serial_bytes(serial)
+        if backend.size % SECTOR_SIZE:
+            log.warning(
+                "%s: disk size %d is not a multiple of %d; the last %d bytes are not visible",
+                name,
+                backend.size,
+                SECTOR_SIZE,
+                backend.size % SECTOR_SIZE,
+            )
+        self._driver_features = 0
+        self._executor = RequestExecutor(backend, self._limits(), name)
+
+    @property
+    def capacity_sectors(self) -> int:
+        return self.backend.size // SECTOR_SIZE
+
+    @property
+    def queue_max_sizes(self) -> Sequence[int]:
+        return (QUEUE_SIZE,)
+
+    def device_features(self) -> int:
+        features = 0
+        for bit in (F_SIZE_MAX, F_SEG_MAX, F_BLK_SIZE, F_FLUSH, F_DISCARD, F_WRITE_ZEROES):
+            features |= feature_bit(bit)
+        if self.backend.read_only:
+            features |= feature_bit(F_RO)
+        return features
+
+    def config_bytes(self) -> bytes:
+        return CONFIG_LAYOUT.pack(
+            self.capacity_sectors,
+            SIZE_MAX,
+            SEG_MAX,
+            0,
+            0,
+            0,  # geometry: VIRTIO_BLK_F_GEOMETRY not offered
+            BLK_SIZE,
+            0,
+            0,
+            0,
+            0,  # topology: VIRTIO_BLK_F_TOPOLOGY not offered
+            0,  # writeback: VIRTIO_BLK_F_CONFIG_WCE not offered (we always write through)
+            0,  # unused0
+            0,  # num_queues: VIRTIO_BLK_F_MQ not offered
+            MAX_DISCARD_SECTORS,
+            MAX_DISCARD_SEGMENTS,
+            DISCARD_SECTOR_ALIGNMENT,
+            MAX_WRITE_ZEROES_SECTORS,
+            MAX_WRITE_ZEROES_SEGMENTS,
+            1,  # write_zeroes_may_unmap: the backend may free zeroed ranges
+        )
+
+    def _limits(self) -> BlockLimits:
+        negotiated = self._driver_features
+        return BlockLimits(
+            capacity_sectors=self.capacity_sectors,
+            read_only=self.backend.read_only,
+            serial=self.serial,
+            discard=bool(negotiated & feature_bit(F_DISCARD)),
+            write_zeroes=bool(negotiated & feature_bit(F_WRITE_ZEROES)),
+            max_discard_sectors=MAX_DISCARD_SECTORS,
+            max_discard_segments=MAX_DISCARD_SEGMENTS,
+            max_write_zeroes_sectors=MAX_WRITE_ZEROES_SECTORS,
+            max_write_zeroes_segments=MAX_WRITE_ZEROES_SEGMENTS,
+        )
+
+    def activate(self, driver_features: int) -> None:
+        self._driver_features = driver_features
+        self._executor.limits = self._limits()
+
+    def reset(self) -> None:
+        self._driver_features = 0
+        self._executor.limits = self._limits()
+
+    def process_queue(self, index: int, queue: Virtqueue) -> None:
+        """Run every available request; the transport sends one interrupt for the batch."""
+        while True:
+            for chain in queue.iter_available():
+                request = parse_request(chain)
+                queue.add_used(chain.head, self._executor.execute(request))
+            if not queue.rearm():
+                return
+
+    @property
+    def backend_errors(self) -> int:
+        return self._executor.backend_errors
+
+    def close(self) -> None:
+        self.backend.close()

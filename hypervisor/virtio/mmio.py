@@ -1,0 +1,394 @@
+"""The virtio-mmio transport, version 2 (virtio 1.2 §4.2.2), as a bus Device of one 4 KiB window.
+
+The machine picks the window's base and IRQ, announces them to Linux with
+`virtio_mmio.device=4K@<base>:<irq>`, wires `interrupt` to an irqfd and registers
+`notify_eventfd(q)` as a KVM ioeventfd at base + QUEUE_NOTIFY_OFFSET (4 bytes, datamatch q).
+
+Threads: the vCPU thread calls read()/write(); the device's I/O thread calls process_queue().
+`_lock` guards the registers and is only held briefly. `_io_lock` is held by the I/O thread for
+a whole batch of requests and taken by the vCPU only for status and QueueReady writes, so a
+reset waits for requests in flight (the driver sees status 0 only once the device is quiet)
+while register reads such as InterruptStatus never wait for the disk. Order: _io_lock, _lock.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+
+from hypervisor.devices.bus import InterruptLine
+from hypervisor.memory.guest_memory import GuestMemory
+from hypervisor.virtio import spec
+from hypervisor.virtio.device import VirtioDevice
+from hypervisor.virtio.queue import Virtqueue, VirtqueueError
+from hypervisor.virtio.worker import QueueWorker
+
+log = logging.getLogger(__name__)
+
+WINDOW_SIZE = 0x1000
+MAGIC_VALUE = 0x74726976  # "virt" (§4.2.2)
+VERSION = 2  # the non-legacy interface (§4.2.2)
+# VendorID: "pyhv" as little-endian ASCII. Linux only displays it; no driver matches on it.
+VENDOR_ID = 0x76687970
+
+# §4.2.2 Table "MMIO Device Register Layout".
+MAGIC_VALUE_OFFSET = 0x000
+VERSION_OFFSET = 0x004
+DEVICE_ID_OFFSET = 0x008
+VENDOR_ID_OFFSET = 0x00C
+DEVICE_FEATURES_OFFSET = 0x010
+DEVICE_FEATURES_SEL_OFFSET = 0x014
+DRIVER_FEATURES_OFFSET = 0x020
+DRIVER_FEATURES_SEL_OFFSET = 0x024
+QUEUE_SEL_OFFSET = 0x030
+QUEUE_NUM_MAX_OFFSET = 0x034
+QUEUE_NUM_OFFSET = 0x038
+QUEUE_READY_OFFSET = 0x044
+QUEUE_NOTIFY_OFFSET = 0x050
+INTERRUPT_STATUS_OFFSET = 0x060
+INTERRUPT_ACK_OFFSET = 0x064
+STATUS_OFFSET = 0x070
+QUEUE_DESC_LOW_OFFSET = 0x080
+QUEUE_DESC_HIGH_OFFSET = 0x084
+QUEUE_DRIVER_LOW_OFFSET = 0x090
+QUEUE_DRIVER_HIGH_OFFSET = 0x094
+QUEUE_DEVICE_LOW_OFFSET = 0x0A0
+QUEUE_DEVICE_HIGH_OFFSET = 0x0A4
+SHM_SEL_OFFSET = 0x0AC
+SHM_LEN_LOW_OFFSET = 0x0B0
+SHM_BASE_HIGH_OFFSET = 0x0BC
+CONFIG_GENERATION_OFFSET = 0x0FC
+CONFIG_OFFSET = 0x100
+# §4.2.2.1: a shared memory region that does not exist reads as length and base -1.
+NO_SHM_REGION = 0xFFFFFFFF
+
+# Features every device on this transport gets: the rings implement them (queue.py).
+TRANSPORT_FEATURES = (
+    spec.feature_bit(spec.F_VERSION_1)
+    | spec.feature_bit(spec.F_RING_INDIRECT_DESC)
+    | spec.feature_bit(spec.F_RING_EVENT_IDX)
+)
+
+_ADDRESS_REGISTERS = {
+    QUEUE_DESC_LOW_OFFSET: ("desc", 0),
+    QUEUE_DESC_HIGH_OFFSET: ("desc", 32),
+    QUEUE_DRIVER_LOW_OFFSET: ("driver", 0),
+    QUEUE_DRIVER_HIGH_OFFSET: ("driver", 32),
+    QUEUE_DEVICE_LOW_OFFSET: ("device", 0),
+    QUEUE_DEVICE_HIGH_OFFSET: ("device", 32),
+}
+
+
+@dataclass
+class QueueConfig:
+    """What the driver programmed for one queue (§4.2.3.2), and the live ring once running."""
+
+    max_size: int
+    size: int = 0
+    ready: bool = False
+    desc: int = 0
+    driver: int = 0
+    device: int = 0
+    ring: Virtqueue | None = None
+
+    def __post_init__(self) -> None:
+        self.size = self.max_size  # §4.2.2: QueueNum "default" is the maximum
+
+
+class MmioTransport:
+    """Registers, status state machine and interrupts of one virtio-mmio device."""
+
+    def __init__(
+        self, device: VirtioDevice, memory: GuestMemory, interrupt: InterruptLine, name: str = "virtio-mmio"
+    ) -> None:
+        self.device = device
+        self.memory = memory
+        self.interrupt = interrupt
+        self.name = name
+        self.device_features = device.device_features() | TRANSPORT_FEATURES
+        self._lock = threading.Lock()
+        self._io_lock = threading.Lock()
+        self._queues = [QueueConfig(size) for size in device.queue_max_sizes]
+        self._worker = QueueWorker(name, len(self._queues), self.process_queue)
+        self.config_generation = 0
+        self._reset_registers()
+
+    def _reset_registers(self) -> None:
+        self.status = 0
+        self.driver_features = 0
+        self.interrupt_status = 0
+        self._device_features_sel = 0
+        self._driver_features_sel = 0
+        self._queue_sel = 0
+        self._queues = [QueueConfig(queue.max_size) for queue in self._queues]
+
+    # ---- life cycle, for the machine ----
+
+    def notify_eventfd(self, queue_index: int) -> int:
+        """The eventfd to register as KVM ioeventfd at base + QUEUE_NOTIFY_OFFSET, datamatch
+        `queue_index`, length 4."""
+        return self._worker.eventfd(queue_index)
+
+    def start(self) -> None:
+        self._worker.start()
+
+    def stop(self) -> None:
+        self._worker.stop()
+
+    def close(self) -> None:
+        self._worker.close()
+        self.device.close()
+
+    # ---- the Device protocol (vCPU thread) ----
+
+    def read(self, offset: int, data: memoryview) -> None:
+        if offset >= CONFIG_OFFSET:
+            self._read_config(offset - CONFIG_OFFSET, data)
+            return
+        if len(data) != 4 or offset % 4:
+            # §4.2.2.2: register accesses are 32 bits wide and aligned; anything else is answered.
+            log.debug("%s: %d-byte read at %#x is not a register access", self.name, len(data), offset)
+            data[:] = bytes(len(data))
+            return
+        with self._lock:
+            value = self._read_register(offset)
+        data[:] = value.to_bytes(4, "little")
+
+    def write(self, offset: int, data: bytes) -> None:
+        if offset >= CONFIG_OFFSET:
+            with self._lock:
+                self.device.write_config(offset - CONFIG_OFFSET, bytes(data))
+            return
+        if len(data) != 4 or offset % 4:
+            log.debug("%s: %d-byte write at %#x is not a register access", self.name, len(data), offset)
+            return
+        value = int.from_bytes(data, "little")
+        if offset == QUEUE_NOTIFY_OFFSET:
+            self._notify(value)
+        elif offset in (STATUS_OFFSET, QUEUE_READY_OFFSET):
+            with self._io_lock, self._lock:  # wait for requests in flight (module docstring)
+                if offset == STATUS_OFFSET:
+                    self._write_status(value)
+                else:
+                    self._write_queue_ready(value)
+        else:
+            with self._lock:
+                self._write_register(offset, value)
+
+    def _read_config(self, offset: int, data: memoryview) -> None:
+        with self._lock:
+            config = self.device.config_bytes()
+        chunk = config[offset : offset + len(data)]
+        data[:] = chunk + bytes(len(data) - len(chunk))
+
+    def _selected_queue(self) -> QueueConfig | None:
+        if self._queue_sel < len(self._queues):
+            return self._queues[self._queue_sel]
+        return None
+
+    def _read_register(self, offset: int) -> int:
+        queue = self._selected_queue()
+        if offset == MAGIC_VALUE_OFFSET:
+            return MAGIC_VALUE
+        if offset == VERSION_OFFSET:
+            return VERSION
+        if offset == DEVICE_ID_OFFSET:
+            return self.device.device_id
+        if offset == VENDOR_ID_OFFSET:
+            return VENDOR_ID
+        if offset == DEVICE_FEATURES_OFFSET:
+            if self._device_features_sel > 1:
+                return 0
+            return (self.device_features >> (32 * self._device_features_sel)) & 0xFFFFFFFF
+        if offset == QUEUE_NUM_MAX_OFFSET:
+            return queue.max_size if queue else 0  # 0: "queue not available" (§4.2.3.2)
+        if offset == QUEUE_READY_OFFSET:
+            return int(queue.ready) if queue else 0
+        if offset == INTERRUPT_STATUS_OFFSET:
+            return self.interrupt_status
+        if offset == STATUS_OFFSET:
+            return self.status
+        if offset == CONFIG_GENERATION_OFFSET:
+            return self.config_generation
+        if SHM_LEN_LOW_OFFSET <= offset <= SHM_BASE_HIGH_OFFSET:
+            return NO_SHM_REGION
+        log.debug("%s: read of write-only or unknown register %#x", self.name, offset)
+        return 0
+
+    def _write_register(self, offset: int, value: int) -> None:
+        queue = self._selected_queue()
+        if offset == DEVICE_FEATURES_SEL_OFFSET:
+            self._device_features_sel = value
+        elif offset == DRIVER_FEATURES_SEL_OFFSET:
+            self._driver_features_sel = value
+        elif offset == DRIVER_FEATURES_OFFSET:
+            self._write_driver_features(value)
+        elif offset == QUEUE_SEL_OFFSET:
+            self._queue_sel = value
+        elif offset == INTERRUPT_ACK_OFFSET:
+            self.interrupt_status &= ~value
+        elif offset == QUEUE_NUM_OFFSET or offset in _ADDRESS_REGISTERS:
+            if queue is None or queue.ready:
+                # §4.2.3.2: the queue is configured only while QueueReady reads 0.
+                log.debug("%s: write %#x to %#x ignored: no queue or queue running", self.name, value, offset)
+            elif offset == QUEUE_NUM_OFFSET:
+                queue.size = value
+            else:
+                which, shift = _ADDRESS_REGISTERS[offset]
+                old = getattr(queue, which)
+                setattr(queue, which, (old & ~(0xFFFFFFFF << shift)) | (value << shift))
+        else:
+            log.debug("%s: write %#x to read-only or unknown register %#x", self.name, value, offset)
+
+    def _write_driver_features(self, value: int) -> None:
+        # §3.1.1: features are written between DRIVER and FEATURES_OK; later writes are ignored.
+        if self.status & spec.STATUS_FEATURES_OK or not self.status & spec.STATUS_DRIVER:
+            log.debug("%s: DriverFeatures write outside negotiation ignored", self.name)
+            return
+        if self._driver_features_sel > 1:
+            return
+        shift = 32 * self._driver_features_sel
+        self.driver_features = (self.driver_features & ~(0xFFFFFFFF << shift)) | (value << shift)
+
+    def _notify(self, value: int) -> None:
+        queue_index = value & 0xFFFF  # without VIRTIO_F_NOTIFICATION_DATA only the index
+        if queue_index < len(self._queues):
+            self._worker.kick(queue_index)
+        else:
+            log.debug("%s: notify for nonexistent queue %d", self.name, queue_index)
+
+    # ---- status state machine (§2.1, §3.1.1) ----
+
+    def _write_status(self, value: int) -> None:
+        if value == 0:
+            self._reset()
+            return
+        old = self.status
+        if old & ~value & ~spec.STATUS_DEVICE_NEEDS_RESET:
+            # Bits are only ever added; clearing them takes a reset (§2.1.1).
+            log.debug(
+                "%s: status %s -> %s clears bits, ignored",
+                self.name,
+                spec.status_text(old),
+                spec.status_text(value),
+            )
+            return
+        added = value & ~old & ~spec.STATUS_DEVICE_NEEDS_RESET
+        new = old
+        if added & spec.STATUS_FAILED:
+            log.info("%s: the driver gave up on the device (FAILED)", self.name)
+            new |= spec.STATUS_FAILED
+        if added & spec.STATUS_ACKNOWLEDGE:
+            new |= spec.STATUS_ACKNOWLEDGE
+        if added & spec.STATUS_DRIVER and new & spec.STATUS_ACKNOWLEDGE:
+            new |= spec.STATUS_DRIVER
+        if added & spec.STATUS_FEATURES_OK and new & spec.STATUS_DRIVER and self._features_acceptable():
+            new |= spec.STATUS_FEATURES_OK
+        if added & spec.STATUS_DRIVER_OK and new & spec.STATUS_FEATURES_OK:
+            new |= spec.STATUS_DRIVER_OK
+        if new != old | added:
+            log.debug(
+                "%s: status %s refused, now %s", self.name, spec.status_text(value), spec.status_text(new)
+            )
+        self.status = new
+        if new & spec.STATUS_DRIVER_OK and not old & spec.STATUS_DRIVER_OK:
+            log.info("%s: driver ready, features %#x", self.name, self.driver_features)
+            self.device.activate(self.driver_features)
+            for index in range(len(self._queues)):
+                self._start_ring(index)
+
+    def _features_acceptable(self) -> bool:
+        """§2.2.1: FEATURES_OK sticks only for a subset of what was offered, incl. VERSION_1."""
+        unoffered = self.driver_features & ~self.device_features
+        if unoffered:
+            log.warning("%s: driver accepted features %#x that were not offered", self.name, unoffered)
+            return False
+        if not self.driver_features & spec.feature_bit(spec.F_VERSION_1):
+            log.warning("%s: driver did not accept VIRTIO_F_VERSION_1 (no legacy drivers)", self.name)
+            return False
+        return True
+
+    def _write_queue_ready(self, value: int) -> None:
+        queue = self._selected_queue()
+        if queue is None:
+            return
+        if value & 1 and not queue.ready:
+            queue.ready = True
+            if self.status & spec.STATUS_DRIVER_OK:
+                self._start_ring(self._queue_sel)
+        elif not value & 1:
+            queue.ready = False
+            queue.ring = None
+
+    def _start_ring(self, index: int) -> None:
+        """Turn the programmed addresses of a ready queue into a Virtqueue over guest RAM."""
+        queue = self._queues[index]
+        if not queue.ready or queue.ring is not None:
+            return
+        if queue.size > queue.max_size:
+            self._needs_reset(f"queue {index} size {queue.size} exceeds QueueNumMax {queue.max_size}")
+            return
+        try:
+            queue.ring = Virtqueue(
+                self.memory,
+                queue.size,
+                queue.desc,
+                queue.driver,
+                queue.device,
+                event_idx=bool(self.driver_features & spec.feature_bit(spec.F_RING_EVENT_IDX)),
+                indirect=bool(self.driver_features & spec.feature_bit(spec.F_RING_INDIRECT_DESC)),
+            )
+        except VirtqueueError as error:
+            self._needs_reset(f"queue {index}: {error}")
+
+    def _reset(self) -> None:
+        """§4.2.2.1: writing 0 to Status resets the device and every queue."""
+        log.debug("%s: reset", self.name)
+        self.device.reset()
+        self._reset_registers()
+
+    def _needs_reset(self, reason: str) -> None:
+        """§2.1.2: tell the driver the device is broken, with a configuration change interrupt."""
+        log.warning("%s: device needs reset: %s", self.name, reason)
+        self.status |= spec.STATUS_DEVICE_NEEDS_RESET
+        for queue in self._queues:
+            queue.ring = None
+        self._raise_interrupt(spec.INTERRUPT_CONFIG_CHANGE)
+
+    def _raise_interrupt(self, reason: int) -> None:
+        self.interrupt_status |= reason
+        self.interrupt.pulse()
+
+    def config_changed(self) -> None:
+        """The device changed its config space (e.g. resize): new generation and interrupt."""
+        with self._lock:
+            self.config_generation = (self.config_generation + 1) & 0xFFFFFFFF
+            if self.status & spec.STATUS_DRIVER_OK:
+                self._raise_interrupt(spec.INTERRUPT_CONFIG_CHANGE)
+
+    # ---- the I/O thread ----
+
+    def process_queue(self, index: int) -> None:
+        """Run every available request of queue `index`, then interrupt once if the driver
+        wants it. Called by the I/O thread; public so tests can drive it synchronously."""
+        with self._io_lock:
+            with self._lock:
+                live = self.status & spec.STATUS_DRIVER_OK and not self.status & (
+                    spec.STATUS_DEVICE_NEEDS_RESET | spec.STATUS_FAILED
+                )
+                ring = self._queues[index].ring if live and index < len(self._queues) else None
+            if ring is None:
+                return
+            try:
+                self.device.process_queue(index, ring)
+            except VirtqueueError as error:
+                with self._lock:
+                    self._needs_reset(f"queue {index}: {error}")
+            except Exception as error:  # a device bug must not take the I/O thread down
+                log.exception("%s: queue %d failed", self.name, index)
+                with self._lock:
+                    self._needs_reset(f"queue {index}: internal error {error!r}")
+            with self._lock:
+                if ring.needs_interrupt() and self._queues[index].ring is ring:
+                    self._raise_interrupt(spec.INTERRUPT_USED_BUFFER)

@@ -1,0 +1,258 @@
+"""The device side of a split virtqueue (virtio 1.2 §2.7) over GuestMemory.
+
+Everything here reads memory the guest controls, so every index, address and length is checked
+before use and a violation raises VirtqueueError; the transport turns that into
+DEVICE_NEEDS_RESET (§2.1.2) instead of letting it reach the vCPU. Chains are bounded by the
+queue size, so a looping chain ends in an error rather than a hang.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from hypervisor.errors import HypervisorError
+from hypervisor.memory.guest_memory import GuestMemory
+from hypervisor.virtio.spec import (
+    AVAIL_F_NO_INTERRUPT,
+    DESC_F_INDIRECT,
+    DESC_F_NEXT,
+    DESC_F_WRITE,
+    DESC_SIZE,
+    MAX_CHAIN_BYTES,
+    MAX_QUEUE_SIZE,
+    USED_ELEMENT_SIZE,
+)
+
+log = logging.getLogger(__name__)
+
+_DESCRIPTOR = struct.Struct("<QIHH")  # §2.7.5 struct virtq_desc
+_USED_ELEMENT = struct.Struct("<II")  # §2.7.8 struct virtq_used_elem
+_U16 = struct.Struct("<H")
+_U64_LIMIT = 1 << 64
+
+# §2.7 table "Virtqueue Part / Alignment / Size".
+DESC_TABLE_ALIGN = 16
+AVAIL_RING_ALIGN = 2
+USED_RING_ALIGN = 4
+
+
+class VirtqueueError(HypervisorError):
+    """The guest driver broke the split-virtqueue rules; the device needs a reset (§2.1.2)."""
+
+
+def avail_ring_size(queue_size: int) -> int:
+    """flags, idx, ring[queue_size], used_event (§2.7.6)."""
+    return 6 + 2 * queue_size
+
+
+def used_ring_size(queue_size: int) -> int:
+    """flags, idx, ring[queue_size] of 8-byte elements, avail_event (§2.7.8)."""
+    return 6 + USED_ELEMENT_SIZE * queue_size
+
+
+def guest_buffer(memory: GuestMemory, address: int, length: int) -> list[memoryview]:
+    """Views of guest RAM [address, address+length), split where memory regions meet.
+
+    Raises VirtqueueError when any byte of the range is not RAM or the range wraps past 2^64.
+    """
+    if length == 0:
+        return []
+    if address + length > _U64_LIMIT:
+        raise VirtqueueError(f"buffer {address:#x}+{length:#x} wraps past the end of the address space")
+    views: list[memoryview] = []
+    position, remaining = address, length
+    for region in memory.regions:
+        if region.end <= position:
+            continue
+        if region.gpa > position:
+            break
+        count = min(remaining, region.end - position)
+        views.append(region.view(position - region.gpa, count))
+        position += count
+        remaining -= count
+        if remaining == 0:
+            return views
+    raise VirtqueueError(f"buffer {address:#x}+{length:#x} is not inside guest RAM")
+
+
+def _contiguous(memory: GuestMemory, address: int, length: int, what: str) -> memoryview:
+    """A single view for ring structures, which the device indexes as one array."""
+    if address + length > _U64_LIMIT or not memory.contains(address, length):
+        raise VirtqueueError(f"{what} at {address:#x}+{length:#x} is not inside one region of guest RAM")
+    return memory.view(address, length)
+
+
+@dataclass
+class DescriptorChain:
+    """One request from the driver: the head index and its device-readable and -writable parts."""
+
+    head: int
+    readable: list[memoryview] = field(default_factory=list)
+    writable: list[memoryview] = field(default_factory=list)
+    readable_length: int = 0
+    writable_length: int = 0
+
+
+class Virtqueue:
+    """The device's view of one split virtqueue whose three parts live in guest RAM."""
+
+    def __init__(
+        self,
+        memory: GuestMemory,
+        size: int,
+        desc_addr: int,
+        driver_addr: int,
+        device_addr: int,
+        *,
+        event_idx: bool = False,
+        indirect: bool = False,
+    ) -> None:
+        # §2.7: "Queue Size value is always a power of 2", at most 32768.
+        if not 0 < size <= MAX_QUEUE_SIZE or size & (size - 1):
+            raise VirtqueueError(f"queue size {size} is not a power of 2 between 1 and {MAX_QUEUE_SIZE}")
+        for address, alignment, what in (
+            (desc_addr, DESC_TABLE_ALIGN, "descriptor table"),
+            (driver_addr, AVAIL_RING_ALIGN, "available ring"),
+            (device_addr, USED_RING_ALIGN, "used ring"),
+        ):
+            if address % alignment:
+                raise VirtqueueError(f"{what} at {address:#x} is not {alignment}-byte aligned (§2.7)")
+        self.memory = memory
+        self.size = size
+        self.event_idx = event_idx
+        self.indirect = indirect
+        self._table = _contiguous(memory, desc_addr, DESC_SIZE * size, "descriptor table")
+        self._avail = _contiguous(memory, driver_addr, avail_ring_size(size), "available ring")
+        self._used = _contiguous(memory, device_addr, used_ring_size(size), "used ring")
+        self.next_avail = 0  # the avail ring index of the next chain to take (free-running u16)
+        self.next_used = 0  # the used ring index we publish next (free-running u16)
+        self._signalled_used: int | None = None  # next_used when we last decided to interrupt
+        self._used_since_interrupt = 0
+
+    # ---- the available ring (driver -> device) ----
+
+    def _avail_idx(self) -> int:
+        return _U16.unpack_from(self._avail, 2)[0]
+
+    def iter_available(self) -> Iterator[DescriptorChain]:
+        """Take every chain the driver has made available, reading avail.idx once.
+
+        The index is consumed before each chain is walked, so a malformed chain is not seen
+        again after the driver resets the queue.
+        """
+        avail_idx = self._avail_idx()
+        pending = (avail_idx - self.next_avail) & 0xFFFF
+        if pending > self.size:
+            raise VirtqueueError(
+                f"available index moved from {self.next_avail} to {avail_idx}: "
+                f"more than the queue size {self.size} (§2.7.6)"
+            )
+        while self.next_avail != avail_idx:
+            slot = 4 + 2 * (self.next_avail % self.size)
+            head = _U16.unpack_from(self._avail, slot)[0]
+            self.next_avail = (self.next_avail + 1) & 0xFFFF
+            yield self.walk_chain(head)
+
+    def rearm(self) -> bool:
+        """Ask the driver for a notification on the next buffer; True if more arrived meanwhile.
+
+        With VIRTIO_F_EVENT_IDX the device publishes avail_event (§2.7.10). A driver may add a
+        buffer after our last read of avail.idx but before it sees the new avail_event, so the
+        index is read again after publishing it and the caller loops while this returns True.
+        """
+        if self.event_idx:
+            _U16.pack_into(self._used, 4 + USED_ELEMENT_SIZE * self.size, self.next_avail)
+        return self._avail_idx() != self.next_avail
+
+    # ---- descriptor chains ----
+
+    def walk_chain(self, head: int) -> DescriptorChain:
+        """Follow the chain starting at descriptor `head` (§2.7.5), direct and indirect (§2.7.5.3)."""
+        if head >= self.size:
+            raise VirtqueueError(f"chain head {head} is outside the queue of {self.size} descriptors")
+        chain = DescriptorChain(head)
+        table, entries = self._table, self.size
+        index, steps, in_indirect, buffers, seen_writable = head, 0, False, 0, False
+        while True:
+            steps += 1
+            if steps > entries:
+                raise VirtqueueError(
+                    f"chain from head {head} has more than {entries} descriptors (a loop?) (§2.7.5.2)"
+                )
+            address, length, flags, next_index = _DESCRIPTOR.unpack_from(table, DESC_SIZE * index)
+            if flags & DESC_F_INDIRECT:
+                table, entries = self._indirect_table(head, address, length, flags, in_indirect)
+                index, steps, in_indirect = 0, 0, True
+                continue
+            buffers += 1
+            if buffers > self.size:
+                raise VirtqueueError(f"chain from head {head} is longer than the queue size {self.size}")
+            views = guest_buffer(self.memory, address, length)
+            if flags & DESC_F_WRITE:
+                seen_writable = True
+                chain.writable.extend(views)
+                chain.writable_length += length
+            else:
+                # §2.7.4.2: device-readable descriptors come before device-writable ones.
+                if seen_writable:
+                    raise VirtqueueError(f"chain from head {head}: readable descriptor after a writable one")
+                chain.readable.extend(views)
+                chain.readable_length += length
+            if chain.readable_length + chain.writable_length > MAX_CHAIN_BYTES:
+                raise VirtqueueError(f"chain from head {head} is longer than 2^32 bytes (§2.7.5.2)")
+            if not flags & DESC_F_NEXT:
+                return chain
+            if next_index >= entries:
+                raise VirtqueueError(f"chain from head {head} points at descriptor {next_index} of {entries}")
+            index = next_index
+
+    def _indirect_table(
+        self, head: int, address: int, length: int, flags: int, in_indirect: bool
+    ) -> tuple[memoryview, int]:
+        """Check a descriptor that points at an indirect table and return (table view, entries)."""
+        if not self.indirect:
+            raise VirtqueueError(f"chain from head {head}: indirect table without VIRTIO_F_INDIRECT_DESC")
+        if in_indirect:
+            # §2.7.5.3.1: "The driver MUST NOT set the VIRTQ_DESC_F_INDIRECT flag within an
+            # indirect descriptor (ie. only one table per descriptor)."
+            raise VirtqueueError(f"chain from head {head} has an indirect table inside an indirect table")
+        if flags & DESC_F_NEXT:
+            # §2.7.5.3.1: "A driver MUST NOT set both VIRTQ_DESC_F_INDIRECT and VIRTQ_DESC_F_NEXT".
+            raise VirtqueueError(f"chain from head {head} has an indirect descriptor with NEXT set")
+        if length == 0 or length % DESC_SIZE:
+            raise VirtqueueError(f"indirect table of {length} bytes is not a whole number of descriptors")
+        if address % DESC_TABLE_ALIGN:
+            raise VirtqueueError(f"indirect table at {address:#x} is not 16-byte aligned")
+        return _contiguous(self.memory, address, length, "indirect descriptor table"), length // DESC_SIZE
+
+    # ---- the used ring (device -> driver) ----
+
+    def add_used(self, head: int, written: int) -> None:
+        """Return chain `head` to the driver with `written` bytes written into its buffers."""
+        slot = 4 + USED_ELEMENT_SIZE * (self.next_used % self.size)
+        _USED_ELEMENT.pack_into(self._used, slot, head, written)
+        self.next_used = (self.next_used + 1) & 0xFFFF
+        _U16.pack_into(self._used, 2, self.next_used)
+        self._used_since_interrupt += 1
+
+    def needs_interrupt(self) -> bool:
+        """Whether the used buffers added since the last call warrant an interrupt.
+
+        Without VIRTIO_F_EVENT_IDX: unless the driver set VIRTQ_AVAIL_F_NO_INTERRUPT
+        (§2.7.7). With it: only if used_event lies in the range of entries just published
+        (§2.7.10, the same test as Linux's vring_need_event()).
+        """
+        if not self._used_since_interrupt:
+            return False
+        self._used_since_interrupt = 0
+        old, new = self._signalled_used, self.next_used
+        self._signalled_used = new
+        if not self.event_idx:
+            return not _U16.unpack_from(self._avail, 0)[0] & AVAIL_F_NO_INTERRUPT
+        if old is None:
+            return True
+        used_event = _U16.unpack_from(self._avail, 4 + 2 * self.size)[0]
+        return ((new - used_event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)

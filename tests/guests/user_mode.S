@@ -1,0 +1,34 @@
+/*
+ * 64-bit test guest whose body runs at CPL3 with IOPL=3 (modes: see GUEST_BODY in common.S).
+ *
+ * Why: on kvm_pvm hosts guest CPL0 code is emulated (~600 ns an instruction) while CPL3 code
+ * runs natively (shared/PLATFORM.md), so benchmarks and loops belong in user mode. IOPL=3 lets
+ * user mode use in/out directly (SDM vol. 1 §18.5.1); the pages carry the U bit. The same guest
+ * runs unchanged under hardware virtualization.
+ */
+#ifndef EXIT_CODE
+#define EXIT_CODE 0
+#endif
+#include "common.S"
+
+#define RFLAGS_IOPL3 0x3000
+#define RFLAGS_RESERVED 0x2
+
+    .text
+    .globl _start
+_start:
+    PARAMETER_BLOCK start
+start:
+    ENTER_LONG_MODE
+    /* iretq to CPL3 (SDM vol. 3A §6.14.3): SS, RSP, RFLAGS, CS, RIP. */
+    pushq $(USER_DS | 3)
+    pushq $USER_STACK_TOP
+    pushq $(RFLAGS_IOPL3 | RFLAGS_RESERVED)
+    pushq $(USER_CS | 3)
+    pushq $user_entry
+    iretq
+user_entry:
+    GUEST_BODY greeting
+
+GDT
+greeting: .asciz "hello from user mode\n"
