@@ -20,7 +20,6 @@ import logging
 import os
 import select
 import signal
-import sys
 import termios
 import threading
 import time
@@ -270,12 +269,12 @@ class StdioConsole(ConsoleBase):
     end of input only stops reading: the guest keeps running.
     """
 
-    def __init__(self, stdin_fd: int | None = None, stdout_fd: int | None = None,
-                 stderr_fd: int | None = None, handle_signals: bool = True) -> None:
+    def __init__(self, stdin_fd: int = 0, stdout_fd: int = 1, stderr_fd: int = 2,
+                 handle_signals: bool = True) -> None:
         super().__init__()
-        self._stdin = sys.stdin.fileno() if stdin_fd is None else stdin_fd
-        self._stdout = sys.stdout.fileno() if stdout_fd is None else stdout_fd
-        self._stderr = sys.stderr.fileno() if stderr_fd is None else stderr_fd
+        # Raw descriptors, not sys.stdin & co: output must bypass Python's buffering, and
+        # sys.stdin may be replaced (pytest, embedding) while fd 0 is still the terminal.
+        self._stdin, self._stdout, self._stderr = stdin_fd, stdout_fd, stderr_fd
         self._handle_signals = handle_signals
         self._saved_attributes: list | None = None  # type: ignore[type-arg]
         self._previous_handlers: dict[int, object] = {}

@@ -13,10 +13,10 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Protocol
 
 from hypervisor.boot.cpu_state import EntryState, real_mode_state
+from hypervisor.debug.console_observer import ConsoleObserver
 from hypervisor.devices.bus import Bus, Device
 from hypervisor.devices.debug_exit import DEBUG_EXIT_PORT_SIZE, DEFAULT_DEBUG_EXIT_PORT, DebugExit
 from hypervisor.devices.irq import KvmIrqLine
@@ -92,6 +92,7 @@ class Machine:
         if cpus < 1:
             raise ConfigError(f"a machine needs at least one vCPU, not {cpus}")
         self.control = RunControl()
+        self.observer = ConsoleObserver()
         self.console = console
         self.emulator = emulator
         self.memory_size = memory_mib * MiB
@@ -199,18 +200,19 @@ class Machine:
             )
         self.memory.write(address, data)
 
-    def load_file(self, path: str | Path, address: int) -> None:
-        try:
-            data = Path(path).read_bytes()
-        except OSError as error:
-            raise ConfigError(f"cannot read {path}: {error.strerror or error}") from error
-        self.load(data, address)
-
-    def load_raw(self, path: str | Path, address: int) -> None:
+    def load_raw_bytes(self, data: bytes, address: int, name: str = "the raw guest") -> None:
         """`--raw FILE@ADDR`: a flat binary entered in real mode at CS=0, IP=ADDR."""
         if address > 0xFFFF:
-            raise ConfigError(f"a raw guest starts in real mode at CS=0, so its address must be below 64 KiB, not {address:#x}")
-        self.load_file(path, address)
+            raise ConfigError(
+                f"{name} starts in real mode at CS=0, so its address must be below 0x10000, not {address:#x}"
+            )
+        assert self.memory is not None
+        if not self.memory.contains(address, max(len(data), 1)):
+            raise ConfigError(
+                f"{name} ({len(data)} bytes at {address:#x}) does not fit in the guest's "
+                f"{self.memory.size // MiB} MiB of RAM"
+            )
+        self.memory.write(address, data)
         self.set_entry_state(real_mode_state(address))
 
     def set_entry_state(self, state: EntryState, vcpu_index: int = 0) -> None:
@@ -222,6 +224,7 @@ class Machine:
     # -- device callbacks (run on vCPU threads) --------------------------------------------------
 
     def _serial_output(self, data: bytes) -> None:
+        self.observer.feed(data)
         if self.console is not None:
             self.console.write(data)
 
@@ -252,6 +255,7 @@ class Machine:
         if self.console is not None:
             self.console.start(self.serial.feed, lambda: self.request_stop(Outcome(OutcomeKind.QUIT, "quit from the console")))
         self._started_at = time.monotonic()
+        self.observer.restart_clock()
         for vcpu in self.vcpus:
             runner = VcpuRunner(vcpu, self.pio_bus, self.mmio_bus, self.control, self.emulator)
             self.runners.append(runner)
@@ -281,6 +285,7 @@ class Machine:
         self._join_threads()
         outcome = self.control.outcome
         assert outcome is not None
+        outcome = self.observer.explain(outcome)
         per_vcpu = [vcpu_statistics(vcpu) for vcpu in self.vcpus]
         statistics = merge_statistics(per_vcpu)
         self._warn_about_unmapped(statistics)

@@ -123,7 +123,7 @@ class RequestExecutor:
             status = S_OK
         except RequestFailed as failure:
             status = failure.status
-            log.debug("%s: %s at sector %d: %s", self.name, request.name, request.sector, failure)
+            log.debug("%s: %s at sector %d: %s", self.name, request.name, request.sector, str(failure))
         except (OSError, ValueError, HypervisorError) as error:
             status = S_IOERR
             self.backend_errors += 1
@@ -134,10 +134,12 @@ class RequestExecutor:
                     self.name,
                     request.name,
                     request.sector,
-                    error,
+                    str(error),  # not the exception: its traceback would pin guest memory views
                 )
             else:
-                log.debug("%s: %s at sector %d failed: %s", self.name, request.name, request.sector, error)
+                log.debug(
+                    "%s: %s at sector %d failed: %s", self.name, request.name, request.sector, str(error)
+                )
         request.status[0] = status
         return written + 1
 

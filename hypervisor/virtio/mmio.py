@@ -137,7 +137,12 @@ class MmioTransport:
         self._worker.stop()
 
     def close(self) -> None:
+        """Stop the I/O thread, drop every view of guest RAM (GuestMemory.close() refuses while
+        views exist) and close the device's backend."""
         self._worker.close()
+        with self._io_lock, self._lock:
+            for queue in self._queues:
+                queue.ring = None
         self.device.close()
 
     # ---- the Device protocol (vCPU thread) ----

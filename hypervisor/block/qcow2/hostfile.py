@@ -1,0 +1,47 @@
+"""The image file underneath a qcow2 image: positional I/O, size tracking, and one place to sync.
+
+Every write and every sync of qcow2 metadata and data goes through `HostFile.pwritev` and
+`HostFile.sync`, so a test can record the exact write/flush sequence (crash-consistency replay).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+from hypervisor.block import fileio
+
+
+class HostFile:
+    """An open image file: fd, path and the current end of the file (grows as clusters are written)."""
+
+    def __init__(self, fd: int, path: str, read_only: bool) -> None:
+        self.fd = fd
+        self.path = path
+        self.read_only = read_only
+        self.size = os.fstat(fd).st_size
+
+    def pread(self, offset: int, length: int) -> bytes:
+        """`length` bytes at `offset`; zeros past the end of the file."""
+        buf = bytearray(length)
+        fileio.preadv_full(self.fd, [memoryview(buf)], offset)
+        return bytes(buf)
+
+    def preadv(self, offset: int, views: Sequence[memoryview]) -> None:
+        fileio.preadv_full(self.fd, views, offset)
+
+    def pwritev(self, offset: int, buffers: Sequence[memoryview | bytes | bytearray]) -> None:
+        written = fileio.pwritev_full(self.fd, buffers, offset)
+        if offset + written > self.size:
+            self.size = offset + written
+
+    def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        self.pwritev(offset, [data])
+
+    def sync(self) -> None:
+        os.fdatasync(self.fd)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1

@@ -1,0 +1,322 @@
+"""Refcounts and host cluster allocation (qcow2.rst "Host cluster management").
+
+The refcount table and the refcount blocks are cached in memory; increments happen at once in
+memory and reach the disk at the next flush *before* any L2/L1 entry that needs them. Decrements
+are queued (`free_later`) and applied only after the L2/L1 change that dropped the reference is
+durable, so a crash can leak clusters but never leave a referenced cluster with refcount 0, and a
+freed cluster is reused only once the change that freed it is on disk.
+
+Blocks are kept decoded as arrays of ints (any width 1..64 bits); sub-byte widths pack the least
+significant bits first ("bit 0 means the least significant bit").
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from array import array
+from collections.abc import Callable, Iterator
+
+from hypervisor.block.qcow2 import format as fmt
+from hypervisor.block.qcow2.hostfile import HostFile
+from hypervisor.errors import ImageCorruptError, ImageFormatError
+
+log = logging.getLogger(__name__)
+
+_BIG_ENDIAN_HOST = sys.byteorder == "big"
+_TYPECODE_BY_BYTES = {1: "B", 2: "H", 4: "I" if array("I").itemsize == 4 else "L", 8: "Q"}
+
+
+def load_u64_table(raw: bytes) -> array:
+    """A big-endian u64 table as a native array('Q')."""
+    table = array("Q", raw)
+    if not _BIG_ENDIAN_HOST:
+        table.byteswap()
+    return table
+
+
+def dump_u64_table(table: array) -> bytes:
+    out = array("Q", table)
+    if not _BIG_ENDIAN_HOST:
+        out.byteswap()
+    return out.tobytes()
+
+
+class RefcountBlockCodec:
+    """Decode/encode one refcount block of `1 << order` bit entries."""
+
+    def __init__(self, order: int, cluster_size: int) -> None:
+        self.order = order
+        self.bits = 1 << order
+        self.entries = cluster_size * 8 // self.bits
+        self.cluster_size = cluster_size
+        self.max_value = (1 << self.bits) - 1
+
+    def empty(self) -> array:
+        return array("Q", bytes(8 * self.entries)) if self.bits == 64 else array(self._typecode(), bytes(
+            self._itemsize() * self.entries
+        ))
+
+    def _itemsize(self) -> int:
+        return max(1, self.bits // 8)
+
+    def _typecode(self) -> str:
+        return _TYPECODE_BY_BYTES[self._itemsize()]
+
+    def decode(self, raw: bytes) -> array:
+        if self.bits >= 8:
+            values = array(self._typecode(), raw)
+            if self.bits > 8 and not _BIG_ENDIAN_HOST:
+                values.byteswap()
+            return values
+        per_byte = 8 // self.bits
+        mask = self.max_value
+        values = array("B", bytes(self.entries))
+        for i in range(self.entries):
+            values[i] = (raw[i // per_byte] >> (self.bits * (i % per_byte))) & mask
+        return values
+
+    def encode(self, values: array) -> bytes:
+        if self.bits >= 8:
+            out = array(values.typecode, values)
+            if self.bits > 8 and not _BIG_ENDIAN_HOST:
+                out.byteswap()
+            return out.tobytes()
+        per_byte = 8 // self.bits
+        raw = bytearray(self.cluster_size)
+        for i, value in enumerate(values):
+            if value:
+                raw[i // per_byte] |= value << (self.bits * (i % per_byte))
+        return bytes(raw)
+
+
+class Refcounts:
+    """The refcount structure of one image, with a first-fit cluster allocator."""
+
+    def __init__(
+        self,
+        hf: HostFile,
+        cluster_bits: int,
+        refcount_order: int,
+        table_offset: int,
+        table_clusters: int,
+        on_table_moved: Callable[[int, int], None],
+    ) -> None:
+        self.hf = hf
+        self.cluster_bits = cluster_bits
+        self.cluster_size = 1 << cluster_bits
+        self.codec = RefcountBlockCodec(refcount_order, self.cluster_size)
+        self.table_offset = table_offset
+        self.table_clusters = table_clusters
+        self._on_table_moved = on_table_moved
+        raw = hf.pread(table_offset, table_clusters * self.cluster_size)
+        self.table = list(load_u64_table(raw))
+        for index, entry in enumerate(self.table):
+            self._check_table_entry(index, entry)
+        while self.table and self.table[-1] == 0:
+            self.table.pop()
+        self.blocks: dict[int, array] = {}
+        self.dirty_blocks: set[int] = set()
+        self.changed_table_entries: set[int] = set()
+        self.table_relocation_needed = False
+        self.pending_frees: list[tuple[int, int]] = []  # (first cluster index, count)
+        self.free_hint = 0
+
+    # -- lookup ------------------------------------------------------------------------------
+    def _check_table_entry(self, index: int, entry: int) -> None:
+        if not entry:
+            return
+        path = self.hf.path
+        if entry & fmt.REFT_RESERVED_MASK:
+            raise ImageCorruptError(f"{path}: refcount table entry {index} has reserved bits set (0x{entry:x})")
+        if entry % self.cluster_size:
+            raise ImageCorruptError(f"{path}: refcount block {index} at 0x{entry:x} is not cluster aligned")
+        if entry < self.cluster_size:
+            raise ImageCorruptError(f"{path}: refcount block {index} points into the header")
+        if entry >= self.hf.size:
+            raise ImageCorruptError(f"{path}: refcount block {index} at 0x{entry:x} is past the end of the file")
+
+    @property
+    def entries_per_block(self) -> int:
+        return self.codec.entries
+
+    @property
+    def max_refcount(self) -> int:
+        return self.codec.max_value
+
+    def block_offsets(self) -> Iterator[int]:
+        return (entry for entry in self.table if entry)
+
+    def _block(self, block_index: int) -> array | None:
+        block = self.blocks.get(block_index)
+        if block is not None:
+            return block
+        if block_index >= len(self.table) or not self.table[block_index]:
+            return None
+        raw = self.hf.pread(self.table[block_index], self.cluster_size)
+        block = self.codec.decode(raw)
+        self.blocks[block_index] = block
+        return block
+
+    def get(self, cluster_index: int) -> int:
+        block = self._block(cluster_index // self.codec.entries)
+        if block is None:
+            return 0
+        return block[cluster_index % self.codec.entries]
+
+    # -- changes -----------------------------------------------------------------------------
+    def change(self, cluster_index: int, delta: int) -> int:
+        """Add `delta` to one cluster's refcount now (in memory). Returns the new value."""
+        block_index, slot = divmod(cluster_index, self.codec.entries)
+        block = self._block(block_index)
+        if block is None:
+            if delta < 0:
+                raise ImageCorruptError(f"{self.hf.path}: refcount of cluster {cluster_index} would drop below 0")
+            block = self._new_block(block_index)
+        value = block[slot] + delta
+        if value < 0:
+            raise ImageCorruptError(f"{self.hf.path}: refcount of cluster {cluster_index} would drop below 0")
+        if value > self.codec.max_value:
+            raise ImageFormatError(
+                f"{self.hf.path}: refcount of cluster {cluster_index} would exceed {self.codec.max_value} "
+                f"(refcount_bits={self.codec.bits})"
+            )
+        block[slot] = value
+        self.dirty_blocks.add(block_index)
+        if value == 0 and cluster_index < self.free_hint:
+            self.free_hint = cluster_index
+        return value
+
+    def _new_block(self, block_index: int) -> array:
+        """Create refcount block `block_index` in a free cluster (placing it inside its own range if
+        that is where the first free cluster is, as QEMU does)."""
+        while True:
+            candidate = self._first_free(1, self.free_hint)
+            owner = candidate // self.codec.entries
+            if owner == block_index or self._block(owner) is not None:
+                break
+            self._new_block(owner)  # the candidate's own range needs a block first
+        block = self.codec.empty()
+        self.blocks[block_index] = block
+        while len(self.table) <= block_index:
+            self.table.append(0)
+        self.table[block_index] = candidate << self.cluster_bits
+        self.changed_table_entries.add(block_index)
+        self.dirty_blocks.add(block_index)
+        if len(self.table) > self.table_clusters * self.cluster_size // 8:
+            self.table_relocation_needed = True
+        self.change(candidate, +1)
+        return block
+
+    def _first_free(self, count: int, start: int) -> int:
+        entries = self.codec.entries
+        index = max(start, 1)
+        run_start, run = index, 0
+        while run < count:
+            block = self._block(index // entries)
+            if block is None:
+                # a whole unallocated block range is free
+                step = entries - index % entries
+                if run == 0:
+                    run_start = index
+                run += step
+                index += step
+                continue
+            if block[index % entries] == 0:
+                if run == 0:
+                    run_start = index
+                run += 1
+            else:
+                run = 0
+            index += 1
+        return run_start
+
+    def allocate(self, count: int) -> int:
+        """Allocate `count` contiguous clusters (refcount 1). Returns the host byte offset."""
+        entries = self.codec.entries
+        while True:
+            start = self._first_free(count, self.free_hint)
+            missing = next(
+                (b for b in range(start // entries, (start + count - 1) // entries + 1) if self._block(b) is None),
+                None,
+            )
+            if missing is None:
+                break
+            self._new_block(missing)  # may take a cluster of the run: search again
+        for i in range(count):
+            self.change(start + i, +1)
+        if start <= self.free_hint:
+            self.free_hint = start + count
+        return start << self.cluster_bits
+
+    def free_later(self, host_offset: int, count: int = 1) -> None:
+        """Queue a decrement for `count` clusters from `host_offset`; applied after the next durable
+        metadata update (see module doc)."""
+        self.pending_frees.append((host_offset >> self.cluster_bits, count))
+
+    # -- flush -------------------------------------------------------------------------------
+    @property
+    def dirty(self) -> bool:
+        return bool(self.dirty_blocks or self.changed_table_entries or self.table_relocation_needed)
+
+    def write_back(self) -> None:
+        """Make the in-memory refcounts durable: blocks, sync, then table entries / a moved table."""
+        if not self.dirty:
+            return
+        if self.table_relocation_needed:
+            self._relocate_table()
+        new_blocks = bool(self.changed_table_entries)
+        self._write_blocks()
+        if new_blocks:
+            self.hf.sync()
+            if self.table_relocation_needed:
+                self._write_whole_table()
+                self.hf.sync()
+                old_offset, old_clusters = self.table_offset, self.table_clusters
+                self.table_offset, self.table_clusters = self._new_table
+                self._on_table_moved(self.table_offset, self.table_clusters)
+                self.table_relocation_needed = False
+                self.free_later(old_offset, old_clusters)
+            else:
+                for index in sorted(self.changed_table_entries):
+                    entry = self.table[index].to_bytes(8, "big")
+                    self.hf.pwrite(self.table_offset + 8 * index, entry)
+            self.changed_table_entries.clear()
+        self.hf.sync()
+
+    def _write_blocks(self) -> None:
+        for block_index in sorted(self.dirty_blocks):
+            self.hf.pwrite(self.table[block_index], self.codec.encode(self.blocks[block_index]))
+        self.dirty_blocks.clear()
+
+    def _relocate_table(self) -> None:
+        """Allocate a bigger refcount table; its own clusters may need new blocks, hence the loop."""
+        while True:
+            needed = len(self.table) + 1
+            clusters = max(self.table_clusters + 1, -(-needed * 8 * 3 // 2 // self.cluster_size))
+            offset = self.allocate(clusters)
+            if len(self.table) <= clusters * self.cluster_size // 8:
+                self._new_table = (offset, clusters)
+                return
+            for i in range(clusters):  # did not fit after all: give the clusters back, grow more
+                self.change((offset >> self.cluster_bits) + i, -1)
+
+    def _write_whole_table(self) -> None:
+        offset, clusters = self._new_table
+        words = array("Q", self.table)
+        words.extend([0] * (clusters * self.cluster_size // 8 - len(words)))
+        self.hf.pwrite(offset, dump_u64_table(words))
+
+    def apply_pending_frees(self) -> bool:
+        """Apply queued decrements in memory and write them (caller syncs). True if any."""
+        if not self.pending_frees:
+            return False
+        frees, self.pending_frees = self.pending_frees, []
+        for first, count in frees:
+            for cluster_index in range(first, first + count):
+                self.change(cluster_index, -1)
+        self._write_blocks()
+        return True
+
+    def table_clusters_range(self) -> tuple[int, int]:
+        return self.table_offset, self.table_clusters

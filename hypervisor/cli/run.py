@@ -1,0 +1,147 @@
+"""`pyhv run`: boot a guest and wait for its outcome; the exit status says how it ended."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+from pathlib import Path
+
+import click
+
+from hypervisor.console import FileConsole, NullConsole, StdioConsole
+from hypervisor.errors import ConfigError, HypervisorError
+from hypervisor.units import parse_size
+
+log = logging.getLogger(__name__)
+
+PVM_NOTICE = (
+    "this host's KVM is kvm_pvm: guest kernel code runs in KVM's instruction emulator (a Linux "
+    "boot takes minutes), a stock kernel's user space cannot make system calls (the bundled "
+    "guest carries a patch for that), and guest debugging is limited; see docs/booting.md"
+)
+MAX_MEMORY_MIB = 1 << 20  # 1 TiB: beyond that a typo is likelier than a wish
+
+
+def _parse_raw(value: str | None) -> tuple[Path, int] | None:
+    if value is None:
+        return None
+    path, separator, address = value.rpartition("@")
+    if not separator or not path:
+        raise ConfigError(f"--raw wants FILE@ADDRESS (for example guest.bin@0x1000), not {value!r}")
+    try:
+        return Path(path), int(address, 0)
+    except ValueError as error:
+        raise ConfigError(f"--raw address {address!r} is not a number") from error
+
+
+def _parse_memory(value: str | None) -> int | None:
+    if value is None:
+        return None
+    size = parse_size(value, default_unit="M", what="--mem")
+    mib, remainder = divmod(size, 1 << 20)
+    if remainder or mib <= 0:
+        raise ConfigError(f"--mem {value} must be a positive whole number of MiB")
+    if mib > MAX_MEMORY_MIB:
+        raise ConfigError(f"--mem {value} is more than pyhv allows ({MAX_MEMORY_MIB // 1024} GiB)")
+    return mib
+
+
+def _make_console(spec: str) -> object:
+    if spec == "stdio":
+        return StdioConsole()
+    if spec == "none":
+        return NullConsole()
+    if spec.startswith("file:") and len(spec) > 5:
+        return FileConsole(spec[5:])
+    raise ConfigError(f"--console {spec!r}: use stdio, none or file:PATH")
+
+
+@click.command()
+@click.option("--kernel", type=click.Path(path_type=Path), help="Linux bzImage or vmlinux (may be .xz), or a multiboot ELF. Default: the bundled guest.")
+@click.option("--initrd", type=click.Path(path_type=Path), help="initramfs (may be .xz). Default with the bundled kernel: its initramfs.")
+@click.option("--append", help="Extra kernel command-line words, after pyhv's defaults.")
+@click.option("--raw", "raw", metavar="FILE@ADDR", help="A flat binary loaded at ADDR and started in real mode (CS=0, IP=ADDR).")
+@click.option("--mem", "memory", metavar="SIZE", help="Guest RAM: 256M, 1G; a bare number is MiB. Default 256M for Linux, 16M for --raw.")
+@click.option("--cpus", default=1, show_default=True, type=click.IntRange(1, 255), help="Number of vCPUs.")
+@click.option("--console", "console_spec", default="stdio", show_default=True, metavar="stdio|file:PATH|none", help="Where the guest's serial console goes.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), help="End the run after this many seconds (exit status 124).")
+@click.option("--report", type=click.Path(path_type=Path, dir_okay=False), help="Write a JSON summary of the run here.")
+@click.option("--disk", "disks", multiple=True, metavar="PATH[,format=raw|qcow2][,readonly=on][,serial=S]", help="A virtio-blk disk (repeatable: vda, vdb, ...).")
+@click.option("--root", help="Boot with this disk as the root file system, e.g. /dev/vda.")
+@click.option("--debug-exit-port", default="0x501", show_default=True, help="Port of the debug-exit device.")
+@click.option("--debug-exit-qemu", is_flag=True, help="QEMU isa-debug-exit semantics: status = (value << 1) | 1.")
+@click.option("--pvh", is_flag=True, help="Enter an ELF vmlinux through its PVH entry point.")
+def run(**options: object) -> None:
+    """Boot a guest and run it until it stops.
+
+    \b
+    Exit status: the guest's debug-exit value when it used that port; 0 when it powered off,
+    reset or the console quit (Ctrl-A x); 120 triple fault, 121 kernel panic, 122 emulation
+    failure, 123 other KVM internal error, 124 timeout, 130 interrupted; 1 hypervisor error,
+    2 usage error, 3 bad input (file, size, image), 4 KVM unavailable. See docs/exit-status.md.
+    """
+    sys.exit(_run(options))
+
+
+def _run(options: dict[str, object]) -> int:
+    from hypervisor.launch import RunOptions, create_machine
+    from hypervisor.report import build_report, write_report
+
+    machine = None
+    try:
+        port_text = str(options["debug_exit_port"])
+        try:
+            debug_port = int(port_text, 0)
+        except ValueError as error:
+            raise ConfigError(f"--debug-exit-port {port_text!r} is not a number") from error
+        if not 0 <= debug_port <= 0xFFFF:
+            raise ConfigError(f"--debug-exit-port {port_text} is not a port number (0-0xffff)")
+        run_options = RunOptions(
+            kernel=options["kernel"],  # type: ignore[arg-type]
+            initrd=options["initrd"],  # type: ignore[arg-type]
+            append=options["append"],  # type: ignore[arg-type]
+            raw=_parse_raw(options["raw"]),  # type: ignore[arg-type]
+            memory_mib=_parse_memory(options["memory"]),  # type: ignore[arg-type]
+            cpus=int(options["cpus"]),  # type: ignore[call-overload]
+            timeout=options["timeout"],  # type: ignore[arg-type]
+            debug_exit_port=debug_port,
+            debug_exit_qemu=bool(options["debug_exit_qemu"]),
+            pvh=bool(options["pvh"]),
+            disks=_parse_disks(options["disks"]),  # type: ignore[arg-type]
+            root=options["root"],  # type: ignore[arg-type]
+        )
+        console = _make_console(str(options["console_spec"]))
+        machine, info = create_machine(run_options, console)  # type: ignore[arg-type]
+        if info.pvm_host and info.kind == "linux":
+            click.echo(f"pyhv: note: {PVM_NOTICE}", err=True)
+        previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+        try:
+            result = machine.run(run_options.timeout)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+            machine.close()
+        if options["report"]:
+            write_report(options["report"], build_report(result, info, machine.observer.timeline()))  # type: ignore[arg-type]
+    except HypervisorError as error:
+        if machine is not None:
+            machine.close()
+        click.echo(f"pyhv: error: {error}", err=True)
+        return error.exit_status
+    except OSError as error:
+        click.echo(f"pyhv: error: {error}", err=True)
+        return 1
+    click.echo(f"\npyhv: {result.outcome.describe()} (exit status {result.exit_status})", err=True)
+    return result.exit_status
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _parse_disks(values: tuple[str, ...]) -> list[object]:
+    if not values:
+        return []
+    from hypervisor.virtio.disk_spec import parse_disk_spec
+
+    return [parse_disk_spec(value) for value in values]

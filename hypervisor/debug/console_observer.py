@@ -1,0 +1,76 @@
+"""Watches the guest's console for boot phases and kernel panics, with timestamps.
+
+The report's phase times come from here (seconds from the start of the run), and so does the
+panic outcome: with `panic=-1` a panicking Linux resets at once, and only its console says why.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+
+from hypervisor.console import PhaseWatcher
+from hypervisor.outcome import Outcome, OutcomeKind
+
+# Console lines that mark the phases of a Linux boot (printed by init/main.c and by the
+# bundled guest's init, guest_images/init), in the order they appear.
+LINUX_PHASES = {
+    "kernel_banner": b"Linux version ",
+    "init_started": b"Run /init as init process",
+    "guest_init_greeting": b"pyhv guest: init started",
+    "shell_or_command": b"pyhv guest: running command",
+    "guest_rebooting": b"pyhv guest: rebooting",
+    "reboot": b"reboot: Restarting system",
+}
+PANIC_MARKER = b"Kernel panic - not syncing"
+TAIL_BYTES = 8192
+_PANIC_LINE = re.compile(rb"Kernel panic - not syncing: ?([^\r\n]*)")
+# Outcomes a panic explains: the reset panic=-1 causes, or whatever ended a hung panic.
+PANIC_EXPLAINS = (OutcomeKind.RESET, OutcomeKind.TRIPLE_FAULT, OutcomeKind.TIMEOUT, OutcomeKind.POWER_OFF)
+
+
+class ConsoleObserver:
+    def __init__(self, started_at: float | None = None) -> None:
+        self.started_at = started_at if started_at is not None else time.monotonic()
+        self.first_byte_at: float | None = None
+        self._lock = threading.Lock()
+        self._tail = bytearray()
+        self.phases = PhaseWatcher({**LINUX_PHASES, "panic": PANIC_MARKER})
+
+    def restart_clock(self) -> None:
+        self.started_at = time.monotonic()
+
+    def feed(self, data: bytes) -> None:
+        if self.first_byte_at is None:
+            self.first_byte_at = time.monotonic()
+        with self._lock:
+            self._tail += data
+            if len(self._tail) > TAIL_BYTES:
+                del self._tail[:-TAIL_BYTES]
+        self.phases(data)
+
+    @property
+    def panicked(self) -> bool:
+        return "panic" in self.phases.seen
+
+    def panic_reason(self) -> str:
+        with self._lock:
+            match = _PANIC_LINE.search(bytes(self._tail))
+        return match.group(1).decode(errors="replace").strip() if match else ""
+
+    def explain(self, outcome: Outcome) -> Outcome:
+        """`outcome`, or a PANIC outcome when the console shows the guest kernel panicked."""
+        if self.panicked and outcome.kind in PANIC_EXPLAINS:
+            reason = self.panic_reason()
+            return Outcome(OutcomeKind.PANIC, f"guest kernel panic: {reason}" if reason else "guest kernel panic")
+        return outcome
+
+    def timeline(self) -> dict[str, float]:
+        """Seconds from the start of the run to the first console byte and to each phase seen."""
+        times: dict[str, float] = {}
+        if self.first_byte_at is not None:
+            times["first_console_byte"] = round(self.first_byte_at - self.started_at, 3)
+        for name, when in sorted(self.phases.seen.items(), key=lambda item: item[1]):
+            times[name] = round(when - self.started_at, 3)
+        return times

@@ -1,0 +1,142 @@
+"""From run options (what `pyhv run` was asked) to a Machine with its guest loaded.
+
+machine.py wires the hardware; this module decides what to boot: the default Linux guest, a
+user's kernel (Linux bzImage or vmlinux, or a multiboot ELF), or a raw binary in real mode, with
+which command line, initrd and disks. Everything a user names is checked here first, so a
+mistake is one ConfigError line before any VM exists.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hypervisor.boot.image_format import decompress_if_xz, detect_kernel_format
+from hypervisor.boot.layout import guest_layout
+from hypervisor.errors import ConfigError
+from hypervisor.guest_images import default_guest
+from hypervisor.kvm import kvm_is_pvm
+from hypervisor.machine import Console, Machine
+from hypervisor.vcpu.pvm import pvm_emulator
+
+log = logging.getLogger(__name__)
+
+MiB = 1024 * 1024
+# The console and reboot behaviour pyhv's outcomes rely on: the kernel's messages on COM1 from
+# the start, `reboot` through the i8042 (which ends the run), and a panic that reboots at once
+# instead of hanging (the panic is recognised on the console and reported as such).
+DEFAULT_CMDLINE = "console=ttyS0 earlyprintk=ttyS0 reboot=k panic=-1"
+# On kvm_pvm hosts (shared/PLATFORM.md) KVM's emulator cannot run XSAVE/XRSTOR at CPL0; pyhv
+# emulates the other failing instructions itself, but XSAVE state is too large to emulate
+# faithfully, so the guest is asked not to use it. tsc_early_khz... is not needed.
+PVM_CMDLINE = "noxsave"
+DEFAULT_LINUX_MEMORY_MIB = 256
+
+
+@dataclass
+class RunOptions:
+    kernel: Path | None = None
+    initrd: Path | None = None
+    append: str | None = None
+    raw: tuple[Path, int] | None = None
+    memory_mib: int | None = None
+    cpus: int = 1
+    timeout: float | None = None
+    debug_exit_port: int = 0x501
+    debug_exit_qemu: bool = False
+    pvh: bool = False
+    disks: list[object] = field(default_factory=list)
+    root: str | None = None
+
+
+@dataclass
+class LaunchInfo:
+    """What was booted, for the report."""
+
+    kind: str  # "linux", "multiboot", "raw"
+    kernel: str | None = None
+    cmdline: str = ""
+    protocol: str = ""
+    pvm_host: bool = False
+
+
+def _read(path: Path, what: str) -> bytes:
+    try:
+        if path.is_dir():
+            raise ConfigError(f"{what} {path} is a directory, not a file")
+        return path.read_bytes()
+    except FileNotFoundError as error:
+        raise ConfigError(f"{what} {path} does not exist") from error
+    except PermissionError as error:
+        raise ConfigError(f"{what} {path} is not readable (permission denied)") from error
+    except OSError as error:
+        raise ConfigError(f"cannot read {what} {path}: {error.strerror}") from error
+
+
+def create_machine(options: RunOptions, console: Console | None) -> tuple[Machine, LaunchInfo]:
+    """A Machine with the guest of `options` loaded and ready to `run`."""
+    pvm = kvm_is_pvm()
+    emulator = pvm_emulator if pvm else None
+    if options.raw is not None:
+        if options.kernel is not None:
+            raise ConfigError("--raw and --kernel cannot be used together")
+        path, address = options.raw
+        data = _read(path, "raw guest")
+        machine = Machine(options.memory_mib or 16, cpus=options.cpus, console=console,
+                          debug_exit_port=options.debug_exit_port, debug_exit_qemu=options.debug_exit_qemu,
+                          emulator=emulator)  # fmt: skip
+        try:
+            machine.load_raw_bytes(data, address, str(path))
+        except BaseException:
+            machine.close()
+            raise
+        return machine, LaunchInfo("raw", str(path), pvm_host=pvm)
+
+    kernel_path, initrd_path = options.kernel, options.initrd
+    if kernel_path is None:
+        kernel_path, default_initrd = default_guest()
+        initrd_path = initrd_path or default_initrd
+    kernel = _read(kernel_path, "kernel")
+    initrd = _read(initrd_path, "initrd") if initrd_path else None
+    memory_mib = options.memory_mib or DEFAULT_LINUX_MEMORY_MIB
+    layout = guest_layout(memory_mib * MiB)
+    kernel = decompress_if_xz(kernel, layout.ram_size, "kernel")
+    kind = detect_kernel_format(kernel, str(kernel_path))
+
+    machine = Machine(memory_mib, cpus=options.cpus, console=console,
+                      debug_exit_port=options.debug_exit_port, debug_exit_qemu=options.debug_exit_qemu,
+                      memory_regions=list(layout.memory_regions), emulator=emulator)  # fmt: skip
+    try:
+        assert machine.memory is not None
+        if kind == "multiboot":
+            from hypervisor.boot.multiboot import prepare_multiboot
+
+            image = prepare_multiboot(machine.memory, layout, kernel, options.append or "", initrd,
+                                      options.cpus, kernel_name=kernel_path.name, name=str(kernel_path))  # fmt: skip
+            info = LaunchInfo("multiboot", str(kernel_path), image.cmdline, image.protocol, pvm)
+        else:
+            from hypervisor.boot.linux import prepare_linux
+
+            cmdline = linux_cmdline(options.append, pvm, options.root)
+            windows = machine.attach_disks(options.disks)
+            image = prepare_linux(machine.memory, layout, kernel, cmdline, initrd, options.cpus,
+                                  windows, entry="pvh" if options.pvh else "auto", name=str(kernel_path))  # fmt: skip
+            info = LaunchInfo("linux", str(kernel_path), image.cmdline, image.protocol, pvm)
+        machine.set_entry_state(image.entry)
+    except BaseException:
+        machine.close()
+        raise
+    return machine, info
+
+
+def linux_cmdline(append: str | None, pvm: bool, root: str | None) -> str:
+    """pyhv's defaults, the kvm_pvm fallback, root=, then the user's own words (which win)."""
+    parts = [DEFAULT_CMDLINE]
+    if pvm:
+        parts.append(PVM_CMDLINE)
+    if root:
+        parts.append(f"root={root} rootwait")
+    if append:
+        parts.append(append)
+    return " ".join(parts)

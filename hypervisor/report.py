@@ -1,0 +1,66 @@
+"""The JSON run report (`pyhv run --report FILE`): what ran, how it ended, how long phases took."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from hypervisor import __version__
+
+if TYPE_CHECKING:
+    from hypervisor.launch import LaunchInfo
+    from hypervisor.machine import RunResult
+
+REPORT_VERSION = 1
+
+
+def build_report(result: RunResult, info: LaunchInfo | None, timeline: dict[str, float]) -> dict[str, object]:
+    outcome = result.outcome
+    stats = result.statistics
+    report: dict[str, object] = {
+        "report_version": REPORT_VERSION,
+        "pyhv_version": __version__,
+        "outcome": outcome.kind.value,
+        "exit_status": result.exit_status,
+        "detail": outcome.detail,
+        "wall_seconds": round(result.wall_seconds, 3),
+        "timeline": timeline,
+        "exits": {
+            "total": stats["total_exits"],
+            "by_reason": stats["exits_by_reason"],
+            "handled_in_c": int(stats["total_exits"]) - int(stats["python_exits"]),  # type: ignore[call-overload]
+            "handled_in_python": stats["python_exits"],
+            "unmapped_port_accesses": int(stats["pio_unmapped_reads"]) + int(stats["pio_unmapped_writes"]),  # type: ignore[call-overload]
+            "unmapped_mmio_accesses": int(stats["mmio_unmapped_reads"]) + int(stats["mmio_unmapped_writes"]),  # type: ignore[call-overload]
+            "kicks": stats["kicks"],
+        },
+    }
+    if outcome.data:
+        report["outcome_data"] = dict(outcome.data)
+    if info is not None:
+        report["guest"] = {
+            "kind": info.kind,
+            "kernel": info.kernel,
+            "cmdline": info.cmdline,
+            "protocol": info.protocol,
+        }
+        report["host"] = {"kvm_pvm": info.pvm_host}
+    return report
+
+
+def write_report(path: str | Path, report: dict[str, object]) -> None:
+    """Writes atomically (temp file + rename) so a reader never sees half a report."""
+    target = Path(path)
+    directory = target.parent if str(target.parent) else Path(".")
+    descriptor, temporary = tempfile.mkstemp(prefix=".pyhv-report-", dir=directory)
+    try:
+        with os.fdopen(descriptor, "w") as stream:
+            json.dump(report, stream, indent=2, sort_keys=False)
+            stream.write("\n")
+        os.replace(temporary, target)
+    except BaseException:
+        os.unlink(temporary)
+        raise

@@ -1,0 +1,255 @@
+"""The virtio-mmio transport (virtio 1.2 §4.2.2): registers, negotiation, status, reset, notify."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from hypervisor.block.raw import RawFile
+from hypervisor.devices.bus import Bus, NullInterruptLine
+from hypervisor.memory.guest_memory import GuestMemory
+from hypervisor.virtio import mmio, spec
+from hypervisor.virtio.blk import VirtioBlock
+from hypervisor.virtio.blk_request import S_OK, T_GET_ID
+from tests.virtio_driver import Allocator, BlockDriver, DriverQueue, MmioDriver
+
+MEMORY_SIZE = 1 << 20
+
+
+class CountingLine(NullInterruptLine):
+    """Remembers pulses and lets a test wait for one from another thread."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.event = threading.Event()
+
+    def pulse(self) -> None:
+        super().pulse()
+        self.event.set()
+
+
+@pytest.fixture
+def setup(tmp_path):
+    image = tmp_path / "disk.raw"
+    image.write_bytes(bytes(64 * 1024))
+    memory = GuestMemory.flat(MEMORY_SIZE)
+    line = CountingLine()
+    transport = mmio.MmioTransport(VirtioBlock(RawFile(str(image)), serial="S1"), memory, line, name="vda")
+    yield transport, MmioDriver(transport), memory, line
+    transport.close()
+    memory.close()
+
+
+def ready_device(transport, driver, memory, size=16):
+    allocator = Allocator(0x1000, MEMORY_SIZE)
+    assert driver.negotiate()
+    queue = DriverQueue(memory, allocator, size)
+    driver.setup_queue(0, queue)
+    driver.driver_ok()
+    return BlockDriver(memory, allocator, queue)
+
+
+def test_identification_registers(setup):
+    _, driver, _, _ = setup
+    assert driver.read32(mmio.MAGIC_VALUE_OFFSET) == 0x74726976
+    assert driver.read32(mmio.VERSION_OFFSET) == 2
+    assert driver.read32(mmio.DEVICE_ID_OFFSET) == spec.DeviceId.BLOCK
+    assert driver.read32(mmio.VENDOR_ID_OFFSET) == mmio.VENDOR_ID
+    assert driver.read32(mmio.STATUS_OFFSET) == 0
+
+
+def test_device_features_in_32_bit_pages(setup):
+    _, driver, _, _ = setup
+    features = driver.device_features()
+    assert features & (1 << spec.F_VERSION_1)
+    assert features & (1 << spec.F_RING_EVENT_IDX)
+    assert features & (1 << spec.F_RING_INDIRECT_DESC)
+    driver.write32(mmio.DEVICE_FEATURES_SEL_OFFSET, 2)
+    assert driver.read32(mmio.DEVICE_FEATURES_OFFSET) == 0
+
+
+def test_queue_registers(setup):
+    _, driver, _, _ = setup
+    driver.write32(mmio.QUEUE_SEL_OFFSET, 0)
+    assert driver.read32(mmio.QUEUE_NUM_MAX_OFFSET) == 256
+    assert driver.read32(mmio.QUEUE_READY_OFFSET) == 0
+    driver.write32(mmio.QUEUE_SEL_OFFSET, 1)  # blk has one queue
+    assert driver.read32(mmio.QUEUE_NUM_MAX_OFFSET) == 0
+
+
+def test_negotiation_accepts_offered_features(setup):
+    transport, driver, _, _ = setup
+    assert driver.negotiate()
+    assert transport.driver_features == driver.device_features()
+
+
+def test_features_ok_does_not_stick_for_unoffered_features(setup):
+    _, driver, _, _ = setup
+    offered = driver.device_features()
+    assert not driver.negotiate(offered | (1 << 40))
+    assert driver.status() == spec.STATUS_ACKNOWLEDGE | spec.STATUS_DRIVER
+
+
+def test_features_ok_requires_version_1(setup):
+    _, driver, _, _ = setup
+    assert not driver.negotiate(driver.device_features() & ~(1 << spec.F_VERSION_1))
+
+
+def test_driver_ok_without_features_ok_does_not_stick(setup):
+    _, driver, _, _ = setup
+    driver.add_status(spec.STATUS_ACKNOWLEDGE | spec.STATUS_DRIVER)
+    driver.add_status(spec.STATUS_DRIVER_OK)
+    assert not driver.status() & spec.STATUS_DRIVER_OK
+
+
+def test_status_bits_cannot_be_cleared_without_reset(setup):
+    _, driver, _, _ = setup
+    assert driver.negotiate()
+    driver.write32(mmio.STATUS_OFFSET, spec.STATUS_ACKNOWLEDGE)
+    assert driver.status() & spec.STATUS_FEATURES_OK
+
+
+def test_reset_clears_status_features_and_queues(setup):
+    transport, driver, memory, _ = setup
+    ready_device(transport, driver, memory)
+    driver.write32(mmio.QUEUE_SEL_OFFSET, 0)
+    assert driver.read32(mmio.QUEUE_READY_OFFSET) == 1
+    driver.write32(mmio.STATUS_OFFSET, 0)
+    assert driver.status() == 0
+    assert transport.driver_features == 0
+    assert driver.read32(mmio.QUEUE_READY_OFFSET) == 0
+    assert driver.read32(mmio.INTERRUPT_STATUS_OFFSET) == 0
+
+
+def test_queue_configuration_ignored_while_ready(setup):
+    transport, driver, memory, _ = setup
+    ready_device(transport, driver, memory)
+    driver.write32(mmio.QUEUE_DESC_LOW_OFFSET, 0x123000)
+    assert transport._queues[0].desc != 0x123000
+
+
+def test_config_space_and_generation(setup):
+    transport, driver, _, line = setup
+    capacity = int.from_bytes(driver.read_config(0, 8), "little")
+    assert capacity == 64 * 1024 // 512
+    # Linux reads a 64-bit field as two 32-bit reads (§4.2.2.2 allows it for config space).
+    low = int.from_bytes(driver.read_config(0, 4), "little")
+    high = int.from_bytes(driver.read_config(4, 4), "little")
+    assert (high << 32) | low == capacity
+    assert driver.read_config(0x1000 - 0x100 - 4, 4) == bytes(4)  # past the config: zeros
+    generation = driver.read32(mmio.CONFIG_GENERATION_OFFSET)
+    assert driver.read32(mmio.CONFIG_GENERATION_OFFSET) == generation
+    assert driver.negotiate()
+    driver.driver_ok()
+    transport.config_changed()
+    assert driver.read32(mmio.CONFIG_GENERATION_OFFSET) == generation + 1
+    assert driver.read32(mmio.INTERRUPT_STATUS_OFFSET) & spec.INTERRUPT_CONFIG_CHANGE
+    assert line.pulses == 1
+
+
+@pytest.mark.parametrize("offset, size", [(0x001, 4), (0x000, 2), (0x070, 1), (0x004, 8)])
+def test_unaligned_or_wrongly_sized_register_access_is_answered(setup, offset, size):
+    transport, driver, _, _ = setup
+    data = bytearray(b"\xaa" * size)
+    transport.read(offset, memoryview(data))
+    assert data == bytes(size)
+    transport.write(offset, b"\xff" * size)  # ignored, not raised
+    assert driver.status() == 0
+
+
+def test_unknown_register_reads_zero(setup):
+    _, driver, _, _ = setup
+    assert driver.read32(0x0E0) == 0
+    assert driver.read32(mmio.SHM_LEN_LOW_OFFSET) == 0xFFFFFFFF  # no shared memory regions
+
+
+def test_transport_sits_on_a_bus(setup):
+    transport, _, _, _ = setup
+    bus = Bus("mmio", 1 << 32)
+    bus.insert(transport, 0xD000_0000, mmio.WINDOW_SIZE, "vda")
+    data = bytearray(4)
+    assert bus.read(0xD000_0000, memoryview(data))
+    assert int.from_bytes(data, "little") == mmio.MAGIC_VALUE
+
+
+def test_bad_ring_address_sets_needs_reset_with_config_interrupt(setup):
+    transport, driver, _, line = setup
+    assert driver.negotiate()
+    driver.write32(mmio.QUEUE_SEL_OFFSET, 0)
+    driver.write32(mmio.QUEUE_NUM_OFFSET, 16)
+    driver.write32(mmio.QUEUE_DESC_LOW_OFFSET, 0)
+    driver.write32(mmio.QUEUE_DESC_HIGH_OFFSET, 0x10)  # 64 GiB: outside guest RAM
+    driver.write32(mmio.QUEUE_READY_OFFSET, 1)
+    driver.driver_ok()
+    assert driver.status() & spec.STATUS_DEVICE_NEEDS_RESET
+    assert driver.read32(mmio.INTERRUPT_STATUS_OFFSET) == spec.INTERRUPT_CONFIG_CHANGE
+    assert line.pulses == 1
+    driver.write32(mmio.INTERRUPT_ACK_OFFSET, spec.INTERRUPT_CONFIG_CHANGE)
+    assert driver.read32(mmio.INTERRUPT_STATUS_OFFSET) == 0
+    driver.write32(mmio.STATUS_OFFSET, 0)  # reset recovers the device
+    assert driver.status() == 0
+
+
+def test_queue_size_above_maximum_needs_reset(setup):
+    transport, driver, memory, _ = setup
+    assert driver.negotiate()
+    queue = DriverQueue(memory, Allocator(0x1000, MEMORY_SIZE), 512)
+    driver.setup_queue(0, queue)
+    driver.driver_ok()
+    assert driver.status() & spec.STATUS_DEVICE_NEEDS_RESET
+
+
+def test_requests_before_driver_ok_are_not_processed(setup):
+    transport, driver, memory, _ = setup
+    assert driver.negotiate()
+    allocator = Allocator(0x1000, MEMORY_SIZE)
+    queue = DriverQueue(memory, allocator, 16)
+    driver.setup_queue(0, queue)
+    request = BlockDriver(memory, allocator, queue).submit(T_GET_ID, in_length=20)
+    transport.process_queue(0)
+    assert queue.take_used() == []
+    driver.driver_ok()
+    transport.process_queue(0)
+    assert queue.take_used() == [(request.head, 21)]
+
+
+def test_notify_through_eventfd_wakes_the_io_thread(setup):
+    transport, driver, memory, line = setup
+    blk = ready_device(transport, driver, memory)
+    transport.start()
+    try:
+        request = blk.submit(T_GET_ID, in_length=20)
+        driver.notify(0)  # no ioeventfd registered: the transport writes the eventfd itself
+        assert line.event.wait(5), "no interrupt from the I/O thread"
+        assert blk.status_of(request) == S_OK
+        assert blk.data_of(request) == b"S1".ljust(20, b"\0")
+        assert driver.read32(mmio.INTERRUPT_STATUS_OFFSET) == spec.INTERRUPT_USED_BUFFER
+    finally:
+        transport.stop()
+
+
+def test_eventfd_written_externally_like_an_ioeventfd(setup):
+    import os
+
+    transport, driver, memory, line = setup
+    blk = ready_device(transport, driver, memory)
+    transport.start()
+    try:
+        request = blk.submit(T_GET_ID, in_length=20)
+        os.eventfd_write(transport.notify_eventfd(0), 1)  # what KVM does for an ioeventfd
+        assert line.event.wait(5)
+        assert blk.status_of(request) == S_OK
+    finally:
+        transport.stop()
+
+
+def test_stop_is_prompt_and_restartable(setup):
+    transport, *_ = setup
+    transport.start()
+    started = time.monotonic()
+    transport.stop()
+    assert time.monotonic() - started < 1
+    transport.start()
+    transport.stop()
