@@ -46,6 +46,18 @@ I8042_COMMAND_PORT = 0x64
 STOP_GRACE_SECONDS = 5.0
 
 
+def host_memory_bytes() -> int:
+    """The host's physical memory (MemTotal), or 0 when it cannot be read."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
 class Console(Protocol):
     """Where the guest's serial output goes and its input comes from (hypervisor.console)."""
 
@@ -130,6 +142,12 @@ class Machine:
 
     def _create_memory(self, regions: list[tuple[int, int]], hugepages: bool) -> None:
         assert self.vm is not None
+        host_bytes = host_memory_bytes()
+        if host_bytes and self.memory_size > host_bytes:
+            raise ConfigError(
+                f"{self.memory_size // MiB} MiB of guest memory is more than this host has "
+                f"({host_bytes // MiB} MiB)"
+            )
         self.memory = GuestMemory(regions, hugepages=hugepages)
         self.vm.map_memory(self.memory)
 

@@ -37,7 +37,8 @@ PROTOCOL_RELOCATABLE = 0x0205  # relocatable_kernel, kernel_alignment
 PROTOCOL_CMDLINE_SIZE = 0x0206
 PROTOCOL_INIT_SIZE = 0x020A  # pref_address and init_size
 STARTUP_64_OFFSET = 0x200  # boot.rst "64-bit BOOT PROTOCOL": entry at load address + 0x200
-HEADER_READ_END = 0x26C  # the header fields pyhv reads end here (protocol 2.15)
+HEADER_READ_END = 0x26C
+MIN_HEADER_BYTES = 0x208  # up to and including the protocol version  # the header fields pyhv reads end here (protocol 2.15)
 
 
 @dataclass(frozen=True)
@@ -86,7 +87,7 @@ class BzImage:
 
 def parse_bzimage(image: bytes, name: str = "the kernel") -> BzImage:
     """Validate the setup header of `image`; BootError with one clear line when it is unusable."""
-    if len(image) < SETUP_HEADER_OFFSET + 0x11:
+    if len(image) < MIN_HEADER_BYTES:
         raise BootError(f"{name} is truncated: {len(image)} bytes is shorter than a bzImage setup header")
     header = ZeroPage()
     available = min(len(image), HEADER_READ_END)

@@ -17,7 +17,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 BUILD_DIR = HERE / ".build"
 GUEST_BASE = 0x1000
-PARAMETER_FORMAT = "<BBHIQ"  # exit code, mode, port, reserved, count (after the 2-byte jmp)
+PARAMETER_FORMAT = "<BBHHQ"  # exit code, mode, port, padding, count (after the 2-byte jmp)
 PARAMETER_OFFSET = 2
 
 MODE_GREET_AND_MMIO = 0

@@ -8,23 +8,25 @@ formats rather than against themselves.
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-import pytest
-
-from hypervisor.boot.layout import guest_layout
+from hypervisor.boot.layout import GuestLayout, guest_layout
 from hypervisor.memory import GuestMemory
 
 MiB = 1024 * 1024
 
 
-@pytest.fixture
-def guest_64m():
-    guest = guest_layout(64 * MiB)
+@contextmanager
+def new_guest(ram_size: int = 64 * MiB) -> Iterator[tuple[GuestLayout, GuestMemory]]:
+    """A guest layout and the GuestMemory built from it, closed afterwards."""
+    guest = guest_layout(ram_size)
     memory = GuestMemory(list(guest.memory_regions))
-    yield guest, memory
-    memory.close()
+    try:
+        yield guest, memory
+    finally:
+        memory.close()
 
 
 def make_bzimage(*, version: int = 0x020F, setup_sects: int = 4, kernel: bytes | None = None,
@@ -111,11 +113,11 @@ def make_elf(spec: ElfSpec) -> bytes:
                                            len(segment.data), memsz, 7, 0x1000)
         body += segment.data
     if note_blob:
-        file_offset = offset + len(body)
+        file_offset, size = offset + len(body), len(note_blob)
         if is64:
-            program_headers += struct.pack("<IIQQQQQQ", 4, 4, file_offset, 0, 0, len(note_blob), len(note_blob), 4)
+            program_headers += struct.pack("<IIQQQQQQ", 4, 4, file_offset, 0, 0, size, size, 4)
         else:
-            program_headers += struct.pack("<IIIIIIII", 4, file_offset, 0, 0, len(note_blob), len(note_blob), 4, 4)
+            program_headers += struct.pack("<IIIIIIII", 4, file_offset, 0, 0, size, size, 4, 4)
         body += note_blob
     ident = b"\x7fELF" + bytes([spec.elf_class, 1, 1]) + bytes(9)
     if is64:

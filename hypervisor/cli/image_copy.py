@@ -1,0 +1,325 @@
+"""`pyhv image convert|rebase|commit`: the commands that copy data between images.
+
+All three walk the source's allocation map (qemu-img map's extents) and move only ranges that
+hold data, in large bounded chunks, skipping all-zero clusters so outputs stay sparse. Inputs are
+validated and opened before an output is created or an image is changed. Nothing here prints;
+progress goes to an optional callback(done_bytes, total_bytes).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+import tempfile
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from hypervisor.block.open import open_disk
+from hypervisor.block.qcow2.create import Qcow2CreateOptions, create_qcow2, create_raw
+from hypervisor.cli.image_ops import full_backing_filename, open_image, resolve_format
+from hypervisor.cli.image_options import RAW_CREATE_KEYS, check_keys, qcow2_create_options
+from hypervisor.errors import ConfigError, ImageError
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int, int], None]
+
+# Bytes moved per read/write call: big enough that Python overhead is small next to the I/O.
+COPY_CHUNK = 4 << 20
+# Granularity of zero detection when no cluster size is known (QEMU convert's default min_sparse).
+DEFAULT_SPARSE_GRANULARITY = 4096
+# lseek(2) whence values on Linux (<unistd.h>), for raw files' allocation map.
+SEEK_DATA = getattr(os, "SEEK_DATA", 3)
+SEEK_HOLE = getattr(os, "SEEK_HOLE", 4)
+
+
+def _no_progress(done: int, total: int) -> None:
+    return None
+
+
+def data_ranges(image: Any) -> Iterator[tuple[int, int, int]]:
+    """(start, length, depth) of every range whose bytes are stored somewhere in the chain."""
+    if hasattr(image, "map_extents"):
+        for extent in image.map_extents():
+            if extent.data:
+                yield extent.start, extent.length, extent.depth
+        return
+    yield from ((start, length, 0) for start, length in _raw_data_ranges(image))
+
+
+def _raw_data_ranges(image: Any) -> Iterator[tuple[int, int]]:
+    """SEEK_DATA/SEEK_HOLE over a raw file; the whole file if the file system cannot tell."""
+    size = image.size
+    fd = getattr(image, "fd", None)
+    if fd is None:
+        if size:
+            yield 0, size
+        return
+    offset = 0
+    while offset < size:
+        try:
+            start = os.lseek(fd, offset, SEEK_DATA)
+        except OSError:  # ENXIO: only a hole remains; EINVAL: not supported
+            if offset == 0 and size:
+                try:
+                    os.lseek(fd, 0, SEEK_HOLE)
+                except OSError:
+                    yield 0, size
+            return
+        end = min(os.lseek(fd, start, SEEK_HOLE), size)
+        if end > start:
+            yield start, end - start
+        offset = end
+
+
+def zero_and_data_runs(view: memoryview, granularity: int) -> Iterator[tuple[int, int, bool]]:
+    """(offset, length, is_zero) runs of `view`, decided per `granularity` bytes."""
+    if view == bytes(len(view)):  # common fast path: one memcmp for an all-zero chunk
+        yield 0, len(view), True
+        return
+    zero_block = bytes(granularity)
+    run_start, run_zero = 0, None
+    n = len(view)
+    for position in range(0, n, granularity):
+        piece = view[position:position + granularity]
+        is_zero = piece == zero_block[:len(piece)]
+        if run_zero is not None and is_zero != run_zero:
+            yield run_start, position - run_start, run_zero
+            run_start = position
+        run_zero = is_zero
+    if n:
+        yield run_start, n - run_start, bool(run_zero)
+
+
+def copy_data(source: Any, target: Any, granularity: int, compress: bool = False,
+              cluster_size: int = 0, progress: Progress = _no_progress,
+              ranges: Iterator[tuple[int, int, int]] | None = None, write_zeroes: bool = False) -> None:
+    """Copy the data ranges of `source` into `target`. All-zero runs are skipped (the target
+    must read as zeros there already) or, with `write_zeroes`, written as zeroes."""
+    total = source.size
+    buffer = bytearray(COPY_CHUNK)
+    done = 0
+    for start, length, _depth in ranges if ranges is not None else data_ranges(source):
+        offset, end = start, start + length
+        while offset < end:
+            n = min(COPY_CHUNK, end - offset)
+            if compress:  # keep chunks cluster aligned so whole clusters can be compressed
+                n = min(n, COPY_CHUNK - offset % cluster_size)
+            view = memoryview(buffer)[:n]
+            source.readinto(offset, [view])
+            for run, run_length, is_zero in zero_and_data_runs(view, granularity):
+                if not is_zero:
+                    _write_run(target, offset + run, view[run:run + run_length], compress, cluster_size)
+                elif write_zeroes:
+                    target.write_zeroes(offset + run, run_length)
+            offset += n
+            done = offset
+            progress(done, total)
+    progress(total, total)
+
+
+def _write_run(target: Any, offset: int, data: memoryview, compress: bool, cluster_size: int) -> None:
+    if not compress:
+        target.write(offset, [data])
+        return
+    position = 0
+    while position < len(data):
+        cluster_offset = offset + position
+        in_cluster = min(len(data) - position, cluster_size - cluster_offset % cluster_size)
+        piece = data[position:position + in_cluster]
+        if in_cluster == cluster_size and cluster_offset + cluster_size <= target.size:
+            target.write_compressed(cluster_offset, bytes(piece))
+        else:  # a partial cluster (image tail) is stored uncompressed
+            target.write(cluster_offset, [piece])
+        position += in_cluster
+
+
+def convert(source_path: str, target_path: str, source_format: str | None, target_format: str,
+            compress: bool, options: dict[str, str], snapshot: str | None = None,
+            progress: Progress = _no_progress) -> None:
+    """qemu-img convert: a new image `target_path` with the contents of `source_path`."""
+    if target_format not in ("raw", "qcow2"):
+        raise ConfigError(f"Unknown output format '{target_format}' (qcow2 or raw)")
+    if compress and target_format != "qcow2":
+        raise ConfigError("Compression not supported for this file format (use -O qcow2)")
+    if os.path.exists(target_path) and os.path.realpath(target_path) == os.path.realpath(source_path):
+        raise ConfigError("Source and target are the same file")
+    source = open_image(source_path, source_format, read_only=True, snapshot=snapshot)
+    try:
+        qcow2_options = None
+        if target_format == "qcow2":
+            if "backing_file" in options or "backing_fmt" in options:
+                raise ConfigError("convert does not write backing files; create an overlay afterwards")
+            qcow2_options = qcow2_create_options(options, source.size, None, None)
+        else:
+            check_keys(options, RAW_CREATE_KEYS, "raw")
+            if options.get("preallocation", "off") != "off":
+                raise ConfigError("raw preallocation modes other than off are not supported")
+        _create(target_path, target_format, qcow2_options, source.size)
+        target = open_disk(target_path, format=target_format, read_only=False, allow_backing=False)
+        try:
+            cluster_size = qcow2_options.cluster_size if qcow2_options else 0
+            granularity = cluster_size if compress else DEFAULT_SPARSE_GRANULARITY
+            copy_data(source, target, granularity, compress, cluster_size, progress)
+            target.flush()
+        finally:
+            target.close()
+    finally:
+        source.close()
+
+
+def _create(path: str, image_format: str, options: Qcow2CreateOptions | None, size: int) -> None:
+    if image_format == "qcow2":
+        assert options is not None
+        create_qcow2(path, options)
+    else:
+        create_raw(path, size)
+
+
+def rebase(path: str, image_format: str | None, backing: str, backing_format: str | None,
+           unsafe: bool, progress: Progress = _no_progress) -> None:
+    """qemu-img rebase. Safe mode first copies into the overlay every cluster where the old and
+    the new backing chain differ, so the guest-visible contents do not change."""
+    if resolve_format(path, image_format) != "qcow2":
+        raise ConfigError(f"{path}: only qcow2 images have a backing file to rebase")
+    new_backing = backing or None
+    if new_backing is not None:
+        resolved = full_backing_filename(path, new_backing)
+        backing_format = resolve_format(resolved, backing_format) if os.path.exists(resolved) or not unsafe \
+            else backing_format
+        if backing_format is None:
+            raise ConfigError("-F is needed when the new backing file does not exist (-u)")
+    from hypervisor.block.qcow2 import Qcow2Image
+
+    if unsafe:
+        image = Qcow2Image.open(path, read_only=False, allow_backing=False)
+        try:
+            image.set_backing(new_backing, backing_format if new_backing else None)
+            image.flush()
+        finally:
+            image.close()
+        return
+    image = Qcow2Image.open(path, read_only=False, allow_backing=True)
+    try:
+        new = (open_disk(full_backing_filename(path, new_backing), format=backing_format, read_only=True,
+                         allow_backing=True) if new_backing else None)
+        try:
+            _copy_differences(image, new, progress)
+        finally:
+            if new is not None:
+                new.close()
+        image.set_backing(new_backing, backing_format if new_backing else None)
+        image.flush()
+    finally:
+        image.close()
+
+
+def _copy_differences(image: Any, new_backing: Any, progress: Progress) -> None:
+    """Write into `image` every range not allocated in it where old and new backing differ."""
+    size = image.size
+    cluster = image.cluster_size
+    old_buf, new_buf = bytearray(COPY_CHUNK), bytearray(COPY_CHUNK)
+    pending = [(e.start, e.length) for e in image.map_extents() if not (e.depth == 0 and e.present)]
+    for start, length in pending:
+        offset, end = start, start + length
+        while offset < end:
+            n = min(COPY_CHUNK, end - offset)
+            old_view, new_view = memoryview(old_buf)[:n], memoryview(new_buf)[:n]
+            image.readinto(offset, [old_view])
+            new_view[:] = bytes(n)
+            if new_backing is not None and offset < new_backing.size:
+                readable = min(n, new_backing.size - offset)
+                new_backing.readinto(offset, [new_view[:readable]])
+            if old_view != new_view:
+                position = 0
+                while position < n:  # cluster by cluster, so only differing clusters are written
+                    step = min(n - position, cluster - (offset + position) % cluster)
+                    if old_view[position:position + step] != new_view[position:position + step]:
+                        image.write(offset + position, [old_view[position:position + step]])
+                    position += step
+            offset += n
+            progress(offset, size)
+
+
+def commit(path: str, image_format: str | None, keep_overlay: bool,
+           progress: Progress = _no_progress) -> bool:
+    """qemu-img commit: write the overlay's own data into its backing file, then empty the overlay
+    (unless `keep_overlay`). Returns whether the overlay was emptied."""
+    if resolve_format(path, image_format) != "qcow2":
+        raise ConfigError(f"{path}: only qcow2 images have a backing file to commit into")
+    from hypervisor.block.qcow2 import Qcow2Image
+
+    # The overlay is opened without its chain: the backing file is opened once, read-write, below.
+    overlay = Qcow2Image.open(path, read_only=True, allow_backing=False)
+    try:
+        if overlay.backing_filename is None:
+            raise ConfigError(f"{path}: image has no backing file to commit into")
+        backing_path = full_backing_filename(path, overlay.backing_filename)
+        backing = open_disk(backing_path, format=overlay.backing_format, read_only=False, allow_backing=True)
+        try:
+            if backing.size < overlay.size:
+                _grow(backing, overlay.size)
+            own = [e for e in overlay.map_extents() if e.depth == 0 and e.present]
+            # Zeros in the overlay hide backing data: they become zeros in the backing too.
+            for extent in own:
+                if not extent.data:
+                    backing.write_zeroes(extent.start, extent.length)
+            copy_data(overlay, backing, DEFAULT_SPARSE_GRANULARITY, progress=progress,
+                      ranges=iter([(e.start, e.length, 0) for e in own if e.data]), write_zeroes=True)
+            backing.flush()
+        finally:
+            backing.close()
+        can_empty = not keep_overlay and not overlay.snapshots() and overlay.data_file_name is None
+        backing_format = overlay.backing_format or resolve_format(backing_path, None)
+        recreate = _recreate_options(overlay, backing_format) if can_empty else None
+    finally:
+        overlay.close()
+    if recreate is not None:
+        _replace_atomically(path, recreate)
+    return recreate is not None
+
+
+def _grow(image: Any, size: int) -> None:
+    if hasattr(image, "resize"):
+        image.resize(size)
+    else:
+        os.ftruncate(image.fd, size)
+
+
+def _recreate_options(image: Any, backing_format: str) -> Qcow2CreateOptions:
+    """Create options reproducing `image`'s format with nothing allocated (qcow2 make_empty)."""
+    from hypervisor.block.qcow2 import format as fmt
+
+    header = image.header
+    return Qcow2CreateOptions(
+        size=image.size, cluster_size=image.cluster_size,
+        compat="0.10" if header.version < 3 else "1.1",
+        lazy_refcounts=bool(header.compatible_features & fmt.COMPAT_LAZY_REFCOUNTS),
+        extended_l2=header.extended_l2, refcount_bits=header.refcount_bits,
+        compression_type=fmt.COMPRESSION_NAMES.get(header.compression_type, "zlib"),
+        backing_file=image.backing_filename, backing_format=backing_format)
+
+
+def _replace_atomically(path: str, options: Qcow2CreateOptions) -> None:
+    """Write the empty image next to `path`, then rename it over: a crash leaves one or the other."""
+    folder = os.path.dirname(os.path.abspath(path))
+    mode = stat.S_IMODE(os.stat(path).st_mode)
+    fd, temporary = tempfile.mkstemp(prefix=".pyhv-commit-", dir=folder)
+    os.close(fd)
+    try:
+        create_qcow2(temporary, options)
+        os.chmod(temporary, mode)
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        raise
+    dir_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+__all__ = ["convert", "rebase", "commit", "copy_data", "data_ranges", "ImageError"]

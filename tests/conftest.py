@@ -1,0 +1,49 @@
+"""Shared test configuration: tests marked `kvm` skip with the reason when /dev/kvm is unusable."""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import pytest
+
+from tests.guests.build import ToolMissing, build_guest
+
+
+@functools.lru_cache(maxsize=1)
+def kvm_unavailable_reason() -> str | None:
+    """None when a VM can be created here, else why not (shown as the skip reason)."""
+    if not os.path.exists("/dev/kvm"):
+        return "/dev/kvm does not exist on this host"
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return "/dev/kvm is not accessible to this user"
+    try:
+        from hypervisor.kvm import Kvm
+
+        with Kvm() as kvm:
+            kvm.create_vm().close()
+    except Exception as error:  # any failure means: cannot test with KVM here
+        return f"KVM is not usable here: {error}"
+    return None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    reason = None
+    for item in items:
+        if item.get_closest_marker("kvm") or item.get_closest_marker("slow"):
+            reason = reason or kvm_unavailable_reason()
+            if reason:
+                item.add_marker(pytest.mark.skip(reason=reason))
+
+
+@pytest.fixture(scope="session")
+def guest_binary():
+    """Returns the built flat binary of a test guest by name (skips when gcc/ld are missing)."""
+
+    def build(name: str):
+        try:
+            return build_guest(name)
+        except ToolMissing as error:
+            pytest.skip(str(error))
+
+    return build
