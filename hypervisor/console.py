@@ -25,7 +25,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from hypervisor.errors import ConfigError
 
@@ -63,13 +63,12 @@ class ConsoleBase:
             self.first_output_time = time.monotonic()
         self.bytes_written += len(data)
         self._emit(data)
-        for watcher in self._watchers:
+        for watcher in list(self._watchers):
             try:
                 watcher(data)
             except Exception:  # a broken watcher must not take the vCPU thread down
                 log.exception("console watcher %r failed; removing it", watcher)
                 self._watchers.remove(watcher)
-                break
 
     def _emit(self, data: bytes) -> None:
         raise NotImplementedError
@@ -244,7 +243,7 @@ RESTORING_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 READ_CHUNK = 4096
 
 
-def raw_terminal_attributes(attributes: list) -> list:  # type: ignore[type-arg]
+def raw_terminal_attributes(attributes: list[Any]) -> list[Any]:
     """The terminal mode QEMU's stdio chardev uses (chardev/char-stdio.c qemu_chr_set_echo_stdio):
     no line editing, echo, signals or input translation; output post-processing stays on so the
     host terminal still turns the guest's newlines into line feeds as usual."""
@@ -276,8 +275,8 @@ class StdioConsole(ConsoleBase):
         # sys.stdin may be replaced (pytest, embedding) while fd 0 is still the terminal.
         self._stdin, self._stdout, self._stderr = stdin_fd, stdout_fd, stderr_fd
         self._handle_signals = handle_signals
-        self._saved_attributes: list | None = None  # type: ignore[type-arg]
-        self._previous_handlers: dict[int, object] = {}
+        self._saved_attributes: list[Any] | None = None
+        self._previous_handlers: dict[int, Any] = {}
         self._output_broken = False
         self._thread: threading.Thread | None = None
         self._wake_read, self._wake_write = -1, -1
@@ -328,7 +327,9 @@ class StdioConsole(ConsoleBase):
         atexit.register(self._restore_terminal)
         if self._handle_signals and threading.current_thread() is threading.main_thread():
             for signum in RESTORING_SIGNALS:
-                self._previous_handlers[signum] = signal.signal(signum, self._on_signal)
+                # None means a handler installed outside Python (C): leave that one alone.
+                if signal.getsignal(signum) is not None:
+                    self._previous_handlers[signum] = signal.signal(signum, self._on_signal)
         termios.tcsetattr(self._stdin, termios.TCSADRAIN, raw_terminal_attributes(self._saved_attributes))
 
     def _restore_terminal(self) -> None:
@@ -342,7 +343,7 @@ class StdioConsole(ConsoleBase):
         atexit.unregister(self._restore_terminal)
         if threading.current_thread() is threading.main_thread():
             for signum, handler in self._previous_handlers.items():
-                signal.signal(signum, handler)  # type: ignore[arg-type]
+                signal.signal(signum, handler)
         self._previous_handlers = {}
 
     def _on_signal(self, signum: int, frame: object) -> None:

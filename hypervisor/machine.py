@@ -257,7 +257,8 @@ class Machine:
 
     # -- running -----------------------------------------------------------------------------------
 
-    def _freeze_tables(self) -> None:
+    def install_range_tables(self) -> None:
+        """Freezes the buses into every vCPU's C range table (done by `start`)."""
         pio = [
             TableRange(r.base, r.size, r.device_id)
             for r in self.pio_bus.ranges()
@@ -269,7 +270,7 @@ class Machine:
 
     def start(self) -> None:
         """Starts the vCPU threads (and the console); `wait` collects the outcome."""
-        self._freeze_tables()
+        self.install_range_tables()
         if self.console is not None:
             self.console.start(self.serial.feed, lambda: self.request_stop(Outcome(OutcomeKind.QUIT, "quit from the console")))
         self._started_at = time.monotonic()

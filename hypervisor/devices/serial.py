@@ -15,11 +15,15 @@ What is modelled and why:
   next queued byte in. Pasted input therefore waits instead of overrunning. Overrun (LSR.OE) still
   happens where the guest itself causes it: in loopback mode, which is how Linux's `size_fifo()`
   counts the FIFO depth.
-* Host input is held back until a driver listens, i.e. until the guest first sets IER.ERBFI.
-  Linux probes and resets the port (FIFO clears, RBR reads "for luck" in autoconfig() and
-  serial8250_do_startup()) long before user space opens the console; input piped in at power-on
-  (`echo cmd | pyhv run`) would be eaten by those flushes. Guests that poll LSR.DR without ever
-  enabling the receive interrupt construct the UART with `hold_input_until_driver=False`.
+* Host input is never lost to the guest's housekeeping. Linux probes and resets the port (FIFO
+  clears and RBR reads "for luck" in autoconfig(), serial8250_do_startup() and set_termios) long
+  before and just after user space opens the console, and input piped in at power-on
+  (`echo cmd | pyhv run`) would be eaten by them. So host input is held back until a driver
+  listens -- the first time the guest has both IER.ERBFI and MCR.OUT2 set (the IER probe in
+  autoconfig() sets ERBFI with OUT2 clear) -- and host bytes still in the FIFO when the guest
+  clears it go back to the front of the host queue; only the guest's own loopback bytes are
+  discarded. Guests that poll LSR.DR without ever enabling the receive interrupt construct the
+  UART with `hold_input_until_driver=False`.
 * There is no character clock, so the data sheet's character-timeout interrupt (IIR 0x0C, §8.6:
   data below the trigger level and no FIFO activity for four character times) is reported as soon
   as the FIFO holds data below the trigger level. A guest cannot tell the difference, and without
@@ -115,6 +119,7 @@ FIFO_DEPTH = 16  # PC16550D §1: 16-byte transmit and receive FIFOs
 HOST_QUEUE_LIMIT = 1 << 20
 # 1.8432 MHz crystal / (16 * 12) = 9600 baud, what PC firmware leaves behind.
 DEFAULT_DIVISOR = 12
+HOST_ORIGIN = 0x100  # tag bit on FIFO entries that came from feed(), not loopback
 
 
 class Serial16550A:
@@ -131,6 +136,7 @@ class Serial16550A:
         self._lock = threading.RLock()
         self._host_queue: collections.deque[int] = collections.deque()
         self._dropped_warning_given = False
+        # Received characters; host input is tagged with HOST_ORIGIN so a FIFO clear can return it.
         self._fifo: collections.deque[int] = collections.deque()
         self._ier = 0
         self._fcr = 0
@@ -174,7 +180,7 @@ class Serial16550A:
     def pending_input(self) -> int:
         """Bytes fed by the host that the guest has not read yet (FIFO plus host queue)."""
         with self._lock:
-            return len(self._host_queue) + (0 if self._loopback else len(self._fifo))
+            return len(self._host_queue) + sum(1 for entry in self._fifo if entry & HOST_ORIGIN)
 
     @property
     def interrupt_level(self) -> bool:
@@ -194,6 +200,7 @@ class Serial16550A:
         with self._lock:
             for index, value in enumerate(data):
                 self._write_register(offset + index, value)
+            self._release_input_once_a_driver_listens()
             self._update_interrupt()
 
     # ----------------------------------------------------------------- registers
@@ -269,7 +276,7 @@ class Serial16550A:
 
     def _read_receive_buffer(self) -> int:
         if self._fifo:
-            self._last_received = self._fifo.popleft()
+            self._last_received = self._fifo.popleft() & 0xFF
             self._refill_from_host()
         # With nothing received, RBR still holds the last character (non-FIFO behaviour).
         return self._last_received
@@ -294,7 +301,8 @@ class Serial16550A:
         # FIFO keeps its contents; without FIFOs the new character overwrites RBR.
         self._lsr |= LSR_OVERRUN_ERROR
         if not self._fifo_enabled:
-            self._fifo[-1] = value
+            self._clear_receive_fifo()
+            self._fifo.append(value)
 
     def _refill_from_host(self) -> None:
         # §8.7: in loopback the serial input is disconnected, so host input waits in the queue.
@@ -302,14 +310,22 @@ class Serial16550A:
             return
         capacity = self._receive_capacity
         while self._host_queue and len(self._fifo) < capacity:
-            self._fifo.append(self._host_queue.popleft())
+            self._fifo.append(self._host_queue.popleft() | HOST_ORIGIN)
+
+    def _clear_receive_fifo(self) -> None:
+        """Empty the receive FIFO; host bytes in it go back to the front of the host queue."""
+        returned = [entry & 0xFF for entry in self._fifo if entry & HOST_ORIGIN]
+        self._host_queue.extendleft(reversed(returned))
+        self._fifo.clear()
+
+    def _release_input_once_a_driver_listens(self) -> None:
+        if not self._input_released and self._ier & IER_ERBFI and self._mcr & MCR_OUT2:
+            self._input_released = True
+            self._refill_from_host()
 
     def _write_interrupt_enable(self, value: int) -> None:
         previous = self._ier
         self._ier = value & IER_WRITABLE
-        if self._ier & IER_ERBFI and not self._input_released:
-            self._input_released = True
-            self._refill_from_host()
         # Turning ETBEI on while THR is empty raises the THR-empty interrupt again even if an IIR
         # read had cleared it (QEMU and Bochs do this on the rising edge; Linux's THRE test in
         # serial8250_do_startup() and Windows both rely on it).
@@ -320,14 +336,14 @@ class Serial16550A:
         enable = value & FCR_FIFO_ENABLE
         if enable != (self._fcr & FCR_FIFO_ENABLE):
             # §8.4 bit 0: changing the FIFO enable bit clears both FIFOs.
-            self._fifo.clear()
+            self._clear_receive_fifo()
         if not enable:
             # §8.4: bit 0 must be 1 when other FCR bits are written or they are not programmed.
             self._fcr = 0
             self._refill_from_host()
             return
         if value & FCR_CLEAR_RECEIVE:
-            self._fifo.clear()
+            self._clear_receive_fifo()
         # FCR_CLEAR_TRANSMIT: the transmit FIFO is always empty here; nothing to clear.
         self._fcr = value & (FCR_FIFO_ENABLE | FCR_DMA_MODE | FCR_TRIGGER_MASK)
         self._refill_from_host()

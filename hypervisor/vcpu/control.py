@@ -50,6 +50,12 @@ class RunControl:
         for vcpu in vcpus:
             vcpu.kick()
 
+    def reset(self) -> None:
+        """Forgets the outcome so the same vCPUs can run again (benchmarks, the debugger)."""
+        with self._lock:
+            self._outcome = None
+            self.finished.clear()
+
     # -- pausing, for the debugger and the API --------------------------------------------
 
     def pause(self) -> None:

@@ -32,6 +32,7 @@ import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from hypervisor.errors import HypervisorError
 from hypervisor.vcpu.x86_decode import (
     GPR_NAMES,
     DecodeError,
@@ -112,6 +113,15 @@ class RegisterFile:
         return dataclasses.replace(self)
 
     @classmethod
+    def from_mapping(cls, values: Mapping[str, int]) -> RegisterFile:
+        """From a name -> value mapping such as `Vcpu.get_regs()`; extra names are ignored."""
+        return cls(**{name: int(values[name]) for name in REGISTER_NAMES})
+
+    def as_dict(self) -> dict[str, int]:
+        """Name -> value, ready for `Vcpu.set_regs(**registers.as_dict())`."""
+        return {name: getattr(self, name) for name in REGISTER_NAMES}
+
+    @classmethod
     def from_kvm(cls, regs: object) -> RegisterFile:
         """Read a `struct kvm_regs` (a cffi object or anything with those attribute names)."""
         return cls(**{name: int(getattr(regs, name)) for name in REGISTER_NAMES})
@@ -177,6 +187,33 @@ def failure_instruction_bytes(ndata: int, data: Sequence[int]) -> bytes | None:
     raw = int(data[1]).to_bytes(8, "little") + int(data[2]).to_bytes(8, "little")
     size = min(raw[0], 15)
     return raw[1 : 1 + size] if size else None
+
+
+PAGE_SIZE = 4096
+
+
+def guest_reader(translate: Callable[[int], int | None],
+                 read_physical: Callable[[int, int], bytes]) -> ReadGuest:
+    """Build `read_guest` from a linear->physical translation (KVM_TRANSLATE) and a physical
+    read (GuestMemory.read). Operands crossing a page boundary are read page by page, since
+    the two pages need not be contiguous in physical memory; any failure reads as None."""
+
+    def read_guest(address: int, size: int) -> bytes | None:
+        chunks = []
+        while size > 0:
+            in_page = min(size, PAGE_SIZE - address % PAGE_SIZE)
+            physical = translate(address)
+            if physical is None:
+                return None
+            try:
+                chunks.append(bytes(read_physical(physical, in_page)))
+            except HypervisorError:  # e.g. GuestMemoryError: the page is not guest RAM
+                return None
+            address = (address + in_page) & (1 << 64) - 1
+            size -= in_page
+        return b"".join(chunks)
+
+    return read_guest
 
 
 def emulate(insn: bytes, regs: RegisterFile, cpu: CpuState, read_guest: ReadGuest) -> EmulationResult | None:

@@ -98,8 +98,7 @@ def make_elf(spec: ElfSpec) -> bytes:
     note_blob = _note_blob(spec.notes)
     phnum = len(segments) + (1 if note_blob else 0)
     offset = header_size + phnum * phentsize
-    body = bytearray(spec.prefix)
-    offset += len(body)
+    body = bytearray(spec.prefix)  # file offset of body[i] is offset + i
     program_headers = b""
     for segment in segments:
         vaddr = segment.paddr if segment.vaddr is None else segment.vaddr

@@ -14,6 +14,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from hypervisor.errors import GuestMemoryError
+from hypervisor.memory.guest_memory import GuestMemory
 from hypervisor.vcpu.emulate import (
     CR0_EM,
     CR0_MP,
@@ -30,6 +32,7 @@ from hypervisor.vcpu.emulate import (
     code_bits_from_cs,
     emulate,
     failure_instruction_bytes,
+    guest_reader,
 )
 
 LONG_MODE = CpuState(code_bits=64, cpl=0, cr0=0x80050033)  # PG WP NE ET MP PE, as Linux sets it
@@ -353,6 +356,29 @@ def test_failure_instruction_bytes_from_exit_data() -> None:
     assert failure_instruction_bytes(1, data) is None
 
 
+def test_guest_reader_splits_at_page_boundaries() -> None:
+    memory = GuestMemory.flat(0x10000)
+    memory.write(0x3FFC, b"\x01\x02\x03\x04")  # the first half, physical page 3
+    memory.write(0x8000, b"\x05\x06\x07\x08")  # the second half, physical page 8
+    mapping = {0x7000_0000: 0x3000, 0x7000_1000: 0x8000}
+
+    def translate(linear: int) -> int | None:
+        page = mapping.get(linear & ~0xFFF)
+        return None if page is None else page + (linear & 0xFFF)
+
+    read_guest = guest_reader(translate, memory.read)
+    assert read_guest(0x7000_0FFC, 8) == bytes(range(1, 9))
+    assert read_guest(0x7000_1FFC, 8) is None  # second page unmapped
+
+    def outside_ram(physical: int, size: int) -> bytes:
+        raise GuestMemoryError("not RAM")
+
+    assert guest_reader(lambda linear: linear, outside_ram)(0x1000, 4) is None
+    # popcnt through the reader: an operand that straddles two pages
+    result = emulate(bytes.fromhex("f3480fb818"), regs(rax=0x7000_0FFC), LONG_MODE, read_guest)
+    assert result is not None and result.registers.rbx == bin(0x0807060504030201).count("1")
+
+
 def test_register_file_kvm_round_trip() -> None:
     class KvmRegs:
         pass
@@ -366,6 +392,8 @@ def test_register_file_kvm_round_trip() -> None:
     target = KvmRegs()
     registers.to_kvm(target)
     assert vars(target) == vars(source)
+    assert RegisterFile.from_mapping({**vars(source), "extra": 1}) == registers
+    assert registers.as_dict() == vars(source)
 
 
 @pytest.mark.skipif(shutil.which("as") is None or shutil.which("objcopy") is None,

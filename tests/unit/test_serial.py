@@ -309,18 +309,39 @@ def test_feed_raises_the_line_from_another_thread(h: Harness) -> None:
     assert h.line.levels == [True]
 
 
-def test_input_held_until_driver_enables_receive_interrupt() -> None:
+def test_input_held_until_driver_listens() -> None:
     h = Harness(hold_input=True)
     h.uart.feed(b"echo hi\n")
-    h.outb(IIR_FCR, 0x07)  # Linux's probe and startup flushes...
+    h.outb(IER, 0x0F)  # autoconfig()'s IER probe: ERBFI but no OUT2, no driver yet
+    h.outb(IER, 0x00)
+    h.outb(IIR_FCR, 0x07)  # probe and startup flushes...
     h.inb(RBR_THR)
     assert not h.inb(LSR) & 0x01  # ...see nothing and eat nothing
     assert h.uart.pending_input() == 8
-    h.outb(IER, 0x05)  # serial8250_do_startup(): RLSI | RDI
+    h.outb(MCR, 0x0B)
+    h.outb(IER, 0x05)  # serial8250_do_startup(): RLSI | RDI with OUT2 set
     received = bytearray()
     while h.inb(LSR) & 0x01:
         received.append(h.inb(RBR_THR))
     assert bytes(received) == b"echo hi\n"
+
+
+def test_fifo_clear_returns_host_input_but_drops_loopback_bytes(h: Harness) -> None:
+    h.outb(IIR_FCR, 0x01)
+    h.uart.feed(b"0123456789abcdefXYZ")  # 16 in the FIFO, 3 waiting
+    assert h.inb(RBR_THR) == ord("0")
+    h.outb(IIR_FCR, 0x03)  # clear: host bytes go back in order
+    assert h.uart.pending_input() == 18
+    h.outb(IIR_FCR, 0x00)  # disable FIFO: one byte at a time now
+    received = bytearray()
+    while h.inb(LSR) & 0x01:
+        received.append(h.inb(RBR_THR))
+    assert bytes(received) == b"123456789abcdefXYZ"
+    h.outb(MCR, 0x10)
+    h.outb(RBR_THR, ord("L"))
+    h.outb(IIR_FCR, 0x07)
+    h.outb(MCR, 0x00)
+    assert not h.inb(LSR) & 0x01 and h.uart.pending_input() == 0
 
 
 def test_wide_access_is_bytewise(h: Harness) -> None:
@@ -436,6 +457,47 @@ def test_linux_autoconfig_finds_a_16550a(h: Harness) -> None:
     assert _linux_autoconfig(h) == "16550A"
     assert h.output == b""  # the probe never leaks loopback bytes to the console
     assert _linux_size_fifo(h) == FIFO_DEPTH
+
+
+def test_input_piped_at_power_on_survives_linux_bring_up() -> None:
+    """`echo cmd | pyhv run`: input that arrives before Linux has set the port up reaches the shell."""
+    h = Harness(hold_input=True)
+    h.uart.feed(b"echo hello from a pipe; exit\n")
+    h.outb(MCR, 0x03)  # early_serial_init(): DTR | RTS
+    assert _linux_autoconfig(h) == "16550A"
+    _linux_startup(h)
+    h.outb(IIR_FCR, 0x81)  # serial8250_do_set_termios(): FIFO on, trigger 8
+    received = bytearray()
+    while h.line.level:  # the interrupt handler: read while data is ready
+        assert h.inb(IIR_FCR) & 0x0F in (0x04, 0x0C)
+        while h.inb(LSR) & 0x01:
+            received.append(h.inb(RBR_THR))
+    assert bytes(received) == b"echo hello from a pipe; exit\n"
+
+
+def _linux_startup(h: Harness) -> None:
+    """serial8250_do_startup() of Linux 6.1 for a 16550A on a fixed ISA IRQ."""
+    inb, outb = h.inb, h.outb
+    outb(IIR_FCR, 0x01)  # serial8250_clear_fifos()
+    outb(IIR_FCR, 0x07)
+    outb(IIR_FCR, 0)
+    for register in (LSR, RBR_THR, IIR_FCR, MSR):
+        inb(register)
+    outb(IER, 0x02)  # THRE re-assert test
+    inb(IIR_FCR)
+    outb(IER, 0)
+    outb(IER, 0x02)
+    inb(IIR_FCR)
+    outb(IER, 0)
+    outb(LCR, 0x03)
+    outb(MCR, 0x0B)  # DTR | RTS | OUT2
+    outb(IER, 0x02)  # TX-enable test
+    inb(LSR)
+    inb(IIR_FCR)
+    outb(IER, 0)
+    for register in (LSR, RBR_THR, IIR_FCR, MSR):  # "clear the interrupt registers again for luck"
+        inb(register)
+    outb(IER, 0x05)  # RLSI | RDI
 
 
 def test_linux_startup_thre_and_txen_tests(h: Harness) -> None:
