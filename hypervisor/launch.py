@@ -18,7 +18,6 @@ from hypervisor.errors import ConfigError
 from hypervisor.guest_images import default_guest
 from hypervisor.kvm import kvm_is_pvm
 from hypervisor.machine import Console, Machine
-from hypervisor.vcpu.pvm import pvm_emulator
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +76,6 @@ def _read(path: Path, what: str) -> bytes:
 def create_machine(options: RunOptions, console: Console | None) -> tuple[Machine, LaunchInfo]:
     """A Machine with the guest of `options` loaded and ready to `run`."""
     pvm = kvm_is_pvm()
-    emulator = pvm_emulator if pvm else None
     if options.raw is not None:
         if options.kernel is not None:
             raise ConfigError("--raw and --kernel cannot be used together")
@@ -85,7 +83,7 @@ def create_machine(options: RunOptions, console: Console | None) -> tuple[Machin
         data = _read(path, "raw guest")
         machine = Machine(options.memory_mib or 16, cpus=options.cpus, console=console,
                           debug_exit_port=options.debug_exit_port, debug_exit_qemu=options.debug_exit_qemu,
-                          emulator=emulator)  # fmt: skip
+                          pvm_emulation=pvm)  # fmt: skip
         try:
             machine.load_raw_bytes(data, address, str(path))
         except BaseException:
@@ -106,7 +104,7 @@ def create_machine(options: RunOptions, console: Console | None) -> tuple[Machin
 
     machine = Machine(memory_mib, cpus=options.cpus, console=console,
                       debug_exit_port=options.debug_exit_port, debug_exit_qemu=options.debug_exit_qemu,
-                      memory_regions=list(layout.memory_regions), emulator=emulator)  # fmt: skip
+                      memory_regions=list(layout.memory_regions), pvm_emulation=pvm)  # fmt: skip
     try:
         assert machine.memory is not None
         if kind == "multiboot":

@@ -26,6 +26,7 @@ from hypervisor.kvm.vcpu import TableRange
 from hypervisor.memory import GuestMemory
 from hypervisor.outcome import Outcome, OutcomeKind
 from hypervisor.vcpu.control import RunControl
+from hypervisor.vcpu.pvm import PvmEmulator
 from hypervisor.vcpu.runner import Emulator, VcpuRunner
 from hypervisor.vcpu.setup import apply_entry_state, configure_boot_msrs, configure_lapic
 from hypervisor.vcpu.stats import merge_statistics, vcpu_statistics
@@ -97,7 +98,7 @@ class Machine:
         debug_exit_qemu: bool = False,
         hugepages: bool = False,
         memory_regions: list[tuple[int, int]] | None = None,
-        emulator: Emulator | None = None,
+        pvm_emulation: bool = False,
     ) -> None:
         if memory_mib <= 0:
             raise ConfigError(f"guest memory must be at least 1 MiB, not {memory_mib} MiB")
@@ -106,7 +107,7 @@ class Machine:
         self.control = RunControl()
         self.observer = ConsoleObserver()
         self.console = console
-        self.emulator = emulator
+        self.emulator: Emulator | None = None
         self.memory_size = memory_mib * MiB
         self._closed = False
         self.kvm: Kvm | None = None
@@ -122,6 +123,9 @@ class Machine:
         try:
             self._create_vm(cpus)
             self._create_memory(memory_regions or [(0, self.memory_size)], hugepages)
+            if pvm_emulation:
+                assert self.memory is not None
+                self.emulator = PvmEmulator(self.memory)
             self._create_platform_devices(debug_exit_port, debug_exit_qemu)
             self._create_vcpus(cpus)
         except BaseException:
@@ -272,7 +276,8 @@ class Machine:
         """Starts the vCPU threads (and the console); `wait` collects the outcome."""
         self.install_range_tables()
         if self.console is not None:
-            self.console.start(self.serial.feed, lambda: self.request_stop(Outcome(OutcomeKind.QUIT, "quit from the console")))
+            quit_outcome = Outcome(OutcomeKind.QUIT, "quit from the console")
+            self.console.start(self.serial.feed, lambda: self.request_stop(quit_outcome))
         self._started_at = time.monotonic()
         self.observer.restart_clock()
         for vcpu in self.vcpus:

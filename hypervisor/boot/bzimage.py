@@ -37,8 +37,8 @@ PROTOCOL_RELOCATABLE = 0x0205  # relocatable_kernel, kernel_alignment
 PROTOCOL_CMDLINE_SIZE = 0x0206
 PROTOCOL_INIT_SIZE = 0x020A  # pref_address and init_size
 STARTUP_64_OFFSET = 0x200  # boot.rst "64-bit BOOT PROTOCOL": entry at load address + 0x200
-HEADER_READ_END = 0x26C
-MIN_HEADER_BYTES = 0x208  # up to and including the protocol version  # the header fields pyhv reads end here (protocol 2.15)
+HEADER_READ_END = 0x26C  # the header fields pyhv reads end here (protocol 2.15)
+MIN_HEADER_BYTES = 0x208  # up to and including the protocol version
 
 
 @dataclass(frozen=True)
@@ -130,11 +130,11 @@ def choose_load_address(kernel: BzImage, low_ram_end: int) -> int:
 def footprint_end(kernel: BzImage, load_address: int) -> int:
     """Where the memory the kernel may use to unpack and start ends (the initrd goes above).
 
-    A relocatable kernel loaded low still unpacks at its pref_address (LOAD_PHYSICAL_ADDR), so
-    its footprint reaches pref_address + init_size.
+    boot.rst: init_size counts from "the kernel runtime start address", which is pref_address
+    (LOAD_PHYSICAL_ADDR) whenever the kernel was loaded below it: a non-relocatable kernel always
+    runs there, and a relocatable one loaded at 1 MiB still unpacks itself there.
     """
-    run_address = max(load_address, kernel.pref_address if kernel.relocatable else load_address)
-    return run_address + kernel.init_size
+    return max(load_address, kernel.pref_address) + kernel.init_size
 
 
 def load_bzimage(memory: GuestMemory, kernel: BzImage, low_ram_end: int, name: str = "the kernel") -> int:

@@ -3,7 +3,7 @@
 Low memory follows Firecracker's arch/x86_64/layout.rs (a layout Linux is known to accept):
 
     0x0000_0400  BIOS data area (BDA); 0x40e holds the EBDA segment (for MP table scans)
-    0x0000_0500  boot GDT (5 descriptors), then a null IDT at 0x520
+    0x0000_0500  boot GDT (5 descriptors, 40 bytes); the boot IDT is empty (limit 0)
     0x0000_6000  PVH hvm_start_info or multiboot info, then its module list and memory map
     0x0000_7000  zero page (struct boot_params, 4 KiB)
     0x0000_8ff0  initial stack pointer (grows down, below the page tables)
@@ -31,7 +31,7 @@ GiB = 1024 * MiB
 # --- low-memory boot structures (Firecracker arch/x86_64/layout.rs) ---
 BDA_EBDA_SEGMENT = 0x40E  # BIOS data area word holding the EBDA segment (Intel MP spec §4)
 BOOT_GDT_START = 0x500
-BOOT_IDT_START = 0x520
+BOOT_GDT_END = 0x528  # cpu_state.GDT_ENTRY_COUNT descriptors of 8 bytes
 BOOT_INFO_START = 0x6000  # hvm_start_info (PVH) or multiboot_info, then their tables
 BOOT_INFO_END = 0x7000
 ZERO_PAGE_START = 0x7000

@@ -20,6 +20,7 @@ from typing import Literal
 from hypervisor.boot import layout
 from hypervisor.boot.bzimage import STARTUP_64_OFFSET, BzImage, footprint_end, load_bzimage, parse_bzimage
 from hypervisor.boot.cpu_state import (
+    GDT_ENTRY_COUNT,
     DescriptorTable,
     EntryState,
     long_mode_state,
@@ -56,8 +57,7 @@ LinuxEntry = Literal["auto", "linux-64", "pvh"]
 VMLINUX_PROTOCOL = 0x020F
 VMLINUX_CMDLINE_LIMIT = 2047
 VMLINUX_KERNEL_ALIGNMENT = 0x200000
-# The boot GDT and its null IDT, as laid out in layout.py.
-BOOT_GDT_SIZE = layout.BOOT_IDT_START - layout.BOOT_GDT_START
+BOOT_GDT_SIZE = GDT_ENTRY_COUNT * 8
 
 
 def with_mmio_devices(cmdline: str, devices: Sequence[MmioWindow]) -> str:

@@ -33,7 +33,7 @@ def to_json(value: Any) -> str:
 def snapshot_table(snapshots: list[dict[str, Any]]) -> str:
     """`qemu-img snapshot -l` / info's "Snapshot list:" block (block/qapi.c bdrv_snapshot_dump)."""
     lines = ["Snapshot list:",
-             f"{'ID':<9} {'TAG':<17} {'VM SIZE':>8} {'DATE':>20} {'VM CLOCK':>13} {'ICOUNT':>11}"]
+             f"{'ID':<10}{'TAG':<17}{'VM SIZE':>8}{'DATE':>20}{'VM CLOCK':>13}{'ICOUNT':>11}"]
     for snap in snapshots:
         date = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(snap["date-sec"]))
         total_ms = snap["vm-clock-sec"] * 1000 + snap["vm-clock-nsec"] // 1_000_000
@@ -42,8 +42,8 @@ def snapshot_table(snapshots: list[dict[str, Any]]) -> str:
         seconds, millis = divmod(rest, 1000)
         clock = f"{hours:02d}:{minutes:02d}:{seconds:02d}.{millis:03d}"
         icount = str(snap["icount"]) if "icount" in snap else ""
-        lines.append(f"{snap['id']:<9} {snap['name']:<17} {size_to_str(snap['vm-state-size']):>8} "
-                     f"{date:>20} {clock:>13} {icount:>11}")
+        lines.append(f"{snap['id']:<10}{snap['name']:<17}{size_to_str(snap['vm-state-size']):>8}"
+                     f"{date:>20}{clock:>13}{icount:>11}")
     return "\n".join(lines)
 
 

@@ -58,16 +58,23 @@ def _make_console(spec: str) -> object:
 
 
 @click.command()
-@click.option("--kernel", type=click.Path(path_type=Path), help="Linux bzImage or vmlinux (may be .xz), or a multiboot ELF. Default: the bundled guest.")
-@click.option("--initrd", type=click.Path(path_type=Path), help="initramfs (may be .xz). Default with the bundled kernel: its initramfs.")
+@click.option("--kernel", type=click.Path(path_type=Path),
+              help="Linux bzImage or vmlinux (may be .xz), or a multiboot ELF. Default: the bundled guest.")
+@click.option("--initrd", type=click.Path(path_type=Path),
+              help="initramfs (may be .xz). Default with the bundled kernel: its initramfs.")
 @click.option("--append", help="Extra kernel command-line words, after pyhv's defaults.")
-@click.option("--raw", "raw", metavar="FILE@ADDR", help="A flat binary loaded at ADDR and started in real mode (CS=0, IP=ADDR).")
-@click.option("--mem", "memory", metavar="SIZE", help="Guest RAM: 256M, 1G; a bare number is MiB. Default 256M for Linux, 16M for --raw.")
+@click.option("--raw", "raw", metavar="FILE@ADDR",
+              help="A flat binary loaded at ADDR and started in real mode (CS=0, IP=ADDR).")
+@click.option("--mem", "memory", metavar="SIZE",
+              help="Guest RAM: 256M, 1G; a bare number is MiB. Default 256M for Linux, 16M for --raw.")
 @click.option("--cpus", default=1, show_default=True, type=click.IntRange(1, 255), help="Number of vCPUs.")
-@click.option("--console", "console_spec", default="stdio", show_default=True, metavar="stdio|file:PATH|none", help="Where the guest's serial console goes.")
-@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), help="End the run after this many seconds (exit status 124).")
+@click.option("--console", "console_spec", default="stdio", show_default=True, metavar="stdio|file:PATH|none",
+              help="Where the guest's serial console goes.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True),
+              help="End the run after this many seconds (exit status 124).")
 @click.option("--report", type=click.Path(path_type=Path, dir_okay=False), help="Write a JSON summary of the run here.")
-@click.option("--disk", "disks", multiple=True, metavar="PATH[,format=raw|qcow2][,readonly=on][,serial=S]", help="A virtio-blk disk (repeatable: vda, vdb, ...).")
+@click.option("--disk", "disks", multiple=True, metavar="PATH[,format=raw|qcow2][,readonly=on][,serial=S]",
+              help="A virtio-blk disk (repeatable: vda, vdb, ...).")
 @click.option("--root", help="Boot with this disk as the root file system, e.g. /dev/vda.")
 @click.option("--debug-exit-port", default="0x501", show_default=True, help="Port of the debug-exit device.")
 @click.option("--debug-exit-qemu", is_flag=True, help="QEMU isa-debug-exit semantics: status = (value << 1) | 1.")

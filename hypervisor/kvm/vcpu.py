@@ -102,6 +102,10 @@ class Vcpu:
         fpu = ffi.new("struct kvm_fpu *", {"fcw": fcw, "mxcsr": mxcsr})
         ioctl(self.fd, "KVM_SET_FPU", fpu)
 
+    def set_fpu_state(self, fpu: Any) -> None:
+        """KVM_SET_FPU with a `struct kvm_fpu *` from get_fpu (changed by the caller)."""
+        ioctl(self.fd, "KVM_SET_FPU", fpu)
+
     def get_msrs(self, indices: Sequence[int]) -> dict[int, int]:
         msrs = ffi.new("struct kvm_msrs *", {"nmsrs": len(indices), "entries": len(indices)})
         for slot, index in enumerate(indices):

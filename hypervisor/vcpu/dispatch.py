@@ -14,6 +14,7 @@ from hypervisor.devices.bus import Device
 from hypervisor.kvm.exits import ExitReason, InternalErrorSubtype, SystemEventType, exit_reason_name
 from hypervisor.kvm.ffi import lib
 from hypervisor.outcome import Outcome, OutcomeKind
+from hypervisor.vcpu.emulate import failure_instruction_bytes
 
 log = logging.getLogger(__name__)
 
@@ -23,10 +24,6 @@ MMIO_READ = lib.PYHV_EXIT_MMIO_READ
 MMIO_WRITE = lib.PYHV_EXIT_MMIO_WRITE
 READ_KINDS = (PIO_IN, MMIO_READ)
 
-# api.rst, KVM_EXIT_INTERNAL_ERROR / emulation_failure: data[0] is flags, and with
-# KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES the next 16 bytes are insn_size followed
-# by up to 15 instruction bytes.
-FLAG_INSTRUCTION_BYTES = lib.KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES
 
 
 def dispatch_device_access(
@@ -78,15 +75,6 @@ class KvmExitInfo:
     debug: Mapping[str, int] = field(default_factory=dict)
 
 
-def instruction_bytes(data: tuple[int, ...]) -> bytes:
-    """The failing instruction from an emulation-failure exit's data words, or b''."""
-    if len(data) < 2 or not data[0] & FLAG_INSTRUCTION_BYTES:
-        return b""
-    raw = b"".join(word.to_bytes(8, "little") for word in data[1:3])
-    size = min(raw[0], 15)
-    return raw[1 : 1 + size]
-
-
 def classify_kvm_exit(info: KvmExitInfo) -> ExitAction:
     reason = info.reason
     if reason == ExitReason.HLT:
@@ -102,7 +90,7 @@ def classify_kvm_exit(info: KvmExitInfo) -> ExitAction:
         return ExitAction(stop=Outcome(OutcomeKind.POWER_OFF, "the guest powered off"))
     if reason == ExitReason.INTERNAL_ERROR:
         if info.suberror == InternalErrorSubtype.EMULATION:
-            insn = instruction_bytes(info.data)
+            insn = failure_instruction_bytes(len(info.data), info.data)
             if insn:
                 return ExitAction(emulate=EmulationRequest(insn))
             return ExitAction(

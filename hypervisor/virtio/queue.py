@@ -137,6 +137,10 @@ class Virtqueue:
     def _avail_idx(self) -> int:
         return _U16.unpack_from(self._avail, 2)[0]
 
+    def has_available(self) -> bool:
+        """Whether the driver published chains not taken yet (one read of avail.idx)."""
+        return self._avail_idx() != self.next_avail
+
     def iter_available(self) -> Iterator[DescriptorChain]:
         """Take every chain the driver has made available, reading avail.idx once.
 

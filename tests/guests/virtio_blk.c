@@ -8,19 +8,22 @@
  *              1 benchmark: `count` sequential 1 MiB reads (wrapping at the disk's end)
  *              2 benchmark: `count` random 4 KiB reads
  *              3 read-only test: RO is offered, a write fails with IOERR, a read works
+ *   port       requests kept in flight in modes 1 and 2 (1 to MAX_DEPTH; 0 means 1)
  *   count      number of requests in modes 1 and 2
  * The device is found by scanning the 4 KiB windows from VIRTIO_SCAN_BASE for the first
  * virtio-mmio version 2 block device. Failures exit with a code from enum failure below, so a
  * test names the step that went wrong.
  *
  * Memory (identity-mapped by the entry code): rings and request headers at 0x10000-0x13fff,
- * data buffer of 1 MiB at 0x100000, so the guest needs at least 2 MiB of RAM.
+ * data buffers of up to 1 MiB per request in flight from 0x100000, so the guest needs 2 MiB of
+ * RAM, and 1 + MAX_DEPTH MiB for the sequential benchmark at full depth.
  */
 #include <stdint.h>
 
 #define GUEST_BASE 0x1000
 #define PARAM_EXIT_CODE (GUEST_BASE + 2)
 #define PARAM_MODE (GUEST_BASE + 3)
+#define PARAM_PORT (GUEST_BASE + 4)
 #define PARAM_COUNT (GUEST_BASE + 8)
 #define DEBUG_EXIT_PORT 0x501
 
@@ -82,6 +85,7 @@
 #define DATA_BUFFER 0x100000UL
 #define BIG_READ (1024 * 1024)
 #define SMALL_READ 4096
+#define MAX_DEPTH 5 /* 3 descriptors each in a queue of 16 */
 #define PATTERN_SECTORS 8
 #define PATTERN_START 3
 
@@ -235,49 +239,70 @@ static uint64_t capacity_sectors(void)
 }
 
 /*
- * One request, synchronously: header, optional data, status byte as a three- (or two-)
- * descriptor chain (§5.2.6), published on the available ring (§2.7.13), notified, and the used
- * ring polled. Returns the status byte; *used_len gets the device's written length.
+ * Request slot k uses descriptors 3k..3k+2, its own header and status byte: header, optional
+ * data, status as one chain (§5.2.6), published on the available ring (§2.7.13). The caller
+ * notifies once for everything it published.
  */
-static uint8_t request(uint32_t type, uint64_t sector, uint64_t data, uint32_t length, uint32_t *used_len)
+static void submit(unsigned slot, uint32_t type, uint64_t sector, uint64_t data, uint32_t length)
 {
     volatile struct virtq_desc *desc = (volatile struct virtq_desc *)DESC_TABLE;
     volatile struct virtq_avail *avail = (volatile struct virtq_avail *)AVAIL_RING;
-    volatile struct virtq_used *used = (volatile struct virtq_used *)USED_RING;
-    volatile struct blk_header *header = (volatile struct blk_header *)REQUEST_HEADER;
-    volatile uint8_t *status = (volatile uint8_t *)REQUEST_STATUS;
+    volatile struct blk_header *header = (volatile struct blk_header *)(REQUEST_HEADER + 16 * slot);
+    uint64_t status = REQUEST_STATUS + slot;
+    uint16_t head = (uint16_t)(3 * slot);
+    uint16_t last = head + 1;
 
     header->type = type;
     header->reserved = 0;
     header->sector = sector;
-    *status = 0xff;
-    desc[0].addr = REQUEST_HEADER;
-    desc[0].len = sizeof(struct blk_header);
-    desc[0].flags = DESC_F_NEXT;
-    desc[0].next = 1;
-    uint16_t last = 1;
+    *(volatile uint8_t *)status = 0xff;
+    desc[head].addr = (uint64_t)header;
+    desc[head].len = sizeof(struct blk_header);
+    desc[head].flags = DESC_F_NEXT;
+    desc[head].next = head + 1;
     if (length) {
-        desc[1].addr = data;
-        desc[1].len = length;
-        desc[1].flags = DESC_F_NEXT | (type == T_OUT ? 0 : DESC_F_WRITE);
-        desc[1].next = 2;
-        last = 2;
+        desc[head + 1].addr = data;
+        desc[head + 1].len = length;
+        desc[head + 1].flags = DESC_F_NEXT | (type == T_OUT ? 0 : DESC_F_WRITE);
+        desc[head + 1].next = head + 2;
+        last = head + 2;
     }
-    desc[last].addr = REQUEST_STATUS;
+    desc[last].addr = status;
     desc[last].len = 1;
     desc[last].flags = DESC_F_WRITE;
     desc[last].next = 0;
-    avail->ring[avail_idx % QUEUE_SIZE] = 0;
+    avail->ring[avail_idx % QUEUE_SIZE] = head;
     barrier(); /* x86 keeps stores in order; the compiler must too (§2.7.13.3) */
     avail_idx++;
     avail->idx = avail_idx;
     barrier();
+}
+
+static void notify(void)
+{
     reg_write(REG_QUEUE_NOTIFY, 0);
+}
+
+/* Waits for the next used element; returns its slot and sets *status and *used_len. */
+static unsigned reap(uint8_t *status, uint32_t *used_len)
+{
+    volatile struct virtq_used *used = (volatile struct virtq_used *)USED_RING;
     while (used->idx == used_seen)
         barrier();
+    unsigned slot = used->ring[used_seen % QUEUE_SIZE].id / 3;
     *used_len = used->ring[used_seen % QUEUE_SIZE].len;
     used_seen++;
-    return *status;
+    *status = *(volatile uint8_t *)(REQUEST_STATUS + slot);
+    return slot;
+}
+
+static uint8_t request(uint32_t type, uint64_t sector, uint64_t data, uint32_t length, uint32_t *used_len)
+{
+    uint8_t status;
+    submit(0, type, sector, data, length);
+    notify();
+    reap(&status, used_len);
+    return status;
 }
 
 static uint8_t pattern_byte(uint64_t i)
@@ -324,30 +349,49 @@ static uint8_t read_only_test(uint64_t offered)
     return 0;
 }
 
-static uint8_t benchmark(int sequential, uint64_t count)
+static uint64_t next_slot_sector(int sequential, uint64_t i, uint64_t slots, uint64_t sectors, uint64_t *random)
+{
+    if (sequential)
+        return (i % slots) * sectors;
+    /* xorshift64 (Marsaglia 2003): cheap, and enough to defeat read-ahead */
+    *random ^= *random << 13;
+    *random ^= *random >> 7;
+    *random ^= *random << 17;
+    return (*random % slots) * sectors;
+}
+
+/* `count` reads of 1 MiB (sequential) or 4 KiB (random), `depth` of them in flight. */
+static uint8_t benchmark(int sequential, uint64_t count, unsigned depth)
 {
     uint32_t size = sequential ? BIG_READ : SMALL_READ;
     uint64_t sectors = size / SECTOR;
-    uint64_t capacity = capacity_sectors();
-    uint64_t slots = capacity / sectors;
+    uint64_t slots = capacity_sectors() / sectors;
     uint64_t random = 0x9e3779b97f4a7c15ULL;
+    uint64_t issued = 0, done = 0;
     uint32_t used_len;
+    uint8_t status;
 
     if (slots == 0)
         return FAIL_SMALL_DISK;
-    for (uint64_t i = 0; i < count; i++) {
-        uint64_t slot;
-        if (sequential) {
-            slot = i % slots;
-        } else {
-            /* xorshift64 (Marsaglia 2003): cheap, good enough to defeat read-ahead */
-            random ^= random << 13;
-            random ^= random >> 7;
-            random ^= random << 17;
-            slot = random % slots;
-        }
-        if (request(T_IN, slot * sectors, DATA_BUFFER, size, &used_len) != S_OK)
+    if (depth == 0)
+        depth = 1;
+    if (depth > MAX_DEPTH)
+        depth = MAX_DEPTH;
+    for (unsigned slot = 0; slot < depth && issued < count; slot++, issued++)
+        submit(slot, T_IN, next_slot_sector(sequential, issued, slots, sectors, &random),
+               DATA_BUFFER + (uint64_t)slot * size, size);
+    notify();
+    while (done < count) {
+        unsigned slot = reap(&status, &used_len);
+        done++;
+        if (status != S_OK || used_len != size + 1)
             return FAIL_BENCH_READ;
+        if (issued < count) {
+            submit(slot, T_IN, next_slot_sector(sequential, issued, slots, sectors, &random),
+                   DATA_BUFFER + (uint64_t)slot * size, size);
+            issued++;
+            notify();
+        }
     }
     return 0;
 }
@@ -370,7 +414,7 @@ __attribute__((section(".text"))) int main(void)
         break;
     case 1:
     case 2:
-        failure = benchmark(mode == 1, count);
+        failure = benchmark(mode == 1, count, *(volatile uint16_t *)PARAM_PORT);
         break;
     case 3:
         failure = read_only_test(offered);

@@ -11,7 +11,7 @@ import pytest
 
 from hypervisor.console import MemoryConsole
 from hypervisor.machine import Machine
-from hypervisor.outcome import OutcomeKind
+from hypervisor.outcome import Outcome, OutcomeKind
 from tests.guests.build import (
     GUEST_BASE,
     MODE_MMIO_COUNT,
@@ -115,8 +115,6 @@ def test_kick_stops_a_spinning_guest_quickly(guest_binary) -> None:
         time.sleep(0.3)  # let it reach its loop
         assert not machine.control.finished.is_set()
         kicked_at = time.monotonic()
-        from hypervisor.outcome import Outcome
-
         machine.request_stop(Outcome(OutcomeKind.INTERRUPTED, "test kick"))
         machine._threads[0].join(5)
         stopped_after = time.monotonic() - kicked_at
@@ -187,7 +185,7 @@ def test_pause_and_resume(guest_binary) -> None:
         time.sleep(0.1)
         assert machine.control.paused and not machine.control.finished.is_set()
         machine.control.resume()
-        timer = threading.Timer(0.2, machine.request_stop, args=(__import__("hypervisor.outcome").outcome.Outcome(OutcomeKind.INTERRUPTED),))
+        timer = threading.Timer(0.2, machine.request_stop, args=(Outcome(OutcomeKind.INTERRUPTED),))
         timer.start()
         result = machine.wait(10)
     assert result.outcome.kind is OutcomeKind.INTERRUPTED

@@ -57,9 +57,15 @@ def test_virtio_mmio_windows_are_in_the_hole_and_distinct():
         virtio_mmio_window(layout.MAX_VIRTIO_MMIO_DEVICES)
 
 
+def test_gdt_fits_its_slot():
+    from hypervisor.boot.cpu_state import GDT_ENTRY_COUNT
+
+    assert layout.BOOT_GDT_START + GDT_ENTRY_COUNT * 8 == layout.BOOT_GDT_END
+
+
 def test_low_memory_structures_do_not_overlap():
     ranges = sorted([
-        (layout.BOOT_GDT_START, layout.BOOT_IDT_START + 8),
+        (layout.BOOT_GDT_START, layout.BOOT_GDT_END),
         (layout.BOOT_INFO_START, layout.BOOT_INFO_END),
         (layout.ZERO_PAGE_START, layout.ZERO_PAGE_START + layout.ZERO_PAGE_SIZE),
         (layout.PML4_START, layout.PAGE_TABLES_END),

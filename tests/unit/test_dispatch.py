@@ -6,13 +6,13 @@ from hypervisor.kvm.exits import ExitReason, InternalErrorSubtype, SystemEventTy
 from hypervisor.kvm.ffi import lib
 from hypervisor.outcome import OutcomeKind
 from hypervisor.vcpu.dispatch import (
-    FLAG_INSTRUCTION_BYTES,
     KvmExitInfo,
     classify_kvm_exit,
     dispatch_device_access,
-    instruction_bytes,
 )
 from tests.unit.test_bus import Recorder
+
+FLAG_INSTRUCTION_BYTES = lib.KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES
 
 
 def test_port_write_reaches_the_device() -> None:
@@ -49,7 +49,10 @@ def test_string_io_is_split_into_elements() -> None:
         (KvmExitInfo(ExitReason.SYSTEM_EVENT, system_event=SystemEventType.CRASH), OutcomeKind.PANIC),
         (KvmExitInfo(ExitReason.FAIL_ENTRY, hardware_reason=0x21), OutcomeKind.INTERNAL_ERROR),
         (KvmExitInfo(ExitReason.INTERNAL_ERROR, suberror=InternalErrorSubtype.DELIVERY_EV), OutcomeKind.INTERNAL_ERROR),
-        (KvmExitInfo(ExitReason.INTERNAL_ERROR, suberror=InternalErrorSubtype.EMULATION), OutcomeKind.EMULATION_FAILURE),
+        (
+            KvmExitInfo(ExitReason.INTERNAL_ERROR, suberror=InternalErrorSubtype.EMULATION),
+            OutcomeKind.EMULATION_FAILURE,
+        ),
         (KvmExitInfo(ExitReason.TPR_ACCESS), OutcomeKind.INTERNAL_ERROR),
         (KvmExitInfo(63), OutcomeKind.INTERNAL_ERROR),
     ],
@@ -74,11 +77,10 @@ def test_emulation_failure_with_bytes_asks_for_emulation() -> None:
     assert action.emulate is not None and action.emulate.instruction == b"\x0f\x01\xca"
 
 
-def test_instruction_bytes_without_the_flag_or_data() -> None:
-    assert instruction_bytes(()) == b""
-    assert instruction_bytes((0, 0xFFFF, 0)) == b""
-    oversize = (FLAG_INSTRUCTION_BYTES, 0xFF, 0)  # an insn_size beyond 15 is clamped
-    assert len(instruction_bytes(oversize)) <= 15
+def test_emulation_failure_without_bytes_ends_the_run() -> None:
+    info = KvmExitInfo(ExitReason.INTERNAL_ERROR, suberror=InternalErrorSubtype.EMULATION, data=(0, 0, 0))
+    action = classify_kvm_exit(info)
+    assert action.stop is not None and action.stop.kind is OutcomeKind.EMULATION_FAILURE
 
 
 def test_debug_exits_carry_their_registers() -> None:

@@ -51,5 +51,5 @@ def test_permission_error_is_explained(monkeypatch) -> None:
         raise PermissionError(errno.EACCES, "Permission denied")
 
     monkeypatch.setattr(os, "open", refuse)
-    with pytest.raises(KvmUnavailableError, match="permission denied opening /dev/kvm: add your user to the 'kvm' group"):
+    with pytest.raises(KvmUnavailableError, match="permission denied opening /dev/kvm: add your user to the 'kvm'"):
         Kvm()

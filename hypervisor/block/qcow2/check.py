@@ -181,7 +181,8 @@ def rebuild_refcounts(image: ImageFile | Any, messages: list[str] | None = None)
     log_lines: list[str] = messages if messages is not None else []
     image_file = image if isinstance(image, ImageFile) else read_image_file(image.fd, image.path)
     counter = ReferenceCounter(image_file, log_lines)
-    counter.count_everything()
+    # The old table and blocks are not counted: once the header points at the new ones they are free.
+    counter.count_everything(include_refcount_structure=False)
     log_lines.append("Rebuilding refcount structure")
     table_offset, table_clusters = write_refcount_structure(image_file, counter)
     os.pwrite(image_file.fd, struct.pack(">QI", table_offset, table_clusters),

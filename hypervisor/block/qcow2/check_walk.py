@@ -146,13 +146,15 @@ class ReferenceCounter:
             return False
         return True
 
-    def count_everything(self) -> None:
+    def count_everything(self, include_refcount_structure: bool = True) -> None:
+        """Count every reference; without the refcount table and blocks when rebuilding them."""
         header = self.image.header
         cs = self.image.cluster_size
         self.stats.total_clusters = -(-header.size // cs)
         self.add_range(0, cs)  # the header cluster
         self._count_l1(header.l1_table_offset, header.l1_size, active=True)
-        self._count_refcount_structure()
+        if include_refcount_structure:
+            self._count_refcount_structure()
         self._count_snapshots()
         self._count_bitmaps()
 

@@ -31,6 +31,7 @@ MIN_CLUSTER_BITS = 9
 MAX_CLUSTER_BITS = 21
 # qcow2.rst: extended L2 subclusters need 32 subclusters of at least 512 bytes (QEMU: 16 KiB).
 MIN_EXTENDED_L2_CLUSTER_SIZE = 16384
+SUBCLUSTERS_PER_CLUSTER = 32
 # qcow2.rst "Header": backing_file_size "Must not be longer than 1023 bytes".
 MAX_BACKING_NAME_LENGTH = 1023
 
@@ -355,7 +356,14 @@ def _write_preallocated_tables(fd: int, options: Qcow2CreateOptions, layout: _La
         remaining -= count
         cluster += 1 + count
     os.pwrite(fd, bytes(l1), l1_offset)
-    return cluster * cs
+    end = cluster * cs
+    tail = options.rounded_size % cs
+    if options.extended_l2 and tail:
+        # QEMU ends the file at the subcluster holding the last virtual byte (qcow2.rst
+        # "Extended L2 Entries": 32 subclusters per cluster).
+        subcluster = cs // SUBCLUSTERS_PER_CLUSTER
+        end -= cs - (tail + subcluster - 1) // subcluster * subcluster
+    return end
 
 
 def create_raw(path: str, size: int) -> None:

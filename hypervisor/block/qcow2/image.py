@@ -79,6 +79,7 @@ class Qcow2Image(ReadMixin, WriteMixin, OpsMixin):
         self._data: HostFile | None = None
         self._prepared_for_write = False
         self._decompressed: tuple[int, bytes] | None = None
+        self._compressed_cursor = 0
 
         self._header = self._read_header()
         hdr = self._header
@@ -368,6 +369,7 @@ class Qcow2Image(ReadMixin, WriteMixin, OpsMixin):
 
     def _flush_metadata(self) -> None:
         refs, hf = self._refs, self._hf
+        self._compressed_cursor = 0  # its cluster could be freed and reused after this flush
         wrote_refs = refs.dirty
         refs.write_back()  # syncs: refcounts and all data written so far are durable
         if self._l2.dirty or self._l1_dirty:
