@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from hypervisor.boot.cpu_state import EntryState, real_mode_state
+from hypervisor.boot.layout import MmioWindow
 from hypervisor.debug.console_observer import ConsoleObserver
 from hypervisor.devices.bus import Bus, Device
 from hypervisor.devices.debug_exit import DEBUG_EXIT_PORT_SIZE, DEFAULT_DEBUG_EXIT_PORT, DebugExit
@@ -209,6 +210,12 @@ class Machine:
 
         entry = self.pio_bus.insert(_Sink(), base, size, f"sink {base:#x}")
         self._sinks.append(TableRange(base, size, entry.device_id, sink=True, fill=fill))
+
+    def attach_disks(self, disks: list[object]) -> list[MmioWindow]:
+        """virtio-blk disks in their virtio-mmio windows; the windows go on the kernel command line."""
+        if disks:
+            raise ConfigError("virtio disks are not wired yet")  # TEMPORARY
+        return []
 
     # -- loading a guest ------------------------------------------------------------------------
 

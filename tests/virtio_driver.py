@@ -60,9 +60,7 @@ class DriverQueue:
         self.last_used = 0
         self._next_descriptor = 0
 
-    def write_descriptor(
-        self, index: int, address: int, length: int, flags: int, next_index: int = 0
-    ) -> None:
+    def write_descriptor(self, index: int, address: int, length: int, flags: int, next_index: int = 0) -> None:
         self.memory.write(self.desc + 16 * index, DESCRIPTOR.pack(address, length, flags, next_index))
 
     def _take_descriptor(self) -> int:
@@ -76,9 +74,7 @@ class DriverQueue:
         for position, (index, buffer) in enumerate(zip(indices, buffers, strict=True)):
             last = position == len(buffers) - 1
             flags = (0 if last else spec.DESC_F_NEXT) | (spec.DESC_F_WRITE if buffer.writable else 0)
-            self.write_descriptor(
-                index, buffer.address, buffer.length, flags, 0 if last else indices[position + 1]
-            )
+            self.write_descriptor(index, buffer.address, buffer.length, flags, 0 if last else indices[position + 1])
         return indices[0]
 
     def add_indirect_chain(self, buffers: list[Buffer], allocator: Allocator) -> int:
@@ -232,11 +228,7 @@ class BlockDriver:
         status = self.allocator.take(1, 1)
         self.memory.write(status, b"\xff")
         buffers.append(Buffer(status, 1, True))
-        head = (
-            self.queue.add_indirect_chain(buffers, self.allocator)
-            if indirect
-            else self.queue.add_chain(buffers)
-        )
+        head = self.queue.add_indirect_chain(buffers, self.allocator) if indirect else self.queue.add_chain(buffers)
         self.queue.publish(head)
         return PendingRequest(head, data, in_length, status)
 

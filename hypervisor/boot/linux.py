@@ -15,10 +15,18 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 from hypervisor.boot import layout
-from hypervisor.boot.bzimage import STARTUP_64_OFFSET, BzImage, footprint_end, load_bzimage, parse_bzimage
+from hypervisor.boot.bzimage import (
+    PROTOCOL_CMDLINE_SIZE,
+    STARTUP_64_OFFSET,
+    BzImage,
+    footprint_end,
+    load_bzimage,
+    parse_bzimage,
+)
 from hypervisor.boot.cpu_state import (
     GDT_ENTRY_COUNT,
     DescriptorTable,
@@ -29,9 +37,10 @@ from hypervisor.boot.cpu_state import (
 )
 from hypervisor.boot.elf import EM_X86_64, ElfImage, load_segments, parse_elf
 from hypervisor.boot.image_format import decompress_if_xz, detect_kernel_format
-from hypervisor.boot.layout import GuestLayout, MmioWindow
+from hypervisor.boot.layout import HIMEM_START, GuestLayout, MmioWindow
 from hypervisor.boot.mptable import write_mptable
 from hypervisor.boot.page_tables import identity_page_tables_size, setup_identity_page_tables
+from hypervisor.boot.payload import PAYLOAD_PROTOCOL, unpack_payload
 from hypervisor.boot.placement import BootImage, MemoryPlan, place_initrd, write_cmdline
 from hypervisor.boot.pvh import pvh_entry_point, write_start_info
 from hypervisor.boot.zero_page import (
@@ -41,6 +50,7 @@ from hypervisor.boot.zero_page import (
     HEAP_END_PTR,
     LOADFLAG_CAN_USE_HEAP,
     LOADFLAG_LOADED_HIGH,
+    OLD_CMDLINE_MAX,
     TYPE_OF_LOADER_UNDEFINED,
     ZeroPage,
 )
@@ -106,48 +116,107 @@ def _bzimage_zero_page(kernel: BzImage, load_address: int) -> ZeroPage:
     return page
 
 
+@dataclass
+class _LoadedKernel:
+    """What loading the kernel proper decided, for the common steps that follow."""
+
+    rip: int
+    protocol: str  # "linux-64", "linux-32" or "pvh"
+    kernel_end: int  # the initrd goes above this
+    page: ZeroPage
+    cmdline_limit: int
+    initrd_max: int
+
+
+def _load_elf(memory: GuestMemory, plan: MemoryPlan, kernel: bytes, entry: LinuxEntry, name: str,
+              page: ZeroPage | None = None) -> _LoadedKernel:
+    """A vmlinux; `page` is the zero page to use (a bzImage's header when it came from one)."""
+    image = parse_elf(kernel, name)
+    if image.machine != EM_X86_64:
+        raise BootError(f"{name} is not an x86-64 ELF kernel")
+    rip, protocol = _elf_entry(image, entry, name)
+    for index, segment in enumerate(image.loads):
+        plan.place(f"kernel segment {index}", segment.paddr, segment.memory_size)
+    _, kernel_end = load_segments(memory, image, name)
+    if page is None:
+        page = _vmlinux_zero_page(VMLINUX_CMDLINE_LIMIT)
+        return _LoadedKernel(rip, protocol, kernel_end, page, VMLINUX_CMDLINE_LIMIT, DEFAULT_INITRD_ADDR_MAX)
+    return _LoadedKernel(rip, protocol, kernel_end, page, _cmdline_limit(page), page.get("initrd_addr_max"))
+
+
+def _cmdline_limit(page: ZeroPage) -> int:
+    return page.get("cmdline_size") if page.get("version") >= PROTOCOL_CMDLINE_SIZE else OLD_CMDLINE_MAX
+
+
+def _bzimage_payload(bz: BzImage, limit: int, name: str) -> bytes | None:
+    """The bzImage's vmlinux unpacked on the host, or None when the guest must unpack it."""
+    if bz.protocol < PAYLOAD_PROTOCOL or not bz.has_64bit_entry:
+        return None
+    offset, length = bz.header.get("payload_offset"), bz.header.get("payload_length")
+    if not length or offset + length > len(bz.kernel):
+        return None
+    unpacked = unpack_payload(bytes(bz.kernel[offset : offset + length]), limit)
+    if unpacked is None:
+        return None
+    codec, vmlinux = unpacked
+    try:
+        if detect_kernel_format(vmlinux) != "elf64":
+            return None
+    except BootError:
+        log.warning("%s: the %s payload is not an x86-64 ELF; the guest will unpack it", name, codec)
+        return None
+    log.info("%s: unpacked its %s payload on the host (%d bytes)", name, codec, len(vmlinux))
+    return vmlinux
+
+
+def _load_bzimage(memory: GuestMemory, plan: MemoryPlan, kernel: bytes, low_end: int, unpack: bool,
+                  name: str) -> _LoadedKernel:
+    bz = parse_bzimage(kernel, name)
+    vmlinux = _bzimage_payload(bz, memory.size, name) if unpack else None
+    if vmlinux is not None:
+        # What the bzImage's own decompressor would do: the vmlinux at its physical addresses,
+        # entered at startup_64 with the zero page the bootloader filled from the setup header.
+        return _load_elf(memory, plan, vmlinux, "linux-64", name, _bzimage_zero_page(bz, HIMEM_START))
+    load_address = load_bzimage(memory, bz, low_end, name)
+    kernel_end = footprint_end(bz, load_address)
+    plan.place("kernel", load_address, kernel_end - load_address)
+    page = _bzimage_zero_page(bz, load_address)
+    if bz.has_64bit_entry:
+        return _LoadedKernel(load_address + STARTUP_64_OFFSET, "linux-64", kernel_end, page, bz.cmdline_limit,
+                             bz.initrd_addr_max)
+    return _LoadedKernel(load_address, "linux-32", kernel_end, page, bz.cmdline_limit, bz.initrd_addr_max)
+
+
 def prepare_linux(memory: GuestMemory, guest: GuestLayout, kernel: bytes, cmdline: str,
                   initrd: bytes | None = None, cpus: int = 1, mmio_devices: Sequence[MmioWindow] = (),
-                  entry: LinuxEntry = "auto", name: str = "the kernel") -> BootImage:
+                  entry: LinuxEntry = "auto", name: str = "the kernel",
+                  unpack_bzimage: bool = True) -> BootImage:
     """Load a Linux bzImage or ELF vmlinux (either may be xz-compressed) and everything it needs.
 
     `memory` must have been built from `guest.memory_regions`. `entry` picks the ELF entry:
     "auto" and "linux-64" use the 64-bit boot protocol with a zero page; "pvh" the PVH entry.
-    Raises BootError (one line) for anything that cannot boot.
+    `unpack_bzimage`: decompress a 64-bit bzImage's payload on the host (gzip, bzip2, lzma, xz,
+    lz4) and enter the vmlinux directly, as its decompressor would; False boots the bzImage
+    itself. Raises BootError (one line) for anything that cannot boot.
     """
     kernel = decompress_if_xz(kernel, memory.size, "kernel")
     kind = detect_kernel_format(kernel, name)
     if kind == "multiboot":
         raise BootError(f"{name} is a multiboot kernel, not Linux; load it with prepare_multiboot")
+    if kind == "bzimage" and entry == "pvh":
+        raise BootError(f"{name} is a bzImage; the PVH entry needs an ELF vmlinux with a PVH note")
     if initrd is not None:
         initrd = decompress_if_xz(initrd, memory.size, "initrd")
     full_cmdline = with_mmio_devices(cmdline, mmio_devices)
     low_end = guest.low_ram_end
     plan = MemoryPlan()
-
     if kind == "bzimage":
-        if entry == "pvh":
-            raise BootError(f"{name} is a bzImage; the PVH entry needs an ELF vmlinux with a PVH note")
-        bz = parse_bzimage(kernel, name)
-        load_address = load_bzimage(memory, bz, low_end, name)
-        kernel_end = footprint_end(bz, load_address)
-        plan.place("kernel", load_address, kernel_end - load_address)
-        page = _bzimage_zero_page(bz, load_address)
-        cmdline_limit, initrd_max = bz.cmdline_limit, bz.initrd_addr_max
-        long_mode = bz.has_64bit_entry
-        protocol = "linux-64" if long_mode else "linux-32"
-        rip = load_address + STARTUP_64_OFFSET if long_mode else load_address
+        loaded = _load_bzimage(memory, plan, kernel, low_end, unpack_bzimage, name)
     else:
-        image = parse_elf(kernel, name)
-        if image.machine != EM_X86_64:
-            raise BootError(f"{name} is not an x86-64 ELF kernel")
-        rip, protocol = _elf_entry(image, entry, name)
-        for index, segment in enumerate(image.loads):
-            plan.place(f"kernel segment {index}", segment.paddr, segment.memory_size)
-        _, kernel_end = load_segments(memory, image, name)
-        page = _vmlinux_zero_page(VMLINUX_CMDLINE_LIMIT)
-        cmdline_limit, initrd_max = VMLINUX_CMDLINE_LIMIT, DEFAULT_INITRD_ADDR_MAX
-        long_mode = protocol == "linux-64"
+        loaded = _load_elf(memory, plan, kernel, entry, name)
+    rip, protocol, kernel_end, page = loaded.rip, loaded.protocol, loaded.kernel_end, loaded.page
+    cmdline_limit, initrd_max = loaded.cmdline_limit, loaded.initrd_max
+    long_mode = protocol == "linux-64"
 
     cmdline_limit = min(cmdline_limit, layout.CMDLINE_MAX_SIZE - 1)
     cmdline_gpa = write_cmdline(memory, plan, layout.CMDLINE_START, full_cmdline, cmdline_limit)

@@ -227,7 +227,13 @@ def convert_command(source_format: str | None, target_format: str, compress: boo
 def map_command(image_format: str | None, output: str, filename: str) -> None:
     """Show which ranges of the disk are allocated, zero, or stored where."""
     entries = image_ops.map_entries(filename, image_format)
-    click.echo(image_output.map_json(entries) if output == "json" else image_output.map_human(entries))
+    if output == "json":
+        click.echo(image_output.map_json(entries))
+        return
+    text, complete = image_output.map_human(entries)
+    click.echo(text)
+    if not complete:
+        fail("File contains external, encrypted or compressed clusters (use --output=json)", 1)
 
 
 @command(name="compare")

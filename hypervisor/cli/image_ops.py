@@ -179,21 +179,66 @@ def backing_chain_info(path: str, image_format: str | None = None) -> list[dict[
     return chain
 
 
-def _chain_names(path: str, image: Any) -> list[str]:
-    """File name of each layer of an open chain, as qemu-img map prints them."""
-    names = [path]
+def _chain_files(path: str, image: Any, holes_visible: list[bool]) -> list[str]:
+    """Per layer of an open chain, the file holding its data (the external data file if it has
+    one), named as qemu-img map prints it. `holes_visible` gets, per layer, whether QEMU would
+    report holes of that file as zeros (not for external data files)."""
+    layers = [path]
+    files = []
     layer = image
-    while getattr(layer, "backing", None) is not None and getattr(layer, "backing_filename", None):
-        names.append(full_backing_filename(names[-1], layer.backing_filename))
+    while True:
+        data_file = getattr(layer, "data_file_name", None)
+        files.append(full_backing_filename(layers[-1], data_file) if data_file else layers[-1])
+        holes_visible.append(not data_file)
+        if getattr(layer, "backing", None) is None or not getattr(layer, "backing_filename", None):
+            break
+        layers.append(full_backing_filename(layers[-1], layer.backing_filename))
         layer = layer.backing
-    return names
+    return files
+
+
+def _split_by_holes(entry: dict[str, Any]) -> list[dict[str, Any]]:
+    """Like QEMU's block status, report stored ranges that are holes in the host file as zero."""
+    try:
+        fd = os.open(entry["filename"], os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return [entry]
+    pieces = []
+    try:
+        position, end = entry["offset"], entry["offset"] + entry["length"]
+        while position < end:
+            try:
+                data_start = os.lseek(fd, position, os.SEEK_DATA)
+            except OSError:  # ENXIO: only a hole is left (or the file system cannot tell)
+                data_start = end
+            data_start = min(data_start, end)
+            if data_start > position:
+                pieces.append((position, data_start - position, True))
+            if data_start >= end:
+                break
+            hole_start = min(os.lseek(fd, data_start, os.SEEK_HOLE), end)
+            pieces.append((data_start, hole_start - data_start, False))
+            position = hole_start
+    except OSError:
+        return [entry]
+    finally:
+        os.close(fd)
+    result = []
+    for host_offset, length, is_hole in pieces:
+        piece = dict(entry)
+        piece.update(start=entry["start"] + host_offset - entry["offset"], length=length,
+                     zero=is_hole, offset=host_offset)
+        piece["offset"] = piece.pop("offset")  # keep qemu-img's key order: offset last
+        result.append(piece)
+    return result or [entry]
 
 
 def map_entries(path: str, image_format: str | None = None) -> list[dict[str, Any]]:
     """qemu-img map's entries: start, length, depth, present, zero, data, compressed, offset."""
     entries: list[dict[str, Any]] = []
     with opened(path, image_format) as image:
-        names = _chain_names(path, image)
+        holes_visible: list[bool] = []
+        files = _chain_files(path, image, holes_visible)
         if hasattr(image, "map_extents"):
             extents = [(e.start, e.length, e.depth, e.present, e.zero, e.data, e.compressed, e.host_offset)
                        for e in image.map_extents()]
@@ -202,13 +247,17 @@ def map_entries(path: str, image_format: str | None = None) -> list[dict[str, An
         for start, length, depth, present, zero, data, compressed, host_offset in extents:
             entry: dict[str, Any] = {"start": start, "length": length, "depth": depth, "present": present,
                                      "zero": zero, "data": data, "compressed": compressed}
+            entry["filename"] = files[depth] if depth < len(files) else path
+            pieces = [entry]
             if data and host_offset is not None and not compressed:
                 entry["offset"] = host_offset
-            entry["filename"] = names[depth] if depth < len(names) else path
-            if entries and _continues(entries[-1], entry):
-                entries[-1]["length"] += length
-            else:
-                entries.append(entry)
+                if depth < len(holes_visible) and holes_visible[depth]:
+                    pieces = _split_by_holes(entry)
+            for piece in pieces:
+                if entries and _continues(entries[-1], piece):
+                    entries[-1]["length"] += piece["length"]
+                else:
+                    entries.append(piece)
     return entries
 
 

@@ -115,7 +115,7 @@ def human_check(result: CheckResult) -> str:
                     "This means waste of disk space, but no harm to data."]
         if result.check_errors:
             out += ["", f"{result.check_errors} internal errors have occurred during the check."]
-    if result.total_clusters:
+    if result.total_clusters and result.allocated_clusters:
         allocated = result.allocated_clusters
         out.append(
             f"{allocated}/{result.total_clusters} = "
@@ -138,14 +138,17 @@ def map_json(entries: list[dict[str, Any]]) -> str:
     return f"[{body}]"
 
 
-def map_human(entries: list[dict[str, Any]]) -> str:
-    """qemu-img map: only ranges whose data is stored uncompressed at a known host offset."""
+def map_human(entries: list[dict[str, Any]]) -> tuple[str, bool]:
+    """qemu-img map's table of stored, non-zero ranges. Like qemu-img, it stops at the first
+    range it cannot show (compressed data has no host offset): (text, complete)."""
     lines = [f"{'Offset':<16}{'Length':<16}{'Mapped to':<16}File"]
     for entry in entries:
-        if entry["data"] and "offset" in entry:
+        if entry["data"] and "offset" not in entry:
+            return "\n".join(lines), False
+        if entry["data"] and not entry["zero"]:
             lines.append(f"{_hex(entry['start']):<16}{_hex(entry['length']):<16}"
                          f"{_hex(entry['offset']):<16}{entry['filename']}")
-    return "\n".join(lines)
+    return "\n".join(lines), True
 
 
 def _hex(value: int) -> str:

@@ -138,6 +138,10 @@ def _run(options: dict[str, object]) -> int:
     except OSError as error:
         click.echo(f"pyhv: error: {error}", err=True)
         return 1
+    except Exception as error:  # a bug of ours: one line for the user, the traceback with -vv
+        log.debug("unexpected error", exc_info=True)
+        click.echo(f"pyhv: internal error: {error!r} (run with -vv for the traceback)", err=True)
+        return 1
     click.echo(f"\npyhv: {result.outcome.describe()} (exit status {result.exit_status})", err=True)
     return result.exit_status
 

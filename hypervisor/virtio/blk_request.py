@@ -137,9 +137,7 @@ class RequestExecutor:
                     str(error),  # not the exception: its traceback would pin guest memory views
                 )
             else:
-                log.debug(
-                    "%s: %s at sector %d failed: %s", self.name, request.name, request.sector, str(error)
-                )
+                log.debug("%s: %s at sector %d failed: %s", self.name, request.name, request.sector, str(error))
         request.status[0] = status
         return written + 1
 
@@ -168,9 +166,7 @@ class RequestExecutor:
             # §5.2.6.1: "The length of data MUST be a multiple of 512 bytes" for IN and OUT.
             raise RequestFailed(S_IOERR, f"payload of {length} bytes is not a multiple of {SECTOR_SIZE}")
         if sector + length // SECTOR_SIZE > self.limits.capacity_sectors:
-            raise RequestFailed(
-                S_IOERR, f"{length} bytes past the capacity of {self.limits.capacity_sectors} sectors"
-            )
+            raise RequestFailed(S_IOERR, f"{length} bytes past the capacity of {self.limits.capacity_sectors} sectors")
         return sector * SECTOR_SIZE
 
     def _read(self, request: BlockRequest) -> int:

@@ -293,9 +293,7 @@ class MmioTransport:
         if added & spec.STATUS_DRIVER_OK and new & spec.STATUS_FEATURES_OK:
             new |= spec.STATUS_DRIVER_OK
         if new != old | added:
-            log.debug(
-                "%s: status %s refused, now %s", self.name, spec.status_text(value), spec.status_text(new)
-            )
+            log.debug("%s: status %s refused, now %s", self.name, spec.status_text(value), spec.status_text(new))
         self.status = new
         if new & spec.STATUS_DRIVER_OK and not old & spec.STATUS_DRIVER_OK:
             log.info("%s: driver ready, features %#x", self.name, self.driver_features)

@@ -53,29 +53,52 @@ def used_ring_size(queue_size: int) -> int:
     return 6 + USED_ELEMENT_SIZE * queue_size
 
 
-def guest_buffer(memory: GuestMemory, address: int, length: int) -> list[memoryview]:
-    """Views of guest RAM [address, address+length), split where memory regions meet.
-
-    Raises VirtqueueError when any byte of the range is not RAM or the range wraps past 2^64.
+class GuestRam:
+    """Guest RAM as (start, end, view) triples, made once per queue so that turning a descriptor
+    into memoryviews costs a comparison and a slice, not a region search and a new mapping view.
     """
-    if length == 0:
-        return []
-    if address + length > _U64_LIMIT:
-        raise VirtqueueError(f"buffer {address:#x}+{length:#x} wraps past the end of the address space")
-    views: list[memoryview] = []
-    position, remaining = address, length
-    for region in memory.regions:
-        if region.end <= position:
-            continue
-        if region.gpa > position:
-            break
-        count = min(remaining, region.end - position)
-        views.append(region.view(position - region.gpa, count))
-        position += count
-        remaining -= count
-        if remaining == 0:
-            return views
-    raise VirtqueueError(f"buffer {address:#x}+{length:#x} is not inside guest RAM")
+
+    def __init__(self, memory: GuestMemory) -> None:
+        self.regions = [(region.gpa, region.end, region.view(0, region.size)) for region in memory.regions]
+
+    def buffer(self, address: int, length: int) -> list[memoryview]:
+        """Views of guest RAM [address, address+length), split where memory regions meet.
+
+        Raises VirtqueueError when any byte of the range is not RAM or it wraps past 2^64.
+        """
+        if length == 0:
+            return []
+        end = address + length
+        for start, stop, view in self.regions:  # the common case: inside one region
+            if start <= address and end <= stop:
+                return [view[address - start : end - start]]
+        if end > _U64_LIMIT:
+            raise VirtqueueError(f"buffer {address:#x}+{length:#x} wraps past the end of the address space")
+        views: list[memoryview] = []
+        position = address
+        for start, stop, view in self.regions:
+            if stop <= position:
+                continue
+            if start > position:
+                break
+            views.append(view[position - start : min(end, stop) - start])
+            position = min(end, stop)
+            if position == end:
+                return views
+        raise VirtqueueError(f"buffer {address:#x}+{length:#x} is not inside guest RAM")
+
+    def release(self) -> None:
+        """Drop the views so GuestMemory.close() can unmap the regions."""
+        self.regions = []
+
+
+def guest_buffer(memory: GuestMemory, address: int, length: int) -> list[memoryview]:
+    """Views of guest RAM [address, address+length) (see GuestRam.buffer), for one-off use."""
+    ram = GuestRam(memory)
+    try:
+        return ram.buffer(address, length)
+    finally:
+        ram.release()
 
 
 def _contiguous(memory: GuestMemory, address: int, length: int, what: str) -> memoryview:
@@ -124,6 +147,7 @@ class Virtqueue:
         self.size = size
         self.event_idx = event_idx
         self.indirect = indirect
+        self._ram = GuestRam(memory)
         self._table = _contiguous(memory, desc_addr, DESC_SIZE * size, "descriptor table")
         self._avail = _contiguous(memory, driver_addr, avail_ring_size(size), "available ring")
         self._used = _contiguous(memory, device_addr, used_ring_size(size), "used ring")
@@ -183,9 +207,7 @@ class Virtqueue:
         while True:
             steps += 1
             if steps > entries:
-                raise VirtqueueError(
-                    f"chain from head {head} has more than {entries} descriptors (a loop?) (§2.7.5.2)"
-                )
+                raise VirtqueueError(f"chain from head {head} has more than {entries} descriptors (a loop?) (§2.7.5.2)")
             address, length, flags, next_index = _DESCRIPTOR.unpack_from(table, DESC_SIZE * index)
             if flags & DESC_F_INDIRECT:
                 table, entries = self._indirect_table(head, address, length, flags, in_indirect)
@@ -194,7 +216,7 @@ class Virtqueue:
             buffers += 1
             if buffers > self.size:
                 raise VirtqueueError(f"chain from head {head} is longer than the queue size {self.size}")
-            views = guest_buffer(self.memory, address, length)
+            views = self._ram.buffer(address, length)
             if flags & DESC_F_WRITE:
                 seen_writable = True
                 chain.writable.extend(views)

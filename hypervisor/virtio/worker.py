@@ -52,6 +52,7 @@ class QueueWorker:
         self._queue_fds = [os.eventfd(0, flags) for _ in range(queue_count)]
         self._stop_fd = os.eventfd(0, flags)
         self._thread: threading.Thread | None = None
+        self._stopping = False
 
     def eventfd(self, queue_index: int) -> int:
         """The fd to register as the ioeventfd of `queue_index`."""
@@ -59,7 +60,8 @@ class QueueWorker:
 
     def kick(self, queue_index: int) -> None:
         """What a QueueNotify write does when KVM did not swallow it as an ioeventfd."""
-        os.eventfd_write(self._queue_fds[queue_index], 1)
+        if queue_index < len(self._queue_fds):  # nothing to wake once closed
+            os.eventfd_write(self._queue_fds[queue_index], 1)
 
     @property
     def running(self) -> bool:
@@ -68,7 +70,10 @@ class QueueWorker:
     def start(self) -> None:
         if self.running:
             return
+        if self._stop_fd < 0:
+            raise RuntimeError(f"{self.name}: I/O thread started after close()")
         _drain(self._stop_fd)
+        self._stopping = False
         self._thread = threading.Thread(target=self._run, name=f"io-{self.name}", daemon=True)
         self._thread.start()
 
@@ -77,6 +82,7 @@ class QueueWorker:
         thread = self._thread
         if thread is None:
             return
+        self._stopping = True  # ends a polling pass without waiting for its deadline
         os.eventfd_write(self._stop_fd, 1)
         thread.join(STOP_TIMEOUT_SECONDS)
         if thread.is_alive():
@@ -84,10 +90,13 @@ class QueueWorker:
         self._thread = None
 
     def close(self) -> None:
+        if self._stop_fd < 0:
+            return
         self.stop()
         for fd in [*self._queue_fds, self._stop_fd]:
             os.close(fd)
         self._queue_fds = []
+        self._stop_fd = -1
 
     def _run(self) -> None:
         poller = select.poll()
@@ -118,7 +127,7 @@ class QueueWorker:
         if not self.poll_seconds or self._has_work is None:
             return
         deadline = time.monotonic() + self.poll_seconds
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and not self._stopping:
             found = False
             for queue_index in range(len(self._queue_fds)):
                 if self._has_work(queue_index):

@@ -36,9 +36,7 @@ PATTERN = bytes(range(256)) * 2  # one sector
 class Machine:
     """A transport with a blk device over a raw file, brought up by the driver mock."""
 
-    def __init__(
-        self, path: str, read_only: bool = False, features: int | None = None, size: int = 64
-    ) -> None:
+    def __init__(self, path: str, read_only: bool = False, features: int | None = None, size: int = 64) -> None:
         self.memory = GuestMemory.flat(MEMORY_SIZE)
         self.line = NullInterruptLine()
         self.transport = mmio.MmioTransport(

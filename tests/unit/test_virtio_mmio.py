@@ -253,3 +253,50 @@ def test_stop_is_prompt_and_restartable(setup):
     assert time.monotonic() - started < 1
     transport.start()
     transport.stop()
+
+
+def test_close_is_idempotent_and_late_notifies_are_harmless(setup):
+    transport, driver, _, _ = setup
+    transport.start()
+    transport.close()
+    transport.close()
+    driver.notify(0)  # a vCPU that races with shutdown must not crash the process
+
+
+def test_notify_for_nonexistent_queue_is_ignored(setup):
+    transport, driver, memory, line = setup
+    ready_device(transport, driver, memory)
+    driver.notify(7)
+    driver.notify(0xFFFF_FFFF)
+    assert line.pulses == 0
+
+
+def test_failed_status_stops_processing(setup):
+    transport, driver, memory, _ = setup
+    blk = ready_device(transport, driver, memory)
+    driver.add_status(spec.STATUS_FAILED)
+    blk.submit(T_GET_ID, in_length=20)
+    transport.process_queue(0)
+    assert blk.queue.take_used() == []
+
+
+def test_queue_ready_zero_stops_the_queue(setup):
+    transport, driver, memory, _ = setup
+    blk = ready_device(transport, driver, memory)
+    driver.write32(mmio.QUEUE_SEL_OFFSET, 0)
+    driver.write32(mmio.QUEUE_READY_OFFSET, 0)
+    assert driver.read32(mmio.QUEUE_READY_OFFSET) == 0
+    blk.submit(T_GET_ID, in_length=20)
+    assert not transport.has_pending(0)
+    transport.process_queue(0)
+    assert blk.queue.take_used() == []
+
+
+def test_has_pending_sees_published_buffers(setup):
+    transport, driver, memory, _ = setup
+    blk = ready_device(transport, driver, memory)
+    assert not transport.has_pending(0)
+    blk.submit(T_GET_ID, in_length=20)
+    assert transport.has_pending(0)
+    transport.process_queue(0)
+    assert not transport.has_pending(0)

@@ -34,9 +34,7 @@ def make_queue(memory: GuestMemory, allocator: Allocator, size: int = QUEUE_SIZE
 def test_direct_chain_split_into_readable_and_writable(memory, allocator):
     driver, device = make_queue(memory, allocator)
     memory.write(0x8000, b"request!")
-    driver.publish(
-        driver.add_chain([Buffer(0x8000, 8, False), Buffer(0x9000, 4, True), Buffer(0x9100, 1, True)])
-    )
+    driver.publish(driver.add_chain([Buffer(0x8000, 8, False), Buffer(0x9000, 4, True), Buffer(0x9100, 1, True)]))
     chains = list(device.iter_available())
     assert len(chains) == 1
     chain = chains[0]

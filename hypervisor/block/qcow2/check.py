@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hypervisor.block.qcow2 import format as fmt
-from hypervisor.block.qcow2.check_walk import ImageFile, ReferenceCounter, read_image_file
 from hypervisor.block.qcow2.check_refcounts import RefcountReader, write_refcount_structure
+from hypervisor.block.qcow2.check_walk import ImageFile, ReferenceCounter, read_image_file
 from hypervisor.errors import ConfigError, HypervisorError, ImageError
 
 log = logging.getLogger(__name__)

@@ -164,7 +164,7 @@ class ReferenceCounter:
         table_bytes = header.refcount_table_clusters * cs
         self.add_range(header.refcount_table_offset, table_bytes)
         table = self.image.pread(table_bytes, header.refcount_table_offset)
-        for index, entry in enumerate(struct.unpack(f">{table_bytes // 8}Q", table)):
+        for entry in struct.unpack(f">{table_bytes // 8}Q", table):
             block = entry & fmt.REFT_OFFSET_MASK
             if block and not (block & (cs - 1)) and block + cs <= self.image.file_size:
                 self.add_range(block, cs)
@@ -236,7 +236,8 @@ class ReferenceCounter:
                 continue
             self.add_range(offset, cs)
             if active:
-                self._copied_slots.append((EntrySlot(slot_offset, is_l1=False), entry, offset >> self.image.cluster_bits))
+                slot = EntrySlot(slot_offset, is_l1=False)
+                self._copied_slots.append((slot, entry, offset >> self.image.cluster_bits))
 
     def _count_compressed(self, entry: int, bitmap: int, active: bool) -> None:
         host_offset, length = fmt.compressed_span(entry, self.image.cluster_bits)

@@ -293,16 +293,25 @@ class OpsMixin:
             if filename and self._header.autoclear_features & fmt.AUTOCLEAR_DATA_FILE_RAW:
                 raise ImageFormatError(f"{self.path}: a raw external data file excludes a backing file")
             self._flush_metadata()
+            new_backing = None
+            if filename and self._allow_backing:  # refuse a name that cannot be opened, before writing
+                new_backing = open_backing(self.path, filename, fmt_name, self._chain)
             hdr = self._header
+            old_name, old_format = hdr.backing_file, hdr.extension(fmt.EXT_BACKING_FORMAT)
             hdr.backing_file = filename or None
             hdr.set_extension(fmt.EXT_BACKING_FORMAT, fmt_name.encode() if filename and fmt_name else None)
-            self._write_header()
+            try:
+                self._write_header()
+            except ImageError:
+                hdr.backing_file = old_name
+                hdr.set_extension(fmt.EXT_BACKING_FORMAT, old_format)
+                if new_backing is not None:
+                    new_backing.close()
+                raise
             self._hf.sync()
             if self._backing is not None:
                 self._backing.close()
-                self._backing = None
-            if filename and self._allow_backing:
-                self._backing = open_backing(self.path, filename, fmt_name, self._chain)
+            self._backing = new_backing
 
     # -- compressed writes -------------------------------------------------------------------
     def write_compressed(self: Qcow2Image, offset: int, data: bytes) -> None:
