@@ -94,9 +94,13 @@ fragments=("$HERE/kernel.config")
 config_stamp=$( (echo "$source_stamp"; cat "${fragments[@]}") | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$OBJ/config.stamp" 2>/dev/null)" != "$config_stamp" ] || [ ! -f "$OBJ/.config" ]; then
 	log "configuring ($VARIANT): tinyconfig + ${fragments[*]##*/}"
-	make -s -C "$SRC" O="$OBJ" ARCH=x86_64 tinyconfig >/dev/null
-	(cd "$SRC" && scripts/kconfig/merge_config.sh -m -O "$OBJ" "$OBJ/.config" "${fragments[@]}") >/dev/null
-	make -s -C "$SRC" O="$OBJ" ARCH=x86_64 olddefconfig >/dev/null
+	# Kconfig's "override" and "redefined" notes are expected; keep them
+	# in config.log for when the check below fails.
+	{
+		make -s -C "$SRC" O="$OBJ" ARCH=x86_64 tinyconfig
+		(cd "$SRC" && scripts/kconfig/merge_config.sh -m -O "$OBJ" "$OBJ/.config" "${fragments[@]}")
+		make -s -C "$SRC" O="$OBJ" ARCH=x86_64 olddefconfig
+	} >"$OBJ/config.log" 2>&1 || die "configuring failed, see $OBJ/config.log"
 	# merge_config only warns when Kconfig drops a requested option (an
 	# unmet dependency); a silently different kernel is worse than no kernel.
 	missing=0
@@ -114,7 +118,7 @@ if [ "$(cat "$OBJ/config.stamp" 2>/dev/null)" != "$config_stamp" ] || [ ! -f "$O
 			grep -qx -- "$want" "$OBJ/.config" || { log "config: $want did not stick"; missing=1; }
 		fi
 	done < <(cat "${fragments[@]}")
-	[ $missing = 0 ] || die "kernel configuration does not match the fragments"
+	[ $missing = 0 ] || die "kernel configuration does not match the fragments (see $OBJ/config.log)"
 	echo "$config_stamp" >"$OBJ/config.stamp"
 fi
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from hypervisor.boot.cpu_state import EntryState, real_mode_state
+from hypervisor.boot.cpuid import guest_cpuid
 from hypervisor.boot.layout import MmioWindow
 from hypervisor.debug.console_observer import ConsoleObserver
 from hypervisor.devices.bus import Bus, Device
@@ -176,19 +177,13 @@ class Machine:
         cpuid = self.kvm.supported_cpuid()
         for index in range(count):
             vcpu = self.vm.create_vcpu(index)
-            vcpu.set_cpuid(self._cpuid_for(cpuid, index, count))
+            vcpu.set_cpuid(guest_cpuid(cpuid, index, count))
             configure_boot_msrs(vcpu)
             configure_lapic(vcpu)
             vcpu.set_fpu()
             self.vcpus.append(vcpu)
             self.control.attach(vcpu)
 
-    def _cpuid_for(self, supported: list, index: int, count: int) -> list:  # type: ignore[type-arg]
-        try:
-            from hypervisor.boot.cpuid import guest_cpuid
-        except ImportError:
-            return supported
-        return guest_cpuid(supported, index, count)
 
     # -- devices ------------------------------------------------------------------------------
 

@@ -35,6 +35,8 @@ def build_report(result: RunResult, info: LaunchInfo | None, timeline: dict[str,
             "handled_in_python": stats["python_exits"],
             "unmapped_port_accesses": int(stats["pio_unmapped_reads"]) + int(stats["pio_unmapped_writes"]),  # type: ignore[call-overload]
             "unmapped_mmio_accesses": int(stats["mmio_unmapped_reads"]) + int(stats["mmio_unmapped_writes"]),  # type: ignore[call-overload]
+            "first_unmapped_port": stats["first_unmapped_port"],
+            "first_unmapped_mmio": stats["first_unmapped_mmio"],
             "kicks": stats["kicks"],
         },
     }

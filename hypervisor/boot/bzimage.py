@@ -35,6 +35,7 @@ PROTOCOL_64BIT_ENTRY = 0x020C  # xloadflags (XLF_KERNEL_64) exist from 2.12
 PROTOCOL_SYSSIZE = 0x0204  # syssize is reliable from 2.04
 PROTOCOL_RELOCATABLE = 0x0205  # relocatable_kernel, kernel_alignment
 PROTOCOL_CMDLINE_SIZE = 0x0206
+PROTOCOL_PAYLOAD = 0x0208  # payload_offset and payload_length
 PROTOCOL_INIT_SIZE = 0x020A  # pref_address and init_size
 STARTUP_64_OFFSET = 0x200  # boot.rst "64-bit BOOT PROTOCOL": entry at load address + 0x200
 HEADER_READ_END = 0x26C  # the header fields pyhv reads end here (protocol 2.15)
@@ -53,6 +54,17 @@ class BzImage:
     @property
     def kernel(self) -> memoryview:
         return memoryview(self.image)[self.setup_size :]
+
+    @property
+    def payload(self) -> memoryview:
+        """The compressed kernel inside the protected-mode code (empty before protocol 2.08 or
+        when the header's payload fields point outside the file)."""
+        if self.protocol < PROTOCOL_PAYLOAD:
+            return memoryview(b"")
+        offset, length = self.header.get("payload_offset"), self.header.get("payload_length")
+        if offset + length > len(self.kernel):
+            return memoryview(b"")
+        return self.kernel[offset : offset + length]
 
     @property
     def has_64bit_entry(self) -> bool:

@@ -56,14 +56,19 @@ def decompress_if_xz(data: bytes, limit: int, what: str) -> bytes:
     return content
 
 
-def has_multiboot_header(data: bytes | memoryview) -> bool:
-    """A multiboot v1 magic with a valid checksum in the first 8 KiB, 4-byte aligned."""
+def multiboot_header_offset(data: bytes | memoryview) -> int | None:
+    """Offset of the first multiboot v1 magic with a valid checksum in the first 8 KiB, 4-byte
+    aligned (Multiboot 0.6.96 §3.1.1), or None."""
     end = min(len(data), MULTIBOOT_SEARCH_LIMIT) - 12
     for offset in range(0, end + 1, 4):
         magic, flags, checksum = struct.unpack_from("<III", data, offset)
         if magic == MULTIBOOT_HEADER_MAGIC and (magic + flags + checksum) & 0xFFFFFFFF == 0:
-            return True
-    return False
+            return offset
+    return None
+
+
+def has_multiboot_header(data: bytes | memoryview) -> bool:
+    return multiboot_header_offset(data) is not None
 
 
 def _is_bzimage(data: bytes | memoryview) -> bool:

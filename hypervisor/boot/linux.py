@@ -28,20 +28,16 @@ from hypervisor.boot.bzimage import (
     parse_bzimage,
 )
 from hypervisor.boot.cpu_state import (
-    GDT_ENTRY_COUNT,
-    DescriptorTable,
     EntryState,
     long_mode_state,
     protected_mode_flat_state,
-    setup_gdt,
 )
 from hypervisor.boot.elf import EM_X86_64, ElfImage, load_segments, parse_elf
 from hypervisor.boot.image_format import decompress_if_xz, detect_kernel_format
 from hypervisor.boot.layout import HIMEM_START, GuestLayout, MmioWindow
-from hypervisor.boot.mptable import write_mptable
-from hypervisor.boot.page_tables import identity_page_tables_size, setup_identity_page_tables
-from hypervisor.boot.payload import PAYLOAD_PROTOCOL, unpack_payload
+from hypervisor.boot.payload import payload_codec, unpack_payload
 from hypervisor.boot.placement import BootImage, MemoryPlan, place_initrd, write_cmdline
+from hypervisor.boot.platform_tables import write_platform_tables
 from hypervisor.boot.pvh import pvh_entry_point, write_start_info
 from hypervisor.boot.zero_page import (
     BOOT_FLAG,
@@ -67,32 +63,12 @@ LinuxEntry = Literal["auto", "linux-64", "pvh"]
 VMLINUX_PROTOCOL = 0x020F
 VMLINUX_CMDLINE_LIMIT = 2047
 VMLINUX_KERNEL_ALIGNMENT = 0x200000
-BOOT_GDT_SIZE = GDT_ENTRY_COUNT * 8
 
 
 def with_mmio_devices(cmdline: str, devices: Sequence[MmioWindow]) -> str:
     """`cmdline` plus a virtio_mmio.device= parameter per device (no ACPI or DT tells Linux)."""
     parameters = [cmdline.strip()] + [device.kernel_parameter() for device in devices]
     return " ".join(p for p in parameters if p)
-
-
-def write_platform_tables(memory: GuestMemory, plan: MemoryPlan, cpus: int, long_mode: bool,
-                          low_ram_end: int) -> tuple[DescriptorTable, int | None]:
-    """GDT, identity page tables (long mode only), MP table and the BDA's EBDA pointer.
-
-    Returns the GDTR value and the PML4 address (None without paging).
-    """
-    plan.place("boot GDT", layout.BOOT_GDT_START, BOOT_GDT_SIZE)
-    gdt = setup_gdt(memory, layout.BOOT_GDT_START, long_mode=long_mode)
-    pml4: int | None = None
-    if long_mode:
-        plan.place("page tables", layout.PML4_START, identity_page_tables_size())
-        pml4 = setup_identity_page_tables(memory, layout.PML4_START)
-    mptable_size = write_mptable(memory, layout.MPTABLE_START, cpus)
-    plan.place("MP table", layout.MPTABLE_START, mptable_size)
-    # BIOS data area word 0x40e: the EBDA's segment, where Linux also looks for the MP table.
-    memory.write_u16(layout.BDA_EBDA_SEGMENT, layout.EBDA_START >> 4)
-    return gdt, pml4
 
 
 def _vmlinux_zero_page(cmdline_limit: int) -> ZeroPage:
@@ -126,6 +102,7 @@ class _LoadedKernel:
     page: ZeroPage
     cmdline_limit: int
     initrd_max: int
+    source: str = "ELF vmlinux"
 
 
 def _load_elf(memory: GuestMemory, plan: MemoryPlan, kernel: bytes, entry: LinuxEntry, name: str,
@@ -150,12 +127,12 @@ def _cmdline_limit(page: ZeroPage) -> int:
 
 def _bzimage_payload(bz: BzImage, limit: int, name: str) -> bytes | None:
     """The bzImage's vmlinux unpacked on the host, or None when the guest must unpack it."""
-    if bz.protocol < PAYLOAD_PROTOCOL or not bz.has_64bit_entry:
+    if not bz.has_64bit_entry:
         return None
-    offset, length = bz.header.get("payload_offset"), bz.header.get("payload_length")
-    if not length or offset + length > len(bz.kernel):
+    payload = bz.payload
+    if not payload:
         return None
-    unpacked = unpack_payload(bytes(bz.kernel[offset : offset + length]), limit)
+    unpacked = unpack_payload(bytes(payload), limit)
     if unpacked is None:
         return None
     codec, vmlinux = unpacked
@@ -176,15 +153,18 @@ def _load_bzimage(memory: GuestMemory, plan: MemoryPlan, kernel: bytes, low_end:
     if vmlinux is not None:
         # What the bzImage's own decompressor would do: the vmlinux at its physical addresses,
         # entered at startup_64 with the zero page the bootloader filled from the setup header.
-        return _load_elf(memory, plan, vmlinux, "linux-64", name, _bzimage_zero_page(bz, HIMEM_START))
+        loaded = _load_elf(memory, plan, vmlinux, "linux-64", name, _bzimage_zero_page(bz, HIMEM_START))
+        loaded.source = f"bzImage ({payload_codec(bytes(bz.payload))} payload unpacked on the host)"
+        return loaded
     load_address = load_bzimage(memory, bz, low_end, name)
     kernel_end = footprint_end(bz, load_address)
     plan.place("kernel", load_address, kernel_end - load_address)
     page = _bzimage_zero_page(bz, load_address)
     if bz.has_64bit_entry:
         return _LoadedKernel(load_address + STARTUP_64_OFFSET, "linux-64", kernel_end, page, bz.cmdline_limit,
-                             bz.initrd_addr_max)
-    return _LoadedKernel(load_address, "linux-32", kernel_end, page, bz.cmdline_limit, bz.initrd_addr_max)
+                             bz.initrd_addr_max, "bzImage")
+    return _LoadedKernel(load_address, "linux-32", kernel_end, page, bz.cmdline_limit, bz.initrd_addr_max,
+                         "bzImage")
 
 
 def prepare_linux(memory: GuestMemory, guest: GuestLayout, kernel: bytes, cmdline: str,
@@ -224,7 +204,7 @@ def prepare_linux(memory: GuestMemory, guest: GuestLayout, kernel: bytes, cmdlin
     if initrd is not None:
         initrd_gpa = place_initrd(memory, plan, initrd, kernel_end, initrd_max + 1, low_end)
         initrd_range = (initrd_gpa, len(initrd))
-    gdt, pml4 = write_platform_tables(memory, plan, cpus, long_mode, low_end)
+    gdt, pml4 = write_platform_tables(memory, plan, cpus, long_mode)
 
     if protocol == "pvh":
         plan.place("PVH start info", layout.BOOT_INFO_START, layout.BOOT_INFO_END - layout.BOOT_INFO_START)
@@ -248,8 +228,8 @@ def prepare_linux(memory: GuestMemory, guest: GuestLayout, kernel: bytes, cmdlin
             # boot.rst 32-bit protocol: ESI = boot_params; EBP, EDI and EBX zero.
             state = protected_mode_flat_state(rip, gdt, stack=layout.BOOT_STACK_POINTER,
                                               rsi=layout.ZERO_PAGE_START)
-    log.info("Linux %s: %s entry at %#x, command line %r", kind, protocol, rip, full_cmdline)
-    return BootImage(state, protocol, plan.placements, full_cmdline)
+    log.info("Linux %s: %s entry at %#x, command line %r", loaded.source, protocol, rip, full_cmdline)
+    return BootImage(state, protocol, plan.placements, full_cmdline, loaded.source)
 
 
 def _elf_entry(image: ElfImage, entry: LinuxEntry, name: str) -> tuple[int, str]:

@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from hypervisor.boot import layout
 from hypervisor.boot.cpu_state import protected_mode_flat_state
 from hypervisor.boot.elf import load_segments, parse_elf
-from hypervisor.boot.image_format import MULTIBOOT_HEADER_MAGIC, MULTIBOOT_SEARCH_LIMIT, decompress_if_xz
+from hypervisor.boot.image_format import decompress_if_xz, multiboot_header_offset
 from hypervisor.boot.layout import GuestLayout, KiB, MiB
-from hypervisor.boot.linux import write_platform_tables
 from hypervisor.boot.placement import BootImage, MemoryPlan, place_initrd, write_cmdline
+from hypervisor.boot.platform_tables import write_platform_tables
 from hypervisor.errors import BootError
 from hypervisor.memory import GuestMemory
 
@@ -73,17 +73,15 @@ def mem_upper_kib(guest: GuestLayout) -> int:
 
 def find_multiboot_header(data: bytes) -> MultibootHeader | None:
     """The first valid header in the first 8 KiB (§3.1.1), or None."""
-    end = min(len(data), MULTIBOOT_SEARCH_LIMIT) - 12
-    for offset in range(0, end + 1, 4):
-        magic, flags, checksum = struct.unpack_from("<III", data, offset)
-        if magic != MULTIBOOT_HEADER_MAGIC or (magic + flags + checksum) & 0xFFFFFFFF:
-            continue
-        if flags & HEADER_AOUT_KLUDGE:
-            if offset + 32 > len(data):
-                raise BootError("the multiboot header is truncated before its address fields")
-            return MultibootHeader(offset, flags, *struct.unpack_from("<IIIII", data, offset + 12))
-        return MultibootHeader(offset, flags)
-    return None
+    offset = multiboot_header_offset(data)
+    if offset is None:
+        return None
+    (flags,) = struct.unpack_from("<I", data, offset + 4)
+    if flags & HEADER_AOUT_KLUDGE:
+        if offset + 32 > len(data):
+            raise BootError("the multiboot header is truncated before its address fields")
+        return MultibootHeader(offset, flags, *struct.unpack_from("<IIIII", data, offset + 12))
+    return MultibootHeader(offset, flags)
 
 
 @dataclass(frozen=True)
@@ -171,7 +169,7 @@ def prepare_multiboot(memory: GuestMemory, guest: GuestLayout, kernel: bytes, cm
     plan = MemoryPlan()
     # The loader's own structures go first so that a kernel loaded over them is refused.
     plan.place("multiboot info", layout.BOOT_INFO_START, layout.BOOT_INFO_END - layout.BOOT_INFO_START)
-    gdt, _ = write_platform_tables(memory, plan, cpus, long_mode=False, low_ram_end=guest.low_ram_end)
+    gdt, _ = write_platform_tables(memory, plan, cpus, long_mode=False)
     full_cmdline = " ".join(part for part in (kernel_name, cmdline.strip()) if part)
     cmdline_gpa = write_cmdline(memory, plan, layout.CMDLINE_START, full_cmdline, MULTIBOOT_CMDLINE_LIMIT)
 
@@ -206,5 +204,6 @@ def prepare_multiboot(memory: GuestMemory, guest: GuestLayout, kernel: bytes, cm
     state = protected_mode_flat_state(entry, gdt, stack=layout.BOOT_STACK_POINTER,
                                       rax=MULTIBOOT_BOOTLOADER_MAGIC, rbx=layout.BOOT_INFO_START)
     log.info("multiboot kernel %#x-%#x, entry %#x", kernel_start, kernel_end, entry)
-    return BootImage(state, "multiboot", plan.placements, full_cmdline)
+    source = "multiboot a.out kludge" if header.flags & HEADER_AOUT_KLUDGE else "multiboot ELF"
+    return BootImage(state, "multiboot", plan.placements, full_cmdline, source)
 

@@ -36,7 +36,6 @@ LZ4_LEGACY_MAGIC = b"\x02\x21\x4c\x18"  # 0x184C2102 little-endian, lz4 frame sp
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 LZO_MAGIC = b"\x89LZO"
 LZ4_MIN_MATCH = 4  # LZ4 block format: match length field + 4
-PAYLOAD_PROTOCOL = 0x0208  # payload_offset and payload_length exist from 2.08
 
 
 class _Truncated(Exception):

@@ -60,12 +60,14 @@ class BootImage:
 
     `protocol` is one of "linux-64" (boot.rst 64-bit entry with a zero page), "linux-32" (the
     bzImage 32-bit entry), "pvh", "multiboot", "raw". `placements` lists every range written.
+    `source` says in words what kind of image was loaded and how.
     """
 
     entry: EntryState
     protocol: str
     placements: list[Placement] = field(default_factory=list)
     cmdline: str = ""
+    source: str = ""  # what was loaded, for reports: "bzImage (lz4 payload unpacked on the host)"
 
     def find(self, name: str) -> Placement | None:
         return next((p for p in self.placements if p.name == name), None)

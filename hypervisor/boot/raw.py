@@ -40,4 +40,4 @@ def prepare_raw(memory: GuestMemory, data: bytes, address: int, name: str = "the
         raise BootError(f"{name} cannot start in real mode at {address:#x} (above 4 GiB)")
     placement = load_raw(memory, data, address, name)
     log.info("raw image of %d bytes at %#x, real-mode entry", len(data), address)
-    return BootImage(real_mode_state(address), "raw", [placement])
+    return BootImage(real_mode_state(address), "raw", [placement], source="raw binary")

@@ -72,7 +72,17 @@ class ImageCommand(click.Command):
             fail(str(error), self._status(ConfigError.exit_status))
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class ImageGroup(click.Group):
+    """Unknown subcommands also end in one line."""
+
+    def resolve_command(self, ctx: click.Context, args: list[str]) -> Any:
+        try:
+            return super().resolve_command(ctx, args)
+        except click.UsageError as error:
+            fail(error.format_message(), ConfigError.exit_status)
+
+
+@click.group(cls=ImageGroup, context_settings={"help_option_names": ["-h", "--help"]})
 def image() -> None:
     """Create, inspect, check and convert disk images (qemu-img compatible)."""
 

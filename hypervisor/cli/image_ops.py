@@ -253,6 +253,9 @@ def map_entries(path: str, image_format: str | None = None) -> list[dict[str, An
                 entry["offset"] = host_offset
                 if depth < len(holes_visible) and holes_visible[depth]:
                     pieces = _split_by_holes(entry)
+                if not hasattr(image, "map_extents"):
+                    for piece in pieces:  # a hole in a raw file stores nothing: QEMU says data false
+                        piece["data"] = not piece["zero"]
             for piece in pieces:
                 if entries and _continues(entries[-1], piece):
                     entries[-1]["length"] += piece["length"]

@@ -5,10 +5,10 @@ from __future__ import annotations
 import errno
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from hypervisor.boot.cpuid import CpuidEntry
 from hypervisor.errors import KvmError, KvmUnavailableError
 from hypervisor.kvm.ffi import ffi, ioctl, ioctl_value, lib
 
@@ -41,19 +41,6 @@ REQUIRED_CAPABILITIES = {
 def kvm_is_pvm() -> bool:
     """True on a kvm_pvm host, where guest kernel code is emulated (PLATFORM.md)."""
     return Path("/sys/module/kvm_pvm").exists()
-
-
-@dataclass(frozen=True)
-class CpuidEntry:
-    """One kvm_cpuid_entry2 as plain data."""
-
-    function: int
-    index: int
-    flags: int
-    eax: int
-    ebx: int
-    ecx: int
-    edx: int
 
 
 class Kvm:

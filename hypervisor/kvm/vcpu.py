@@ -16,7 +16,7 @@ from hypervisor.errors import KvmError
 from hypervisor.kvm.ffi import ffi, ioctl, lib
 
 if TYPE_CHECKING:
-    from hypervisor.kvm.system import CpuidEntry
+    from hypervisor.boot.cpuid import CpuidEntry
     from hypervisor.kvm.vm import Vm
 
 log = logging.getLogger(__name__)

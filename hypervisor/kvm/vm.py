@@ -61,8 +61,13 @@ class Vm:
         ioctl(self.fd, "KVM_CREATE_IRQCHIP")
 
     def create_pit2(self) -> None:
-        """The in-kernel i8254 PIT; call after create_irqchip (api.rst KVM_CREATE_PIT2)."""
-        ioctl(self.fd, "KVM_CREATE_PIT2", ffi.new("struct kvm_pit_config *", {"flags": 0}))
+        """The in-kernel i8254 PIT; call after create_irqchip (api.rst KVM_CREATE_PIT2).
+
+        KVM_PIT_SPEAKER_DUMMY makes KVM answer port 0x61 (PC speaker gate and PIT channel 2
+        output), which Linux reads to calibrate the TSC against the PIT.
+        """
+        config = ffi.new("struct kvm_pit_config *", {"flags": lib.KVM_PIT_SPEAKER_DUMMY})
+        ioctl(self.fd, "KVM_CREATE_PIT2", config)
 
     def set_irq_line(self, irq: int, level: bool) -> None:
         ioctl(self.fd, "KVM_IRQ_LINE", ffi.new("struct kvm_irq_level *", {"irq": irq, "level": int(level)}))

@@ -46,8 +46,9 @@ class VirtioDevice(abc.ABC):
 
     @abc.abstractmethod
     def process_queue(self, index: int, queue: Virtqueue) -> None:
-        """Consume every chain the driver made available on `queue` and put each on the used
-        ring. Raises VirtqueueError when the driver broke the ring protocol."""
+        """One pass: consume the chains available on `queue` now (`iter_available`) and put
+        each on the used ring. The transport interrupts, re-arms and calls again while more
+        arrive. Raises VirtqueueError when the driver broke the ring protocol."""
 
     def reset(self) -> None:  # noqa: B027 - optional hook
         """The driver reset the device (status 0); forget negotiated state."""

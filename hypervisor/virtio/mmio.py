@@ -379,25 +379,37 @@ class MmioTransport:
         return ring is not None and ring.has_available()
 
     def process_queue(self, index: int) -> None:
-        """Run every available request of queue `index`, then interrupt once if the driver
-        wants it. Called by the I/O thread; public so tests can drive it synchronously."""
-        with self._io_lock:
-            with self._lock:
-                live = self.status & spec.STATUS_DRIVER_OK and not self.status & (
-                    spec.STATUS_DEVICE_NEEDS_RESET | spec.STATUS_FAILED
-                )
-                ring = self._queues[index].ring if live and index < len(self._queues) else None
-            if ring is None:
-                return
-            try:
-                self.device.process_queue(index, ring)
-            except VirtqueueError as error:
+        """Run the requests of queue `index` in passes, one interrupt per pass if the driver
+        wants it, until a pass finds nothing new. Called by the I/O thread; public so tests can
+        drive it synchronously. `_io_lock` is released between passes so a reset or QueueReady
+        write from a vCPU waits for one pass at most."""
+        while True:
+            with self._io_lock:
+                ring = self._live_ring(index)
+                if ring is None:
+                    return
+                try:
+                    self.device.process_queue(index, ring)
+                except VirtqueueError as error:
+                    with self._lock:
+                        self._needs_reset(f"queue {index}: {error}")
+                    return
+                except Exception as error:  # a device bug must not take the I/O thread down
+                    log.exception("%s: queue %d failed", self.name, index)
+                    with self._lock:
+                        self._needs_reset(f"queue {index}: internal error {error!r}")
+                    return
                 with self._lock:
-                    self._needs_reset(f"queue {index}: {error}")
-            except Exception as error:  # a device bug must not take the I/O thread down
-                log.exception("%s: queue %d failed", self.name, index)
-                with self._lock:
-                    self._needs_reset(f"queue {index}: internal error {error!r}")
-            with self._lock:
-                if ring.needs_interrupt() and self._queues[index].ring is ring:
-                    self._raise_interrupt(spec.INTERRUPT_USED_BUFFER)
+                    if ring.needs_interrupt():
+                        self._raise_interrupt(spec.INTERRUPT_USED_BUFFER)
+                if not ring.rearm():
+                    return
+
+    def _live_ring(self, index: int) -> Virtqueue | None:
+        """The running ring of queue `index`, or None while the device may not process it."""
+        with self._lock:
+            if not self.status & spec.STATUS_DRIVER_OK:
+                return None
+            if self.status & (spec.STATUS_DEVICE_NEEDS_RESET | spec.STATUS_FAILED):
+                return None
+            return self._queues[index].ring if index < len(self._queues) else None

@@ -43,12 +43,12 @@ def create(path: Path, size: int | str, *options: str, backing: Path | None = No
     return path
 
 
-def to_raw(path: Path, out: Path, snapshot: str | None = None) -> bytes:
+def to_raw(path: Path, out: Path, snapshot: str | None = None, read: bool = True) -> bytes:
     args: list[str | Path] = ["convert", "-O", "raw"]
     if snapshot is not None:
         args += ["-l", f"snapshot.name={snapshot}"]
     qemu_img(*args, path, out)
-    return out.read_bytes()
+    return out.read_bytes() if read else b""
 
 
 def read_all(image) -> bytes:  # type: ignore[no-untyped-def]

@@ -147,14 +147,17 @@ def test_reads_what_qemu_reads(tmp_path: Path, kind: str) -> None:
     if kind == "compressed-zstd" and not zstd_available():
         pytest.skip("the 'zstandard' Python package is not installed")
     path = BUILDERS[kind](tmp_path)
-    expected = to_raw(path, tmp_path / "expected.raw")
+    big = kind == "straddle-4g"
+    expected = to_raw(path, tmp_path / "expected.raw", read=not big)
     with Qcow2Image.open(str(path), read_only=True) as image:
-        assert image.size == len(expected)
-        if image.size > 64 * MIB:  # sparse big image: compare where the data is, and around it
-            for start in (0, (4 << 30) - MIB, image.size - MIB):
-                buf = bytearray(MIB)
-                image.readinto(start, [memoryview(buf)])
-                assert buf == expected[start : start + MIB]
+        assert image.size == (tmp_path / "expected.raw").stat().st_size
+        if big:  # sparse big image: compare where the data is, and around it
+            with open(tmp_path / "expected.raw", "rb") as raw:
+                for start in (0, (4 << 30) - MIB, image.size - MIB):
+                    buf = bytearray(MIB)
+                    image.readinto(start, [memoryview(buf)])
+                    raw.seek(start)
+                    assert buf == raw.read(MIB)
         else:
             assert read_all(image) == expected
 

@@ -16,6 +16,7 @@ from hypervisor.boot.layout import GuestLayout, guest_layout
 from hypervisor.memory import GuestMemory
 
 MiB = 1024 * 1024
+PAYLOAD_OFFSET = 0x200
 
 
 @contextmanager
@@ -32,10 +33,17 @@ def new_guest(ram_size: int = 64 * MiB) -> Iterator[tuple[GuestLayout, GuestMemo
 def make_bzimage(*, version: int = 0x020F, setup_sects: int = 4, kernel: bytes | None = None,
                  xloadflags: int = 0x1, loadflags: int = 0x01, relocatable: int = 1,
                  pref_address: int = 0x1000000, init_size: int = 0x800000, cmdline_size: int = 2047,
-                 initrd_addr_max: int = 0x7FFFFFFF, header_end_byte: int = 0x6A, syssize: int | None = None
-                 ) -> bytes:
-    """A bzImage: boot sector + setup sectors with a setup header, then the protected-mode code."""
+                 initrd_addr_max: int = 0x7FFFFFFF, header_end_byte: int = 0x6A, syssize: int | None = None,
+                 payload: bytes | None = None) -> bytes:
+    """A bzImage: boot sector + setup sectors with a setup header, then the protected-mode code.
+
+    With `payload`, the protected-mode code is 0x200 bytes of "decompressor" followed by the
+    payload, which payload_offset/payload_length point at (boot.rst, protocol 2.08).
+    """
     kernel = kernel if kernel is not None else bytes(range(256)) * 64
+    if payload is not None:
+        kernel = b"\x90" * PAYLOAD_OFFSET + payload + bytes(16)
+    kernel += bytes(-len(kernel) % 16)  # arch/x86/boot/tools/build.c pads to whole paragraphs
     setup_size = ((setup_sects or 4) + 1) * 512
     image = bytearray(setup_size)
     image[0x1EF] = 0xFF  # a real image has a non-zero sentinel; loaders must not copy it
@@ -54,6 +62,8 @@ def make_bzimage(*, version: int = 0x020F, setup_sects: int = 4, kernel: bytes |
         (0x234, "B", relocatable),
         (0x236, "H", xloadflags),
         (0x238, "I", cmdline_size),
+        (0x248, "I", PAYLOAD_OFFSET if payload is not None else 0),
+        (0x24C, "I", len(payload) if payload is not None else 0),
         (0x258, "Q", pref_address),
         (0x260, "I", init_size),
     ]

@@ -50,3 +50,20 @@ def test_bundled_vmlinux_pvh_entry_when_the_kernel_has_one(name):
     with new_guest(RAM) as (guest, memory):
         boot = prepare_kernel(memory, guest, kernel, "console=ttyS0", entry="pvh")
         assert boot.protocol == "pvh" and boot.entry.gprs["rbx"] == layout.BOOT_INFO_START
+
+
+def test_bundled_bzimage_payload_is_the_bundled_vmlinux():
+    bzimage = kernel_bytes("bzImage")
+    with new_guest(RAM) as (guest, memory):
+        boot = prepare_kernel(memory, guest, bzimage, "console=ttyS0", name="bzImage")
+        if "unpacked" not in boot.source:
+            pytest.skip(f"the bundled bzImage's payload codec is left to the guest ({boot.source})")
+        unpacked_entry = boot.entry.rip
+    vmlinux = decompress_if_xz(kernel_bytes("vmlinux.xz"), 1 << 30, "kernel")
+    assert parse_elf(vmlinux).physical_entry() == unpacked_entry
+
+
+def test_bundled_bzimage_through_its_own_decompressor():
+    with new_guest(RAM) as (guest, memory):
+        boot = prepare_kernel(memory, guest, kernel_bytes("bzImage"), "", unpack_bzimage=False)
+        assert boot.source == "bzImage" and boot.entry.rip == boot.find("kernel").gpa + 0x200

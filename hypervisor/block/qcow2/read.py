@@ -8,6 +8,7 @@ never silently zeros.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
@@ -271,9 +272,35 @@ class ReadMixin:
                 with backing._lock:  # type: ignore[attr-defined]
                     yield from extents(start, inside_end, depth + 1)
             else:
-                yield Extent(start, inside_end - start, EXTENT_DATA, start, False, depth + 1)
-        if inside_end < end:
-            yield Extent(max(start, inside_end), end - max(start, inside_end), EXTENT_UNALLOCATED, None, False, depth + 1)
+                yield from _raw_extents(backing, start, inside_end, depth + 1)
+        if inside_end < end:  # past the backing file's end: zeros decided by this layer
+            yield Extent(max(start, inside_end), end - max(start, inside_end), EXTENT_UNALLOCATED, None, False, depth)
+
+
+def _raw_extents(backing: object, start: int, end: int, depth: int) -> Iterator[Extent]:
+    """Data and holes of a raw backing file (SEEK_DATA/SEEK_HOLE), as qemu-img map shows them."""
+    fd = getattr(backing, "fd", None)
+    pos = start
+    while pos < end:
+        if fd is None:
+            yield Extent(pos, end - pos, EXTENT_DATA, pos, False, depth)
+            return
+        try:
+            data = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError:  # ENXIO: only a hole up to the end of the file
+            data = end
+        if data > pos:
+            stop = min(data, end)
+            yield Extent(pos, stop - pos, EXTENT_ZERO, pos, False, depth)
+            pos = stop
+            continue
+        try:
+            hole = os.lseek(fd, pos, os.SEEK_HOLE)
+        except OSError:
+            hole = end
+        stop = min(max(hole, pos + 1), end)
+        yield Extent(pos, stop - pos, EXTENT_DATA, pos, False, depth)
+        pos = stop
 
 
 def _merge_extents(extents: list[Extent]) -> list[Extent]:
