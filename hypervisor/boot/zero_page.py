@@ -96,17 +96,12 @@ class ZeroPage:
     """A 4 KiB `struct boot_params` being filled in, written to guest memory at the end.
 
     Starts all zero (so the sentinel at 0x1ef is 0 and the kernel trusts the fields we leave
-    zero, boot.rst "Sentinel"), then takes the setup header copied from a bzImage or built for
-    an ELF vmlinux.
+    zero, boot.rst "Sentinel"), then takes the setup header copied from a bzImage (bytes 0x1f1
+    to 0x202 + the byte at 0x201, see bzimage.parse_bzimage) or built for an ELF vmlinux.
     """
 
     def __init__(self) -> None:
         self.data = bytearray(ZERO_PAGE_SIZE)
-
-    def copy_setup_header(self, image: bytes | memoryview) -> None:
-        """Copy the setup header from a bzImage: 0x1f1 up to 0x202 + the byte at 0x201."""
-        end = min(0x202 + image[0x201], SETUP_HEADER_END)
-        self.data[SETUP_HEADER_OFFSET:end] = image[SETUP_HEADER_OFFSET:end]
 
     def get(self, name: str) -> int:
         offset, fmt = SETUP_HEADER_FIELDS[name]

@@ -1,8 +1,10 @@
 """`pyhv image ...`: qemu-img's commands, options, output formats and exit statuses.
 
 Every command validates its input before touching a file, and turns every error into one line on
-stderr (`pyhv image: error: ...`) and an exit status: the error's `exit_status` (errors.py), except
-for `check` (qemu-img: 1 = the check could not be completed) and `compare` (qemu-img: 2 = error).
+stderr (`pyhv image: error: ...`) and an exit status: 2 for a usage error click rejects, else the
+error's `exit_status` (errors.py: 3 for bad input such as an unusable image or option value, 1 for
+a host failure); except `check` (qemu-img: 1 = the check could not be completed) and `compare`
+(qemu-img: 2 = error), which keep qemu-img's statuses for every error.
 The work itself lives in image_ops.py (info, map, compare, snapshot, resize) and image_copy.py
 (convert, rebase, commit); the output formats in image_output.py.
 """
@@ -32,6 +34,8 @@ from hypervisor.errors import ConfigError, HypervisorError, ImageError
 log = logging.getLogger(__name__)
 
 PROG = "pyhv image"
+# As for `pyhv run` (docs/exit-status.md): an option or value click itself rejects.
+USAGE_ERROR = 2
 # qemu-img's statuses where they differ from HypervisorError.exit_status.
 CHECK_INCOMPLETE = 1
 CHECK_UNSUPPORTED_FORMAT = 63  # qemu-img: "This image format does not support checks"
@@ -58,7 +62,7 @@ class ImageCommand(click.Command):
         try:
             return super().make_context(info_name, args, parent=parent, **extra)
         except click.UsageError as error:
-            fail(error.format_message(), self._status(ConfigError.exit_status))
+            fail(error.format_message(), self._status(USAGE_ERROR))
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -79,7 +83,7 @@ class ImageGroup(click.Group):
         try:
             return super().resolve_command(ctx, args)
         except click.UsageError as error:
-            fail(error.format_message(), ConfigError.exit_status)
+            fail(error.format_message(), USAGE_ERROR)
 
 
 @click.group(cls=ImageGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -17,6 +17,7 @@ from hypervisor.cli import main
 pytestmark = pytest.mark.skipif(shutil.which("qemu-img") is None, reason="qemu-img (qemu-utils) not installed")
 
 CONFIG_ERROR = 3  # errors.py ConfigError/ImageError.exit_status
+USAGE_ERROR = 2  # an option or value click rejects (docs/exit-status.md)
 CHECK_FAILED = 1  # qemu-img check: the check could not be completed
 COMPARE_ERROR = 2  # qemu-img compare: error
 
@@ -87,13 +88,13 @@ def test_corrupt_images_give_one_line_and_stay_unchanged(good: Path, command: li
 
 BAD_USAGE: list[tuple[list[str], int]] = [
     (["info", "missing.qcow2"], CONFIG_ERROR),
-    (["info", "-f", "vmdk", "good.qcow2"], CONFIG_ERROR),
-    (["info", "--output=xml", "good.qcow2"], CONFIG_ERROR),
+    (["info", "-f", "vmdk", "good.qcow2"], USAGE_ERROR),
+    (["info", "--output=xml", "good.qcow2"], USAGE_ERROR),
     (["check", "missing.qcow2"], CHECK_FAILED),
     (["check", "-r", "everything", "good.qcow2"], CHECK_FAILED),
     (["compare", "good.qcow2", "missing.qcow2"], COMPARE_ERROR),
     (["create", "-f", "qcow2", "good.qcow2", "abc"], CONFIG_ERROR),
-    (["create", "-f", "qcow2", "good.qcow2", "-5"], CONFIG_ERROR),
+    (["create", "-f", "qcow2", "good.qcow2", "-5"], USAGE_ERROR),
     (["create", "-f", "qcow2", "good.qcow2", "1.5"], CONFIG_ERROR),
     (["create", "-f", "qcow2", "-o", "cluster_size=1000", "good.qcow2", "1M"], CONFIG_ERROR),
     (["create", "-f", "qcow2", "-o", "refcount_bits=3", "good.qcow2", "1M"], CONFIG_ERROR),
@@ -113,9 +114,9 @@ BAD_USAGE: list[tuple[list[str], int]] = [
     (["snapshot", "-a", "nope", "good.qcow2"], CONFIG_ERROR),
     (["snapshot", "-c", "a", "-d", "b", "good.qcow2"], CONFIG_ERROR),
     (["rebase", "-b", "missing.qcow2", "-F", "qcow2", "good.qcow2"], CONFIG_ERROR),
-    (["rebase", "good.qcow2"], CONFIG_ERROR),
+    (["rebase", "good.qcow2"], USAGE_ERROR),
     (["commit", "good.qcow2"], CONFIG_ERROR),
-    (["bogus-command"], CONFIG_ERROR),
+    (["bogus-command"], USAGE_ERROR),
 ]
 
 

@@ -31,7 +31,10 @@ COMPILE_C = [
     "gcc", "-c", "-m64", "-O2", "-nostdlib", "-ffreestanding", "-fno-pic", "-fno-stack-protector",
     "-mno-red-zone", "-mgeneral-regs-only", "-fno-asynchronous-unwind-tables", "-I", str(HERE),
 ]  # fmt: skip
-LINK = ["ld", "-m", "elf_x86_64", "-nostdlib", "--oformat", "binary", "-Ttext", hex(GUEST_BASE), "-e", "_start"]
+LINK_ELF = ["ld", "-m", "elf_x86_64", "-nostdlib", "-Ttext", hex(GUEST_BASE), "-e", "_start"]
+# Code, data and bss must end below the user stack (common.S: USER_STACK_TOP 0x6000, leaving
+# 4 KiB of stack); the page tables start at 0x8000.
+FOOTPRINT_LIMIT = 0x5000
 
 
 class ToolMissing(RuntimeError):
@@ -42,18 +45,18 @@ def _sources(name: str) -> list[Path]:
     main = [p for p in (HERE / f"{name}.S", HERE / f"{name}.c") if p.exists()]
     if not main:
         raise FileNotFoundError(f"no test guest named {name!r} in {HERE}")
-    return main + sorted(HERE.glob("*.h")) + [HERE / "common.S"]
+    return main + sorted(HERE.glob("*.h")) + [HERE / "common.S", HERE / "c_entry.S"]
 
 
 def build_guest(name: str) -> Path:
     """The path of the built flat binary of guest `name`, building it when needed."""
-    for tool in ("gcc", "ld"):
+    for tool in ("gcc", "ld", "objcopy", "nm"):
         if shutil.which(tool) is None:
             raise ToolMissing(f"{tool} is not installed; it builds the test guests")
     digest = hashlib.sha256()
     for source in _sources(name):
         digest.update(source.name.encode() + source.read_bytes())
-    digest.update(repr((ASSEMBLE, COMPILE_C, LINK)).encode())
+    digest.update(repr((ASSEMBLE, COMPILE_C, LINK_ELF)).encode())
     output = BUILD_DIR / f"{name}-{digest.hexdigest()[:16]}.bin"
     if output.exists():
         return output
@@ -68,9 +71,23 @@ def build_guest(name: str) -> Path:
         else:
             objects.append(_run(ASSEMBLE, main, Path(tmp) / "main.o"))
         partial = Path(tmp) / "guest.bin"
-        subprocess.run([*LINK, "-o", str(partial), *map(str, objects)], check=True, capture_output=True)
+        elf = Path(tmp) / "guest.elf"
+        link = subprocess.run([*LINK_ELF, "-o", str(elf), *map(str, objects)], capture_output=True, text=True)
+        if link.returncode:
+            raise RuntimeError(f"linking {name} failed:\n{link.stderr}")
+        _check_footprint(name, elf)
+        subprocess.run(["objcopy", "-O", "binary", str(elf), str(partial)], check=True, capture_output=True)
         shutil.move(str(partial), output)
     return output
+
+
+def _check_footprint(name: str, elf: Path) -> None:
+    """Refuses a guest whose code, data or bss would run into its stack or page tables."""
+    symbols = subprocess.run(["nm", "-n", str(elf)], capture_output=True, text=True, check=True).stdout
+    addresses = [int(line.split()[0], 16) for line in symbols.splitlines() if line[:1].isalnum() and " " in line]
+    end = max(addresses, default=GUEST_BASE)
+    if end >= FOOTPRINT_LIMIT:
+        raise RuntimeError(f"test guest {name} reaches {end:#x}; it must end below {FOOTPRINT_LIMIT:#x}")
 
 
 def _run(command: list[str], source: Path, output: Path) -> Path:
