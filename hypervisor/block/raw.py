@@ -88,9 +88,7 @@ class RawFile:
 
     def _check_range(self, offset: int, length: int) -> None:
         if offset < 0 or length < 0 or offset + length > self._size:
-            raise ValueError(
-                f"{self.path}: request [{offset}, +{length}) outside the disk ({self._size} bytes)"
-            )
+            raise ValueError(f"{self.path}: request [{offset}, +{length}) outside the disk ({self._size} bytes)")
 
     def _check_writable(self) -> None:
         if self._read_only:

@@ -29,7 +29,7 @@ from hypervisor.cli.image_options import (
     parse_snapshot_param,
     qcow2_create_options,
 )
-from hypervisor.errors import ConfigError, HypervisorError, ImageError
+from hypervisor.errors import ConfigError, HypervisorError
 
 log = logging.getLogger(__name__)
 
@@ -342,4 +342,4 @@ def commit_command(image_format: str | None, keep: bool, progress: bool, filenam
     click.echo("Image committed.")
 
 
-__all__ = ["image", "ImageError"]
+__all__ = ["image"]

@@ -32,8 +32,14 @@ def qemu_io(path: Path, *commands: str, fmt: str = "qcow2", cwd: Path | None = N
     assert "error" not in result.stdout.lower() + result.stderr.lower(), result.stdout + result.stderr
 
 
-def create(path: Path, size: int | str, *options: str, backing: Path | None = None, backing_fmt: str = "qcow2",
-           fmt: str = "qcow2") -> Path:
+def create(
+    path: Path,
+    size: int | str,
+    *options: str,
+    backing: Path | None = None,
+    backing_fmt: str = "qcow2",
+    fmt: str = "qcow2",
+) -> Path:
     args: list[str | Path] = ["create", "-q", "-f", fmt]
     if options:
         args += ["-o", ",".join(options)]
@@ -72,8 +78,15 @@ def check_no_corruption(path: Path) -> subprocess.CompletedProcess:
     return result
 
 
-def random_workload(image, twin, seed: int, ops: int, max_len: int = 200 * KIB,  # type: ignore[no-untyped-def]
-                    flush_every: float = 0.1, snapshots: bool = False) -> None:
+def random_workload(
+    image,
+    twin,
+    seed: int,
+    ops: int,
+    max_len: int = 200 * KIB,  # type: ignore[no-untyped-def]
+    flush_every: float = 0.1,
+    snapshots: bool = False,
+) -> None:
     """Random writes, zero writes and discards on `image` and its raw `twin`."""
     rng = random.Random(seed)
     for step in range(ops):

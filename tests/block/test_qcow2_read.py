@@ -19,8 +19,13 @@ pytestmark = needs_qemu
 
 def _cluster_size(tmp: Path, cluster: int) -> Path:
     path = create(tmp / "img.qcow2", 4 * MIB, f"cluster_size={cluster}")
-    qemu_io(path, "write -P 0x11 100 5000", f"write -P 0x22 {MIB - 300} 70k", "write -z 2M 128k",
-            f"write -P 0x33 {3 * MIB} {min(cluster, MIB)}")
+    qemu_io(
+        path,
+        "write -P 0x11 100 5000",
+        f"write -P 0x22 {MIB - 300} 70k",
+        "write -z 2M 128k",
+        f"write -P 0x33 {3 * MIB} {min(cluster, MIB)}",
+    )
     return path
 
 

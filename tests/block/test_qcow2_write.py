@@ -230,9 +230,11 @@ def test_unknown_header_extension_and_bits_preserved(tmp_path: Path) -> None:
     end = header_length
     while struct.unpack_from(">I", buf, end)[0] != 0:
         end += 8 + (struct.unpack_from(">I", buf, end + 4)[0] + 7) // 8 * 8
-    buf[header_length : end + 8] = unknown + buf[header_length : end + 8]
+    head = buf[:65536]  # the header cluster: the rest of the file keeps its layout
+    head[header_length : end + 8] = unknown + head[header_length : end + 8]
+    buf[:65536] = head[:65536]
     struct.pack_into(">Q", buf, 80, 1 << 40)
-    path.write_bytes(bytes(buf[: len(path.read_bytes())]))
+    path.write_bytes(bytes(buf))
     with Qcow2Image.open(str(path)) as image:
         image.write(0, [b"\x01" * 64 * KIB])
         image.create_snapshot("s")  # rewrites the header
@@ -264,8 +266,12 @@ def test_second_writer_refused(tmp_path: Path) -> None:
 def test_read_only_refuses_writes(tmp_path: Path) -> None:
     path = create(tmp_path / "ro.qcow2", MIB)
     with Qcow2Image.open(str(path), read_only=True) as image:
-        for call in (lambda: image.write(0, [b"x"]), lambda: image.write_zeroes(0, 512),
-                     lambda: image.discard(0, 512), lambda: image.create_snapshot("s"),
-                     lambda: image.resize(2 * MIB)):
+        for call in (
+            lambda: image.write(0, [b"x"]),
+            lambda: image.write_zeroes(0, 512),
+            lambda: image.discard(0, 512),
+            lambda: image.create_snapshot("s"),
+            lambda: image.resize(2 * MIB),
+        ):
             with pytest.raises(ImageError, match="read-only"):
                 call()

@@ -91,9 +91,7 @@ def test_two_readers_share(raw_path):
 @pytest.mark.skipif(shutil.which("qemu-io") is None, reason="qemu-io (qemu-utils) not installed")
 def test_locks_are_seen_by_qemu(raw_path):
     with RawFile(raw_path):
-        result = subprocess.run(
-            ["qemu-io", "-f", "raw", "-c", "read 0 512", raw_path], capture_output=True, text=True
-        )
+        result = subprocess.run(["qemu-io", "-f", "raw", "-c", "read 0 512", raw_path], capture_output=True, text=True)
         assert result.returncode != 0
         assert "lock" in (result.stdout + result.stderr)
 

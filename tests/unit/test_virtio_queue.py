@@ -227,3 +227,15 @@ def test_guest_buffer_spans_adjacent_regions():
         assert guest_buffer(memory, 0xDEAD_0000, 0) == []
     finally:
         memory.close()
+
+
+def test_indirect_table_needs_only_8_byte_alignment(memory, allocator):
+    # Linux kmallocs indirect tables; §2.7 requires no alignment for them (seen in a Linux boot).
+    driver, device = make_queue(memory, allocator, indirect=True)
+    table = allocator.take(40, 16) + 8
+    memory.write(table, DESCRIPTOR.pack(0x8000, 16, spec.DESC_F_NEXT, 1))
+    memory.write(table + 16, DESCRIPTOR.pack(0x9000, 1, spec.DESC_F_WRITE, 0))
+    driver.write_descriptor(0, table, 32, spec.DESC_F_INDIRECT)
+    driver.publish(0)
+    (chain,) = device.iter_available()
+    assert (chain.readable_length, chain.writable_length) == (16, 1)

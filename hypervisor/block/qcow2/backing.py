@@ -26,9 +26,7 @@ def resolve_relative(image_path: str, name: str) -> str:
     return os.path.join(os.path.dirname(os.path.abspath(image_path)), name)
 
 
-def open_backing(
-    image_path: str, name: str, backing_format: str | None, chain: tuple[str, ...]
-) -> BlockBackend:
+def open_backing(image_path: str, name: str, backing_format: str | None, chain: tuple[str, ...]) -> BlockBackend:
     """Open the backing file `name` of `image_path` read-only, with its own chain."""
     path = resolve_relative(image_path, name)
     real = os.path.realpath(path)

@@ -29,7 +29,7 @@ from typing import Any
 from hypervisor.block.qcow2 import format as fmt
 from hypervisor.block.qcow2.check_refcounts import RefcountReader, write_refcount_structure
 from hypervisor.block.qcow2.check_walk import ImageFile, ReferenceCounter, read_image_file
-from hypervisor.errors import ConfigError, HypervisorError, ImageError
+from hypervisor.errors import ConfigError, ImageError
 
 log = logging.getLogger(__name__)
 
@@ -125,9 +125,14 @@ def _scan(image: ImageFile, messages: list[str]) -> _Scan:
         elif actual > expected:
             messages.append(f"Leaked cluster {index} refcount={actual} reference={expected}")
             leaked.append(index)
-    return _Scan(counter, stored, leaked, too_low,
-                 counter.corruptions + stored.corruptions + len(too_low),
-                 (highest + 1) * image.cluster_size)
+    return _Scan(
+        counter,
+        stored,
+        leaked,
+        too_low,
+        counter.corruptions + stored.corruptions + len(too_low),
+        (highest + 1) * image.cluster_size,
+    )
 
 
 def _copied_flag_errors(image: ImageFile, scan: _Scan, messages: list[str], fix: bool) -> int:
@@ -139,8 +144,9 @@ def _copied_flag_errors(image: ImageFile, scan: _Scan, messages: list[str], fix:
         if bool(entry & fmt.OFLAG_COPIED) == want:
             continue
         kind = "L2 cluster" if slot.is_l1 else "data cluster"
-        messages.append(f"ERROR OFLAG_COPIED {kind}: {'l1' if slot.is_l1 else 'l2'}_entry={entry:x} "
-                        f"refcount={refcount}")
+        messages.append(
+            f"ERROR OFLAG_COPIED {kind}: {'l1' if slot.is_l1 else 'l2'}_entry={entry:x} refcount={refcount}"
+        )
         errors += 1
         if fix:
             fixed = entry | fmt.OFLAG_COPIED if want else entry & ~fmt.OFLAG_COPIED
@@ -156,8 +162,9 @@ def _fix_leaks(image: ImageFile, scan: _Scan, messages: list[str]) -> int:
     for index in scan.leaked:
         expected = scan.counter.get(index)
         if scan.stored.set(index, expected):
-            messages.append(f"Repairing cluster {index} refcount={scan.stored.get(index, fresh=True)} "
-                            f"reference={expected}")
+            messages.append(
+                f"Repairing cluster {index} refcount={scan.stored.get(index, fresh=True)} reference={expected}"
+            )
             fixed += 1
     os.fdatasync(image.fd)
     return fixed
@@ -172,26 +179,24 @@ def _clear_flags(image: ImageFile, flags: int) -> None:
     os.fdatasync(image.fd)
 
 
-def rebuild_refcounts(image: ImageFile | Any, messages: list[str] | None = None) -> None:
+def rebuild_refcounts(image: ImageFile, messages: list[str] | None = None) -> None:
     """Replace the refcount table and blocks with ones computed from every reference.
 
-    `image` is an ImageFile from `read_image_file(fd, path)`, or an object with `fd` and `path`
-    attributes (e.g. an open Qcow2Image; reopen or reload its refcount cache afterwards).
+    `image` is an ImageFile from `read_image_file(fd, path)` whose fd is open read-write (the
+    engine's own dirty-bit repair is hypervisor/block/qcow2/rebuild.py; this one serves `check -r`).
     """
     log_lines: list[str] = messages if messages is not None else []
-    image_file = image if isinstance(image, ImageFile) else read_image_file(image.fd, image.path)
+    image_file = image
     counter = ReferenceCounter(image_file, log_lines)
     # The old table and blocks are not counted: once the header points at the new ones they are free.
     counter.count_everything(include_refcount_structure=False)
     log_lines.append("Rebuilding refcount structure")
     table_offset, table_clusters = write_refcount_structure(image_file, counter)
-    os.pwrite(image_file.fd, struct.pack(">QI", table_offset, table_clusters),
-              HEADER_REFCOUNT_TABLE_OFFSET)
+    os.pwrite(image_file.fd, struct.pack(">QI", table_offset, table_clusters), HEADER_REFCOUNT_TABLE_OFFSET)
     os.fdatasync(image_file.fd)
     image_file.refcount_table_offset = table_offset
     image_file.refcount_table_clusters = table_clusters
-    log.info("%s: rebuilt refcount structure at %#x (%d clusters)", image_file.path, table_offset,
-             table_clusters)
+    log.info("%s: rebuilt refcount structure at %#x (%d clusters)", image_file.path, table_offset, table_clusters)
 
 
 def _check_open_image(image: ImageFile, repair: str | None) -> CheckResult:
@@ -212,8 +217,13 @@ def _check_open_image(image: ImageFile, repair: str | None) -> CheckResult:
             scan = _scan(image, [])
             result.corruptions_fixed += _copied_flag_errors(image, scan, messages, fix=True)
         result.repaired = True
-        log.info("%s: repaired %d leaks, %d of %d corruptions", image.path, result.leaks_fixed,
-                 result.corruptions_fixed, corruptions_found)
+        log.info(
+            "%s: repaired %d leaks, %d of %d corruptions",
+            image.path,
+            result.leaks_fixed,
+            result.corruptions_fixed,
+            corruptions_found,
+        )
         messages.append("")  # the double check's messages follow
     final = _scan(image, messages if result.repaired else [])
     final_copied = _copied_flag_errors(image, final, messages, fix=False)
@@ -234,24 +244,25 @@ def _check_open_image(image: ImageFile, repair: str | None) -> CheckResult:
 def check_image(path_or_image: str | Any, repair: str | None = None) -> CheckResult:
     """Check (and with `repair` "leaks" or "all", repair) a qcow2 image.
 
-    `path_or_image` is a file name, or an open image object with `fd` and `path` attributes whose
-    fd is open read-write when repairing. Raises ConfigError for a bad repair mode, ImageError
-    subclasses when the image cannot be checked at all (not qcow2, header unusable).
+    `path_or_image` is a file name, or an open image object with a `path` attribute (e.g. a
+    Qcow2Image, which then already holds the image's lock; it must be flushed before and reopened
+    after a repair, since its caches do not see the checker's writes). Raises ConfigError for a bad
+    repair mode and ImageError subclasses when the image cannot be checked at all.
     """
     if repair is not None and repair not in REPAIR_MODES:
         raise ConfigError(f"invalid repair mode '{repair}' (leaks or all)")
-    if not isinstance(path_or_image, str):
-        return _check_open_image(read_image_file(path_or_image.fd, path_or_image.path), repair)
     from hypervisor.block.raw import open_image_fd
 
-    fd = open_image_fd(path_or_image, read_only=repair is None)
+    path = path_or_image if isinstance(path_or_image, str) else path_or_image.path
+    # An open image object already holds the lock; a second lock from this process would conflict.
+    fd = open_image_fd(path, read_only=repair is None, lock=isinstance(path_or_image, str))
     try:
-        image = read_image_file(fd, path_or_image)
+        image = read_image_file(fd, path)
         return _check_open_image(image, repair)
     except OSError as error:
-        raise ImageError(f"{path_or_image}: I/O error during check: {error.strerror}") from error
+        raise ImageError(f"{path}: I/O error during check: {error.strerror}") from error
     finally:
         os.close(fd)
 
 
-__all__ = ["CheckResult", "check_image", "rebuild_refcounts", "REPAIR_MODES", "HypervisorError"]
+__all__ = ["CheckResult", "check_image", "rebuild_refcounts", "REPAIR_MODES"]

@@ -34,7 +34,7 @@ def encode_block(values: list[int], refcount_bits: int, block_size: int) -> byte
         width = refcount_bits // 8
         for index, value in enumerate(values):
             if value:
-                out[index * width:(index + 1) * width] = value.to_bytes(width, "big")
+                out[index * width : (index + 1) * width] = value.to_bytes(width, "big")
         return bytes(out)
     per_byte = 8 // refcount_bits
     for index, value in enumerate(values):
@@ -59,8 +59,7 @@ class RefcountReader:
         for index, entry in enumerate(struct.unpack(f">{table_bytes // 8}Q", raw)):
             offset = entry & fmt.REFT_OFFSET_MASK
             if offset & (image.cluster_size - 1):
-                self._corrupt(f"ERROR refcount block {index} is not cluster aligned; "
-                              f"refcount table entry corrupted")
+                self._corrupt(f"ERROR refcount block {index} is not cluster aligned; refcount table entry corrupted")
                 offset = 0
             elif offset and offset + image.cluster_size > image.file_size:
                 self._corrupt(f"ERROR refcount block {index} is outside image")
@@ -119,8 +118,7 @@ def write_refcount_structure(image: ImageFile, counter: ReferenceCounter) -> tup
     for index, value in enumerate(counts):
         if value > maximum:
             raise ImageCorruptError(
-                f"{image.path}: cluster {index} has {value} references, more than a "
-                f"{bits}-bit refcount can hold"
+                f"{image.path}: cluster {index} has {value} references, more than a {bits}-bit refcount can hold"
             )
     first_free = max(len(counts), -(-image.file_size // cs))
     blocks, table_clusters = 1, 1
@@ -140,7 +138,7 @@ def write_refcount_structure(image: ImageFile, counter: ReferenceCounter) -> tup
     table = bytearray(table_clusters * cs)
     for block_index in range(blocks):
         block_offset = (first_free + block_index) * cs
-        values = counts[block_index * per_block:(block_index + 1) * per_block]
+        values = counts[block_index * per_block : (block_index + 1) * per_block]
         os.pwrite(image.fd, encode_block(values, bits, cs), block_offset)
         struct.pack_into(">Q", table, block_index * 8, block_offset)
     table_offset = (first_free + blocks) * cs

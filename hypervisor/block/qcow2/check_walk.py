@@ -217,12 +217,10 @@ class ReferenceCounter:
                 # Offset 0 means unallocated, except in an external data file where 0 is a
                 # valid offset and COPIED (always set there) disambiguates (QEMU qcow2.h).
                 if step == 2 and bitmap & fmt.SUBCLUSTER_ALLOC_MASK:
-                    self.corrupt(f"ERROR unallocated cluster with allocated subclusters: "
-                                 f"l2_bitmap={bitmap:x}")
+                    self.corrupt(f"ERROR unallocated cluster with allocated subclusters: l2_bitmap={bitmap:x}")
                 continue
             if offset & (cs - 1):
-                self.corrupt(f"ERROR offset={offset:x}: Cluster is not properly aligned; "
-                             f"L2 entry corrupted.")
+                self.corrupt(f"ERROR offset={offset:x}: Cluster is not properly aligned; L2 entry corrupted.")
                 continue
             if active:
                 self.stats.allocated_clusters += 1
@@ -242,15 +240,17 @@ class ReferenceCounter:
     def _count_compressed(self, entry: int, bitmap: int, active: bool) -> None:
         host_offset, length = fmt.compressed_span(entry, self.image.cluster_bits)
         if entry & fmt.OFLAG_COPIED:
-            self.corrupt(f"ERROR: coffset=0x{host_offset:x}: copied flag must never be set for "
-                         f"compressed clusters")
+            self.corrupt(f"ERROR: coffset=0x{host_offset:x}: copied flag must never be set for compressed clusters")
         if bitmap:
             self.corrupt(f"ERROR compressed cluster with a subcluster bitmap: l2_bitmap={bitmap:x}")
         if self.image.header.incompatible_features & fmt.INCOMPAT_DATA_FILE:
             self.corrupt("ERROR compressed cluster in an image with an external data file")
             return
-        if host_offset < self.image.cluster_size or host_offset + length > fmt.align_up(
-                self.image.file_size, fmt.COMPRESSED_SECTOR_SIZE) + self.image.cluster_size:
+        if (
+            host_offset < self.image.cluster_size
+            or host_offset + length
+            > fmt.align_up(self.image.file_size, fmt.COMPRESSED_SECTOR_SIZE) + self.image.cluster_size
+        ):
             self.corrupt(f"ERROR compressed cluster at 0x{host_offset:x} is outside the image")
             return
         if active:
@@ -270,8 +270,7 @@ class ReferenceCounter:
         table_start = entry_end = offset
         for number in range(header.nb_snapshots):
             fixed = fmt.SnapshotEntryFixed.parse(self.image.pread(fmt.SNAPSHOT_ENTRY_FIXED, offset))
-            entry_length = (fmt.SNAPSHOT_ENTRY_FIXED + fixed.extra_data_size + fixed.id_str_size
-                            + fixed.name_size)
+            entry_length = fmt.SNAPSHOT_ENTRY_FIXED + fixed.extra_data_size + fixed.id_str_size + fixed.name_size
             entry_end = offset + entry_length  # QEMU does not write the last entry's padding
             offset = fmt.align_up(entry_end, 8)
             if entry_end - table_start > SNAPSHOT_TABLE_MAX_BYTES or entry_end > self.image.file_size:
@@ -280,8 +279,7 @@ class ReferenceCounter:
             if fixed.l1_size * 8 > fmt.MAX_L1_BYTES:
                 self.corrupt(f"ERROR snapshot {number}: L1 table too large ({fixed.l1_size} entries)")
                 continue
-            self._count_l1(fixed.l1_table_offset, fixed.l1_size, active=False,
-                           what=f"snapshot {number} L1 table")
+            self._count_l1(fixed.l1_table_offset, fixed.l1_size, active=False, what=f"snapshot {number} L1 table")
         self.add_range(table_start, entry_end - table_start)
 
     def _count_bitmaps(self) -> None:
@@ -304,9 +302,10 @@ class ReferenceCounter:
             if position + fmt.BITMAP_DIRECTORY_ENTRY_FIXED > size:
                 self.corrupt("ERROR bitmap directory entry runs past the directory")
                 return
-            entry = fmt.BitmapDirectoryEntry.parse(directory[position:position + fmt.BITMAP_DIRECTORY_ENTRY_FIXED])
-            position = fmt.align_up(position + fmt.BITMAP_DIRECTORY_ENTRY_FIXED + entry.extra_data_size
-                                    + entry.name_size, 8)
+            entry = fmt.BitmapDirectoryEntry.parse(directory[position : position + fmt.BITMAP_DIRECTORY_ENTRY_FIXED])
+            position = fmt.align_up(
+                position + fmt.BITMAP_DIRECTORY_ENTRY_FIXED + entry.extra_data_size + entry.name_size, 8
+            )
             table_bytes = entry.bitmap_table_size * 8
             if not self._table_ok("bitmap table", entry.bitmap_table_offset, table_bytes):
                 continue

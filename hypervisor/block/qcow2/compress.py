@@ -29,9 +29,7 @@ def zstd_available() -> bool:
 def require_codec(compression_type: int, path: str) -> None:
     """ImageFormatError at open if the image's compression needs a missing library."""
     if compression_type == fmt.COMPRESSION_ZSTD and _zstd is None:
-        raise ImageFormatError(
-            f"{path}: zstd-compressed image, but the Python 'zstandard' package is not installed"
-        )
+        raise ImageFormatError(f"{path}: zstd-compressed image, but the Python 'zstandard' package is not installed")
 
 
 def decompress(data: bytes, cluster_size: int, compression_type: int, path: str) -> bytes:
@@ -47,9 +45,7 @@ def decompress(data: bytes, cluster_size: int, compression_type: int, path: str)
     except (zlib.error, getattr(_zstd, "ZstdError", zlib.error)) as exc:
         raise ImageCorruptError(f"{path}: compressed cluster cannot be decompressed: {exc}") from None
     if len(out) != cluster_size:
-        raise ImageCorruptError(
-            f"{path}: compressed cluster decompresses to {len(out)} bytes, not {cluster_size}"
-        )
+        raise ImageCorruptError(f"{path}: compressed cluster decompresses to {len(out)} bytes, not {cluster_size}")
     return out
 
 

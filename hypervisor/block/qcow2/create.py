@@ -116,9 +116,7 @@ def validate(options: Qcow2CreateOptions) -> None:
     if options.compat not in ("0.10", "1.1", "v2", "v3"):
         raise ConfigError(f"Invalid compatibility level: '{options.compat}'")
     if options.preallocation not in PREALLOCATION_MODES:
-        raise ConfigError(
-            f"Unsupported preallocation mode '{options.preallocation}' (supported: off, metadata)"
-        )
+        raise ConfigError(f"Unsupported preallocation mode '{options.preallocation}' (supported: off, metadata)")
     if options.compression_type not in COMPRESSION_TYPES:
         raise ConfigError(f"Unknown compression type '{options.compression_type}' (zlib or zstd)")
     if options.version == 2:
@@ -146,8 +144,7 @@ def validate(options: Qcow2CreateOptions) -> None:
         if b"\0" in name:
             raise ConfigError("Backing file name contains a NUL byte")
         if options.preallocation != "off":
-            raise ConfigError("Backing file and preallocation can only be used at the same time "
-                              "with preallocation=off")
+            raise ConfigError("Backing file and preallocation can only be used at the same time with preallocation=off")
     elif options.backing_format is not None:
         raise ConfigError("Backing format given without a backing file (-F needs -b)")
     # qcow2.rst: host offsets have 56 bits; QEMU also limits the virtual size to 2^55 bytes.
@@ -162,13 +159,12 @@ def _header_extension(ext_type: int, data: bytes) -> bytes:
 
 
 def _feature_name_table() -> bytes:
-    return b"".join(
-        struct.pack(">BB46s", kind, bit, name.encode()) for kind, bit, name in FEATURE_NAMES
-    )
+    return b"".join(struct.pack(">BB46s", kind, bit, name.encode()) for kind, bit, name in FEATURE_NAMES)
 
 
-def _header_cluster(options: Qcow2CreateOptions, l1_size: int, l1_offset: int,
-                    refcount_table_offset: int, refcount_table_clusters: int) -> bytes:
+def _header_cluster(
+    options: Qcow2CreateOptions, l1_size: int, l1_offset: int, refcount_table_offset: int, refcount_table_clusters: int
+) -> bytes:
     """Cluster 0: header fields, extensions, end marker, backing file name (qcow2.rst "Header")."""
     version = options.version
     header_length = V2_HEADER_LENGTH if version == 2 else V3_HEADER_LENGTH
@@ -213,7 +209,12 @@ def _header_cluster(options: Qcow2CreateOptions, l1_size: int, l1_offset: int,
     )
     if version == 3:
         fields += struct.pack(
-            ">QQQIIB7x", incompatible, compatible, 0, options.refcount_order, header_length,
+            ">QQQIIB7x",
+            incompatible,
+            compatible,
+            0,
+            options.refcount_order,
+            header_length,
             COMPRESSION_TYPES[options.compression_type],
         )
     assert len(fields) == header_length
@@ -291,7 +292,7 @@ def _refcount_block(first_cluster: int, in_use: int, options: Qcow2CreateOptions
         width = bits // 8
         one = (1).to_bytes(width, "big")
         for index in range(count):
-            block[index * width:(index + 1) * width] = one
+            block[index * width : (index + 1) * width] = one
     return bytes(block)
 
 
@@ -301,8 +302,9 @@ def create_qcow2(path: str, options: Qcow2CreateOptions) -> None:
     cs = options.cluster_size
     layout = _plan(options)
     l1_offset = layout.l1_index * cs if layout.l1_size else 0
-    header = _header_cluster(options, layout.l1_size, l1_offset, layout.refcount_table_index * cs,
-                             layout.refcount_table_clusters)
+    header = _header_cluster(
+        options, layout.l1_size, l1_offset, layout.refcount_table_index * cs, layout.refcount_table_clusters
+    )
     refcount_table = b"".join(
         struct.pack(">Q", (layout.refcount_block_index + i) * cs) for i in range(layout.refcount_blocks)
     )
@@ -330,12 +332,10 @@ def create_qcow2(path: str, options: Qcow2CreateOptions) -> None:
         raise ImageError(f"Could not write '{path}': {error.strerror}") from error
     finally:
         os.close(fd)
-    log.info("created %s: qcow2 v%d, %d bytes, cluster size %d", path, options.version,
-             options.rounded_size, cs)
+    log.info("created %s: qcow2 v%d, %d bytes, cluster size %d", path, options.version, options.rounded_size, cs)
 
 
-def _write_preallocated_tables(fd: int, options: Qcow2CreateOptions, layout: _Layout,
-                               l1_offset: int) -> int:
+def _write_preallocated_tables(fd: int, options: Qcow2CreateOptions, layout: _Layout, l1_offset: int) -> int:
     """preallocation=metadata: each L2 table right before the data clusters it maps, every entry
     allocated with COPIED set and no zero flag (the sparse file reads back as zeros), as QEMU does;
     with extended L2 the subcluster bitmap stays 0, again as QEMU writes it."""

@@ -190,9 +190,7 @@ def _parse_extensions(header: Qcow2Header, buf: bytes, path: str) -> None:
 def _check_features(header: Qcow2Header, path: str) -> None:
     unknown = header.incompatible_features & ~fmt.INCOMPAT_KNOWN
     if unknown:
-        names = [
-            header.feature_name(fmt.FEATURE_TYPE_INCOMPATIBLE, bit) for bit in range(64) if unknown >> bit & 1
-        ]
+        names = [header.feature_name(fmt.FEATURE_TYPE_INCOMPATIBLE, bit) for bit in range(64) if unknown >> bit & 1]
         raise ImageFormatError(f"{path}: unsupported qcow2 feature(s): {', '.join(names)}")
     if header.crypt_method != fmt.CRYPT_NONE or header.extension(fmt.EXT_CRYPTO) is not None:
         kind = fmt.CRYPT_NAMES.get(header.crypt_method, f"method {header.crypt_method}")
@@ -331,5 +329,7 @@ def serialize(header: Qcow2Header) -> bytes:
         header.backing_file_offset = 0
         header.backing_file_size = 0
     if len(out) > header.cluster_size:
-        raise ImageFormatError(f"header, extensions and backing name do not fit in one {header.cluster_size}-byte cluster")
+        raise ImageFormatError(
+            f"header, extensions and backing name do not fit in one {header.cluster_size}-byte cluster"
+        )
     return bytes(out)

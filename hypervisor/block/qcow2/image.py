@@ -255,7 +255,9 @@ class Qcow2Image(ReadMixin, WriteMixin, OpsMixin):
             raise ImageCorruptError(f"{self.path}: L2 entry 0x{entry:x} (guest cluster {guest_cluster}) is not aligned")
         if self._has_data_file:
             if host != guest_cluster << self._cb:
-                raise ImageCorruptError(f"{self.path}: data file offset of guest cluster {guest_cluster} != guest offset")
+                raise ImageCorruptError(
+                    f"{self.path}: data file offset of guest cluster {guest_cluster} != guest offset"
+                )
             return
         if host >= self._hf.size:
             raise ImageCorruptError(

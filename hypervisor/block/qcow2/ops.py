@@ -110,20 +110,31 @@ class OpsMixin:
         clusters = max(1, -(-length // self._cs))
         self._refs.free_later(offset, clusters)
 
+    def _write_tables_with_refcounts(self: Qcow2Image) -> None:
+        """Write dirty L2/L1 tables and the refcount blocks in one sync epoch, then sync.
+
+        Used where COPIED flags change together with refcounts (snapshot create/delete): a state
+        at any sync point then has the flags matching the refcounts (qemu-img check counts a
+        mismatch as corruption), and no reference ever reaches disk before its refcount.
+        """
+        self._l2.write_dirty()
+        if self._l1_dirty:
+            self._hf.pwrite(self._l1_offset, dump_u64_table(self._l1))
+            self._l1_dirty = False
+        synced = self._refs.dirty
+        self._refs.write_back()
+        if not synced:
+            self._hf.sync()
+
     def _write_snapshot_table(self: Qcow2Image, entries: list[SnapshotEntry]) -> None:
         """Write a new snapshot table, then point the header at it (synced), then free the old one."""
         hdr = self._header
         old = (hdr.snapshots_offset, len(build_snapshot_table(self._snapshots))) if hdr.nb_snapshots else None
         raw = build_snapshot_table(entries)
         offset = self._allocate_bytes(len(raw)) if entries else 0
-        self._refs.write_back()
         if entries:
             self._hf.pwrite(offset, raw)
-        self._l2.write_dirty()
-        if self._l1_dirty:
-            self._hf.pwrite(self._l1_offset, dump_u64_table(self._l1))
-            self._l1_dirty = False
-        self._hf.sync()
+        self._write_tables_with_refcounts()
         hdr.nb_snapshots = len(entries)
         hdr.snapshots_offset = offset
         self._write_header()
@@ -162,7 +173,6 @@ class OpsMixin:
                 disk_size=self._size,
                 icount=None,
             )
-            self._refs.write_back()
             if len(l1_copy):
                 self._hf.pwrite(l1_offset, dump_u64_table(l1_copy))
             self._write_snapshot_table([*self._snapshots, entry])
@@ -182,8 +192,8 @@ class OpsMixin:
             if target.l1_size:
                 for i in range(-(-target.l1_size * 8 // self._cs)):
                     self._refs.change((target.l1_table_offset >> self._cb) + i, -1)
-            self._refs.write_back()
             self._set_copied_flags()
+            self._write_tables_with_refcounts()
             self._flush_metadata()
 
     def apply_snapshot(self: Qcow2Image, name_or_id: str) -> None:

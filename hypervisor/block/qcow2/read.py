@@ -145,15 +145,17 @@ class ReadMixin:
             )
         if entry & fmt.OFLAG_ZERO:
             if not self._v3:
-                raise ImageCorruptError(
-                    f"{self.path}: zero flag in a version 2 image (guest cluster {guest_cluster})"
-                )
+                raise ImageCorruptError(f"{self.path}: zero flag in a version 2 image (guest cluster {guest_cluster})")
             if self._extl2:
-                raise ImageCorruptError(f"{self.path}: bit 0 set in an extended L2 entry (guest cluster {guest_cluster})")
+                raise ImageCorruptError(
+                    f"{self.path}: bit 0 set in an extended L2 entry (guest cluster {guest_cluster})"
+                )
             return SEG_ZERO, 0
         host = entry & fmt.L2E_OFFSET_MASK
         if not host and not self._has_data_file:
-            raise ImageCorruptError(f"{self.path}: L2 entry for guest cluster {guest_cluster} has no offset (0x{entry:x})")
+            raise ImageCorruptError(
+                f"{self.path}: L2 entry for guest cluster {guest_cluster} has no offset (0x{entry:x})"
+            )
         self._check_data_offset(host, guest_cluster, entry)
         return SEG_DATA, host
 
@@ -249,7 +251,9 @@ class ReadMixin:
                 yield from self._unallocated_extents(pos, stop, depth)
                 pos = stop
                 continue
-            for seg_start, seg_len, kind, host in self._segments(pos, min(end - pos, bytes_per_l2 - pos % bytes_per_l2)):
+            for seg_start, seg_len, kind, host in self._segments(
+                pos, min(end - pos, bytes_per_l2 - pos % bytes_per_l2)
+            ):
                 if kind == SEG_DATA:
                     yield Extent(seg_start, seg_len, EXTENT_DATA, host, False, depth)
                 elif kind == SEG_ZERO:
@@ -320,8 +324,9 @@ def _merge_extents(extents: list[Extent]) -> list[Extent]:
                     and ext.host_offset == last.host_offset + last.length
                 )
             ):
-                merged[-1] = Extent(last.start, last.length + ext.length, last.kind, last.host_offset,
-                                    last.compressed, last.depth)
+                merged[-1] = Extent(
+                    last.start, last.length + ext.length, last.kind, last.host_offset, last.compressed, last.depth
+                )
                 continue
         merged.append(ext)
     return merged

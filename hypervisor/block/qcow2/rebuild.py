@@ -95,8 +95,9 @@ def rebuild_refcounts(image: Qcow2Image) -> None:
     hdr.incompatible_features &= ~fmt.INCOMPAT_DIRTY
     image._write_header()
     image._hf.sync()
-    image._refs = Refcounts(image._hf, cb, hdr.refcount_order, table_offset, table_clusters,
-                            image._on_refcount_table_moved)
+    image._refs = Refcounts(
+        image._hf, cb, hdr.refcount_order, table_offset, table_clusters, image._on_refcount_table_moved
+    )
     image._metadata = image._collect_metadata_clusters()
     image._set_copied_flags()
     image._flush_metadata()

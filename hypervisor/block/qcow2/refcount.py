@@ -53,9 +53,11 @@ class RefcountBlockCodec:
         self.max_value = (1 << self.bits) - 1
 
     def empty(self) -> array:
-        return array("Q", bytes(8 * self.entries)) if self.bits == 64 else array(self._typecode(), bytes(
-            self._itemsize() * self.entries
-        ))
+        return (
+            array("Q", bytes(8 * self.entries))
+            if self.bits == 64
+            else array(self._typecode(), bytes(self._itemsize() * self.entries))
+        )
 
     def _itemsize(self) -> int:
         return max(1, self.bits // 8)
@@ -245,7 +247,8 @@ class Refcounts:
             self._new_block(missing)  # may take a cluster of the run: search again
         for i in range(count):
             self.change(start + i, +1)
-        if start <= self.free_hint:
+        if count == 1 or start <= max(self.free_hint, 1):
+            # nothing free between the hint and `start` (a single cluster is first fit)
             self.free_hint = start + count
         return start << self.cluster_bits
 

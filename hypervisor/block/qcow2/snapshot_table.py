@@ -40,9 +40,7 @@ class SnapshotEntry:
         )
 
 
-def parse_snapshot_table(
-    raw: bytes, count: int, cluster_size: int, file_size: int, path: str
-) -> list[SnapshotEntry]:
+def parse_snapshot_table(raw: bytes, count: int, cluster_size: int, file_size: int, path: str) -> list[SnapshotEntry]:
     """Parse `count` entries from `raw` (the table's bytes, read from snapshots_offset)."""
     entries: list[SnapshotEntry] = []
     offset = 0

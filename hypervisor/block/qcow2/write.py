@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from hypervisor.block import fileio
 from hypervisor.block.qcow2 import bitmaps
 from hypervisor.block.qcow2 import format as fmt
-from hypervisor.block.qcow2.read import SEG_BACKING, SEG_COMPRESSED, SEG_DATA, SEG_ZERO, ViewCursor
+from hypervisor.block.qcow2.read import ViewCursor
 from hypervisor.errors import ImageError
 
 if TYPE_CHECKING:
