@@ -14,6 +14,7 @@ from pathlib import Path
 
 from hypervisor.boot.image_format import decompress_if_xz, detect_kernel_format
 from hypervisor.boot.layout import guest_layout
+from hypervisor.boot.loader import prepare_kernel
 from hypervisor.errors import ConfigError
 from hypervisor.guest_images import default_guest
 from hypervisor.kvm import kvm_is_pvm
@@ -58,6 +59,7 @@ class LaunchInfo:
     cmdline: str = ""
     protocol: str = ""
     pvm_host: bool = False
+    source: str = ""  # how the kernel was loaded, e.g. "bzImage (lz4 payload unpacked on the host)"
 
 
 def _read(path: Path, what: str) -> bytes:
@@ -77,14 +79,15 @@ def create_machine(options: RunOptions, console: Console | None) -> tuple[Machin
     """A Machine with the guest of `options` loaded and ready to `run`."""
     pvm = kvm_is_pvm()
     if options.raw is not None:
-        if options.kernel is not None:
-            raise ConfigError("--raw and --kernel cannot be used together")
+        if options.kernel is not None or options.initrd is not None:
+            raise ConfigError("--raw cannot be combined with --kernel or --initrd")
         path, address = options.raw
         data = _read(path, "raw guest")
         machine = Machine(options.memory_mib or 16, cpus=options.cpus, console=console,
                           debug_exit_port=options.debug_exit_port, debug_exit_qemu=options.debug_exit_qemu,
                           pvm_emulation=pvm)  # fmt: skip
         try:
+            machine.attach_disks(options.disks)  # found by the guest at the virtio-mmio windows
             machine.load_raw_bytes(data, address, str(path))
         except BaseException:
             machine.close()
@@ -108,19 +111,14 @@ def create_machine(options: RunOptions, console: Console | None) -> tuple[Machin
     try:
         assert machine.memory is not None
         if kind == "multiboot":
-            from hypervisor.boot.multiboot import prepare_multiboot
-
-            image = prepare_multiboot(machine.memory, layout, kernel, options.append or "", initrd,
-                                      options.cpus, kernel_name=kernel_path.name, name=str(kernel_path))  # fmt: skip
-            info = LaunchInfo("multiboot", str(kernel_path), image.cmdline, image.protocol, pvm)
+            cmdline, windows = options.append or "", []
         else:
-            from hypervisor.boot.linux import prepare_linux
-
-            cmdline = linux_cmdline(options.append, pvm, options.root)
-            windows = machine.attach_disks(options.disks)
-            image = prepare_linux(machine.memory, layout, kernel, cmdline, initrd, options.cpus,
-                                  windows, entry="pvh" if options.pvh else "auto", name=str(kernel_path))  # fmt: skip
-            info = LaunchInfo("linux", str(kernel_path), image.cmdline, image.protocol, pvm)
+            cmdline, windows = linux_cmdline(options.append, pvm, options.root), machine.attach_disks(options.disks)
+        image = prepare_kernel(machine.memory, layout, kernel, cmdline, initrd, options.cpus, windows,
+                               entry="pvh" if options.pvh else "auto", name=str(kernel_path),
+                               program_name=kernel_path.name)  # fmt: skip
+        info = LaunchInfo("multiboot" if kind == "multiboot" else "linux", str(kernel_path), image.cmdline,
+                          image.protocol, pvm, image.source)  # fmt: skip
         machine.set_entry_state(image.entry)
     except BaseException:
         machine.close()

@@ -48,6 +48,7 @@ def build_report(result: RunResult, info: LaunchInfo | None, timeline: dict[str,
             "kernel": info.kernel,
             "cmdline": info.cmdline,
             "protocol": info.protocol,
+            "loaded_as": info.source,
         }
         report["host"] = {"kvm_pvm": info.pvm_host}
     return report

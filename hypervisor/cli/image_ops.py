@@ -273,8 +273,11 @@ def _continues(previous: dict[str, Any], entry: dict[str, Any]) -> bool:
     return "offset" not in entry or previous["offset"] + previous["length"] == entry["offset"]
 
 
+_ZEROS = memoryview(bytes(COMPARE_CHUNK))  # allocated once: fresh zero pages cost a fault each
+
+
 def _is_zero(view: memoryview) -> bool:
-    return not any(view) if len(view) < 64 else view.tobytes().count(0) == len(view)
+    return view == _ZEROS[:len(view)]
 
 
 def compare_images(path_a: str, path_b: str, format_a: str | None = None, format_b: str | None = None,

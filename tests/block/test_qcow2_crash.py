@@ -144,7 +144,9 @@ def test_overlay_partial_writes_zeroes_discards(tmp_path: Path, monkeypatch: pyt
     _run(tmp_path, monkeypatch, path, lambda image: _random_io(image, 2, 25), copy_base)
 
 
-def test_snapshots_and_compressed_overwrites(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_snapshot_create_delete_apply_and_compressed_overwrites(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     source = create(tmp_path / "src.qcow2", 2 * MIB)
     qemu_io(source, "write -P 0x44 0 1M")
     path = tmp_path / "img.qcow2"
@@ -158,6 +160,9 @@ def test_snapshots_and_compressed_overwrites(tmp_path: Path, monkeypatch: pytest
         _random_io(image, 4, 8)
         image.create_snapshot("two")
         _random_io(image, 5, 8)
+        image.delete_snapshot("one")
+        image.apply_snapshot("two")
+        _random_io(image, 6, 5)
 
     # Snapshot creation turns COPIED flags off as refcounts go to 2: both live in different
     # sectors, so only the states at sync points (unflushed writes dropped) can be exact.
