@@ -157,7 +157,7 @@ def make_root_disk(workdir: Path) -> Path:
     init.chmod(0o755)
     image = workdir / "root.ext4"
     subprocess.run(["mke2fs", "-q", "-F", "-t", "ext4", "-d", str(tree), str(image), "16M"],
-                   check=True)
+                   check=True, stdout=subprocess.DEVNULL)
     return image
 
 

@@ -12,7 +12,6 @@ The work itself lives in image_ops.py (info, map, compare, snapshot, resize) and
 from __future__ import annotations
 
 import logging
-import sys
 from typing import Any, NoReturn
 
 import click
@@ -57,8 +56,9 @@ class ImageCommand(click.Command):
     def _status(self, default: int) -> int:
         return ERROR_STATUS_BY_COMMAND.get(self.name or "", default)
 
-    def make_context(self, info_name: str | None, args: list[str], parent: click.Context | None = None,
-                     **extra: Any) -> click.Context:
+    def make_context(
+        self, info_name: str | None, args: list[str], parent: click.Context | None = None, **extra: Any
+    ) -> click.Context:
         try:
             return super().make_context(info_name, args, parent=parent, **extra)
         except click.UsageError as error:
@@ -102,17 +102,29 @@ def _formatting_line(path: str, image_format: str, fields: dict[str, Any]) -> st
 
 @command(name="create")
 @click.option("-f", "image_format", type=FORMAT_CHOICE, default="raw", show_default=True)
-@click.option("-o", "options", multiple=True, help="cluster_size=,compat=0.10|1.1,lazy_refcounts=on,"
-              "extended_l2=on,refcount_bits=N,preallocation=off|metadata,compression_type=zlib|zstd")
+@click.option(
+    "-o",
+    "options",
+    multiple=True,
+    help="cluster_size=,compat=0.10|1.1,lazy_refcounts=on,"
+    "extended_l2=on,refcount_bits=N,preallocation=off|metadata,compression_type=zlib|zstd",
+)
 @click.option("-b", "backing", help="Backing file (relative names are relative to FILE's folder).")
 @click.option("-F", "backing_format", type=FORMAT_CHOICE, help="Format of the backing file.")
 @click.option("-u", "unsafe", is_flag=True, help="Do not open the backing file.")
 @click.option("-q", "quiet", is_flag=True, help="Print nothing on success.")
 @click.argument("filename")
 @click.argument("size", required=False)
-def create_command(image_format: str, options: tuple[str, ...], backing: str | None,
-                   backing_format: str | None, unsafe: bool, quiet: bool, filename: str,
-                   size: str | None) -> None:
+def create_command(
+    image_format: str,
+    options: tuple[str, ...],
+    backing: str | None,
+    backing_format: str | None,
+    unsafe: bool,
+    quiet: bool,
+    filename: str,
+    size: str | None,
+) -> None:
     """Create FILENAME of SIZE bytes (suffixes k, M, G, T), or the backing file's size."""
     opts = parse_option_list(options)
     size_bytes = parse_size(size) if size is not None else None
@@ -142,8 +154,10 @@ def create_command(image_format: str, options: tuple[str, ...], backing: str | N
     validate(create_options)
     create_qcow2(filename, create_options)
     if not quiet:
-        fields: dict[str, Any] = {"cluster_size": create_options.cluster_size,
-                                  "extended_l2": "on" if create_options.extended_l2 else "off"}
+        fields: dict[str, Any] = {
+            "cluster_size": create_options.cluster_size,
+            "extended_l2": "on" if create_options.extended_l2 else "off",
+        }
         if "preallocation" in opts:
             fields["preallocation"] = create_options.preallocation
         fields.update(compression_type=create_options.compression_type, size=create_options.size)
@@ -151,8 +165,9 @@ def create_command(image_format: str, options: tuple[str, ...], backing: str | N
             fields.update(backing_file=backing, backing_fmt=backing_format)
         if "compat" in opts:
             fields["compat"] = create_options.compat
-        fields.update(lazy_refcounts="on" if create_options.lazy_refcounts else "off",
-                      refcount_bits=create_options.refcount_bits)
+        fields.update(
+            lazy_refcounts="on" if create_options.lazy_refcounts else "off", refcount_bits=create_options.refcount_bits
+        )
         click.echo(_formatting_line(filename, "qcow2", fields))
 
 
@@ -177,8 +192,7 @@ def info_command(image_format: str | None, output: str, backing_chain: bool, fil
 @command(name="check")
 @click.option("-f", "image_format", type=FORMAT_CHOICE)
 @click.option("--output", "output", type=OUTPUT_CHOICE, default="human")
-@click.option("-r", "repair", type=click.Choice(["leaks", "all"]),
-              help="Repair leaks only, or leaks and corruptions.")
+@click.option("-r", "repair", type=click.Choice(["leaks", "all"]), help="Repair leaks only, or leaks and corruptions.")
 @click.argument("filename")
 def check_command(image_format: str | None, output: str, repair: str | None, filename: str) -> None:
     """Check a qcow2 image's metadata. Exit 0 clean, 1 check failed, 2 corrupt, 3 leaks only."""
@@ -191,7 +205,6 @@ def check_command(image_format: str | None, output: str, repair: str | None, fil
         click.echo(image_output.to_json(result.to_json()))
     else:
         click.echo(image_output.human_check(result))
-    sys.stdout.flush()
     raise click.exceptions.Exit(result.exit_status)
 
 
@@ -220,16 +233,31 @@ def _progress_printer(enabled: bool) -> image_copy.Progress:
 @click.option("-l", "snapshot_param", help="snapshot.name=NAME or snapshot.id=ID: copy that snapshot.")
 @click.argument("source")
 @click.argument("target")
-def convert_command(source_format: str | None, target_format: str, compress: bool,
-                    options: tuple[str, ...], progress: bool, snapshot_param: str | None,
-                    source: str, target: str) -> None:
+def convert_command(
+    source_format: str | None,
+    target_format: str,
+    compress: bool,
+    options: tuple[str, ...],
+    progress: bool,
+    snapshot_param: str | None,
+    source: str,
+    target: str,
+) -> None:
     """Copy SOURCE into a new image TARGET (only data is copied; outputs stay sparse)."""
     snapshot = None
     if snapshot_param is not None:
         snapshot_id, snapshot_name = parse_snapshot_param(snapshot_param)
         snapshot = snapshot_id if snapshot_id is not None else snapshot_name
-    image_copy.convert(source, target, source_format, target_format, compress,
-                       parse_option_list(options), snapshot, _progress_printer(progress))
+    image_copy.convert(
+        source,
+        target,
+        source_format,
+        target_format,
+        compress,
+        parse_option_list(options),
+        snapshot,
+        _progress_printer(progress),
+    )
     if progress:
         click.echo("")
 
@@ -256,8 +284,7 @@ def map_command(image_format: str | None, output: str, filename: str) -> None:
 @click.option("-s", "strict", is_flag=True, help="Images of different sizes differ.")
 @click.argument("first")
 @click.argument("second")
-def compare_command(format_a: str | None, format_b: str | None, strict: bool, first: str,
-                    second: str) -> None:
+def compare_command(format_a: str | None, format_b: str | None, strict: bool, first: str, second: str) -> None:
     """Compare guest-visible contents. Exit 0 identical, 1 different, 2 error."""
     identical, message = image_ops.compare_images(first, second, format_a, format_b, strict)
     click.echo(message)
@@ -270,11 +297,9 @@ def compare_command(format_a: str | None, format_b: str | None, strict: bool, fi
 @click.option("-d", "delete", metavar="NAME", help="Delete a snapshot (name or id).")
 @click.option("-a", "apply", metavar="NAME", help="Revert the disk to a snapshot.")
 @click.argument("filename")
-def snapshot_command(list_: bool, create: str | None, delete: str | None, apply: str | None,
-                     filename: str) -> None:
+def snapshot_command(list_: bool, create: str | None, delete: str | None, apply: str | None, filename: str) -> None:
     """List, create, delete or apply internal snapshots of a qcow2 image."""
-    chosen = [name for name, value in (("-l", list_), ("-c", create), ("-d", delete), ("-a", apply))
-              if value]
+    chosen = [name for name, value in (("-l", list_), ("-c", create), ("-d", delete), ("-a", apply)) if value]
     if len(chosen) > 1:
         raise ConfigError(f"Only one of -l, -c, -d, -a at a time (got {' '.join(chosen)})")
     if image_ops.resolve_format(filename, None) != "qcow2":
@@ -291,7 +316,7 @@ def snapshot_command(list_: bool, create: str | None, delete: str | None, apply:
         elif apply:
             snap_image.apply_snapshot(apply)
         else:
-            snapshots = [image_ops._snapshot_json(s) for s in snap_image.snapshots()]
+            snapshots = [image_ops.snapshot_json(s) for s in snap_image.snapshots()]
             if snapshots:
                 click.echo(image_output.snapshot_table(snapshots))
         if not read_only:
@@ -319,8 +344,9 @@ def resize_command(image_format: str | None, shrink: bool, filename: str, size: 
 @click.option("-F", "backing_format", type=FORMAT_CHOICE)
 @click.option("-p", "progress", is_flag=True, help="Show a progress bar.")
 @click.argument("filename")
-def rebase_command(image_format: str | None, unsafe: bool, backing: str, backing_format: str | None,
-                   progress: bool, filename: str) -> None:
+def rebase_command(
+    image_format: str | None, unsafe: bool, backing: str, backing_format: str | None, progress: bool, filename: str
+) -> None:
     """Change the backing file; without -u, copy what differs so contents stay the same."""
     image_copy.rebase(filename, image_format, backing, backing_format, unsafe, _progress_printer(progress))
     if progress:

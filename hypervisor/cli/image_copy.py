@@ -85,15 +85,15 @@ def _raw_data_ranges(image: Any) -> Iterator[tuple[int, int]]:
 
 def zero_and_data_runs(view: memoryview, granularity: int) -> Iterator[tuple[int, int, bool]]:
     """(offset, length, is_zero) runs of `view`, decided per `granularity` bytes."""
-    if len(view) <= len(_ZEROS) and view == _ZEROS[:len(view)]:  # one memcmp for an all-zero chunk
+    if len(view) <= len(_ZEROS) and view == _ZEROS[: len(view)]:  # one memcmp for an all-zero chunk
         yield 0, len(view), True
         return
     zero_block = _ZEROS[:granularity] if granularity <= len(_ZEROS) else memoryview(bytes(granularity))
     run_start, run_zero = 0, None
     n = len(view)
     for position in range(0, n, granularity):
-        piece = view[position:position + granularity]
-        is_zero = piece == zero_block[:len(piece)]
+        piece = view[position : position + granularity]
+        is_zero = piece == zero_block[: len(piece)]
         if run_zero is not None and is_zero != run_zero:
             yield run_start, position - run_start, run_zero
             run_start = position
@@ -102,9 +102,16 @@ def zero_and_data_runs(view: memoryview, granularity: int) -> Iterator[tuple[int
         yield run_start, n - run_start, bool(run_zero)
 
 
-def copy_data(source: Any, target: Any, granularity: int, compress: bool = False,
-              cluster_size: int = 0, progress: Progress = _no_progress,
-              ranges: Iterator[tuple[int, int, int]] | None = None, write_zeroes: bool = False) -> None:
+def copy_data(
+    source: Any,
+    target: Any,
+    granularity: int,
+    compress: bool = False,
+    cluster_size: int = 0,
+    progress: Progress = _no_progress,
+    ranges: Iterator[tuple[int, int, int]] | None = None,
+    write_zeroes: bool = False,
+) -> None:
     """Copy the data ranges of `source` into `target`. All-zero runs are skipped (the target
     must read as zeros there already) or, with `write_zeroes`, written as zeroes.
 
@@ -123,7 +130,7 @@ def copy_data(source: Any, target: Any, granularity: int, compress: bool = False
             view = memoryview(buffer)[:n]
             for run, run_length, is_zero in zero_and_data_runs(view, granularity):
                 if not is_zero:
-                    _write_run(target, offset + run, view[run:run + run_length], compress, cluster_size)
+                    _write_run(target, offset + run, view[run : run + run_length], compress, cluster_size)
                 elif write_zeroes:
                     target.write_zeroes(offset + run, run_length)
         finally:
@@ -161,7 +168,7 @@ def _write_run(target: Any, offset: int, data: memoryview, compress: bool, clust
     while position < len(data):
         cluster_offset = offset + position
         in_cluster = min(len(data) - position, cluster_size - cluster_offset % cluster_size)
-        piece = data[position:position + in_cluster]
+        piece = data[position : position + in_cluster]
         if in_cluster == cluster_size and cluster_offset + cluster_size <= target.size:
             target.write_compressed(cluster_offset, bytes(piece))
         else:  # a partial cluster (image tail) is stored uncompressed
@@ -169,9 +176,16 @@ def _write_run(target: Any, offset: int, data: memoryview, compress: bool, clust
         position += in_cluster
 
 
-def convert(source_path: str, target_path: str, source_format: str | None, target_format: str,
-            compress: bool, options: dict[str, str], snapshot: str | None = None,
-            progress: Progress = _no_progress) -> None:
+def convert(
+    source_path: str,
+    target_path: str,
+    source_format: str | None,
+    target_format: str,
+    compress: bool,
+    options: dict[str, str],
+    snapshot: str | None = None,
+    progress: Progress = _no_progress,
+) -> None:
     """qemu-img convert: a new image `target_path` with the contents of `source_path`."""
     if target_format not in ("raw", "qcow2"):
         raise ConfigError(f"Unknown output format '{target_format}' (qcow2 or raw)")
@@ -211,8 +225,14 @@ def _create(path: str, image_format: str, options: Qcow2CreateOptions | None, si
         create_raw(path, size)
 
 
-def rebase(path: str, image_format: str | None, backing: str, backing_format: str | None,
-           unsafe: bool, progress: Progress = _no_progress) -> None:
+def rebase(
+    path: str,
+    image_format: str | None,
+    backing: str,
+    backing_format: str | None,
+    unsafe: bool,
+    progress: Progress = _no_progress,
+) -> None:
     """qemu-img rebase. Safe mode first copies into the overlay every cluster where the old and
     the new backing chain differ, so the guest-visible contents do not change."""
     if resolve_format(path, image_format) != "qcow2":
@@ -220,8 +240,9 @@ def rebase(path: str, image_format: str | None, backing: str, backing_format: st
     new_backing = backing or None
     if new_backing is not None:
         resolved = full_backing_filename(path, new_backing)
-        backing_format = resolve_format(resolved, backing_format) if os.path.exists(resolved) or not unsafe \
-            else backing_format
+        backing_format = (
+            resolve_format(resolved, backing_format) if os.path.exists(resolved) or not unsafe else backing_format
+        )
         if backing_format is None:
             raise ConfigError("-F is needed when the new backing file does not exist (-u)")
     from hypervisor.block.qcow2 import Qcow2Image
@@ -236,8 +257,13 @@ def rebase(path: str, image_format: str | None, backing: str, backing_format: st
         return
     image = Qcow2Image.open(path, read_only=False, allow_backing=True)
     try:
-        new = (open_disk(full_backing_filename(path, new_backing), format=backing_format, read_only=True,
-                         allow_backing=True) if new_backing else None)
+        new = (
+            open_disk(
+                full_backing_filename(path, new_backing), format=backing_format, read_only=True, allow_backing=True
+            )
+            if new_backing
+            else None
+        )
         try:
             _copy_differences(image, new, progress)
         finally:
@@ -269,15 +295,14 @@ def _copy_differences(image: Any, new_backing: Any, progress: Progress) -> None:
                 position = 0
                 while position < n:  # cluster by cluster, so only differing clusters are written
                     step = min(n - position, cluster - (offset + position) % cluster)
-                    if old_view[position:position + step] != new_view[position:position + step]:
-                        image.write(offset + position, [old_view[position:position + step]])
+                    if old_view[position : position + step] != new_view[position : position + step]:
+                        image.write(offset + position, [old_view[position : position + step]])
                     position += step
             offset += n
             progress(offset, size)
 
 
-def commit(path: str, image_format: str | None, keep_overlay: bool,
-           progress: Progress = _no_progress) -> bool:
+def commit(path: str, image_format: str | None, keep_overlay: bool, progress: Progress = _no_progress) -> bool:
     """qemu-img commit: write the overlay's own data into its backing file, then empty the overlay
     (unless `keep_overlay`). Returns whether the overlay was emptied."""
     if resolve_format(path, image_format) != "qcow2":
@@ -299,8 +324,14 @@ def commit(path: str, image_format: str | None, keep_overlay: bool,
             for extent in own:
                 if not extent.data:
                     backing.write_zeroes(extent.start, extent.length)
-            copy_data(overlay, backing, DEFAULT_SPARSE_GRANULARITY, progress=progress,
-                      ranges=iter([(e.start, e.length, 0) for e in own if e.data]), write_zeroes=True)
+            copy_data(
+                overlay,
+                backing,
+                DEFAULT_SPARSE_GRANULARITY,
+                progress=progress,
+                ranges=iter([(e.start, e.length, 0) for e in own if e.data]),
+                write_zeroes=True,
+            )
             backing.flush()
         finally:
             backing.close()
@@ -327,12 +358,16 @@ def _recreate_options(image: Any, backing_format: str) -> Qcow2CreateOptions:
 
     header = image.header
     return Qcow2CreateOptions(
-        size=image.size, cluster_size=image.cluster_size,
+        size=image.size,
+        cluster_size=image.cluster_size,
         compat="0.10" if header.version < 3 else "1.1",
         lazy_refcounts=bool(header.compatible_features & fmt.COMPAT_LAZY_REFCOUNTS),
-        extended_l2=header.extended_l2, refcount_bits=header.refcount_bits,
+        extended_l2=header.extended_l2,
+        refcount_bits=header.refcount_bits,
         compression_type=fmt.COMPRESSION_NAMES.get(header.compression_type, "zlib"),
-        backing_file=image.backing_filename, backing_format=backing_format)
+        backing_file=image.backing_filename,
+        backing_format=backing_format,
+    )
 
 
 def _replace_atomically(path: str, options: Qcow2CreateOptions) -> None:

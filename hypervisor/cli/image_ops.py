@@ -46,8 +46,13 @@ def resolve_format(path: str, image_format: str | None) -> str:
     return image_format
 
 
-def open_image(path: str, image_format: str | None = None, read_only: bool = True,
-               allow_backing: bool = True, snapshot: str | None = None) -> BlockBackend:
+def open_image(
+    path: str,
+    image_format: str | None = None,
+    read_only: bool = True,
+    allow_backing: bool = True,
+    snapshot: str | None = None,
+) -> BlockBackend:
     """Open the image the user named (its backing chain allowed unless told otherwise)."""
     image_format = resolve_format(path, image_format)
     if snapshot is not None:
@@ -68,19 +73,21 @@ def opened(path: str, image_format: str | None = None, **kwargs: Any) -> Iterato
         image.close()
 
 
-def _snapshot_json(snapshot: Any) -> dict[str, Any]:
+def snapshot_json(snapshot: Any) -> dict[str, Any]:
     entry: dict[str, Any] = {}
     if snapshot.icount is not None:
         entry["icount"] = snapshot.icount
-    entry.update({
-        "vm-clock-nsec": snapshot.vm_clock_nsec % 1_000_000_000,
-        "name": snapshot.name,
-        "date-sec": snapshot.date_sec,
-        "date-nsec": snapshot.date_nsec,
-        "vm-clock-sec": snapshot.vm_clock_nsec // 1_000_000_000,
-        "id": snapshot.id,
-        "vm-state-size": snapshot.vm_state_size,
-    })
+    entry.update(
+        {
+            "vm-clock-nsec": snapshot.vm_clock_nsec % 1_000_000_000,
+            "name": snapshot.name,
+            "date-sec": snapshot.date_sec,
+            "date-nsec": snapshot.date_nsec,
+            "vm-clock-sec": snapshot.vm_clock_nsec // 1_000_000_000,
+            "id": snapshot.id,
+            "vm-state-size": snapshot.vm_state_size,
+        }
+    )
     return entry
 
 
@@ -100,8 +107,11 @@ def _bitmaps(image: Any) -> list[dict[str, Any]] | None:
         os.close(fd)
     result = []
     for entry in directory.entries if directory else []:
-        flags = [name for bit, name in ((fmt.BITMAP_FLAG_IN_USE, "in-use"), (fmt.BITMAP_FLAG_AUTO, "auto"))
-                 if entry.flags & bit]
+        flags = [
+            name
+            for bit, name in ((fmt.BITMAP_FLAG_IN_USE, "in-use"), (fmt.BITMAP_FLAG_AUTO, "auto"))
+            if entry.flags & bit
+        ]
         result.append({"flags": flags, "name": entry.name, "granularity": 1 << entry.granularity_bits})
     return result
 
@@ -114,8 +124,11 @@ def _qcow2_format_specific(image: Any) -> dict[str, Any]:
     compression = fmt.COMPRESSION_NAMES.get(header.compression_type, str(header.compression_type))
     if header.version < 3:
         return {"compat": "0.10", "compression-type": compression, "refcount-bits": header.refcount_bits}
-    data: dict[str, Any] = {"compat": "1.1", "compression-type": compression,
-                            "lazy-refcounts": bool(header.compatible_features & fmt.COMPAT_LAZY_REFCOUNTS)}
+    data: dict[str, Any] = {
+        "compat": "1.1",
+        "compression-type": compression,
+        "lazy-refcounts": bool(header.compatible_features & fmt.COMPAT_LAZY_REFCOUNTS),
+    }
     bitmap_list = _bitmaps(image)
     if bitmap_list is not None:
         data["bitmaps"] = bitmap_list
@@ -137,21 +150,33 @@ def image_info(path: str, image_format: str | None = None) -> dict[str, Any]:
     if image_format == "raw":
         with opened(path, "raw") as raw:
             size = raw.size
-        return {"virtual-size": size, "filename": path, "format": "raw", "actual-size": actual_size,
-                "dirty-flag": False}
+        return {
+            "virtual-size": size,
+            "filename": path,
+            "format": "raw",
+            "actual-size": actual_size,
+            "dirty-flag": False,
+        }
     from hypervisor.block.qcow2 import Qcow2Image
 
     image = Qcow2Image.open(path, read_only=True, allow_backing=False)
     try:
         snapshots = image.snapshots()
         if snapshots:
-            info["snapshots"] = [_snapshot_json(s) for s in snapshots]
+            info["snapshots"] = [snapshot_json(s) for s in snapshots]
         backing = image.backing_filename
         if backing is not None and image.backing_format is not None:
             info["backing-filename-format"] = image.backing_format
-        info.update({"virtual-size": image.size, "filename": path, "cluster-size": image.cluster_size,
-                     "format": "qcow2", "actual-size": actual_size,
-                     "format-specific": {"type": "qcow2", "data": _qcow2_format_specific(image)}})
+        info.update(
+            {
+                "virtual-size": image.size,
+                "filename": path,
+                "cluster-size": image.cluster_size,
+                "format": "qcow2",
+                "actual-size": actual_size,
+                "format-specific": {"type": "qcow2", "data": _qcow2_format_specific(image)},
+            }
+        )
         if backing is not None:
             info["full-backing-filename"] = full_backing_filename(path, backing)
             info["backing-filename"] = backing
@@ -226,8 +251,9 @@ def _split_by_holes(entry: dict[str, Any]) -> list[dict[str, Any]]:
     result = []
     for host_offset, length, is_hole in pieces:
         piece = dict(entry)
-        piece.update(start=entry["start"] + host_offset - entry["offset"], length=length,
-                     zero=is_hole, offset=host_offset)
+        piece.update(
+            start=entry["start"] + host_offset - entry["offset"], length=length, zero=is_hole, offset=host_offset
+        )
         piece["offset"] = piece.pop("offset")  # keep qemu-img's key order: offset last
         result.append(piece)
     return result or [entry]
@@ -240,13 +266,22 @@ def map_entries(path: str, image_format: str | None = None) -> list[dict[str, An
         holes_visible: list[bool] = []
         files = _chain_files(path, image, holes_visible)
         if hasattr(image, "map_extents"):
-            extents = [(e.start, e.length, e.depth, e.present, e.zero, e.data, e.compressed, e.host_offset)
-                       for e in image.map_extents()]
+            extents = [
+                (e.start, e.length, e.depth, e.present, e.zero, e.data, e.compressed, e.host_offset)
+                for e in image.map_extents()
+            ]
         else:
             extents = [(0, image.size, 0, True, False, True, False, 0)] if image.size else []
         for start, length, depth, present, zero, data, compressed, host_offset in extents:
-            entry: dict[str, Any] = {"start": start, "length": length, "depth": depth, "present": present,
-                                     "zero": zero, "data": data, "compressed": compressed}
+            entry: dict[str, Any] = {
+                "start": start,
+                "length": length,
+                "depth": depth,
+                "present": present,
+                "zero": zero,
+                "data": data,
+                "compressed": compressed,
+            }
             entry["filename"] = files[depth] if depth < len(files) else path
             pieces = [entry]
             if data and host_offset is not None and not compressed:
@@ -277,11 +312,12 @@ _ZEROS = memoryview(bytes(COMPARE_CHUNK))  # allocated once: fresh zero pages co
 
 
 def _is_zero(view: memoryview) -> bool:
-    return view == _ZEROS[:len(view)]
+    return view == _ZEROS[: len(view)]
 
 
-def compare_images(path_a: str, path_b: str, format_a: str | None = None, format_b: str | None = None,
-                   strict: bool = False) -> tuple[bool, str]:
+def compare_images(
+    path_a: str, path_b: str, format_a: str | None = None, format_b: str | None = None, strict: bool = False
+) -> tuple[bool, str]:
     """(identical, message) as qemu-img compare prints it; ImageError if either cannot be read."""
     with opened(path_a, format_a) as a, opened(path_b, format_b) as b:
         common = min(a.size, b.size)
@@ -315,7 +351,7 @@ def compare_images(path_a: str, path_b: str, format_a: str | None = None, format
 def _first_difference(a: memoryview, b: memoryview) -> int:
     """Offset of the first differing 512-byte sector."""
     for start in range(0, len(a), SECTOR_SIZE):
-        if a[start:start + SECTOR_SIZE] != b[start:start + SECTOR_SIZE]:
+        if a[start : start + SECTOR_SIZE] != b[start : start + SECTOR_SIZE]:
             return start
     return 0
 
@@ -337,7 +373,8 @@ def resize_image(path: str, image_format: str | None, sign: str, amount: int, sh
                 if extent.depth == 0 and extent.data and extent.start + extent.length > new:
                     raise ConfigError(
                         f"{path}: cannot shrink to {new} bytes: data is stored at offset "
-                        f"{max(extent.start, new)} (discard it first)")
+                        f"{max(extent.start, new)} (discard it first)"
+                    )
         if new == old:
             return new
         if image_format == "raw":

@@ -12,8 +12,7 @@ from hypervisor.block.qcow2.create import Qcow2CreateOptions
 from hypervisor.errors import ConfigError
 
 # util/cutils.c qemu_strtosz suffixes: powers of 1024.
-SIZE_SUFFIXES = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40,
-                 "p": 1 << 50, "e": 1 << 60}
+SIZE_SUFFIXES = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50, "e": 1 << 60}
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]?)\s*$")
 # QEMU refuses sizes it cannot represent in an int64.
 MAX_SIZE = (1 << 63) - 1
@@ -22,9 +21,18 @@ MAX_SIZE = (1 << 63) - 1
 _TRUE = ("on", "yes", "true", "y")
 _FALSE = ("off", "no", "false", "n")
 
-QCOW2_CREATE_KEYS = ("size", "cluster_size", "compat", "lazy_refcounts", "extended_l2",
-                     "refcount_bits", "preallocation", "compression_type", "backing_file",
-                     "backing_fmt")
+QCOW2_CREATE_KEYS = (
+    "size",
+    "cluster_size",
+    "compat",
+    "lazy_refcounts",
+    "extended_l2",
+    "refcount_bits",
+    "preallocation",
+    "compression_type",
+    "backing_file",
+    "backing_fmt",
+)
 RAW_CREATE_KEYS = ("size", "preallocation")
 
 
@@ -33,8 +41,7 @@ def parse_size(text: str, what: str = "size") -> int:
     match = _SIZE_RE.match(text)
     if not match or match.group(2).lower() not in SIZE_SUFFIXES:
         raise ConfigError(
-            f"invalid {what} '{text}': use a number of bytes, optionally with a suffix "
-            f"k, M, G, T, P or E"
+            f"invalid {what} '{text}': use a number of bytes, optionally with a suffix k, M, G, T, P or E"
         )
     number, suffix = match.groups()
     multiplier = SIZE_SUFFIXES[suffix.lower()]
@@ -53,7 +60,7 @@ def parse_size(text: str, what: str = "size") -> int:
 def parse_relative_size(text: str) -> tuple[str, int]:
     """resize's '[+|-]SIZE' -> ('+' | '-' | '', bytes)."""
     sign = text[:1] if text[:1] in "+-" else ""
-    return sign, parse_size(text[len(sign):])
+    return sign, parse_size(text[len(sign) :])
 
 
 def parse_option_list(values: tuple[str, ...] | list[str]) -> dict[str, str]:
@@ -92,12 +99,12 @@ def _parse_int(key: str, value: str) -> int:
 def check_keys(options: dict[str, str], allowed: tuple[str, ...], image_format: str) -> None:
     for key in options:
         if key not in allowed:
-            raise ConfigError(f"Invalid parameter '{key}' for format {image_format} "
-                              f"(supported: {', '.join(allowed)})")
+            raise ConfigError(f"Invalid parameter '{key}' for format {image_format} (supported: {', '.join(allowed)})")
 
 
-def qcow2_create_options(options: dict[str, str], size: int | None, backing_file: str | None,
-                         backing_format: str | None) -> Qcow2CreateOptions:
+def qcow2_create_options(
+    options: dict[str, str], size: int | None, backing_file: str | None, backing_format: str | None
+) -> Qcow2CreateOptions:
     """Typed create options from `-o` values plus -b/-F and the size argument."""
     check_keys(options, QCOW2_CREATE_KEYS, "qcow2")
     if "size" in options:
@@ -120,8 +127,7 @@ def qcow2_create_options(options: dict[str, str], size: int | None, backing_file
         kwargs["compression_type"] = options["compression_type"]
     if size is None:
         raise ConfigError("Image creation needs a size parameter")
-    return Qcow2CreateOptions(size=size, backing_file=backing_file or None,
-                              backing_format=backing_format, **kwargs)  # type: ignore[arg-type]
+    return Qcow2CreateOptions(size=size, backing_file=backing_file or None, backing_format=backing_format, **kwargs)  # type: ignore[arg-type]
 
 
 def parse_snapshot_param(text: str) -> tuple[str | None, str | None]:
@@ -132,8 +138,9 @@ def parse_snapshot_param(text: str) -> tuple[str | None, str | None]:
     snapshot_id = options.pop("snapshot.id", None)
     name = options.pop("snapshot.name", None)
     if options:
-        raise ConfigError(f"Invalid snapshot parameter '{', '.join(options)}' "
-                          f"(use snapshot.name=NAME or snapshot.id=ID)")
+        raise ConfigError(
+            f"Invalid snapshot parameter '{', '.join(options)}' (use snapshot.name=NAME or snapshot.id=ID)"
+        )
     if snapshot_id is None and name is None:
         raise ConfigError("-l needs snapshot.name=NAME or snapshot.id=ID")
     return snapshot_id, name

@@ -32,8 +32,7 @@ def to_json(value: Any) -> str:
 
 def snapshot_table(snapshots: list[dict[str, Any]]) -> str:
     """`qemu-img snapshot -l` / info's "Snapshot list:" block (block/qapi.c bdrv_snapshot_dump)."""
-    lines = ["Snapshot list:",
-             f"{'ID':<10}{'TAG':<17}{'VM SIZE':>8}{'DATE':>20}{'VM CLOCK':>13}{'ICOUNT':>11}"]
+    lines = ["Snapshot list:", f"{'ID':<10}{'TAG':<17}{'VM SIZE':>8}{'DATE':>20}{'VM CLOCK':>13}{'ICOUNT':>11}"]
     for snap in snapshots:
         date = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(snap["date-sec"]))
         total_ms = snap["vm-clock-sec"] * 1000 + snap["vm-clock-nsec"] // 1_000_000
@@ -42,8 +41,10 @@ def snapshot_table(snapshots: list[dict[str, Any]]) -> str:
         seconds, millis = divmod(rest, 1000)
         clock = f"{hours:02d}:{minutes:02d}:{seconds:02d}.{millis:03d}"
         icount = str(snap["icount"]) if "icount" in snap else ""
-        lines.append(f"{snap['id']:<10}{snap['name']:<17}{size_to_str(snap['vm-state-size']):>8}"
-                     f"{date:>20}{clock:>13}{icount:>11}")
+        lines.append(
+            f"{snap['id']:<10}{snap['name']:<17}{size_to_str(snap['vm-state-size']):>8}"
+            f"{date:>20}{clock:>13}{icount:>11}"
+        )
     return "\n".join(lines)
 
 
@@ -76,10 +77,10 @@ def human_info(info: dict[str, Any]) -> str:
         f"virtual size: {size_to_str(info['virtual-size'])} ({info['virtual-size']} bytes)",
         f"disk size: {size_to_str(info['actual-size'])}",
     ]
-    if info.get("dirty-flag"):
-        lines.append("cleanly shut down: no")
     if "cluster-size" in info:
         lines.append(f"cluster_size: {info['cluster-size']}")
+    if info.get("dirty-flag"):
+        lines.append("cleanly shut down: no")
     if "backing-filename" in info:
         line = f"backing file: {info['backing-filename']}"
         full = info.get("full-backing-filename")
@@ -101,18 +102,29 @@ def human_check(result: CheckResult) -> str:
     """qemu-img.c dump_human_image_check."""
     out: list[str] = []
     if result.leaks_fixed or result.corruptions_fixed:
-        out += ["The following inconsistencies were found and repaired:", "",
-                f"    {result.leaks_fixed} leaked clusters", f"    {result.corruptions_fixed} corruptions",
-                "", "Double checking the fixed image now..."]
+        out += [
+            "The following inconsistencies were found and repaired:",
+            "",
+            f"    {result.leaks_fixed} leaked clusters",
+            f"    {result.corruptions_fixed} corruptions",
+            "",
+            "Double checking the fixed image now...",
+        ]
     if not (result.corruptions or result.leaks or result.check_errors):
         out.append("No errors were found on the image.")
     else:
         if result.corruptions:
-            out += ["", f"{result.corruptions} errors were found on the image.",
-                    "Data may be corrupted, or further writes to the image may corrupt it."]
+            out += [
+                "",
+                f"{result.corruptions} errors were found on the image.",
+                "Data may be corrupted, or further writes to the image may corrupt it.",
+            ]
         if result.leaks:
-            out += ["", f"{result.leaks} leaked clusters were found on the image.",
-                    "This means waste of disk space, but no harm to data."]
+            out += [
+                "",
+                f"{result.leaks} leaked clusters were found on the image.",
+                "This means waste of disk space, but no harm to data.",
+            ]
         if result.check_errors:
             out += ["", f"{result.check_errors} internal errors have occurred during the check."]
     if result.total_clusters and result.allocated_clusters:
@@ -131,8 +143,7 @@ def human_check(result: CheckResult) -> str:
 def map_json(entries: list[dict[str, Any]]) -> str:
     """qemu-img map --output=json: one object per line inside a list."""
     body = ",\n".join(
-        "{ " + ", ".join(f'"{key}": {json.dumps(value)}' for key, value in entry.items()
-                         if key != "filename") + "}"
+        "{ " + ", ".join(f'"{key}": {json.dumps(value)}' for key, value in entry.items() if key != "filename") + "}"
         for entry in entries
     )
     return f"[{body}]"
@@ -146,8 +157,9 @@ def map_human(entries: list[dict[str, Any]]) -> tuple[str, bool]:
         if entry["data"] and "offset" not in entry:
             return "\n".join(lines), False
         if entry["data"] and not entry["zero"]:
-            lines.append(f"{_hex(entry['start']):<16}{_hex(entry['length']):<16}"
-                         f"{_hex(entry['offset']):<16}{entry['filename']}")
+            lines.append(
+                f"{_hex(entry['start']):<16}{_hex(entry['length']):<16}{_hex(entry['offset']):<16}{entry['filename']}"
+            )
     return "\n".join(lines), True
 
 

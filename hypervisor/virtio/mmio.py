@@ -63,6 +63,9 @@ CONFIG_OFFSET = 0x100
 # §4.2.2.1: a shared memory region that does not exist reads as length and base -1.
 NO_SHM_REGION = 0xFFFFFFFF
 
+# A guest can repeat a mistake in a loop; only this many of its warnings reach the log.
+GUEST_WARNING_LIMIT = 10
+
 # Features every device on this transport gets: the rings implement them (queue.py).
 TRANSPORT_FEATURES = (
     spec.feature_bit(spec.F_VERSION_1)
@@ -112,6 +115,7 @@ class MmioTransport:
         self._queues = [QueueConfig(size) for size in device.queue_max_sizes]
         self._worker = QueueWorker(name, len(self._queues), self.process_queue, self.has_pending)
         self.config_generation = 0
+        self._guest_warnings = 0
         self._reset_registers()
 
     def _reset_registers(self) -> None:
@@ -305,10 +309,10 @@ class MmioTransport:
         """§2.2.1: FEATURES_OK sticks only for a subset of what was offered, incl. VERSION_1."""
         unoffered = self.driver_features & ~self.device_features
         if unoffered:
-            log.warning("%s: driver accepted features %#x that were not offered", self.name, unoffered)
+            self._guest_warning(f"driver accepted features {unoffered:#x} that were not offered")
             return False
         if not self.driver_features & spec.feature_bit(spec.F_VERSION_1):
-            log.warning("%s: driver did not accept VIRTIO_F_VERSION_1 (no legacy drivers)", self.name)
+            self._guest_warning("driver did not accept VIRTIO_F_VERSION_1 (no legacy drivers)")
             return False
         return True
 
@@ -353,11 +357,22 @@ class MmioTransport:
 
     def _needs_reset(self, reason: str) -> None:
         """§2.1.2: tell the driver the device is broken, with a configuration change interrupt."""
-        log.warning("%s: device needs reset: %s", self.name, reason)
+        self._guest_warning(f"device needs reset: {reason}")
         self.status |= spec.STATUS_DEVICE_NEEDS_RESET
         for queue in self._queues:
             queue.ring = None
         self._raise_interrupt(spec.INTERRUPT_CONFIG_CHANGE)
+
+    def _guest_warning(self, message: str) -> None:
+        """A warning caused by the guest, limited so a looping guest cannot flood the log."""
+        self._guest_warnings += 1
+        if self._guest_warnings <= GUEST_WARNING_LIMIT:
+            suffix = (
+                " (further guest errors logged at debug level)" if self._guest_warnings == GUEST_WARNING_LIMIT else ""
+            )
+            log.warning("%s: %s%s", self.name, message, suffix)
+        else:
+            log.debug("%s: %s", self.name, message)
 
     def _raise_interrupt(self, reason: int) -> None:
         self.interrupt_status |= reason

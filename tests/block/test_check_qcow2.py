@@ -3,7 +3,9 @@ corrupted images; repairs leave images that qemu-img finds clean, with unchanged
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import shutil
 import struct
 import subprocess
@@ -73,8 +75,11 @@ IMAGES = {
     "refcount1": ("8M", "cluster_size=4096,refcount_bits=1", ("write -P 1 0 100k",)),
     "refcount64_512": ("8M", "cluster_size=512,refcount_bits=64", ("write -P 1 0 100k", "write -c -P 3 1M 4k")),
     "v2": ("64M", "compat=0.10", ("write -P 1 0 200k",)),
-    "extended_l2": ("64M", "extended_l2=on,cluster_size=32k",
-                    ("write -P 1 0 5k", "write -z 100k 4k", "write -c -P 1 1M 32k")),
+    "extended_l2": (
+        "64M",
+        "extended_l2=on,cluster_size=32k",
+        ("write -P 1 0 5k", "write -z 100k 4k", "write -c -P 1 1M 32k"),
+    ),
     "zstd": ("64M", "compression_type=zstd", ("write -c -P 1 0 192k",)),
     "lazy": ("64M", "lazy_refcounts=on", ("write -P 1 0 200k",)),
     "prealloc": ("16M", "preallocation=metadata", ()),
@@ -227,3 +232,40 @@ def test_unusable_images_raise_image_errors(tmp_path: Path) -> None:
         check_image(str(tmp_path / "missing.qcow2"))
     with pytest.raises(ConfigError):
         check_image(str(not_qcow2), repair="everything")
+
+
+def test_check_accepts_an_image_the_engine_holds_open(tmp_path: Path) -> None:
+    from hypervisor.block.qcow2 import Qcow2Image
+
+    path = make(tmp_path / "open.qcow2", "64M", "", "write -P 1 0 200k")
+    image = Qcow2Image.open(str(path), read_only=True, allow_backing=False)
+    try:
+        result = check_image(image)
+    finally:
+        image.close()
+    assert result.exit_status == 0 and result.to_json() == qemu_check(path)[1]
+
+
+def test_a_crash_before_the_header_switch_leaves_the_old_refcounts_in_force(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from hypervisor.block.qcow2 import check as check_module
+
+    path = corrupted_image(tmp_path)
+    before = qemu_check(path)
+    real_pwrite = os.pwrite
+
+    def crash_at_header_switch(fd: int, data: bytes, offset: int) -> int:
+        if offset == check_module.HEADER_REFCOUNT_TABLE_OFFSET:
+            raise OSError(errno.EIO, "simulated power loss")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(check_module.os, "pwrite", crash_at_header_switch)
+    with pytest.raises(ImageError):
+        check_image(str(path), repair="all")
+    monkeypatch.undo()
+    # The new table and blocks were written past the old end but nothing points at them yet:
+    # the image is exactly as (in)consistent as before, and a second repair succeeds.
+    assert qemu_check(path) == before
+    assert check_image(str(path), repair="all").exit_status == 0
+    assert qemu_check(path)[0] == 0

@@ -69,9 +69,19 @@ def corrupted_images(good: Path) -> list[Path]:
     ]
 
 
-@pytest.mark.parametrize("command", [["info"], ["info", "--output=json"], ["map"], ["check"],
-                                     ["check", "-r", "all"], ["snapshot", "-c", "x"], ["resize", "FILE", "+1M"],
-                                     ["convert", "-O", "raw"]])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["info"],
+        ["info", "--output=json"],
+        ["map"],
+        ["check"],
+        ["check", "-r", "all"],
+        ["snapshot", "-c", "x"],
+        ["resize", "FILE", "+1M"],
+        ["convert", "-O", "raw"],
+    ],
+)
 def test_corrupt_images_give_one_line_and_stay_unchanged(good: Path, command: list[str]) -> None:
     for path in corrupted_images(good):
         before = digest(path)
@@ -132,8 +142,9 @@ def test_bad_usage_gives_one_line_and_changes_nothing(good: Path, args: list[str
 def test_an_image_in_use_by_qemu_is_refused(good: Path) -> None:
     if shutil.which("qemu-io") is None:
         pytest.skip("qemu-io not installed")
-    holder = subprocess.Popen(["qemu-io", str(good)], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
+    holder = subprocess.Popen(
+        ["qemu-io", str(good)], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         time.sleep(0.3)  # qemu-io opens the image and takes its locks
         before = digest(good)
@@ -146,9 +157,38 @@ def test_an_image_in_use_by_qemu_is_refused(good: Path) -> None:
 
 
 def test_sizes_accept_qemu_suffixes(good: Path) -> None:
-    for text, expected in (("1k", 1024), ("1.5M", 3 << 19), ("2G", 2 << 30), ("1T", 1 << 40), ("4096", 4096),
-                           ("512b", 512)):
+    for text, expected in (
+        ("1k", 1024),
+        ("1.5M", 3 << 19),
+        ("2G", 2 << 30),
+        ("1T", 1 << 40),
+        ("4096", 4096),
+        ("512b", 512),
+    ):
         status, _, err = pyhv("create", "-q", "-f", "qcow2", "s.qcow2", text)
         assert status == 0, err
         info = subprocess.run(["qemu-img", "info", "--output=json", "s.qcow2"], capture_output=True, text=True)
         assert f'"virtual-size": {expected}' in info.stdout
+
+
+def test_create_refuses_to_replace_an_image_in_use(good: Path) -> None:
+    if shutil.which("qemu-io") is None:
+        pytest.skip("qemu-io not installed")
+    holder = subprocess.Popen(
+        ["qemu-io", str(good)], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        time.sleep(0.3)
+        before = digest(good)
+        for args in (
+            ["create", "-f", "qcow2", "good.qcow2", "1M"],
+            ["convert", "-O", "raw", "other.raw", "good.qcow2"],
+        ):
+            if args[0] == "convert":
+                subprocess.run(["qemu-img", "create", "-q", "-f", "raw", "other.raw", "1M"], check=True)
+            status, _, err = pyhv(*args)
+            assert status == CONFIG_ERROR, err
+            assert_one_line_error(err)
+            assert digest(good) == before
+    finally:
+        holder.communicate(b"quit\n", timeout=10)

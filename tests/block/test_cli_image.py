@@ -48,8 +48,10 @@ def images(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     assert qemu_img("snapshot", "-c", "s1", "base.qcow2").returncode == 0
     qemu_io(tmp_path / "base.qcow2", "write -P 5 0 64k")
     (tmp_path / "sub").mkdir()
-    assert qemu_img("create", "-q", "-f", "qcow2", "-b", "../base.qcow2", "-F", "qcow2",
-                    "sub/overlay.qcow2").returncode == 0
+    assert (
+        qemu_img("create", "-q", "-f", "qcow2", "-b", "../base.qcow2", "-F", "qcow2", "sub/overlay.qcow2").returncode
+        == 0
+    )
     qemu_io(tmp_path / "sub/overlay.qcow2", "write -P 3 1M 1M", "write -z 2M 64k")
     assert qemu_img("create", "-q", "-f", "raw", "disk.raw", "4M").returncode == 0
     qemu_io(tmp_path / "disk.raw", "write -P 4 0 1M")
@@ -132,8 +134,16 @@ def test_check_of_a_corrupted_image_exits_2_and_repair_all_fixes_it(images: Path
     assert qemu_img("check", str(path)).returncode == 0
 
 
-@pytest.mark.parametrize("options", [[], ["-c"], ["-o", "cluster_size=4096,compat=0.10"],
-                                     ["-o", "extended_l2=on,refcount_bits=1"], ["-c", "-o", "compression_type=zstd"]])
+@pytest.mark.parametrize(
+    "options",
+    [
+        [],
+        ["-c"],
+        ["-o", "cluster_size=4096,compat=0.10"],
+        ["-o", "extended_l2=on,refcount_bits=1"],
+        ["-c", "-o", "compression_type=zstd"],
+    ],
+)
 def test_convert_to_qcow2_opens_cleanly_in_qemu(images: Path, options: list[str]) -> None:
     status, _, err = pyhv("convert", "-O", "qcow2", *options, "sub/overlay.qcow2", "out.qcow2")
     assert status == 0, err
@@ -158,8 +168,10 @@ def test_convert_raw_snapshot_and_progress(images: Path) -> None:
 def test_create_prints_and_makes_what_qemu_makes(images: Path) -> None:
     status, out, _ = pyhv("create", "-f", "qcow2", "-o", "cluster_size=64k", "new.qcow2", "1G")
     assert status == 0
-    assert out.strip() == ("Formatting 'new.qcow2', fmt=qcow2 cluster_size=65536 extended_l2=off "
-                           "compression_type=zlib size=1073741824 lazy_refcounts=off refcount_bits=16")
+    assert out.strip() == (
+        "Formatting 'new.qcow2', fmt=qcow2 cluster_size=65536 extended_l2=off "
+        "compression_type=zlib size=1073741824 lazy_refcounts=off refcount_bits=16"
+    )
     assert qemu_img("create", "-q", "-f", "qcow2", "ref.qcow2", "1G").returncode == 0
     assert (images / "new.qcow2").read_bytes() == (images / "ref.qcow2").read_bytes()
     # Size from the backing file, backing name kept relative to the overlay's folder.
@@ -226,3 +238,11 @@ def test_compare_statuses(images: Path) -> None:
     assert (status, out) == (1, qemu_img("compare", "base.qcow2", "sub/overlay.qcow2").stdout)
     status, _, err = pyhv("compare", "base.qcow2", "missing.qcow2")
     assert status == 2 and err.count("\n") == 1
+
+
+def test_convert_from_sparse_raw_keeps_holes_unallocated(images: Path) -> None:
+    status, _, err = pyhv("convert", "-f", "raw", "-O", "qcow2", "disk.raw", "fromraw.qcow2")
+    assert status == 0, err
+    assert qemu_img("compare", "-f", "raw", "disk.raw", "fromraw.qcow2").returncode == 0
+    report = json.loads(qemu_img("check", "--output=json", "fromraw.qcow2").stdout)
+    assert report["allocated-clusters"] == 16  # the 1 MiB written, in 64 KiB clusters; holes stay holes

@@ -22,7 +22,7 @@ from hypervisor.block.qcow2.hostfile import HostFile
 pytestmark = needs_qemu
 
 Write = tuple[int, bytes]
-MAX_STATES = 160  # per workload, sampled evenly, to keep the file fast
+MAX_STATES = 250  # per workload, sampled evenly, to keep the file fast
 
 
 def _record(monkeypatch: pytest.MonkeyPatch, path: str) -> list[Write | None]:
@@ -51,6 +51,9 @@ def _states(ops: list[Write | None], seed: int, sync_points_only: bool) -> Itera
     epoch: list[Write] = []
     for op in ops:
         if op is None:
+            if not sync_points_only and 1 < len(epoch) <= 8:
+                for dropped in range(len(epoch)):  # each single write of the epoch lost
+                    yield durable + epoch[:dropped] + epoch[dropped + 1 :]
             durable += epoch
             epoch = []
             yield durable

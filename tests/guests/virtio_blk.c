@@ -104,6 +104,7 @@ enum failure {
     FAIL_NOT_READ_ONLY = 0x30,
     FAIL_WRITE_ALLOWED = 0x31,
     FAIL_BENCH_READ = 0x40,
+    FAIL_BENCH_LENGTH = 0x41,
     FAIL_MODE = 0x7f,
 };
 
@@ -384,8 +385,10 @@ static uint8_t benchmark(int sequential, uint64_t count, unsigned depth)
     while (done < count) {
         unsigned slot = reap(&status, &used_len);
         done++;
-        if (status != S_OK || used_len != size + 1)
+        if (status != S_OK)
             return FAIL_BENCH_READ;
+        if (used_len != size + 1)
+            return FAIL_BENCH_LENGTH;
         if (issued < count) {
             submit(slot, T_IN, next_slot_sector(sequential, issued, slots, sectors, &random),
                    DATA_BUFFER + (uint64_t)slot * size, size);

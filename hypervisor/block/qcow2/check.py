@@ -161,10 +161,9 @@ def _fix_leaks(image: ImageFile, scan: _Scan, messages: list[str]) -> int:
     fixed = 0
     for index in scan.leaked:
         expected = scan.counter.get(index)
+        stored = scan.stored.get(index)
         if scan.stored.set(index, expected):
-            messages.append(
-                f"Repairing cluster {index} refcount={scan.stored.get(index, fresh=True)} reference={expected}"
-            )
+            messages.append(f"Repairing cluster {index} refcount={stored} reference={expected}")
             fixed += 1
     os.fdatasync(image.fd)
     return fixed
@@ -224,7 +223,6 @@ def _check_open_image(image: ImageFile, repair: str | None) -> CheckResult:
             result.corruptions_fixed,
             corruptions_found,
         )
-        messages.append("")  # the double check's messages follow
     final = _scan(image, messages if result.repaired else [])
     final_copied = _copied_flag_errors(image, final, messages, fix=False)
     result.corruptions = final.corruptions + final_copied

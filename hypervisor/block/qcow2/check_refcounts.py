@@ -71,16 +71,16 @@ class RefcountReader:
         self.messages.append(message)
         self.corruptions += 1
 
-    def _block(self, block_index: int, fresh: bool = False) -> list[int] | None:
+    def _block(self, block_index: int) -> list[int] | None:
         if block_index >= len(self.block_offsets) or not self.block_offsets[block_index]:
             return None
-        if fresh or block_index not in self._blocks:
+        if block_index not in self._blocks:
             raw = self.image.pread(self.image.cluster_size, self.block_offsets[block_index])
             self._blocks[block_index] = decode_block(raw, self.bits)
         return self._blocks[block_index]
 
-    def get(self, cluster_index: int, fresh: bool = False) -> int:
-        block = self._block(cluster_index // self.per_block, fresh)
+    def get(self, cluster_index: int) -> int:
+        block = self._block(cluster_index // self.per_block)
         return block[cluster_index % self.per_block] if block is not None else 0
 
     def set(self, cluster_index: int, value: int) -> bool:

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 import struct
 from dataclasses import dataclass
 
+from hypervisor.block.locking import lock_image
 from hypervisor.errors import ConfigError, ImageError
 
 log = logging.getLogger(__name__)
@@ -310,10 +312,7 @@ def create_qcow2(path: str, options: Qcow2CreateOptions) -> None:
     )
     total = layout.total_clusters
     per_block = cs * 8 // options.refcount_bits
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-    except OSError as error:
-        raise ImageError(f"Could not create '{path}': {error.strerror}") from error
+    fd = _open_for_replacing(path)
     try:
         os.pwrite(fd, header, 0)
         os.pwrite(fd, refcount_table, layout.refcount_table_index * cs)
@@ -366,15 +365,33 @@ def _write_preallocated_tables(fd: int, options: Qcow2CreateOptions, layout: _La
     return end
 
 
+def _open_for_replacing(path: str) -> int:
+    """Open (creating) `path`, take QEMU's write lock, and only then empty it: a file that a
+    running QEMU or pyhv has open is refused (ImageLockedError) and left as it was."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as error:
+        raise ImageError(f"Could not create '{path}': {error.strerror}") from error
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ImageError(f"Could not create '{path}': not a regular file")
+        lock_image(fd, path, writable=True)
+        os.ftruncate(fd, 0)
+    except OSError as error:
+        os.close(fd)
+        raise ImageError(f"Could not create '{path}': {error.strerror}") from error
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def create_raw(path: str, size: int) -> None:
     """A sparse raw file of `size` bytes (qemu-img create -f raw, preallocation=off)."""
     if size < 0:
         raise ConfigError(f"invalid image size {size}")
     rounded = (size + 511) // 512 * 512
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-    except OSError as error:
-        raise ImageError(f"Could not create '{path}': {error.strerror}") from error
+    fd = _open_for_replacing(path)
     try:
         os.ftruncate(fd, rounded)
     except OSError as error:

@@ -27,6 +27,8 @@ SEG_BACKING = 2  # unallocated: backing file, or zeros (also past the backing fi
 SEG_COMPRESSED = 3
 
 _SUBCLUSTER_ALL = fmt.SUBCLUSTER_ALLOC_MASK
+# Any of these bits means "not a plain data cluster": classify the entry the slow way.
+_NOT_PLAIN_DATA = fmt.OFLAG_COMPRESSED | fmt.OFLAG_ZERO | fmt.L2E_STD_RESERVED_MASK
 
 
 class ViewCursor:
@@ -215,6 +217,51 @@ class ReadMixin:
 
     def _segments(self: Qcow2Image, offset: int, length: int) -> Iterator[tuple[int, int, int, int]]:
         """(guest offset, length, kind, host) runs covering [offset, offset+length), merged."""
+        if not self._extl2 and not self._has_data_file:
+            return self._standard_segments(offset, length)
+        return self._generic_segments(offset, length)
+
+    def _standard_segments(self: Qcow2Image, offset: int, length: int) -> Iterator[tuple[int, int, int, int]]:
+        """The hot path of `_segments` for ordinary images: one inlined loop per cluster, plain data
+        clusters validated inline (aligned, inside the file, not metadata), the rest classified."""
+        cb, cs = self._cb, self._cs
+        in_mask = cs - 1
+        l2_bits, l2_mask = self._l2_bits, self._l2_mask
+        not_plain = _NOT_PLAIN_DATA
+        file_size, metadata = self._hf.size, self._metadata
+        end = offset + length
+        pos = offset
+        cur_kind = -1
+        cur_start = cur_len = cur_host = 0
+        last_l1 = -1
+        table = None
+        while pos < end:
+            guest_cluster = pos >> cb
+            l1_index = guest_cluster >> l2_bits
+            if l1_index != last_l1:
+                table = self._l2_table(l1_index)
+                last_l1 = l1_index
+            entry = table[guest_cluster & l2_mask] if table is not None else 0
+            in_cluster = pos & in_mask
+            n = min(cs - in_cluster, end - pos)
+            host = entry & fmt.L2E_OFFSET_MASK
+            if entry & not_plain or not host or host & in_mask or host >= file_size or host >> cb in metadata:
+                kind, host = self._classify(entry, guest_cluster)
+            else:
+                kind = SEG_DATA
+            if kind == SEG_DATA:
+                host += in_cluster
+            if kind == cur_kind and kind != SEG_COMPRESSED and (kind != SEG_DATA or host == cur_host + cur_len):
+                cur_len += n
+            else:
+                if cur_kind >= 0:
+                    yield cur_start, cur_len, cur_kind, cur_host
+                cur_kind, cur_start, cur_len, cur_host = kind, pos, n, host
+            pos += n
+        if cur_kind >= 0:
+            yield cur_start, cur_len, cur_kind, cur_host
+
+    def _generic_segments(self: Qcow2Image, offset: int, length: int) -> Iterator[tuple[int, int, int, int]]:
         cb, cs = self._cb, self._cs
         end = offset + length
         pos = offset

@@ -211,9 +211,12 @@ class Refcounts:
         return block
 
     def _first_free(self, count: int, start: int) -> int:
+        """First run of `count` free clusters at or after `start`; also moves the free hint up to
+        the first free cluster seen (everything before it is in use)."""
         entries = self.codec.entries
         index = max(start, 1)
         run_start, run = index, 0
+        first_seen = -1
         while run < count:
             block = self._block(index // entries)
             if block is None:
@@ -221,16 +224,22 @@ class Refcounts:
                 step = entries - index % entries
                 if run == 0:
                     run_start = index
+                if first_seen < 0:
+                    first_seen = index
                 run += step
                 index += step
                 continue
             if block[index % entries] == 0:
                 if run == 0:
                     run_start = index
+                if first_seen < 0:
+                    first_seen = index
                 run += 1
             else:
                 run = 0
             index += 1
+        if start <= self.free_hint:
+            self.free_hint = first_seen
         return run_start
 
     def allocate(self, count: int) -> int:
@@ -247,8 +256,7 @@ class Refcounts:
             self._new_block(missing)  # may take a cluster of the run: search again
         for i in range(count):
             self.change(start + i, +1)
-        if count == 1 or start <= max(self.free_hint, 1):
-            # nothing free between the hint and `start` (a single cluster is first fit)
+        if start == self.free_hint:
             self.free_hint = start + count
         return start << self.cluster_bits
 
@@ -281,11 +289,25 @@ class Refcounts:
                 self.table_relocation_needed = False
                 self.free_later(old_offset, old_clusters)
             else:
-                for index in sorted(self.changed_table_entries):
-                    entry = self.table[index].to_bytes(8, "big")
-                    self.hf.pwrite(self.table_offset + 8 * index, entry)
+                self._write_table_entries_in_order()
             self.changed_table_entries.clear()
         self.hf.sync()
+
+    def _write_table_entries_in_order(self) -> None:
+        """Write new table entries so that a block whose own cluster is counted by another new
+        block becomes reachable only after that block is (sync in between): otherwise a crash
+        could leave a reachable refcount block whose cluster has refcount 0."""
+        pending = set(self.changed_table_entries)
+        entries = self.codec.entries
+        while pending:
+            ready = {i for i in pending if ((self.table[i] >> self.cluster_bits) // entries) not in pending - {i}}
+            if not ready:  # blocks counting each other: cannot happen with first-fit placement
+                ready = set(pending)
+            for index in sorted(ready):
+                self.hf.pwrite(self.table_offset + 8 * index, self.table[index].to_bytes(8, "big"))
+            pending -= ready
+            if pending:
+                self.hf.sync()
 
     def _write_blocks(self) -> None:
         for block_index in sorted(self.dirty_blocks):

@@ -74,8 +74,14 @@ class WriteMixin:
         updates: list[tuple[array, int, int, int]] = []  # (table, index, entry, bitmap)
         frees: list[tuple[int, int]] = []
         pos, end = offset, offset + length
+        batchable = not self._extl2 and not self._has_data_file
         while pos < end:
             in_cluster = pos & (cs - 1)
+            if batchable and not in_cluster and end - pos >= 2 * cs:
+                count = self._plan_fresh_run(pos >> cb, (end - pos) >> cb, source, runs, updates)
+                if count:
+                    pos += count << cb
+                    continue
             n = min(cs - in_cluster, end - pos)
             data = source.take(n)
             for host, buffers in self._plan_cluster_write(pos >> cb, in_cluster, n, data, updates, frees):
@@ -95,6 +101,38 @@ class WriteMixin:
                 table[index + 1] = bitmap
         for host, count in frees:
             self._refs.free_later(host, count)
+
+    def _plan_fresh_run(
+        self: Qcow2Image,
+        guest_cluster: int,
+        max_count: int,
+        source: ViewCursor,
+        runs: list[list],
+        updates: list[tuple[array, int, int, int]],
+    ) -> int:
+        """Fast path for whole unallocated clusters (the allocating-write case): one contiguous
+        allocation and one write for the run, no copy-on-write needed. Returns the cluster count."""
+        table, index = self._l2_for_write(guest_cluster)
+        limit = min(max_count, self._l2_entries - (guest_cluster & self._l2_mask))
+        count = 0
+        while count < limit and table[index + count] in (0, fmt.OFLAG_ZERO):
+            count += 1
+        if not count:
+            return 0
+        cs = self._cs
+        host = self._refs.allocate(count)
+        metadata = self._metadata
+        for i in range(count):
+            metadata.discard((host >> self._cb) + i)
+            updates.append((table, index + i, (host + i * cs) | fmt.OFLAG_COPIED, 0))
+        self._l2.mark_dirty(self._l1[guest_cluster >> self._l2_bits] & fmt.L1E_OFFSET_MASK)
+        buffers = source.take(count * cs)
+        if runs and runs[-1][0] + runs[-1][2] == host:
+            runs[-1][1].extend(buffers)
+            runs[-1][2] += count * cs
+        else:
+            runs.append([host, buffers, count * cs])
+        return count
 
     def _plan_cluster_write(
         self: Qcow2Image,
