@@ -10,6 +10,7 @@ reference there.
     guest_images/qemu_check.py shell    # `echo hi; exit` typed at the shell
     guest_images/qemu_check.py root     # -M microvm + virtio-mmio ext4 disk, root=/dev/vda
     guest_images/qemu_check.py all --json timings.json
+    guest_images/qemu_check.py all --vmlinux   # the ELF vmlinux via its PVH note
 
 Each check prints one line per boot phase with the seconds since QEMU started
 and exits non-zero if a phase or an expected line is missing. Needs
@@ -68,6 +69,13 @@ def plain_initramfs(workdir: Path) -> Path:
     cpio = workdir / "initramfs.cpio"
     cpio.write_bytes(lzma.decompress((GUEST_IMAGES / "initramfs.cpio.xz").read_bytes()))
     return cpio
+
+
+def plain_vmlinux(workdir: Path) -> Path:
+    """The ELF vmlinux, which QEMU enters through its PVH note (XEN_ELFNOTE_PHYS32_ENTRY)."""
+    vmlinux = workdir / "vmlinux"
+    vmlinux.write_bytes(lzma.decompress((GUEST_IMAGES / "vmlinux.xz").read_bytes()))
+    return vmlinux
 
 
 def run_qemu(name: str, argv: list[str], expect: list[bytes], send_after: bytes | None,
@@ -129,15 +137,15 @@ def qemu_argv(kernel: Path, initrd: Path, append: str, machine: list[str]) -> li
             "-kernel", str(kernel), "-initrd", str(initrd), "-append", append]
 
 
-def check_cmd(kernel: Path, initrd: Path, timeout_s: float) -> BootResult:
-    append = f'{BASE_APPEND} pyhv.cmd="echo pyhv-check-$((6*7)); exit 3"'
+def check_cmd(kernel: Path, initrd: Path, extra: str, timeout_s: float) -> BootResult:
+    append = f'{BASE_APPEND} {extra} pyhv.cmd="echo pyhv-check-$((6*7)); exit 3"'
     return run_qemu("cmd", qemu_argv(kernel, initrd, append, []),
                     [b"pyhv-check-42", b"pyhv guest: command exited with status 3"],
                     None, b"", timeout_s)
 
 
-def check_shell(kernel: Path, initrd: Path, timeout_s: float) -> BootResult:
-    return run_qemu("shell", qemu_argv(kernel, initrd, BASE_APPEND, []),
+def check_shell(kernel: Path, initrd: Path, extra: str, timeout_s: float) -> BootResult:
+    return run_qemu("shell", qemu_argv(kernel, initrd, f"{BASE_APPEND} {extra}", []),
                     [b"\nhi\r\n", b"pyhv guest: shell exited with status 0"],
                     b"pyhv:/# ", b"echo hi; exit\n", timeout_s)
 
@@ -161,14 +169,15 @@ def make_root_disk(workdir: Path) -> Path:
     return image
 
 
-def check_root(kernel: Path, initrd: Path, workdir: Path, timeout_s: float) -> BootResult:
+def check_root(kernel: Path, initrd: Path, workdir: Path, extra: str,
+               timeout_s: float) -> BootResult:
     image = make_root_disk(workdir)
     # microvm has virtio-mmio and, with ACPI off, puts virtio_mmio.device=
     # on the kernel command line itself, as pyhv does.
     machine = ["-M", "microvm,acpi=off,pic=on,pit=on,rtc=on,isa-serial=on",
                "-drive", f"id=root,file={image},format=raw,if=none",
                "-device", "virtio-blk-device,drive=root"]
-    append = BASE_APPEND.replace("reboot=k", "reboot=t") + " root=/dev/vda rw"
+    append = BASE_APPEND.replace("reboot=k", "reboot=t") + f" {extra} root=/dev/vda rw"
     return run_qemu("root", qemu_argv(kernel, initrd, append, machine),
                     [b"pyhv guest: switching root to /dev/vda (ext4, rw)",
                      b"disk init running as PID 1", b"/dev/vda / ext4 rw"],
@@ -180,6 +189,9 @@ def main() -> int:
     parser.add_argument("check", choices=["cmd", "shell", "root", "all"])
     parser.add_argument("--kernel", type=Path, default=None,
                         help="bzImage to boot (default: guest_images/bzImage)")
+    parser.add_argument("--vmlinux", action="store_true",
+                        help="boot guest_images/vmlinux.xz (decompressed) instead of the bzImage")
+    parser.add_argument("--append", default="", help="extra kernel command-line words")
     parser.add_argument("--timeout", type=float, default=120.0)
     parser.add_argument("--json", type=Path, help="write the phase timings here")
     parser.add_argument("--console", action="store_true", help="print the console output")
@@ -188,19 +200,24 @@ def main() -> int:
         print("qemu_check: qemu-system-x86_64 not found (apt-get install qemu-system-x86)",
               file=sys.stderr)
         return 2
-    kernel = args.kernel or GUEST_IMAGES / "bzImage"
     results: list[BootResult] = []
     with tempfile.TemporaryDirectory(prefix="pyhv-qemu-check-") as tmp:
         workdir = Path(tmp)
         initrd = plain_initramfs(workdir)
+        if args.kernel is not None:
+            kernel = args.kernel
+        elif args.vmlinux:
+            kernel = plain_vmlinux(workdir)
+        else:
+            kernel = GUEST_IMAGES / "bzImage"
         checks = ["cmd", "shell", "root"] if args.check == "all" else [args.check]
         for check in checks:
             if check == "cmd":
-                results.append(check_cmd(kernel, initrd, args.timeout))
+                results.append(check_cmd(kernel, initrd, args.append, args.timeout))
             elif check == "shell":
-                results.append(check_shell(kernel, initrd, args.timeout))
+                results.append(check_shell(kernel, initrd, args.append, args.timeout))
             else:
-                results.append(check_root(kernel, initrd, workdir, args.timeout))
+                results.append(check_root(kernel, initrd, workdir, args.append, args.timeout))
     for result in results:
         if args.console:
             sys.stdout.write(result.console.decode(errors="replace"))

@@ -6,7 +6,8 @@ into guest memory, so a backend can preadv/pwritev into them without copies.
 
 from __future__ import annotations
 
-from typing import Protocol, Sequence, runtime_checkable
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
 
 
 @runtime_checkable

@@ -187,15 +187,17 @@ class RequestExecutor:
         """§5.2.6.2: a table of segments; each is checked before any is run."""
         if self.limits.read_only:
             raise RequestFailed(S_IOERR, "discard or write-zeroes on a read-only disk")
-        payload = gather(request.out_data, total_length(request.out_data))
         limits = self.limits
         if discard:
             max_segments, max_sectors = limits.max_discard_segments, limits.max_discard_sectors
         else:
             max_segments, max_sectors = limits.max_write_zeroes_segments, limits.max_write_zeroes_sectors
-        count = len(payload) // SEGMENT.size
-        if not payload or len(payload) % SEGMENT.size or count > max_segments:
-            raise RequestFailed(S_UNSUPP, f"{len(payload)} bytes of segments (at most {max_segments})")
+        length = total_length(request.out_data)
+        count = length // SEGMENT.size
+        # Checked before copying: a guest may hand in gigabytes of "segments".
+        if not length or length % SEGMENT.size or count > max_segments:
+            raise RequestFailed(S_UNSUPP, f"{length} bytes of segments (at most {max_segments})")
+        payload = gather(request.out_data, length)
         ranges = []
         for index in range(count):
             sector, sectors, flags = SEGMENT.unpack_from(payload, index * SEGMENT.size)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import struct
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -28,9 +29,14 @@ from hypervisor.virtio.spec import (
 
 log = logging.getLogger(__name__)
 
-_DESCRIPTOR = struct.Struct("<QIHH")  # §2.7.5 struct virtq_desc
-_USED_ELEMENT = struct.Struct("<II")  # §2.7.8 struct virtq_used_elem
-_U16 = struct.Struct("<H")
+_DESCRIPTOR = struct.Struct("<QIHH")  # §2.7.5 struct virtq_desc; the driver does not change it meanwhile
+
+# Ring fields the driver and device change concurrently are accessed through typed memoryviews:
+# one native 16- or 32-bit load or store each. struct.pack_into zero-fills its target before
+# writing it byte by byte, and unpack_from reads byte by byte, so a guest spinning on used.idx
+# saw it read 0 for a moment (found with the virtio_blk test guest), and avail.idx could be
+# read torn. Native order is the rings' little endian (§2.7: "le16") on every KVM host we run.
+assert sys.byteorder == "little", "virtqueue fields are little-endian; this host is not"
 _U64_LIMIT = 1 << 64
 
 # §2.7 table "Virtqueue Part / Alignment / Size".
@@ -149,8 +155,15 @@ class Virtqueue:
         self.indirect = indirect
         self._ram = GuestRam(memory)
         self._table = _contiguous(memory, desc_addr, DESC_SIZE * size, "descriptor table")
-        self._avail = _contiguous(memory, driver_addr, avail_ring_size(size), "available ring")
-        self._used = _contiguous(memory, device_addr, used_ring_size(size), "used ring")
+        avail = _contiguous(memory, driver_addr, avail_ring_size(size), "available ring")
+        used = _contiguous(memory, device_addr, used_ring_size(size), "used ring")
+        # le16 flags, idx, ring[size], used_event (§2.7.6)
+        self._avail = avail.cast("H")
+        self._used_event_index = 2 + size
+        # le16 flags, idx, ..., avail_event; le32 pairs (id, len) from word 1 (§2.7.8)
+        self._used16 = used.cast("H")
+        self._used32 = used[: 4 + USED_ELEMENT_SIZE * size].cast("I")
+        self._avail_event_index = (4 + USED_ELEMENT_SIZE * size) // 2
         self.next_avail = 0  # the avail ring index of the next chain to take (free-running u16)
         self.next_used = 0  # the used ring index we publish next (free-running u16)
         self._signalled_used: int | None = None  # next_used when we last decided to interrupt
@@ -159,7 +172,7 @@ class Virtqueue:
     # ---- the available ring (driver -> device) ----
 
     def _avail_idx(self) -> int:
-        return _U16.unpack_from(self._avail, 2)[0]
+        return self._avail[1]
 
     def has_available(self) -> bool:
         """Whether the driver published chains not taken yet (one read of avail.idx)."""
@@ -179,8 +192,7 @@ class Virtqueue:
                 f"more than the queue size {self.size} (§2.7.6)"
             )
         while self.next_avail != avail_idx:
-            slot = 4 + 2 * (self.next_avail % self.size)
-            head = _U16.unpack_from(self._avail, slot)[0]
+            head = self._avail[2 + self.next_avail % self.size]
             self.next_avail = (self.next_avail + 1) & 0xFFFF
             yield self.walk_chain(head)
 
@@ -192,7 +204,7 @@ class Virtqueue:
         index is read again after publishing it and the caller loops while this returns True.
         """
         if self.event_idx:
-            _U16.pack_into(self._used, 4 + USED_ELEMENT_SIZE * self.size, self.next_avail)
+            self._used16[self._avail_event_index] = self.next_avail
         return self._avail_idx() != self.next_avail
 
     # ---- descriptor chains ----
@@ -258,10 +270,11 @@ class Virtqueue:
 
     def add_used(self, head: int, written: int) -> None:
         """Return chain `head` to the driver with `written` bytes written into its buffers."""
-        slot = 4 + USED_ELEMENT_SIZE * (self.next_used % self.size)
-        _USED_ELEMENT.pack_into(self._used, slot, head, written)
+        word = 1 + 2 * (self.next_used % self.size)
+        self._used32[word] = head
+        self._used32[word + 1] = written
         self.next_used = (self.next_used + 1) & 0xFFFF
-        _U16.pack_into(self._used, 2, self.next_used)
+        self._used16[1] = self.next_used  # publishes the element: x86 keeps stores in order
         self._used_since_interrupt += 1
 
     def needs_interrupt(self) -> bool:
@@ -277,8 +290,8 @@ class Virtqueue:
         old, new = self._signalled_used, self.next_used
         self._signalled_used = new
         if not self.event_idx:
-            return not _U16.unpack_from(self._avail, 0)[0] & AVAIL_F_NO_INTERRUPT
+            return not self._avail[0] & AVAIL_F_NO_INTERRUPT
         if old is None:
             return True
-        used_event = _U16.unpack_from(self._avail, 4 + 2 * self.size)[0]
+        used_event = self._avail[self._used_event_index]
         return ((new - used_event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)

@@ -275,3 +275,15 @@ def test_read_only_refuses_writes(tmp_path: Path) -> None:
         ):
             with pytest.raises(ImageError, match="read-only"):
                 call()
+
+
+def test_unknown_autoclear_bits_cleared_before_first_write(tmp_path: Path) -> None:
+    path = create(tmp_path / "ac.qcow2", MIB)
+    buf = bytearray(path.read_bytes())
+    struct.pack_into(">Q", buf, 88, 1 << 7)  # an autoclear feature this code does not know
+    path.write_bytes(bytes(buf))
+    with Qcow2Image.open(str(path)) as image:
+        assert struct.unpack_from(">Q", path.read_bytes(), 88)[0] == 1 << 7  # opening alone changes nothing
+        image.write(0, [b"\x01" * 512])
+        assert struct.unpack_from(">Q", path.read_bytes(), 88)[0] == 0
+    check_clean(path)

@@ -15,7 +15,6 @@ import logging
 import os
 import threading
 from array import array
-from collections.abc import Sequence
 
 from hypervisor.block.backend import BlockBackend
 from hypervisor.block.qcow2 import format as fmt
@@ -27,7 +26,7 @@ from hypervisor.block.qcow2.hostfile import HostFile
 from hypervisor.block.qcow2.l2cache import L2Cache
 from hypervisor.block.qcow2.ops import OpsMixin
 from hypervisor.block.qcow2.read import ReadMixin
-from hypervisor.block.qcow2.refcount import Refcounts, load_u64_table
+from hypervisor.block.qcow2.refcount import Refcounts, dump_u64_table, load_u64_table
 from hypervisor.block.qcow2.snapshot_table import SnapshotEntry, parse_snapshot_table, table_size_bound
 from hypervisor.block.qcow2.write import WriteMixin
 from hypervisor.block.raw import open_image_fd
@@ -144,8 +143,7 @@ class Qcow2Image(ReadMixin, WriteMixin, OpsMixin):
         self._has_data_file = bool(hdr.incompatible_features & fmt.INCOMPAT_DATA_FILE)
 
     def _load_l1(self, offset: int, size: int) -> array:
-        l1 = load_u64_table(self._hf.pread(offset, size * 8))
-        return l1
+        return load_u64_table(self._hf.pread(offset, size * 8))
 
     def _load_snapshots(self) -> list[SnapshotEntry]:
         hdr = self._header
@@ -382,7 +380,7 @@ class Qcow2Image(ReadMixin, WriteMixin, OpsMixin):
             self._l2.write_dirty()
             if self._l1_dirty:
                 hf.sync()
-                hf.pwrite(self._l1_offset, _dump_l1(self._l1))
+                hf.pwrite(self._l1_offset, dump_u64_table(self._l1))
                 self._l1_dirty = False
             hf.sync()
         elif not wrote_refs:
@@ -418,12 +416,3 @@ class Qcow2Image(ReadMixin, WriteMixin, OpsMixin):
         buf = bytearray(length)
         self._read_views(offset, [memoryview(buf)], length)
         return bytes(buf)
-
-    def _buffers_length(self, buffers: Sequence[memoryview]) -> int:
-        return sum(view.nbytes for view in buffers)
-
-
-def _dump_l1(l1: array) -> bytes:
-    from hypervisor.block.qcow2.refcount import dump_u64_table
-
-    return dump_u64_table(l1)

@@ -145,7 +145,8 @@ class OpsMixin:
 
     # -- snapshots ---------------------------------------------------------------------------
     def snapshots(self: Qcow2Image) -> list[SnapshotInfo]:
-        return [entry.info() for entry in self._snapshots]
+        with self._lock:
+            return [entry.info() for entry in self._snapshots]
 
     def create_snapshot(self: Qcow2Image, name: str) -> SnapshotInfo:
         with self._lock:

@@ -51,6 +51,8 @@ class RefcountBlockCodec:
         self.entries = cluster_size * 8 // self.bits
         self.cluster_size = cluster_size
         self.max_value = (1 << self.bits) - 1
+        self._expand: list[bytes] | None = None  # sub-byte widths: byte -> its entries
+        self._pack: dict[bytes, int] = {}  # and back
 
     def empty(self) -> array:
         return (
@@ -71,12 +73,18 @@ class RefcountBlockCodec:
             if self.bits > 8 and not _BIG_ENDIAN_HOST:
                 values.byteswap()
             return values
-        per_byte = 8 // self.bits
-        mask = self.max_value
-        values = array("B", bytes(self.entries))
-        for i in range(self.entries):
-            values[i] = (raw[i // per_byte] >> (self.bits * (i % per_byte))) & mask
-        return values
+        # Sub-byte widths: expand each byte through a 256-entry table (LSB-first packing).
+        expanded = b"".join(self._expand_table()[byte] for byte in raw)
+        return array("B", expanded)
+
+    def _expand_table(self) -> list[bytes]:
+        table = self._expand
+        if table is None:
+            per_byte, mask = 8 // self.bits, self.max_value
+            table = [bytes((b >> (self.bits * k)) & mask for k in range(per_byte)) for b in range(256)]
+            self._expand = table
+            self._pack = {value: b for b, value in enumerate(table)}
+        return table
 
     def encode(self, values: array) -> bytes:
         if self.bits >= 8:
@@ -85,11 +93,10 @@ class RefcountBlockCodec:
                 out.byteswap()
             return out.tobytes()
         per_byte = 8 // self.bits
-        raw = bytearray(self.cluster_size)
-        for i, value in enumerate(values):
-            if value:
-                raw[i // per_byte] |= value << (self.bits * (i % per_byte))
-        return bytes(raw)
+        self._expand_table()
+        flat = values.tobytes()
+        pack = self._pack
+        return bytes(pack[flat[i : i + per_byte]] for i in range(0, len(flat), per_byte))
 
 
 class Refcounts:

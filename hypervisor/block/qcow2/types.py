@@ -14,9 +14,11 @@ class Extent:
     """A run of the virtual disk with one allocation state, as `qemu-img map` reports it.
 
     kind: "data" (bytes stored in the layer at `depth`), "zero" (reads as zeros, decided by the
-    layer at `depth`) or "unallocated" (no layer down to `depth`, the bottom of the chain, has it:
-    reads as zeros). `host_offset` is the offset in that layer's file (or external data file) for
-    uncompressed data, else None. `depth` 0 is the image itself, 1 its backing file, and so on.
+    layer at `depth`: a zero cluster, or a hole of a raw backing file) or "unallocated" (not
+    present in any layer: reads as zeros; `depth` is the layer where the lookup ended, i.e. the
+    bottom of the chain or the layer whose backing file is shorter). `host_offset` is the offset
+    in that layer's file (external data file, raw backing file) for uncompressed data and raw
+    holes, else None. `depth` 0 is the image itself, 1 its backing file, and so on.
     """
 
     start: int
