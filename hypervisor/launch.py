@@ -15,6 +15,7 @@ from pathlib import Path
 from hypervisor.boot.image_format import decompress_if_xz, detect_kernel_format
 from hypervisor.boot.layout import guest_layout
 from hypervisor.boot.loader import prepare_kernel
+from hypervisor.disk_spec import DiskSpec
 from hypervisor.errors import ConfigError
 from hypervisor.guest_images import default_guest
 from hypervisor.kvm import kvm_is_pvm
@@ -46,7 +47,7 @@ class RunOptions:
     debug_exit_port: int = 0x501
     debug_exit_qemu: bool = False
     pvh: bool = False
-    disks: list[object] = field(default_factory=list)
+    disks: list[DiskSpec] = field(default_factory=list)
     root: str | None = None
 
 

@@ -11,17 +11,19 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from hypervisor.block.open import open_disk
 from hypervisor.boot.cpu_state import EntryState, real_mode_state
 from hypervisor.boot.cpuid import guest_cpuid
-from hypervisor.boot.layout import MmioWindow
+from hypervisor.boot.layout import MmioWindow, virtio_mmio_window
 from hypervisor.debug.console_observer import ConsoleObserver
 from hypervisor.devices.bus import Bus, Device
 from hypervisor.devices.debug_exit import DEBUG_EXIT_PORT_SIZE, DEFAULT_DEBUG_EXIT_PORT, DebugExit
-from hypervisor.devices.irq import KvmIrqLine
+from hypervisor.devices.irq import IrqFdLine, KvmIrqLine
+from hypervisor.disk_spec import DiskSpec
 from hypervisor.errors import ConfigError, HypervisorError
 from hypervisor.kvm import Kvm, Vcpu, Vm
 from hypervisor.kvm.vcpu import TableRange
@@ -32,6 +34,8 @@ from hypervisor.vcpu.pvm import PvmEmulator
 from hypervisor.vcpu.runner import Emulator, VcpuRunner
 from hypervisor.vcpu.setup import apply_entry_state, configure_boot_msrs, configure_lapic
 from hypervisor.vcpu.stats import merge_statistics, vcpu_statistics
+from hypervisor.virtio.blk import VirtioBlock
+from hypervisor.virtio.mmio import QUEUE_NOTIFY_OFFSET, MmioTransport
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +73,14 @@ class Console(Protocol):
     def start(self, feed: Callable[[bytes], object], on_quit: Callable[[], None]) -> None: ...
 
     def close(self) -> None: ...
+
+
+@dataclass
+class AttachedDisk:
+    name: str
+    spec: DiskSpec
+    transport: MmioTransport
+    interrupt: IrqFdLine
 
 
 @dataclass
@@ -122,6 +134,7 @@ class Machine:
         self._sinks: list[TableRange] = []
         self._devices_started: list[object] = []
         self._threads: list[threading.Thread] = []
+        self.disks: list[AttachedDisk] = []
         try:
             self._create_vm(cpus)
             self._create_memory(memory_regions or [(0, self.memory_size)], hugepages)
@@ -206,11 +219,37 @@ class Machine:
         entry = self.pio_bus.insert(_Sink(), base, size, f"sink {base:#x}")
         self._sinks.append(TableRange(base, size, entry.device_id, sink=True, fill=fill))
 
-    def attach_disks(self, disks: list[object]) -> list[MmioWindow]:
-        """virtio-blk disks in their virtio-mmio windows; the windows go on the kernel command line."""
-        if disks:
-            raise ConfigError("virtio disks are not wired yet")  # TEMPORARY
-        return []
+    def attach_disks(self, disks: Sequence[DiskSpec]) -> list[MmioWindow]:
+        """virtio-blk disks (vda, vdb, ...) each in its own virtio-mmio window and IRQ.
+
+        Returns the windows, which a Linux guest learns from `virtio_mmio.device=` words on its
+        command line. QueueNotify writes go to an ioeventfd, so a vCPU never waits for the disk;
+        completions come back through an irqfd from the device's I/O thread.
+        """
+        assert self.vm is not None and self.memory is not None
+        windows = []
+        for spec in disks:
+            index = len(self.disks)
+            name = "vd" + chr(ord("a") + index)
+            window = virtio_mmio_window(index)
+            backend = open_disk(spec.path, spec.format, spec.read_only, allow_backing=True)
+            try:
+                device = VirtioBlock(backend, serial=spec.serial, name=name)
+            except BaseException:
+                backend.close()
+                raise
+            interrupt = IrqFdLine(self.vm, window.irq)
+            transport = MmioTransport(device, self.memory, interrupt, name=name)
+            self.disks.append(AttachedDisk(name, spec, transport, interrupt))
+            self.add_mmio_device(transport, window.gpa, window.size, name)
+            for queue in range(len(device.queue_max_sizes)):
+                self.vm.register_ioeventfd(
+                    transport.notify_eventfd(queue), window.gpa + QUEUE_NOTIFY_OFFSET, 4, datamatch=queue
+                )
+            log.info("%s: %s (%s%s) at %#x, IRQ %d", name, spec.path, backend.__class__.__name__,
+                     ", read-only" if spec.read_only else "", window.gpa, window.irq)  # fmt: skip
+            windows.append(window)
+        return windows
 
     # -- loading a guest ------------------------------------------------------------------------
 
@@ -277,6 +316,8 @@ class Machine:
     def start(self) -> None:
         """Starts the vCPU threads (and the console); `wait` collects the outcome."""
         self.install_range_tables()
+        for disk in self.disks:
+            disk.transport.start()
         if self.console is not None:
             quit_outcome = Outcome(OutcomeKind.QUIT, "quit from the console")
             self.console.start(self.serial.feed, lambda: self.request_stop(quit_outcome))
@@ -361,6 +402,10 @@ class Machine:
                 self.console.close()
             except HypervisorError:
                 log.exception("closing the console failed")
+        # Devices go before guest memory: their rings hold views of it.
+        for disk in self.disks:
+            disk.transport.close()
+            disk.interrupt.close()
         if self.vm is not None:
             self.vm.close()
         if self.memory is not None and not any(t.is_alive() for t in self._threads):

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from hypervisor.memory.guest_memory import GuestMemory
 from hypervisor.virtio import mmio, spec
+from hypervisor.virtio import mmio_registers as regs
 from hypervisor.virtio.blk_request import REQUEST_HEADER, SEGMENT
 from hypervisor.virtio.queue import avail_ring_size, used_ring_size
 
@@ -134,31 +135,31 @@ class MmioDriver:
 
     def read_config(self, offset: int, length: int) -> bytes:
         data = bytearray(length)
-        self.transport.read(mmio.CONFIG_OFFSET + offset, memoryview(data))
+        self.transport.read(regs.CONFIG_OFFSET + offset, memoryview(data))
         return bytes(data)
 
     def device_features(self) -> int:
         features = 0
         for page in (0, 1):
-            self.write32(mmio.DEVICE_FEATURES_SEL_OFFSET, page)
-            features |= self.read32(mmio.DEVICE_FEATURES_OFFSET) << (32 * page)
+            self.write32(regs.DEVICE_FEATURES_SEL_OFFSET, page)
+            features |= self.read32(regs.DEVICE_FEATURES_OFFSET) << (32 * page)
         return features
 
     def write_driver_features(self, features: int) -> None:
         for page in (0, 1):
-            self.write32(mmio.DRIVER_FEATURES_SEL_OFFSET, page)
-            self.write32(mmio.DRIVER_FEATURES_OFFSET, (features >> (32 * page)) & 0xFFFFFFFF)
+            self.write32(regs.DRIVER_FEATURES_SEL_OFFSET, page)
+            self.write32(regs.DRIVER_FEATURES_OFFSET, (features >> (32 * page)) & 0xFFFFFFFF)
 
     def status(self) -> int:
-        return self.read32(mmio.STATUS_OFFSET)
+        return self.read32(regs.STATUS_OFFSET)
 
     def add_status(self, bits: int) -> None:
-        self.write32(mmio.STATUS_OFFSET, self.status() | bits)
+        self.write32(regs.STATUS_OFFSET, self.status() | bits)
 
     def negotiate(self, features: int | None = None) -> bool:
         """Reset, ACKNOWLEDGE, DRIVER, accept `features` (default: all offered), FEATURES_OK.
         Returns whether FEATURES_OK stuck."""
-        self.write32(mmio.STATUS_OFFSET, 0)
+        self.write32(regs.STATUS_OFFSET, 0)
         self.add_status(spec.STATUS_ACKNOWLEDGE)
         self.add_status(spec.STATUS_DRIVER)
         self.write_driver_features(self.device_features() if features is None else features)
@@ -166,22 +167,22 @@ class MmioDriver:
         return bool(self.status() & spec.STATUS_FEATURES_OK)
 
     def setup_queue(self, index: int, queue: DriverQueue) -> None:
-        self.write32(mmio.QUEUE_SEL_OFFSET, index)
-        self.write32(mmio.QUEUE_NUM_OFFSET, queue.size)
+        self.write32(regs.QUEUE_SEL_OFFSET, index)
+        self.write32(regs.QUEUE_NUM_OFFSET, queue.size)
         for low, address in (
-            (mmio.QUEUE_DESC_LOW_OFFSET, queue.desc),
-            (mmio.QUEUE_DRIVER_LOW_OFFSET, queue.avail),
-            (mmio.QUEUE_DEVICE_LOW_OFFSET, queue.used),
+            (regs.QUEUE_DESC_LOW_OFFSET, queue.desc),
+            (regs.QUEUE_DRIVER_LOW_OFFSET, queue.avail),
+            (regs.QUEUE_DEVICE_LOW_OFFSET, queue.used),
         ):
             self.write32(low, address & 0xFFFFFFFF)
             self.write32(low + 4, address >> 32)
-        self.write32(mmio.QUEUE_READY_OFFSET, 1)
+        self.write32(regs.QUEUE_READY_OFFSET, 1)
 
     def driver_ok(self) -> None:
         self.add_status(spec.STATUS_DRIVER_OK)
 
     def notify(self, index: int) -> None:
-        self.write32(mmio.QUEUE_NOTIFY_OFFSET, index)
+        self.write32(regs.QUEUE_NOTIFY_OFFSET, index)
 
 
 @dataclass

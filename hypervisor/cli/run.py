@@ -153,6 +153,6 @@ def _raise_interrupt(signum: int, frame: object) -> None:
 def _parse_disks(values: tuple[str, ...]) -> list[object]:
     if not values:
         return []
-    from hypervisor.virtio.disk_spec import parse_disk_spec
+    from hypervisor.disk_spec import parse_disk_spec
 
     return [parse_disk_spec(value) for value in values]

@@ -6,6 +6,7 @@ Modules, bottom up:
   queue       the device side of a split virtqueue (§2.7): chains bounded and checked
   device      what a device gives its transport (VirtioDevice)
   worker      the I/O thread per device, woken by one eventfd (ioeventfd) per queue
+  mmio_registers  the virtio-mmio register layout (§4.2.2)
   mmio        the virtio-mmio transport, version 2 (§4.2.2), a bus Device of 4 KiB
   blk_request virtio-blk requests parsed from chains and run on a BlockBackend (§5.2.6)
   blk         the virtio-blk device (§5.2): features, config space, the request queue

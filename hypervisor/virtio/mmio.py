@@ -3,6 +3,7 @@
 The machine picks the window's base and IRQ, announces them to Linux with
 `virtio_mmio.device=4K@<base>:<irq>`, wires `interrupt` to an irqfd and registers
 `notify_eventfd(q)` as a KVM ioeventfd at base + QUEUE_NOTIFY_OFFSET (4 bytes, datamatch q).
+The register layout itself is in mmio_registers.
 
 Threads: the vCPU thread calls read()/write(); the device's I/O thread calls process_queue().
 `_lock` guards the registers and is only held briefly. `_io_lock` is held by the I/O thread for
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 
 from hypervisor.devices.bus import InterruptLine
 from hypervisor.memory.guest_memory import GuestMemory
+from hypervisor.virtio import mmio_registers as reg
 from hypervisor.virtio import spec
 from hypervisor.virtio.device import VirtioDevice
 from hypervisor.virtio.queue import Virtqueue, VirtqueueError
@@ -26,42 +28,9 @@ from hypervisor.virtio.worker import QueueWorker
 
 log = logging.getLogger(__name__)
 
-WINDOW_SIZE = 0x1000
-MAGIC_VALUE = 0x74726976  # "virt" (§4.2.2)
-VERSION = 2  # the non-legacy interface (§4.2.2)
-# VendorID: "pyhv" as little-endian ASCII. Linux only displays it; no driver matches on it.
-VENDOR_ID = 0x76687970
-
-# §4.2.2 Table "MMIO Device Register Layout".
-MAGIC_VALUE_OFFSET = 0x000
-VERSION_OFFSET = 0x004
-DEVICE_ID_OFFSET = 0x008
-VENDOR_ID_OFFSET = 0x00C
-DEVICE_FEATURES_OFFSET = 0x010
-DEVICE_FEATURES_SEL_OFFSET = 0x014
-DRIVER_FEATURES_OFFSET = 0x020
-DRIVER_FEATURES_SEL_OFFSET = 0x024
-QUEUE_SEL_OFFSET = 0x030
-QUEUE_NUM_MAX_OFFSET = 0x034
-QUEUE_NUM_OFFSET = 0x038
-QUEUE_READY_OFFSET = 0x044
-QUEUE_NOTIFY_OFFSET = 0x050
-INTERRUPT_STATUS_OFFSET = 0x060
-INTERRUPT_ACK_OFFSET = 0x064
-STATUS_OFFSET = 0x070
-QUEUE_DESC_LOW_OFFSET = 0x080
-QUEUE_DESC_HIGH_OFFSET = 0x084
-QUEUE_DRIVER_LOW_OFFSET = 0x090
-QUEUE_DRIVER_HIGH_OFFSET = 0x094
-QUEUE_DEVICE_LOW_OFFSET = 0x0A0
-QUEUE_DEVICE_HIGH_OFFSET = 0x0A4
-SHM_SEL_OFFSET = 0x0AC
-SHM_LEN_LOW_OFFSET = 0x0B0
-SHM_BASE_HIGH_OFFSET = 0x0BC
-CONFIG_GENERATION_OFFSET = 0x0FC
-CONFIG_OFFSET = 0x100
-# §4.2.2.1: a shared memory region that does not exist reads as length and base -1.
-NO_SHM_REGION = 0xFFFFFFFF
+# What the machine needs to place a transport: its window and the ioeventfd address in it.
+WINDOW_SIZE = reg.WINDOW_SIZE
+QUEUE_NOTIFY_OFFSET = reg.QUEUE_NOTIFY_OFFSET
 
 # A guest can repeat a mistake in a loop; only this many of its warnings reach the log.
 GUEST_WARNING_LIMIT = 10
@@ -74,12 +43,12 @@ TRANSPORT_FEATURES = (
 )
 
 _ADDRESS_REGISTERS = {
-    QUEUE_DESC_LOW_OFFSET: ("desc", 0),
-    QUEUE_DESC_HIGH_OFFSET: ("desc", 32),
-    QUEUE_DRIVER_LOW_OFFSET: ("driver", 0),
-    QUEUE_DRIVER_HIGH_OFFSET: ("driver", 32),
-    QUEUE_DEVICE_LOW_OFFSET: ("device", 0),
-    QUEUE_DEVICE_HIGH_OFFSET: ("device", 32),
+    reg.QUEUE_DESC_LOW_OFFSET: ("desc", 0),
+    reg.QUEUE_DESC_HIGH_OFFSET: ("desc", 32),
+    reg.QUEUE_DRIVER_LOW_OFFSET: ("driver", 0),
+    reg.QUEUE_DRIVER_HIGH_OFFSET: ("driver", 32),
+    reg.QUEUE_DEVICE_LOW_OFFSET: ("device", 0),
+    reg.QUEUE_DEVICE_HIGH_OFFSET: ("device", 32),
 }
 
 
@@ -152,8 +121,8 @@ class MmioTransport:
     # ---- the Device protocol (vCPU thread) ----
 
     def read(self, offset: int, data: memoryview) -> None:
-        if offset >= CONFIG_OFFSET:
-            self._read_config(offset - CONFIG_OFFSET, data)
+        if offset >= reg.CONFIG_OFFSET:
+            self._read_config(offset - reg.CONFIG_OFFSET, data)
             return
         if len(data) != 4 or offset % 4:
             # §4.2.2.2: register accesses are 32 bits wide and aligned; anything else is answered.
@@ -165,19 +134,19 @@ class MmioTransport:
         data[:] = value.to_bytes(4, "little")
 
     def write(self, offset: int, data: bytes) -> None:
-        if offset >= CONFIG_OFFSET:
+        if offset >= reg.CONFIG_OFFSET:
             with self._lock:
-                self.device.write_config(offset - CONFIG_OFFSET, bytes(data))
+                self.device.write_config(offset - reg.CONFIG_OFFSET, bytes(data))
             return
         if len(data) != 4 or offset % 4:
             log.debug("%s: %d-byte write at %#x is not a register access", self.name, len(data), offset)
             return
         value = int.from_bytes(data, "little")
-        if offset == QUEUE_NOTIFY_OFFSET:
+        if offset == reg.QUEUE_NOTIFY_OFFSET:
             self._notify(value)
-        elif offset in (STATUS_OFFSET, QUEUE_READY_OFFSET):
+        elif offset in (reg.STATUS_OFFSET, reg.QUEUE_READY_OFFSET):
             with self._io_lock, self._lock:  # wait for requests in flight (module docstring)
-                if offset == STATUS_OFFSET:
+                if offset == reg.STATUS_OFFSET:
                     self._write_status(value)
                 else:
                     self._write_queue_ready(value)
@@ -198,50 +167,50 @@ class MmioTransport:
 
     def _read_register(self, offset: int) -> int:
         queue = self._selected_queue()
-        if offset == MAGIC_VALUE_OFFSET:
-            return MAGIC_VALUE
-        if offset == VERSION_OFFSET:
-            return VERSION
-        if offset == DEVICE_ID_OFFSET:
+        if offset == reg.MAGIC_VALUE_OFFSET:
+            return reg.MAGIC_VALUE
+        if offset == reg.VERSION_OFFSET:
+            return reg.VERSION
+        if offset == reg.DEVICE_ID_OFFSET:
             return self.device.device_id
-        if offset == VENDOR_ID_OFFSET:
-            return VENDOR_ID
-        if offset == DEVICE_FEATURES_OFFSET:
+        if offset == reg.VENDOR_ID_OFFSET:
+            return reg.VENDOR_ID
+        if offset == reg.DEVICE_FEATURES_OFFSET:
             if self._device_features_sel > 1:
                 return 0
             return (self.device_features >> (32 * self._device_features_sel)) & 0xFFFFFFFF
-        if offset == QUEUE_NUM_MAX_OFFSET:
+        if offset == reg.QUEUE_NUM_MAX_OFFSET:
             return queue.max_size if queue else 0  # 0: "queue not available" (§4.2.3.2)
-        if offset == QUEUE_READY_OFFSET:
+        if offset == reg.QUEUE_READY_OFFSET:
             return int(queue.ready) if queue else 0
-        if offset == INTERRUPT_STATUS_OFFSET:
+        if offset == reg.INTERRUPT_STATUS_OFFSET:
             return self.interrupt_status
-        if offset == STATUS_OFFSET:
+        if offset == reg.STATUS_OFFSET:
             return self.status
-        if offset == CONFIG_GENERATION_OFFSET:
+        if offset == reg.CONFIG_GENERATION_OFFSET:
             return self.config_generation
-        if SHM_LEN_LOW_OFFSET <= offset <= SHM_BASE_HIGH_OFFSET:
-            return NO_SHM_REGION
+        if reg.SHM_LEN_LOW_OFFSET <= offset <= reg.SHM_BASE_HIGH_OFFSET:
+            return reg.NO_SHM_REGION
         log.debug("%s: read of write-only or unknown register %#x", self.name, offset)
         return 0
 
     def _write_register(self, offset: int, value: int) -> None:
         queue = self._selected_queue()
-        if offset == DEVICE_FEATURES_SEL_OFFSET:
+        if offset == reg.DEVICE_FEATURES_SEL_OFFSET:
             self._device_features_sel = value
-        elif offset == DRIVER_FEATURES_SEL_OFFSET:
+        elif offset == reg.DRIVER_FEATURES_SEL_OFFSET:
             self._driver_features_sel = value
-        elif offset == DRIVER_FEATURES_OFFSET:
+        elif offset == reg.DRIVER_FEATURES_OFFSET:
             self._write_driver_features(value)
-        elif offset == QUEUE_SEL_OFFSET:
+        elif offset == reg.QUEUE_SEL_OFFSET:
             self._queue_sel = value
-        elif offset == INTERRUPT_ACK_OFFSET:
+        elif offset == reg.INTERRUPT_ACK_OFFSET:
             self.interrupt_status &= ~value
-        elif offset == QUEUE_NUM_OFFSET or offset in _ADDRESS_REGISTERS:
+        elif offset == reg.QUEUE_NUM_OFFSET or offset in _ADDRESS_REGISTERS:
             if queue is None or queue.ready:
                 # §4.2.3.2: the queue is configured only while QueueReady reads 0.
                 log.debug("%s: write %#x to %#x ignored: no queue or queue running", self.name, value, offset)
-            elif offset == QUEUE_NUM_OFFSET:
+            elif offset == reg.QUEUE_NUM_OFFSET:
                 queue.size = value
             else:
                 which, shift = _ADDRESS_REGISTERS[offset]

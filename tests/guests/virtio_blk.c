@@ -1,6 +1,8 @@
 /*
  * Freestanding test guest: a minimal virtio-mmio virtio-blk driver (virtio 1.2 §4.2.3, §2.7.13,
- * §5.2.6), polling the used ring instead of taking interrupts.
+ * §5.2.6), polling the used ring instead of taking interrupts. c_entry.S runs main() at CPL3
+ * with IOPL=3, so on kvm_pvm hosts its loops run natively while register accesses still exit;
+ * main writes its own exit status to the debug-exit port.
  *
  * Parameters (the common block of common.S, at GUEST_BASE):
  *   exit code  status written to the debug-exit port when every check passed

@@ -12,8 +12,17 @@ from hypervisor.devices.bus import NullInterruptLine
 from hypervisor.errors import ConfigError, ImageError
 from hypervisor.memory.guest_memory import GuestMemory
 from hypervisor.virtio import mmio, spec
-from hypervisor.virtio.blk import F_DISCARD, F_RO, F_WRITE_ZEROES, VirtioBlock
+from hypervisor.virtio import mmio_registers as regs
+from hypervisor.virtio.blk import (
+    F_DISCARD,
+    F_RO,
+    F_WRITE_ZEROES,
+    MAX_DISCARD_SECTORS,
+    MAX_DISCARD_SEGMENTS,
+    VirtioBlock,
+)
 from hypervisor.virtio.blk_request import (
+    REQUEST_HEADER,
     S_IOERR,
     S_OK,
     S_UNSUPP,
@@ -25,7 +34,7 @@ from hypervisor.virtio.blk_request import (
     T_OUT,
     T_WRITE_ZEROES,
 )
-from tests.virtio_driver import DESCRIPTOR, Allocator, BlockDriver, DriverQueue, MmioDriver, segments
+from tests.virtio_driver import DESCRIPTOR, Allocator, BlockDriver, Buffer, DriverQueue, MmioDriver, segments
 
 MEMORY_SIZE = 4 << 20
 DISK_SIZE = 1 << 20
@@ -153,7 +162,8 @@ def test_discard_and_write_zeroes(machine, disk):
         (T_WRITE_ZEROES, segments((0, 8, 0x4)), S_UNSUPP),  # reserved flag bit
         (T_WRITE_ZEROES, segments((SECTORS - 4, 8, 0)), S_IOERR),  # past the end
         (T_DISCARD, b"\0" * 10, S_UNSUPP),  # not whole segments
-        (T_DISCARD, segments(*[(0, 1, 0)] * 33), S_UNSUPP),  # more than max_discard_seg
+        (T_DISCARD, segments(*[(0, 1, 0)] * (MAX_DISCARD_SEGMENTS + 1)), S_UNSUPP),  # > max_discard_seg
+        (T_WRITE_ZEROES, segments((0, MAX_DISCARD_SECTORS + 8, 0)), S_IOERR),  # > max_write_zeroes_sectors
     ],
 )
 def test_bad_discard_and_write_zeroes(machine, disk, request_type, payload, expected):
@@ -271,10 +281,10 @@ def test_malformed_chains_need_reset_never_raise(machine, descriptors):
     machine.queue.publish(0)
     machine.run()
     assert machine.needs_reset()
-    assert machine.driver.read32(mmio.INTERRUPT_STATUS_OFFSET) & spec.INTERRUPT_CONFIG_CHANGE
+    assert machine.driver.read32(regs.INTERRUPT_STATUS_OFFSET) & spec.INTERRUPT_CONFIG_CHANGE
     # A later notify does nothing until the driver resets; then the device works again.
     machine.run()
-    machine.driver.write32(mmio.STATUS_OFFSET, 0)
+    machine.driver.write32(regs.STATUS_OFFSET, 0)
     assert machine.driver.status() == 0
 
 
@@ -376,3 +386,28 @@ def test_event_idx_suppression_through_the_device(machine):
     machine.run()
     assert machine.line.pulses == 2  # used idx 4 passed used_event 3
     assert machine.queue.avail_event() == machine.queue.avail_idx
+
+
+def test_requests_in_guest_ram_split_across_regions(disk):
+    # Guest RAM in two adjacent regions: a payload that straddles them still reads in one go.
+    memory = GuestMemory([(0, 0x100000), (0x100000, 0x100000)])
+    transport = mmio.MmioTransport(VirtioBlock(RawFile(str(disk))), memory, NullInterruptLine())
+    driver = MmioDriver(transport)
+    try:
+        disk.write_bytes(PATTERN * (DISK_SIZE // 512))
+        assert driver.negotiate()
+        allocator = Allocator(0x1000, 0x200000)
+        queue = DriverQueue(memory, allocator, 16)
+        driver.setup_queue(0, queue)
+        driver.driver_ok()
+        header, status = allocator.take(16), allocator.take(1)
+        memory.write(header, REQUEST_HEADER.pack(T_IN, 0, 0))
+        payload = 0x100000 - 512  # 1 KiB that starts 512 bytes below the seam of the regions
+        chain = [Buffer(header, 16, False), Buffer(payload, 1024, True), Buffer(status, 1, True)]
+        queue.publish(queue.add_chain(chain))
+        transport.process_queue(0)
+        assert memory.read_u8(status) == S_OK
+        assert memory.read(payload, 512) + memory.read(payload + 512, 512) == PATTERN * 2
+    finally:
+        transport.close()
+        memory.close()

@@ -11,6 +11,7 @@ from hypervisor.block.raw import RawFile
 from hypervisor.devices.bus import Bus, NullInterruptLine
 from hypervisor.memory.guest_memory import GuestMemory
 from hypervisor.virtio import mmio, spec
+from hypervisor.virtio import mmio_registers as regs
 from hypervisor.virtio.blk import VirtioBlock
 from hypervisor.virtio.blk_request import S_OK, T_GET_ID
 from tests.virtio_driver import Allocator, BlockDriver, DriverQueue, MmioDriver
@@ -53,11 +54,11 @@ def ready_device(transport, driver, memory, size=16):
 
 def test_identification_registers(setup):
     _, driver, _, _ = setup
-    assert driver.read32(mmio.MAGIC_VALUE_OFFSET) == 0x74726976
-    assert driver.read32(mmio.VERSION_OFFSET) == 2
-    assert driver.read32(mmio.DEVICE_ID_OFFSET) == spec.DeviceId.BLOCK
-    assert driver.read32(mmio.VENDOR_ID_OFFSET) == mmio.VENDOR_ID
-    assert driver.read32(mmio.STATUS_OFFSET) == 0
+    assert driver.read32(regs.MAGIC_VALUE_OFFSET) == 0x74726976
+    assert driver.read32(regs.VERSION_OFFSET) == 2
+    assert driver.read32(regs.DEVICE_ID_OFFSET) == spec.DeviceId.BLOCK
+    assert driver.read32(regs.VENDOR_ID_OFFSET) == regs.VENDOR_ID
+    assert driver.read32(regs.STATUS_OFFSET) == 0
 
 
 def test_device_features_in_32_bit_pages(setup):
@@ -66,17 +67,17 @@ def test_device_features_in_32_bit_pages(setup):
     assert features & (1 << spec.F_VERSION_1)
     assert features & (1 << spec.F_RING_EVENT_IDX)
     assert features & (1 << spec.F_RING_INDIRECT_DESC)
-    driver.write32(mmio.DEVICE_FEATURES_SEL_OFFSET, 2)
-    assert driver.read32(mmio.DEVICE_FEATURES_OFFSET) == 0
+    driver.write32(regs.DEVICE_FEATURES_SEL_OFFSET, 2)
+    assert driver.read32(regs.DEVICE_FEATURES_OFFSET) == 0
 
 
 def test_queue_registers(setup):
     _, driver, _, _ = setup
-    driver.write32(mmio.QUEUE_SEL_OFFSET, 0)
-    assert driver.read32(mmio.QUEUE_NUM_MAX_OFFSET) == 256
-    assert driver.read32(mmio.QUEUE_READY_OFFSET) == 0
-    driver.write32(mmio.QUEUE_SEL_OFFSET, 1)  # blk has one queue
-    assert driver.read32(mmio.QUEUE_NUM_MAX_OFFSET) == 0
+    driver.write32(regs.QUEUE_SEL_OFFSET, 0)
+    assert driver.read32(regs.QUEUE_NUM_MAX_OFFSET) == 256
+    assert driver.read32(regs.QUEUE_READY_OFFSET) == 0
+    driver.write32(regs.QUEUE_SEL_OFFSET, 1)  # blk has one queue
+    assert driver.read32(regs.QUEUE_NUM_MAX_OFFSET) == 0
 
 
 def test_negotiation_accepts_offered_features(setup):
@@ -107,26 +108,26 @@ def test_driver_ok_without_features_ok_does_not_stick(setup):
 def test_status_bits_cannot_be_cleared_without_reset(setup):
     _, driver, _, _ = setup
     assert driver.negotiate()
-    driver.write32(mmio.STATUS_OFFSET, spec.STATUS_ACKNOWLEDGE)
+    driver.write32(regs.STATUS_OFFSET, spec.STATUS_ACKNOWLEDGE)
     assert driver.status() & spec.STATUS_FEATURES_OK
 
 
 def test_reset_clears_status_features_and_queues(setup):
     transport, driver, memory, _ = setup
     ready_device(transport, driver, memory)
-    driver.write32(mmio.QUEUE_SEL_OFFSET, 0)
-    assert driver.read32(mmio.QUEUE_READY_OFFSET) == 1
-    driver.write32(mmio.STATUS_OFFSET, 0)
+    driver.write32(regs.QUEUE_SEL_OFFSET, 0)
+    assert driver.read32(regs.QUEUE_READY_OFFSET) == 1
+    driver.write32(regs.STATUS_OFFSET, 0)
     assert driver.status() == 0
     assert transport.driver_features == 0
-    assert driver.read32(mmio.QUEUE_READY_OFFSET) == 0
-    assert driver.read32(mmio.INTERRUPT_STATUS_OFFSET) == 0
+    assert driver.read32(regs.QUEUE_READY_OFFSET) == 0
+    assert driver.read32(regs.INTERRUPT_STATUS_OFFSET) == 0
 
 
 def test_queue_configuration_ignored_while_ready(setup):
     transport, driver, memory, _ = setup
     ready_device(transport, driver, memory)
-    driver.write32(mmio.QUEUE_DESC_LOW_OFFSET, 0x123000)
+    driver.write32(regs.QUEUE_DESC_LOW_OFFSET, 0x123000)
     assert transport._queues[0].desc != 0x123000
 
 
@@ -139,13 +140,13 @@ def test_config_space_and_generation(setup):
     high = int.from_bytes(driver.read_config(4, 4), "little")
     assert (high << 32) | low == capacity
     assert driver.read_config(0x1000 - 0x100 - 4, 4) == bytes(4)  # past the config: zeros
-    generation = driver.read32(mmio.CONFIG_GENERATION_OFFSET)
-    assert driver.read32(mmio.CONFIG_GENERATION_OFFSET) == generation
+    generation = driver.read32(regs.CONFIG_GENERATION_OFFSET)
+    assert driver.read32(regs.CONFIG_GENERATION_OFFSET) == generation
     assert driver.negotiate()
     driver.driver_ok()
     transport.config_changed()
-    assert driver.read32(mmio.CONFIG_GENERATION_OFFSET) == generation + 1
-    assert driver.read32(mmio.INTERRUPT_STATUS_OFFSET) & spec.INTERRUPT_CONFIG_CHANGE
+    assert driver.read32(regs.CONFIG_GENERATION_OFFSET) == generation + 1
+    assert driver.read32(regs.INTERRUPT_STATUS_OFFSET) & spec.INTERRUPT_CONFIG_CHANGE
     assert line.pulses == 1
 
 
@@ -162,7 +163,7 @@ def test_unaligned_or_wrongly_sized_register_access_is_answered(setup, offset, s
 def test_unknown_register_reads_zero(setup):
     _, driver, _, _ = setup
     assert driver.read32(0x0E0) == 0
-    assert driver.read32(mmio.SHM_LEN_LOW_OFFSET) == 0xFFFFFFFF  # no shared memory regions
+    assert driver.read32(regs.SHM_LEN_LOW_OFFSET) == 0xFFFFFFFF  # no shared memory regions
 
 
 def test_transport_sits_on_a_bus(setup):
@@ -171,24 +172,24 @@ def test_transport_sits_on_a_bus(setup):
     bus.insert(transport, 0xD000_0000, mmio.WINDOW_SIZE, "vda")
     data = bytearray(4)
     assert bus.read(0xD000_0000, memoryview(data))
-    assert int.from_bytes(data, "little") == mmio.MAGIC_VALUE
+    assert int.from_bytes(data, "little") == regs.MAGIC_VALUE
 
 
 def test_bad_ring_address_sets_needs_reset_with_config_interrupt(setup):
     transport, driver, _, line = setup
     assert driver.negotiate()
-    driver.write32(mmio.QUEUE_SEL_OFFSET, 0)
-    driver.write32(mmio.QUEUE_NUM_OFFSET, 16)
-    driver.write32(mmio.QUEUE_DESC_LOW_OFFSET, 0)
-    driver.write32(mmio.QUEUE_DESC_HIGH_OFFSET, 0x10)  # 64 GiB: outside guest RAM
-    driver.write32(mmio.QUEUE_READY_OFFSET, 1)
+    driver.write32(regs.QUEUE_SEL_OFFSET, 0)
+    driver.write32(regs.QUEUE_NUM_OFFSET, 16)
+    driver.write32(regs.QUEUE_DESC_LOW_OFFSET, 0)
+    driver.write32(regs.QUEUE_DESC_HIGH_OFFSET, 0x10)  # 64 GiB: outside guest RAM
+    driver.write32(regs.QUEUE_READY_OFFSET, 1)
     driver.driver_ok()
     assert driver.status() & spec.STATUS_DEVICE_NEEDS_RESET
-    assert driver.read32(mmio.INTERRUPT_STATUS_OFFSET) == spec.INTERRUPT_CONFIG_CHANGE
+    assert driver.read32(regs.INTERRUPT_STATUS_OFFSET) == spec.INTERRUPT_CONFIG_CHANGE
     assert line.pulses == 1
-    driver.write32(mmio.INTERRUPT_ACK_OFFSET, spec.INTERRUPT_CONFIG_CHANGE)
-    assert driver.read32(mmio.INTERRUPT_STATUS_OFFSET) == 0
-    driver.write32(mmio.STATUS_OFFSET, 0)  # reset recovers the device
+    driver.write32(regs.INTERRUPT_ACK_OFFSET, spec.INTERRUPT_CONFIG_CHANGE)
+    assert driver.read32(regs.INTERRUPT_STATUS_OFFSET) == 0
+    driver.write32(regs.STATUS_OFFSET, 0)  # reset recovers the device
     assert driver.status() == 0
 
 
@@ -225,7 +226,7 @@ def test_notify_through_eventfd_wakes_the_io_thread(setup):
         assert line.event.wait(5), "no interrupt from the I/O thread"
         assert blk.status_of(request) == S_OK
         assert blk.data_of(request) == b"S1".ljust(20, b"\0")
-        assert driver.read32(mmio.INTERRUPT_STATUS_OFFSET) == spec.INTERRUPT_USED_BUFFER
+        assert driver.read32(regs.INTERRUPT_STATUS_OFFSET) == spec.INTERRUPT_USED_BUFFER
     finally:
         transport.stop()
 
@@ -283,9 +284,9 @@ def test_failed_status_stops_processing(setup):
 def test_queue_ready_zero_stops_the_queue(setup):
     transport, driver, memory, _ = setup
     blk = ready_device(transport, driver, memory)
-    driver.write32(mmio.QUEUE_SEL_OFFSET, 0)
-    driver.write32(mmio.QUEUE_READY_OFFSET, 0)
-    assert driver.read32(mmio.QUEUE_READY_OFFSET) == 0
+    driver.write32(regs.QUEUE_SEL_OFFSET, 0)
+    driver.write32(regs.QUEUE_READY_OFFSET, 0)
+    assert driver.read32(regs.QUEUE_READY_OFFSET) == 0
     blk.submit(T_GET_ID, in_length=20)
     assert not transport.has_pending(0)
     transport.process_queue(0)
@@ -300,3 +301,34 @@ def test_has_pending_sees_published_buffers(setup):
     assert transport.has_pending(0)
     transport.process_queue(0)
     assert not transport.has_pending(0)
+
+
+def test_interrupt_ack_clears_only_the_acknowledged_bits(setup):
+    transport, driver, memory, _ = setup
+    blk = ready_device(transport, driver, memory)
+    blk.submit(T_GET_ID, in_length=20)
+    transport.process_queue(0)
+    transport.config_changed()
+    both = spec.INTERRUPT_USED_BUFFER | spec.INTERRUPT_CONFIG_CHANGE
+    assert driver.read32(regs.INTERRUPT_STATUS_OFFSET) == both
+    driver.write32(regs.INTERRUPT_ACK_OFFSET, spec.INTERRUPT_USED_BUFFER)
+    assert driver.read32(regs.INTERRUPT_STATUS_OFFSET) == spec.INTERRUPT_CONFIG_CHANGE
+
+
+def test_driver_features_outside_negotiation_are_ignored(setup):
+    transport, driver, _, _ = setup
+    driver.write_driver_features(1 << spec.F_VERSION_1)  # before DRIVER: ignored
+    assert transport.driver_features == 0
+    assert driver.negotiate()
+    accepted = transport.driver_features
+    driver.write_driver_features(0)  # after FEATURES_OK: ignored
+    driver.write32(regs.DRIVER_FEATURES_SEL_OFFSET, 5)  # no such page
+    driver.write32(regs.DRIVER_FEATURES_OFFSET, 0xFFFFFFFF)
+    assert transport.driver_features == accepted
+
+
+def test_config_space_writes_are_ignored(setup):
+    _, driver, _, _ = setup
+    before = driver.read_config(0, 60)
+    driver.transport.write(regs.CONFIG_OFFSET, b"\xff" * 8)
+    assert driver.read_config(0, 60) == before
