@@ -21,6 +21,8 @@ from hypervisor.boot.cpuid import guest_cpuid
 from hypervisor.boot.layout import MmioWindow, virtio_mmio_window
 from hypervisor.debug.console_observer import ConsoleObserver
 from hypervisor.devices.bus import Bus, Device
+from hypervisor.devices.cmos import PORT_COUNT as CMOS_PORT_COUNT
+from hypervisor.devices.cmos import CmosRtc
 from hypervisor.devices.debug_exit import DEBUG_EXIT_PORT_SIZE, DEFAULT_DEBUG_EXIT_PORT, DebugExit
 from hypervisor.devices.irq import IrqFdLine, KvmIrqLine
 from hypervisor.disk_spec import DiskSpec
@@ -48,6 +50,7 @@ POST_CODE_PORT = 0x80
 COM1_PORT = 0x3F8  # PC/AT COM1, IRQ 4
 COM1_IRQ = 4
 UART_REGISTERS = 8
+CMOS_PORT = 0x70  # PC/AT CMOS RTC index (0x70) and data (0x71)
 I8042_DATA_PORT = 0x60
 I8042_COMMAND_PORT = 0x64
 STOP_GRACE_SECONDS = 5.0
@@ -181,6 +184,8 @@ class Machine:
         self.i8042 = I8042Controller(on_reset=self._guest_reset)
         self.add_port_device(self.i8042.data_port, I8042_DATA_PORT, 1, "i8042 data")
         self.add_port_device(self.i8042.command_port, I8042_COMMAND_PORT, 1, "i8042 command")
+        self.rtc = CmosRtc()
+        self.add_port_device(self.rtc, CMOS_PORT, CMOS_PORT_COUNT, "CMOS RTC")
         self.debug_exit = DebugExit(self._guest_debug_exit, qemu_compatible=debug_exit_qemu)
         self.add_port_device(self.debug_exit, debug_exit_port, DEBUG_EXIT_PORT_SIZE, "debug-exit")
         self.add_sink_ports(POST_CODE_PORT, 1)
