@@ -21,17 +21,13 @@ from collections.abc import Sequence
 
 from _common import emit, median
 
-from hypervisor.block.raw import RawFile
+from hypervisor.block.backend import BlockBackend
 from hypervisor.console import NullConsole
-from hypervisor.devices.irq import IrqFdLine
+from hypervisor.disk_spec import DiskSpec
 from hypervisor.machine import Machine
-from hypervisor.virtio.blk import VirtioBlock
-from hypervisor.virtio.mmio import QUEUE_NOTIFY_OFFSET, WINDOW_SIZE, MmioTransport
 from tests.guests.build import GUEST_BASE, guest_image
 
 MiB = 1024 * 1024
-VIRTIO_BASE = 0xD000_0000  # the first window the guest scans (tests/guests/virtio_blk.c)
-VIRTIO_GSI = 5  # any free ISA line: the guest polls and never takes the interrupt
 GUEST_MEMORY_MIB = 16  # the guest's buffers: 1 MiB per request in flight from 1 MiB up
 MODE_SEQUENTIAL, MODE_RANDOM = 1, 2
 SEQUENTIAL_SIZE, RANDOM_SIZE = MiB, 4096
@@ -41,7 +37,7 @@ MAX_DEPTH = 5  # MAX_DEPTH of the guest: 3 descriptors per request in a 16-entry
 class TimedBackend:
     """A BlockBackend shim that notes when the first read started and the last one ended."""
 
-    def __init__(self, backend: RawFile) -> None:
+    def __init__(self, backend: BlockBackend) -> None:
         self.backend = backend
         self.first = self.last = 0.0
         self.reads = 0
@@ -79,23 +75,19 @@ class TimedBackend:
 
 def guest_round(image_path: str, guest: bytes, count: int) -> float:
     """Seconds the device spent serving `count` guest reads, first start to last end."""
-    machine = Machine(GUEST_MEMORY_MIB, console=NullConsole())
-    backend = TimedBackend(RawFile(image_path, read_only=True, lock=False))
-    assert machine.vm is not None and machine.memory is not None
-    interrupt = IrqFdLine(machine.vm, VIRTIO_GSI)
-    transport = MmioTransport(VirtioBlock(backend), machine.memory, interrupt, name="vda")
-    try:
-        machine.add_mmio_device(transport, VIRTIO_BASE, WINDOW_SIZE, "vda")
-        machine.vm.register_ioeventfd(transport.notify_eventfd(0), VIRTIO_BASE + QUEUE_NOTIFY_OFFSET, 4, 0)
-        transport.start()
+    with Machine(GUEST_MEMORY_MIB, console=NullConsole()) as machine:
+        shims: list[TimedBackend] = []
+
+        def timed(inner: BlockBackend) -> BlockBackend:
+            shims.append(TimedBackend(inner))
+            return shims[-1]
+
+        machine.attach_disks([DiskSpec(image_path, "raw", read_only=True)], wrap_backend=timed)  # as --disk does
+        backend = shims[0]
         machine.load_raw_bytes(guest, GUEST_BASE)
         result = machine.run(timeout=300)
-        if result.exit_status != 0 or backend.reads != count:
-            raise SystemExit(f"guest run failed: {result.outcome} after {backend.reads} of {count} reads")
-    finally:
-        transport.close()  # before the machine frees guest memory: the rings hold views of it
-        interrupt.close()
-        machine.close()
+    if result.exit_status != 0 or backend.reads != count:
+        raise SystemExit(f"guest run failed: {result.outcome} after {backend.reads} of {count} reads")
     return backend.last - backend.first
 
 

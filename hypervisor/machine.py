@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from hypervisor.block.backend import BlockBackend
 from hypervisor.block.open import open_disk
 from hypervisor.boot.cpu_state import EntryState, real_mode_state
 from hypervisor.boot.cpuid import guest_cpuid
@@ -224,12 +225,15 @@ class Machine:
         entry = self.pio_bus.insert(_Sink(), base, size, f"sink {base:#x}")
         self._sinks.append(TableRange(base, size, entry.device_id, sink=True, fill=fill))
 
-    def attach_disks(self, disks: Sequence[DiskSpec]) -> list[MmioWindow]:
+    def attach_disks(
+        self, disks: Sequence[DiskSpec], wrap_backend: Callable[[BlockBackend], BlockBackend] | None = None
+    ) -> list[MmioWindow]:
         """virtio-blk disks (vda, vdb, ...) each in its own virtio-mmio window and IRQ.
 
         Returns the windows, which a Linux guest learns from `virtio_mmio.device=` words on its
         command line. QueueNotify writes go to an ioeventfd, so a vCPU never waits for the disk;
-        completions come back through an irqfd from the device's I/O thread.
+        completions come back through an irqfd from the device's I/O thread. `wrap_backend`
+        may put a shim around each opened backend (tracing, timing).
         """
         assert self.vm is not None and self.memory is not None
         windows = []
@@ -238,6 +242,8 @@ class Machine:
             name = "vd" + chr(ord("a") + index)
             window = virtio_mmio_window(index)
             backend = open_disk(spec.path, spec.format, spec.read_only, allow_backing=True)
+            if wrap_backend is not None:
+                backend = wrap_backend(backend)
             try:
                 device = VirtioBlock(backend, serial=spec.serial, name=name)
             except BaseException:
