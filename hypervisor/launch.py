@@ -9,6 +9,7 @@ mistake is one ConfigError line before any VM exists.
 from __future__ import annotations
 
 import logging
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +34,7 @@ DEFAULT_CMDLINE = "console=ttyS0 earlyprintk=ttyS0 reboot=k panic=-1"
 # faithfully, so the guest is asked not to use it. tsc_early_khz... is not needed.
 PVM_CMDLINE = "noxsave"
 DEFAULT_LINUX_MEMORY_MIB = 256
+DEFAULT_RAW_MEMORY_MIB = 16
 
 
 @dataclass
@@ -63,10 +65,19 @@ class LaunchInfo:
     source: str = ""  # how the kernel was loaded, e.g. "bzImage (lz4 payload unpacked on the host)"
 
 
-def _read(path: Path, what: str) -> bytes:
+def _read(path: Path, what: str, limit: int) -> bytes:
+    """The contents of a regular file of at most `limit` bytes (never a device or a pipe,
+    which could be endless), or one ConfigError line saying what is wrong with it."""
     try:
-        if path.is_dir():
+        status = path.stat()
+        if stat.S_ISDIR(status.st_mode):
             raise ConfigError(f"{what} {path} is a directory, not a file")
+        if not stat.S_ISREG(status.st_mode):
+            raise ConfigError(f"{what} {path} is not a regular file")
+        if status.st_size > limit:
+            raise ConfigError(
+                f"{what} {path} ({status.st_size // MiB} MiB) is larger than the guest's RAM ({limit // MiB} MiB)"
+            )
         return path.read_bytes()
     except FileNotFoundError as error:
         raise ConfigError(f"{what} {path} does not exist") from error
@@ -83,8 +94,8 @@ def create_machine(options: RunOptions, console: Console | None) -> tuple[Machin
         if options.kernel is not None or options.initrd is not None:
             raise ConfigError("--raw cannot be combined with --kernel or --initrd")
         path, address = options.raw
-        data = _read(path, "raw guest")
-        machine = Machine(options.memory_mib or 16, cpus=options.cpus, console=console,
+        data = _read(path, "raw guest", (options.memory_mib or DEFAULT_RAW_MEMORY_MIB) * MiB)
+        machine = Machine(options.memory_mib or DEFAULT_RAW_MEMORY_MIB, cpus=options.cpus, console=console,
                           debug_exit_port=options.debug_exit_port, debug_exit_qemu=options.debug_exit_qemu,
                           pvm_emulation=pvm)  # fmt: skip
         try:
@@ -99,9 +110,9 @@ def create_machine(options: RunOptions, console: Console | None) -> tuple[Machin
     if kernel_path is None:
         kernel_path, default_initrd = default_guest()
         initrd_path = initrd_path or default_initrd
-    kernel = _read(kernel_path, "kernel")
-    initrd = _read(initrd_path, "initrd") if initrd_path else None
     memory_mib = options.memory_mib or DEFAULT_LINUX_MEMORY_MIB
+    kernel = _read(kernel_path, "kernel", memory_mib * MiB)
+    initrd = _read(initrd_path, "initrd", memory_mib * MiB) if initrd_path else None
     layout = guest_layout(memory_mib * MiB)
     kernel = decompress_if_xz(kernel, layout.ram_size, "kernel")
     kind = detect_kernel_format(kernel, str(kernel_path))
