@@ -32,6 +32,7 @@ COMPILE_C = [
     "-mno-red-zone", "-mgeneral-regs-only", "-fno-asynchronous-unwind-tables", "-I", str(HERE),
 ]  # fmt: skip
 LINK_ELF = ["ld", "-m", "elf_x86_64", "-nostdlib", "-Ttext", hex(GUEST_BASE), "-e", "_start"]
+MULTIBOOT_LINK = ["ld", "-m", "elf_i386", "-nostdlib", "-Ttext", "0x100000", "-e", "_start"]
 # Code, data and bss must end below the user stack (common.S: USER_STACK_TOP 0x6000, leaving
 # 4 KiB of stack); the page tables start at 0x8000.
 FOOTPRINT_LIMIT = 0x5000
@@ -94,6 +95,27 @@ def _run(command: list[str], source: Path, output: Path) -> Path:
     result = subprocess.run([*command, "-o", str(output), str(source)], capture_output=True, text=True)
     if result.returncode:
         raise RuntimeError(f"building {source.name} failed:\n{result.stderr}")
+    return output
+
+
+def build_multiboot_guest(name: str) -> Path:
+    """An ELF32 multiboot kernel from `NAME.S`, linked at 1 MiB (where multiboot loads it)."""
+    for tool in ("gcc", "ld"):
+        if shutil.which(tool) is None:
+            raise ToolMissing(f"{tool} is not installed; it builds the test guests")
+    source = HERE / f"{name}.S"
+    digest = hashlib.sha256(source.read_bytes() + repr(MULTIBOOT_LINK).encode()).hexdigest()[:16]
+    output = BUILD_DIR / f"{name}-{digest}.elf"
+    if output.exists():
+        return output
+    BUILD_DIR.mkdir(exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        obj = _run(["gcc", "-c", "-m32", "-nostdlib", "-ffreestanding"], source, Path(tmp) / "main.o")
+        elf = Path(tmp) / "guest.elf"
+        link = subprocess.run([*MULTIBOOT_LINK, "-o", str(elf), str(obj)], capture_output=True, text=True)
+        if link.returncode:
+            raise RuntimeError(f"linking {name} failed:\n{link.stderr}")
+        shutil.move(str(elf), output)
     return output
 
 

@@ -189,3 +189,18 @@ def test_pause_and_resume(guest_binary) -> None:
         timer.start()
         result = machine.wait(10)
     assert result.outcome.kind is OutcomeKind.INTERRUPTED
+
+
+def test_multiboot_kernel_through_the_cli() -> None:
+    from tests.guests.build import ToolMissing, build_multiboot_guest
+
+    try:
+        kernel = build_multiboot_guest("multiboot")
+    except ToolMissing as error:
+        pytest.skip(str(error))
+    command = [sys.executable, "-m", "hypervisor", "run", "--kernel", str(kernel), "--append", "alpha beta"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "hello from multiboot\n" in result.stdout
+    # The kernel's file name comes first, as GRUB and QEMU pass it (kvm-unit-tests read argv[0]).
+    assert f"cmdline: {kernel.name} alpha beta\n" in result.stdout
