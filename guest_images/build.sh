@@ -5,6 +5,7 @@
 #   guest_images/build.sh --kunit    build the KUnit variant into build/out-kunit/
 #   guest_images/build.sh --check    build into build/out-default/ only and
 #                                    compare with the committed outputs
+#   PYHV_GUEST_BUILD_DIR=DIR         build somewhere else than guest_images/build
 #
 # Inputs: /usr/src/linux-source-6.1.tar.xz (linux-source-6.1),
 # /bin/busybox (busybox-static), kernel.config (+ kunit.config),
@@ -49,12 +50,13 @@ done
 log() { echo "build.sh: $*" >&2; }
 die() { echo "build.sh: error: $*" >&2; exit 1; }
 
-for tool in make gcc flex bison bc xz lz4 strip sha256sum; do
+for tool in make gcc flex bison bc xz lz4 strip readelf sha256sum; do
 	command -v "$tool" >/dev/null || die "$tool not found (apt-get install build-essential flex bison bc xz-utils lz4)"
 done
 [ -r "$SOURCE_TARBALL" ] || die "$SOURCE_TARBALL missing (apt-get install linux-source-6.1)"
 [ -x "$BUSYBOX" ] || die "$BUSYBOX missing (apt-get install busybox-static)"
-file -L "$BUSYBOX" 2>/dev/null | grep -q 'statically linked' ||
+# A dynamic busybox would need a libc in the initramfs: no INTERP header allowed.
+readelf -lW "$BUSYBOX" | grep -q 'Requesting program interpreter' &&
 	die "$BUSYBOX is not statically linked (install busybox-static, not busybox)"
 
 # Pinned build identity: the kernel banner and `uname -a` stay the same

@@ -13,9 +13,6 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hypervisor.boot.image_format import decompress_if_xz, detect_kernel_format
-from hypervisor.boot.layout import guest_layout
-from hypervisor.boot.loader import prepare_kernel
 from hypervisor.disk_spec import DiskSpec
 from hypervisor.errors import ConfigError
 from hypervisor.guest_images import default_guest
@@ -31,8 +28,10 @@ MiB = 1024 * 1024
 DEFAULT_CMDLINE = "console=ttyS0 earlyprintk=ttyS0 reboot=k panic=-1"
 # On kvm_pvm hosts (shared/PLATFORM.md) KVM's emulator cannot run XSAVE/XRSTOR at CPL0; pyhv
 # emulates the other failing instructions itself, but XSAVE state is too large to emulate
-# faithfully, so the guest is asked not to use it. tsc_early_khz... is not needed.
-PVM_CMDLINE = "noxsave"
+# faithfully, so the guest is asked not to use it. `pyhv.pvm` tells the bundled guest kernel's
+# patch (guest_images/README.md) to keep x87 instructions out of kernel mode from the start;
+# other kernels pass the unknown word on to init, which ignores it.
+PVM_CMDLINE = "noxsave pyhv.pvm"
 DEFAULT_LINUX_MEMORY_MIB = 256
 DEFAULT_RAW_MEMORY_MIB = 16
 
@@ -105,6 +104,12 @@ def create_machine(options: RunOptions, console: Console | None) -> tuple[Machin
             machine.close()
             raise
         return machine, LaunchInfo("raw", str(path), pvm_host=pvm)
+
+    # The loaders are imported only for kernels, so a --raw run starts faster (a benchmarked
+    # target: docs/performance.md).
+    from hypervisor.boot.image_format import decompress_if_xz, detect_kernel_format
+    from hypervisor.boot.layout import guest_layout
+    from hypervisor.boot.loader import prepare_kernel
 
     kernel_path, initrd_path = options.kernel, options.initrd
     if kernel_path is None:

@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from hypervisor.block.backend import BlockBackend
 from hypervisor.block.open import open_disk
@@ -37,8 +37,10 @@ from hypervisor.vcpu.pvm import PvmEmulator
 from hypervisor.vcpu.runner import Emulator, VcpuRunner
 from hypervisor.vcpu.setup import apply_entry_state, configure_boot_msrs, configure_lapic
 from hypervisor.vcpu.stats import merge_statistics, vcpu_statistics
-from hypervisor.virtio.blk import VirtioBlock
-from hypervisor.virtio.mmio import QUEUE_NOTIFY_OFFSET, MmioTransport
+
+if TYPE_CHECKING:
+    from hypervisor.block.backend import BlockBackend
+    from hypervisor.virtio.mmio import MmioTransport
 
 log = logging.getLogger(__name__)
 
@@ -236,6 +238,10 @@ class Machine:
         may put a shim around each opened backend (tracing, timing).
         """
         assert self.vm is not None and self.memory is not None
+        # Imported here so that machines without disks do not load the virtio and qcow2 code.
+        from hypervisor.virtio.blk import VirtioBlock
+        from hypervisor.virtio.mmio import QUEUE_NOTIFY_OFFSET, MmioTransport
+
         windows = []
         for spec in disks:
             index = len(self.disks)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 class OutcomeKind(enum.Enum):
     DEBUG_EXIT = "debug-exit"  # the guest wrote its status to the debug-exit port
+    COMMAND_EXIT = "command-exit"  # the bundled guest's pyhv.cmd finished with a status, then reset
     POWER_OFF = "power-off"  # ACPI-less power off: KVM_SYSTEM_EVENT_SHUTDOWN, or the guest's halt
     RESET = "reset"  # i8042 reset, KVM_SYSTEM_EVENT_RESET (Linux `reboot` with reboot=k)
     QUIT = "quit"  # the user pressed Ctrl-A x on the console
@@ -49,13 +50,13 @@ class Outcome:
 
     @property
     def exit_status(self) -> int:
-        if self.kind is OutcomeKind.DEBUG_EXIT:
+        if self.kind in (OutcomeKind.DEBUG_EXIT, OutcomeKind.COMMAND_EXIT):
             return int(self.code or 0)
         return EXIT_STATUS[self.kind]
 
     def describe(self) -> str:
         text = self.kind.value
-        if self.kind is OutcomeKind.DEBUG_EXIT:
+        if self.kind in (OutcomeKind.DEBUG_EXIT, OutcomeKind.COMMAND_EXIT):
             text += f" {self.code}"
         if self.detail:
             text += f": {self.detail}"

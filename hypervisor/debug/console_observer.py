@@ -19,13 +19,16 @@ LINUX_PHASES = {
     "kernel_banner": b"Linux version ",
     "init_started": b"Run /init as init process",
     "guest_init_greeting": b"pyhv guest: init started",
-    "shell_or_command": b"pyhv guest: running command",
+    "shell_started": b"pyhv guest: starting shell",
+    "command_started": b"pyhv guest: running command",
     "guest_rebooting": b"pyhv guest: rebooting",
     "reboot": b"reboot: Restarting system",
 }
 PANIC_MARKER = b"Kernel panic - not syncing"
 TAIL_BYTES = 8192
 _PANIC_LINE = re.compile(rb"Kernel panic - not syncing: ?([^\r\n]*)")
+# guest_images/init prints this after running `pyhv.cmd`, then resets the machine.
+_COMMAND_STATUS_LINE = re.compile(rb"pyhv guest: command exited with status (\d+)\r?\n")
 # Outcomes a panic explains: the reset panic=-1 causes, or whatever ended a hung panic.
 PANIC_EXPLAINS = (OutcomeKind.RESET, OutcomeKind.TRIPLE_FAULT, OutcomeKind.TIMEOUT, OutcomeKind.POWER_OFF)
 
@@ -59,11 +62,21 @@ class ConsoleObserver:
             match = _PANIC_LINE.search(bytes(self._tail))
         return match.group(1).decode(errors="replace").strip() if match else ""
 
+    def command_status(self) -> int | None:
+        """The exit status of the bundled guest's `pyhv.cmd`, when its init reported one."""
+        with self._lock:
+            matches = _COMMAND_STATUS_LINE.findall(bytes(self._tail))
+        return min(int(matches[-1]), 255) if matches else None
+
     def explain(self, outcome: Outcome) -> Outcome:
-        """`outcome`, or a PANIC outcome when the console shows the guest kernel panicked."""
+        """`outcome`, or what the console says really happened: a kernel panic, or the status
+        of the command the bundled guest ran before it reset the machine."""
         if self.panicked and outcome.kind in PANIC_EXPLAINS:
             reason = self.panic_reason()
             return Outcome(OutcomeKind.PANIC, f"guest kernel panic: {reason}" if reason else "guest kernel panic")
+        status = self.command_status() if outcome.kind is OutcomeKind.RESET else None
+        if status is not None:
+            return Outcome(OutcomeKind.COMMAND_EXIT, "the guest's pyhv.cmd command finished", code=status)
         return outcome
 
     def timeline(self) -> dict[str, float]:

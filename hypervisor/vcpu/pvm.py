@@ -12,8 +12,6 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from hypervisor.vcpu.emulate import CpuState, RegisterFile, X87Status, code_bits_from_cs, emulate, guest_reader
-
 if TYPE_CHECKING:
     from hypervisor.kvm import Vcpu
     from hypervisor.memory import GuestMemory
@@ -32,6 +30,9 @@ class PvmEmulator:
         self.counts: dict[str, int] = {}
 
     def __call__(self, vcpu: Vcpu, instruction: bytes) -> bool:
+        # The decoder is loaded on the first emulation only: most guests never need it.
+        from hypervisor.vcpu.emulate import CpuState, RegisterFile, X87Status, code_bits_from_cs, emulate, guest_reader
+
         sregs = vcpu.get_sregs()
         fpu = vcpu.get_fpu()
         cpu = CpuState(
