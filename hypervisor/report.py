@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -56,6 +55,8 @@ def build_report(result: RunResult, info: LaunchInfo | None, timeline: dict[str,
 
 def write_report(path: str | Path, report: dict[str, object]) -> None:
     """Writes atomically (temp file + rename) so a reader never sees half a report."""
+    import tempfile  # only when a report is asked for
+
     target = Path(path)
     directory = target.parent if str(target.parent) else Path(".")
     descriptor, temporary = tempfile.mkstemp(prefix=".pyhv-report-", dir=directory)

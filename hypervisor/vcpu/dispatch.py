@@ -14,7 +14,6 @@ from hypervisor.devices.bus import Device
 from hypervisor.kvm.exits import ExitReason, InternalErrorSubtype, SystemEventType, exit_reason_name
 from hypervisor.kvm.ffi import lib
 from hypervisor.outcome import Outcome, OutcomeKind
-from hypervisor.vcpu.emulate import failure_instruction_bytes
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +89,8 @@ def classify_kvm_exit(info: KvmExitInfo) -> ExitAction:
         return ExitAction(stop=Outcome(OutcomeKind.POWER_OFF, "the guest powered off"))
     if reason == ExitReason.INTERNAL_ERROR:
         if info.suberror == InternalErrorSubtype.EMULATION:
+            from hypervisor.vcpu.emulate import failure_instruction_bytes  # cold path: load on use
+
             insn = failure_instruction_bytes(len(info.data), info.data)
             if insn:
                 return ExitAction(emulate=EmulationRequest(insn))
