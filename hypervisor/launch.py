@@ -48,6 +48,7 @@ class RunOptions:
     debug_exit_port: int = 0x501
     debug_exit_qemu: bool = False
     pvh: bool = False
+    hugepages: bool = False
     disks: list[DiskSpec] = field(default_factory=list)
     root: str | None = None
 
@@ -96,7 +97,7 @@ def create_machine(options: RunOptions, console: Console | None) -> tuple[Machin
         data = _read(path, "raw guest", (options.memory_mib or DEFAULT_RAW_MEMORY_MIB) * MiB)
         machine = Machine(options.memory_mib or DEFAULT_RAW_MEMORY_MIB, cpus=options.cpus, console=console,
                           debug_exit_port=options.debug_exit_port, debug_exit_qemu=options.debug_exit_qemu,
-                          pvm_emulation=pvm)  # fmt: skip
+                          pvm_emulation=pvm, hugepages=options.hugepages)  # fmt: skip
         try:
             machine.attach_disks(options.disks)  # found by the guest at the virtio-mmio windows
             machine.load_raw_bytes(data, address, str(path))
@@ -124,7 +125,8 @@ def create_machine(options: RunOptions, console: Console | None) -> tuple[Machin
 
     machine = Machine(memory_mib, cpus=options.cpus, console=console,
                       debug_exit_port=options.debug_exit_port, debug_exit_qemu=options.debug_exit_qemu,
-                      memory_regions=list(layout.memory_regions), pvm_emulation=pvm)  # fmt: skip
+                      memory_regions=list(layout.memory_regions), pvm_emulation=pvm,
+                      hugepages=options.hugepages)  # fmt: skip
     try:
         assert machine.memory is not None
         if kind == "multiboot":

@@ -78,6 +78,7 @@ def _make_console(spec: str) -> object:
 @click.option("--root", help="Boot with this disk as the root file system, e.g. /dev/vda.")
 @click.option("--debug-exit-port", default="0x501", show_default=True, help="Port of the debug-exit device.")
 @click.option("--debug-exit-qemu", is_flag=True, help="QEMU isa-debug-exit semantics: status = (value << 1) | 1.")
+@click.option("--hugepages", is_flag=True, help="Back guest RAM with 2 MiB huge pages (reserved on the host).")
 @click.option("--pvh", is_flag=True, help="Enter an ELF vmlinux through its PVH entry point.")
 def run(**options: object) -> None:
     """Boot a guest and run it until it stops.
@@ -115,6 +116,7 @@ def _run(options: dict[str, object]) -> int:
             debug_exit_port=debug_port,
             debug_exit_qemu=bool(options["debug_exit_qemu"]),
             pvh=bool(options["pvh"]),
+            hugepages=bool(options["hugepages"]),
             disks=_parse_disks(options["disks"]),  # type: ignore[arg-type]
             root=options["root"],  # type: ignore[arg-type]
         )

@@ -38,17 +38,23 @@ class MemoryRegion:
             raise ConfigError(f"memory region size {self.size} is not a positive multiple of {PAGE_SIZE}")
         if self.gpa % PAGE_SIZE:
             raise ConfigError(f"memory region address {self.gpa:#x} is not page aligned")
-        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_NORESERVE
+        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
         if self.hugepages:
             if self.size % HUGEPAGE_SIZE:
                 raise ConfigError("hugepage-backed memory must be a multiple of 2 MiB")
+            # Without MAP_NORESERVE the kernel reserves the huge pages now, so a host without
+            # enough of them fails here with ENOMEM instead of killing us with SIGBUS on first
+            # touch (Documentation/admin-guide/mm/hugetlbpage.rst).
             flags |= MAP_HUGETLB
+        else:
+            flags |= MAP_NORESERVE  # ordinary pages are allocated on first touch anyway
         try:
             self._map = mmap.mmap(-1, self.size, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
         except OSError as error:
-            what = "hugepage " if self.hugepages else ""
+            hint = " (reserve them in /proc/sys/vm/nr_hugepages)" if self.hugepages else ""
+            what = "huge-page " if self.hugepages else ""
             raise ConfigError(
-                f"cannot allocate {self.size // (1024 * 1024)} MiB of {what}guest memory: {error.strerror}"
+                f"cannot allocate {self.size // (1024 * 1024)} MiB of {what}guest memory: {error.strerror}{hint}"
             ) from error
         # A ctypes view pins the mapping and tells us its host virtual address for KVM.
         self._anchor = (ctypes.c_char * self.size).from_buffer(self._map)

@@ -53,3 +53,20 @@ def test_bad_addresses_are_refused(gpa: int, length: int) -> None:
 def test_bad_regions_are_refused(regions: list[tuple[int, int]]) -> None:
     with pytest.raises(ConfigError):
         GuestMemory(regions)
+
+
+def test_hugepages_either_work_or_fail_cleanly() -> None:
+    # Without reserved huge pages this must be a ConfigError now, never a SIGBUS on first touch.
+    try:
+        memory = GuestMemory.flat(2 * MiB, hugepages=True)
+    except ConfigError as error:
+        assert "huge-page" in str(error)
+        return
+    memory.write(2 * MiB - 1, b"x")
+    assert memory.read(2 * MiB - 1, 1) == b"x"
+    memory.close()
+
+
+def test_hugepages_need_2mib_multiples() -> None:
+    with pytest.raises(ConfigError, match="multiple of 2 MiB"):
+        GuestMemory.flat(MiB, hugepages=True)
