@@ -17,9 +17,10 @@ from typing import TYPE_CHECKING, Protocol
 
 from hypervisor.block.backend import BlockBackend
 from hypervisor.block.open import open_disk
-from hypervisor.boot.cpu_state import EntryState, real_mode_state
+from hypervisor.boot.cpu_state import EntryState
 from hypervisor.boot.cpuid import guest_cpuid
 from hypervisor.boot.layout import MmioWindow, virtio_mmio_window
+from hypervisor.boot.raw import load_raw, prepare_raw
 from hypervisor.debug.console_observer import ConsoleObserver
 from hypervisor.devices.bus import Bus, Device
 from hypervisor.devices.cmos import PORT_COUNT as CMOS_PORT_COUNT
@@ -270,30 +271,15 @@ class Machine:
 
     # -- loading a guest ------------------------------------------------------------------------
 
-    def load(self, data: bytes, address: int) -> None:
-        """Copies `data` into guest RAM at `address`; ConfigError if it does not fit."""
+    def load(self, data: bytes, address: int, name: str = "the data") -> None:
+        """Copies `data` into guest RAM at `address`; BootError (one line) if it does not fit."""
         assert self.memory is not None
-        if not self.memory.contains(address, max(len(data), 1)):
-            raise ConfigError(
-                f"{len(data)} bytes at {address:#x} do not fit in the guest's "
-                f"{self.memory.size // MiB} MiB of RAM"
-            )
-        self.memory.write(address, data)
+        load_raw(self.memory, data, address, name)
 
     def load_raw_bytes(self, data: bytes, address: int, name: str = "the raw guest") -> None:
-        """`--raw FILE@ADDR`: a flat binary entered in real mode at CS=0, IP=ADDR."""
-        if address > 0xFFFF:
-            raise ConfigError(
-                f"{name} starts in real mode at CS=0, so its address must be below 0x10000, not {address:#x}"
-            )
+        """`--raw FILE@ADDR`: a flat binary entered in real mode at its first byte."""
         assert self.memory is not None
-        if not self.memory.contains(address, max(len(data), 1)):
-            raise ConfigError(
-                f"{name} ({len(data)} bytes at {address:#x}) does not fit in the guest's "
-                f"{self.memory.size // MiB} MiB of RAM"
-            )
-        self.memory.write(address, data)
-        self.set_entry_state(real_mode_state(address))
+        self.set_entry_state(prepare_raw(self.memory, data, address, name).entry)
 
     def set_entry_state(self, state: EntryState, vcpu_index: int = 0) -> None:
         apply_entry_state(self.vcpus[vcpu_index], state)

@@ -16,6 +16,8 @@ from hypervisor.kvm.ffi import ffi, lib
 from hypervisor.outcome import Outcome, OutcomeKind
 from hypervisor.vcpu.control import RunControl
 from hypervisor.vcpu.dispatch import (
+    MMIO_WRITE,
+    PIO_OUT,
     KvmExitInfo,
     classify_kvm_exit,
     dispatch_device_access,
@@ -26,14 +28,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-PIO_IN = lib.PYHV_EXIT_PIO_IN
-PIO_OUT = lib.PYHV_EXIT_PIO_OUT
-MMIO_READ = lib.PYHV_EXIT_MMIO_READ
-MMIO_WRITE = lib.PYHV_EXIT_MMIO_WRITE
 KICKED = lib.PYHV_EXIT_KICKED
 INTERRUPTED = lib.PYHV_EXIT_INTERRUPTED
 BUDGET = lib.PYHV_EXIT_BUDGET
-KVM_EXIT = lib.PYHV_EXIT_KVM
 RUN_ERROR = lib.PYHV_EXIT_ERROR
 
 # An emulator gets the vCPU and the failing instruction; it returns True when it emulated it.
