@@ -70,12 +70,14 @@ def test_bzimage_without_a_root_panics_and_says_so(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(BOOT_TIMEOUT + 120)
-def test_the_guest_commands_exit_status_is_the_runs(tmp_path: Path) -> None:
+def test_the_guest_commands_exit_status_is_the_runs_with_two_cpus(tmp_path: Path) -> None:
     default_guest_or_skip()
     report_path = tmp_path / "report.json"
-    result = pyhv_run("--append", 'pyhv.cmd="echo running in the guest; exit 7"', "--report", str(report_path))
+    command = 'pyhv.cmd="echo cpus: $(grep -c ^processor /proc/cpuinfo); exit 7"'
+    result = pyhv_run("--cpus", "2", "--append", command, "--report", str(report_path))
     assert result.returncode == 7, result.stderr[-2000:] + result.stdout[-3000:]
-    assert "running in the guest" in result.stdout
+    assert "smp: Brought up 1 node, 2 CPUs" in result.stdout
+    assert "cpus: 2" in result.stdout
     report = json.loads(report_path.read_text())
     assert report["outcome"] == "command-exit" and report["exit_status"] == 7
     assert "command_started" in report["timeline"]
