@@ -35,7 +35,7 @@ from hypervisor.memory import GuestMemory
 from hypervisor.outcome import Outcome, OutcomeKind
 from hypervisor.vcpu.control import RunControl
 from hypervisor.vcpu.pvm import PvmEmulator
-from hypervisor.vcpu.runner import Emulator, VcpuRunner
+from hypervisor.vcpu.runner import Emulator, ExitHook, VcpuRunner
 from hypervisor.vcpu.setup import apply_entry_state, configure_boot_msrs, configure_lapic
 from hypervisor.vcpu.stats import merge_statistics, vcpu_statistics
 
@@ -142,6 +142,7 @@ class Machine:
         self._devices_started: list[object] = []
         self._threads: list[threading.Thread] = []
         self.disks: list[AttachedDisk] = []
+        self.exit_hooks: list[ExitHook] = []  # given to every vCPU runner at start()
         try:
             self._create_vm(cpus)
             self._create_memory(memory_regions or [(0, self.memory_size)], hugepages)
@@ -328,6 +329,7 @@ class Machine:
         self.observer.restart_clock()
         for vcpu in self.vcpus:
             runner = VcpuRunner(vcpu, self.pio_bus, self.mmio_bus, self.control, self.emulator)
+            runner.hooks.extend(self.exit_hooks)
             self.runners.append(runner)
             thread = threading.Thread(target=self._vcpu_thread, args=(runner,), name=f"vcpu{vcpu.id}", daemon=True)
             self._threads.append(thread)

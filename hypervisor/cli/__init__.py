@@ -36,6 +36,6 @@ class LazyGroup(click.Group):
 @click.version_option(__version__, prog_name="pyhv")
 @click.option("-v", "--verbose", count=True, help="More log output on stderr (-vv for debug).")
 def main(verbose: int) -> None:
-    """pyhv: run guests on Linux KVM, manage disk images, debug VM exits."""
+    """pyhv: run guests on Linux KVM (and trace their VM exits), manage disk images."""
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="pyhv: %(levelname)s: %(message)s")

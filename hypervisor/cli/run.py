@@ -6,10 +6,12 @@ import logging
 import signal
 import sys
 from pathlib import Path
+from typing import IO
 
 import click
 
 from hypervisor.console import FileConsole, NullConsole, StdioConsole
+from hypervisor.debug.trace import ExitTracer
 from hypervisor.errors import ConfigError, HypervisorError
 from hypervisor.units import parse_size
 
@@ -79,6 +81,8 @@ def _make_console(spec: str) -> object:
 @click.option("--debug-exit-port", default="0x501", show_default=True, help="Port of the debug-exit device.")
 @click.option("--debug-exit-qemu", is_flag=True, help="QEMU isa-debug-exit semantics: status = (value << 1) | 1.")
 @click.option("--hugepages", is_flag=True, help="Back guest RAM with 2 MiB huge pages (reserved on the host).")
+@click.option("--trace-exits", type=click.Path(path_type=Path, dir_okay=False),
+              help="Write every VM exit that reaches Python to this file, one line each.")
 @click.option("--pvh", is_flag=True, help="Enter an ELF vmlinux through its PVH entry point.")
 def run(**options: object) -> None:
     """Boot a guest and run it until it stops.
@@ -124,12 +128,17 @@ def _run(options: dict[str, object]) -> int:
         machine, info = create_machine(run_options, console)  # type: ignore[arg-type]
         if info.pvm_host and info.kind == "linux":
             click.echo(f"pyhv: note: {PVM_NOTICE}", err=True)
+        trace = _open_trace(options["trace_exits"])  # type: ignore[arg-type]
+        if trace is not None:
+            machine.exit_hooks.append(ExitTracer(trace))
         previous = signal.signal(signal.SIGTERM, _raise_interrupt)
         try:
             result = machine.run(run_options.timeout)
         finally:
             signal.signal(signal.SIGTERM, previous)
             machine.close()
+            if trace is not None:
+                trace.close()
         if options["report"]:
             write_report(options["report"], build_report(result, info, machine.observer.timeline()))  # type: ignore[arg-type]
     except HypervisorError as error:
@@ -146,6 +155,15 @@ def _run(options: dict[str, object]) -> int:
         return 1
     click.echo(f"\npyhv: {result.outcome.describe()} (exit status {result.exit_status})", err=True)
     return result.exit_status
+
+
+def _open_trace(path: Path | None) -> IO[str] | None:
+    if path is None:
+        return None
+    try:
+        return open(path, "w", buffering=1 << 16)
+    except OSError as error:
+        raise ConfigError(f"cannot write the exit trace {path}: {error.strerror}") from error
 
 
 def _raise_interrupt(signum: int, frame: object) -> None:

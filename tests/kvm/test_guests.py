@@ -204,3 +204,16 @@ def test_multiboot_kernel_through_the_cli() -> None:
     assert "hello from multiboot\n" in result.stdout
     # The kernel's file name comes first, as GRUB and QEMU pass it (kvm-unit-tests read argv[0]).
     assert f"cmdline: {kernel.name} alpha beta\n" in result.stdout
+
+
+def test_exit_trace_shows_what_the_guest_asked(guest_binary, tmp_path) -> None:
+    trace = tmp_path / "trace.txt"
+    image = tmp_path / "guest.bin"
+    image.write_bytes(with_parameters(guest_binary("real_mode").read_bytes(), exit_code=5))
+    command = [sys.executable, "-m", "hypervisor", "run", "--raw", f"{image}@0x1000", "--console", "none",
+               "--trace-exits", str(trace)]  # fmt: skip
+    assert subprocess.run(command, capture_output=True, timeout=60).returncode == 5
+    lines = trace.read_text().splitlines()
+    writes = [line for line in lines if "pio-out port=0x3f8" in line]
+    assert bytes.fromhex("".join(line.rsplit("data=", 1)[1] for line in writes)) == GREETINGS["real_mode"]
+    assert lines[-2].endswith("vcpu0 pio-out port=0x501 size=1 data=05")
