@@ -15,8 +15,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
-from hypervisor.block.backend import BlockBackend
-from hypervisor.block.open import open_disk
 from hypervisor.boot.cpu_state import EntryState
 from hypervisor.boot.cpuid import guest_cpuid
 from hypervisor.boot.layout import MmioWindow, virtio_mmio_window
@@ -240,7 +238,10 @@ class Machine:
         may put a shim around each opened backend (tracing, timing).
         """
         assert self.vm is not None and self.memory is not None
+        if not disks:
+            return []
         # Imported here so that machines without disks do not load the virtio and qcow2 code.
+        from hypervisor.block.open import open_disk
         from hypervisor.virtio.blk import VirtioBlock
         from hypervisor.virtio.mmio import QUEUE_NOTIFY_OFFSET, MmioTransport
 
