@@ -53,8 +53,15 @@ int pyhv_vcpu_map_run(struct pyhv_vcpu *vcpu, int fd, size_t run_size)
     return 0;
 }
 
+void pyhv_vcpu_detach_thread(struct pyhv_vcpu *vcpu)
+{
+    /* The thread that ran this vCPU is leaving: a later kick must not signal it. */
+    __atomic_store_n(&vcpu->thread_valid, 0, __ATOMIC_SEQ_CST);
+}
+
 void pyhv_vcpu_unmap_run(struct pyhv_vcpu *vcpu)
 {
+    pyhv_vcpu_detach_thread(vcpu);
     if (vcpu->run) {
         munmap(vcpu->run, vcpu->run_size);
         vcpu->run = NULL;
@@ -162,7 +169,7 @@ int pyhv_vcpu_run(struct pyhv_vcpu *vcpu, struct pyhv_exit *out)
 {
     struct kvm_run *run = vcpu->run;
 
-    if (!vcpu->thread_valid) {
+    if (!vcpu->thread_valid || !pthread_equal(vcpu->thread, pthread_self())) {
         vcpu->thread = pthread_self();
         __atomic_store_n(&vcpu->thread_valid, 1, __ATOMIC_SEQ_CST);
     }

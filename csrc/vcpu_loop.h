@@ -97,6 +97,7 @@ int pyhv_ioctl_value(int fd, unsigned long request, unsigned long arg);
 int pyhv_install_kick_handler(void);
 int pyhv_vcpu_map_run(struct pyhv_vcpu *vcpu, int fd, size_t run_size);
 void pyhv_vcpu_unmap_run(struct pyhv_vcpu *vcpu);
+void pyhv_vcpu_detach_thread(struct pyhv_vcpu *vcpu);
 int pyhv_vcpu_run(struct pyhv_vcpu *vcpu, struct pyhv_exit *out);
 int pyhv_vcpu_kick(struct pyhv_vcpu *vcpu);
 int pyhv_vcpu_inject_exception(struct pyhv_vcpu *vcpu, uint32_t vector, int has_error_code,

@@ -85,6 +85,8 @@ class VcpuRunner:
         except Exception as error:  # a bug of ours must not leave the run hanging
             log.exception("vCPU %d thread failed", self.vcpu.id)
             self.control.request_stop(Outcome(OutcomeKind.HYPERVISOR_ERROR, f"vCPU thread failed: {error!r}"))
+        finally:
+            lib.pyhv_vcpu_detach_thread(self.vcpu.state)  # no kick may signal this thread now
 
     def _loop(self) -> None:
         vcpu = self.vcpu
