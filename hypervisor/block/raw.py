@@ -110,6 +110,11 @@ class RawFile:
         if not self._read_only:
             os.fdatasync(self.fd)
 
+    def start_writeback(self, offset: int, length: int) -> None:
+        """Optional BlockBackend hint for bulk copies: begin writing the range out now."""
+        if not self._read_only:
+            fileio.start_writeback(self.fd, offset, length)
+
     def discard(self, offset: int, length: int) -> None:
         self._check_writable()
         self._check_range(offset, length)

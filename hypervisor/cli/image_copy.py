@@ -125,6 +125,9 @@ def copy_data(
     for _ in range(WRITE_WORKERS + 2):
         free_buffers.put(bytearray(COPY_CHUNK))
 
+    # Backends that can (raw files) start write-back per chunk, so the final flush is short.
+    start_writeback = getattr(target, "start_writeback", None)
+
     def write_chunk(buffer: bytearray, offset: int, n: int) -> None:
         try:
             view = memoryview(buffer)[:n]
@@ -133,6 +136,8 @@ def copy_data(
                     _write_run(target, offset + run, view[run : run + run_length], compress, cluster_size)
                 elif write_zeroes:
                     target.write_zeroes(offset + run, run_length)
+            if start_writeback is not None:
+                start_writeback(offset, n)
         finally:
             free_buffers.put(buffer)
 
