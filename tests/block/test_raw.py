@@ -116,3 +116,16 @@ def test_open_disk_probes_raw(raw_path):
     disk = open_disk(raw_path, read_only=True)
     assert isinstance(disk, RawFile) and disk.read_only
     disk.close()
+
+
+def test_start_writeback_is_a_harmless_hint(tmp_path) -> None:
+    from hypervisor.block.raw import RawFile
+
+    path = tmp_path / "disk.raw"
+    path.write_bytes(bytes(1 << 20))
+    disk = RawFile(str(path))
+    disk.write(4096, [b"x" * 4096])
+    disk.start_writeback(0, 1 << 20)  # starts write-back; the data is unchanged
+    disk.flush()
+    disk.close()
+    assert path.read_bytes()[4096:8192] == b"x" * 4096
