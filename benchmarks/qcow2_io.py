@@ -227,15 +227,19 @@ def run_all(workdir: str, size: int, random_reads: int, seed: int, repeat: int) 
     qemu_raw, pyhv_raw = os.path.join(workdir, "q.raw"), os.path.join(workdir, "p.raw")
     idle = min(run_quiet(["qemu-img", "info", full]) for _ in range(3))
 
+    # Each convert starts from a clean page cache: the earlier phases leave gigabytes of dirty
+    # pages whose write-back would otherwise land on whichever side runs next.
     def qemu_convert() -> float:
         if os.path.exists(qemu_raw):
             os.unlink(qemu_raw)
+        os.sync()
         command = ["qemu-img", "convert", "-t", CACHE_MODE, "-T", CACHE_MODE, "-O", "raw", full, qemu_raw]
         return max(run_quiet(command) - idle, 1e-6)
 
     def pyhv_convert() -> float:
         if os.path.exists(pyhv_raw):
             os.unlink(pyhv_raw)
+        os.sync()
         return timed(lambda: convert(full, pyhv_raw, "qcow2", "raw", False, {}))
 
     pyhv_time, qemu_time = best_of(repeat, qemu_convert, pyhv_convert)
