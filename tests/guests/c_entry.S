@@ -9,21 +9,13 @@
 #endif
 #include "common.S"
 
-#define RFLAGS_IOPL3 0x3000
-#define RFLAGS_RESERVED 0x2
-
     .section .text.entry, "ax"
     .globl _start
 _start:
     PARAMETER_BLOCK start
 start:
     ENTER_LONG_MODE
-    pushq $(USER_DS | 3)
-    pushq $USER_STACK_TOP
-    pushq $(RFLAGS_IOPL3 | RFLAGS_RESERVED)
-    pushq $(USER_CS | 3)
-    pushq $user_entry
-    iretq
+    ENTER_USER_MODE user_entry
 user_entry:
     mov $USER_DS | 3, %ax
     mov %ax, %ds

@@ -128,6 +128,21 @@ long_entry:
     mov $STACK_TOP, %rsp
 .endm
 
+/*
+ * From CPL0 long mode to CPL3 at `target` with IOPL=3, through iretq (SDM vol. 3A §6.14.3: SS,
+ * RSP, RFLAGS, CS, RIP). IOPL=3 lets user mode use in/out directly (SDM vol. 1 §18.5.1).
+ */
+#define RFLAGS_IOPL3 0x3000
+#define RFLAGS_RESERVED 0x2
+.macro ENTER_USER_MODE target
+    pushq $(USER_DS | 3)
+    pushq $USER_STACK_TOP
+    pushq $(RFLAGS_IOPL3 | RFLAGS_RESERVED)
+    pushq $(USER_CS | 3)
+    pushq $\target
+    iretq
+.endm
+
 .macro GDT
     .p2align 3
 gdt:
