@@ -137,7 +137,6 @@ class Machine:
         self.pio_bus = Bus("port I/O", PORT_SPACE)
         self.mmio_bus = Bus("MMIO", MMIO_SPACE)
         self._sinks: list[TableRange] = []
-        self._devices_started: list[object] = []
         self._threads: list[threading.Thread] = []
         self.disks: list[AttachedDisk] = []
         self.exit_hooks: list[ExitHook] = []  # given to every vCPU runner at start()
@@ -309,11 +308,9 @@ class Machine:
 
     def install_range_tables(self) -> None:
         """Freezes the buses into every vCPU's C range table (done by `start`)."""
-        pio = [
-            TableRange(r.base, r.size, r.device_id)
-            for r in self.pio_bus.ranges()
-            if r.device_id not in {s.device_id for s in self._sinks}
-        ] + self._sinks
+        sink_ids = {sink.device_id for sink in self._sinks}
+        pio = [TableRange(r.base, r.size, r.device_id) for r in self.pio_bus.ranges() if r.device_id not in sink_ids]
+        pio += self._sinks
         mmio = [TableRange(r.base, r.size, r.device_id) for r in self.mmio_bus.ranges()]
         for vcpu in self.vcpus:
             vcpu.set_range_tables(pio, mmio)
