@@ -58,6 +58,17 @@ def _stream(decompressor: _Decompressor, data: bytes, limit: int) -> bytes:
     return output
 
 
+def _extended_length(source: bytes | memoryview, position: int, length: int) -> tuple[int, int]:
+    """A 4-bit length of 15 continues in the next bytes, each added, until one is not 255
+    (lz4 block format, "Token" and "Match length"). Returns the length and the new position."""
+    while True:
+        extra = source[position]
+        position += 1
+        length += extra
+        if extra != 255:
+            return length, position
+
+
 def lz4_block(source: bytes | memoryview, output: bytearray, limit: int) -> None:
     """Decode one LZ4 block (lz4 block format: token, literals, offset, match) onto `output`."""
     position, end = 0, len(source)
@@ -66,12 +77,7 @@ def lz4_block(source: bytes | memoryview, output: bytearray, limit: int) -> None
         position += 1
         literal_length = token >> 4
         if literal_length == 15:
-            while True:
-                extra = source[position]
-                position += 1
-                literal_length += extra
-                if extra != 255:
-                    break
+            literal_length, position = _extended_length(source, position, literal_length)
         output += source[position : position + literal_length]
         position += literal_length
         if position >= end:  # the last sequence has literals only
@@ -80,12 +86,7 @@ def lz4_block(source: bytes | memoryview, output: bytearray, limit: int) -> None
         position += 2
         match_length = token & 15
         if match_length == 15:
-            while True:
-                extra = source[position]
-                position += 1
-                match_length += extra
-                if extra != 255:
-                    break
+            match_length, position = _extended_length(source, position, match_length)
         match_length += LZ4_MIN_MATCH
         start = len(output) - offset
         if offset == 0 or start < 0:
