@@ -37,6 +37,19 @@ KVM_SIGNATURE = (0x4B4D564B, 0x564B4D56, 0x0000004D)
 # Topology level types in ECX[15:8] of leaves 0BH/1FH (SDM vol. 2A table 3-8).
 TOPOLOGY_INVALID, TOPOLOGY_SMT, TOPOLOGY_CORE = 0, 1, 2
 
+# KVM paravirtual features (leaf 0x40000001 EAX, cpuid.rst) that a guest uses by issuing a
+# hypercall (VMCALL/VMMCALL, Documentation/virt/kvm/x86/hypercalls.rst). On a kvm_pvm host a
+# hypercall from emulated CPL0 hangs the vCPU with no exit (PLATFORM.md), so these are not
+# offered there. The others (kvmclock, steal time, PV EOI, async PF, PV TLB flush...) work through
+# MSRs and shared memory and stay.
+KVM_FEATURE_PV_UNHALT = 1 << 7  # pv spinlocks wake a halted vCPU with KVM_HC_KICK_CPU
+KVM_FEATURE_PV_SEND_IPI = 1 << 11  # IPIs through KVM_HC_SEND_IPI
+KVM_FEATURE_PV_SCHED_YIELD = 1 << 13  # KVM_HC_SCHED_YIELD to a preempted IPI target
+KVM_FEATURE_HC_MAP_GPA_RANGE = 1 << 16  # KVM_HC_MAP_GPA_RANGE (encrypted-memory guests)
+KVM_HYPERCALL_FEATURES = (
+    KVM_FEATURE_PV_UNHALT | KVM_FEATURE_PV_SEND_IPI | KVM_FEATURE_PV_SCHED_YIELD | KVM_FEATURE_HC_MAP_GPA_RANGE
+)
+
 Register = Literal["eax", "ebx", "ecx", "edx"]
 
 
@@ -88,8 +101,10 @@ def linux_feature_bit(number: int) -> FeatureBit:
     """The CPUID bit behind Linux feature number `number` (as in `clearcpuid=308` for SMAP)."""
     word, bit = divmod(number, 32)
     if number < 0 or word not in LINUX_CPUID_WORDS:
-        raise ConfigError(f"CPU feature {number} is not a CPUID bit (Linux word {word} is synthetic); "
-                          "only the guest kernel's clearcpuid= can hide it")
+        raise ConfigError(
+            f"CPU feature {number} is not a CPUID bit (Linux word {word} is synthetic); "
+            "only the guest kernel's clearcpuid= can hide it"
+        )
     function, index, register = LINUX_CPUID_WORDS[word]
     return FeatureBit(function, index, register, bit)
 
@@ -124,26 +139,43 @@ def _adjust(entry: CpuidEntry, apic_id: int, cpus: int) -> CpuidEntry:
     return entry
 
 
-def guest_cpuid(supported: Sequence[CpuidEntry], vcpu_id: int, cpus: int,
-                clear: Iterable[FeatureBit] = ()) -> list[CpuidEntry]:
-    """The entries to give vCPU `vcpu_id` (also its APIC id) of `cpus` with KVM_SET_CPUID2."""
+def guest_cpuid(
+    supported: Sequence[CpuidEntry],
+    vcpu_id: int,
+    cpus: int,
+    clear: Iterable[FeatureBit] = (),
+    *,
+    hide_hypercall_features: bool = False,
+) -> list[CpuidEntry]:
+    """The entries to give vCPU `vcpu_id` (also its APIC id) of `cpus` with KVM_SET_CPUID2.
+
+    `hide_hypercall_features` (pass `hypervisor.kvm.kvm_is_pvm()`) leaves out the KVM paravirtual
+    features whose use means a hypercall (KVM_HYPERCALL_FEATURES); on hardware virtualization
+    leave it False and the guest gets every feature KVM supports."""
     if not 0 <= vcpu_id < cpus:
         raise ConfigError(f"vCPU id {vcpu_id} is outside 0..{cpus - 1}")
-    entries = [_adjust(entry, vcpu_id, cpus) for entry in supported
-               if entry.function not in (LEAF_KVM_SIGNATURE, LEAF_KVM_FEATURES)]
+    entries = [
+        _adjust(entry, vcpu_id, cpus)
+        for entry in supported
+        if entry.function not in (LEAF_KVM_SIGNATURE, LEAF_KVM_FEATURES)
+    ]
     # Make sure the topology leaves describe both levels and end with an invalid level.
     for function in (LEAF_TOPOLOGY, LEAF_TOPOLOGY_V2):
         present = {e.index for e in entries if e.function == function}
         if present:
-            entries.extend(_topology_entry(function, index, vcpu_id, cpus)
-                           for index in range(3) if index not in present)
+            entries.extend(
+                _topology_entry(function, index, vcpu_id, cpus) for index in range(3) if index not in present
+            )
     kvm_features = next((e.eax for e in supported if e.function == LEAF_KVM_FEATURES), 0)
+    if hide_hypercall_features:
+        kvm_features &= ~KVM_HYPERCALL_FEATURES
     entries.append(CpuidEntry(LEAF_KVM_SIGNATURE, 0, 0, LEAF_KVM_FEATURES, *KVM_SIGNATURE))
     entries.append(CpuidEntry(LEAF_KVM_FEATURES, 0, 0, kvm_features, 0, 0, 0))
     for feature in clear:
         entries = [
             replace(e, **{feature.register: getattr(e, feature.register) & ~(1 << feature.bit)})
-            if (e.function, e.index) == (feature.function, feature.index) else e
+            if (e.function, e.index) == (feature.function, feature.index)
+            else e
             for e in entries
         ]
     return sorted(entries, key=lambda e: (e.function, e.index))

@@ -106,3 +106,26 @@ def test_supported_list_is_not_modified():
     before = list(SUPPORTED)
     guest_cpuid(SUPPORTED, 1, 2, clear=[linux_feature_bit(308)])
     assert SUPPORTED == before
+
+
+def test_kvm_features_are_kept_on_hardware_virtualization():
+    assert leaf(guest_cpuid(SUPPORTED, 0, 1), 0x40000001).eax == 0x01007AFB
+
+
+def test_hypercall_features_are_hidden_on_kvm_pvm():
+    from hypervisor.boot.cpuid import KVM_HYPERCALL_FEATURES
+
+    supported = [
+        e if e.function != 0x40000001 else CpuidEntry(0x40000001, 0, 0, 0x0101FEFB, 0, 0, 0) for e in SUPPORTED
+    ]
+    features = leaf(guest_cpuid(supported, 0, 2, hide_hypercall_features=True), 0x40000001).eax
+    # PV_UNHALT (7), PV_SEND_IPI (11), PV_SCHED_YIELD (13), HC_MAP_GPA_RANGE (16) go ...
+    assert features & (1 << 7 | 1 << 11 | 1 << 13 | 1 << 16) == 0
+    assert KVM_HYPERCALL_FEATURES == 1 << 7 | 1 << 11 | 1 << 13 | 1 << 16
+    # ... kvmclock (0, 3), async PF (4), steal time (5), PV EOI (6), PV TLB flush (9) and the
+    # stable-clock bit (24) stay: they work through MSRs and shared memory, not hypercalls.
+    assert features == 0x0101FEFB & ~KVM_HYPERCALL_FEATURES
+    assert features & (1 << 0 | 1 << 3 | 1 << 4 | 1 << 5 | 1 << 6 | 1 << 9 | 1 << 24) == (
+        1 << 0 | 1 << 3 | 1 << 4 | 1 << 5 | 1 << 6 | 1 << 9 | 1 << 24
+    )
+    assert leaf(guest_cpuid(supported, 0, 2), 0x40000001).eax == 0x0101FEFB
