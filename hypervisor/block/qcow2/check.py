@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import struct
+from array import array
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -94,43 +95,99 @@ class CheckResult:
         return data
 
 
+# Per-cluster lines kept for stderr: a hostile image can have a billion mismatching clusters, and
+# the counts stay exact without printing them all (QEMU prints every one).
+MAX_CLUSTER_MESSAGES = 10000
+
+
 @dataclass
 class _Scan:
     """One counting pass: expected references and the problems found on the way."""
 
     counter: ReferenceCounter
     stored: RefcountReader
-    leaked: list[int]
-    too_low: list[int]
+    leaks: int
+    too_low: int
     corruptions: int
     image_end_offset: int
+
+
+def _last_nonzero(values: array[int], limit: int) -> int:
+    """Index of the last non-zero value among the first `limit`, or -1 (C-speed via bytes)."""
+    data = memoryview(values).cast("B")[: limit * values.itemsize].tobytes().rstrip(b"\0")
+    return (len(data) - 1) // values.itemsize if data else -1
+
+
+def _compared_blocks(image: ImageFile, counter: ReferenceCounter, stored: RefcountReader) -> list[tuple[int, int]]:
+    """(refcount block index, clusters of it to compare) wherever either side may be non-zero.
+
+    Like QEMU's compare_refcounts, the clusters compared end at the end of the file or at the
+    highest reference, whichever is further; stored refcounts beyond are ignored.
+    """
+    per_block = counter.counts.per_block
+    domain_end = max(-(-image.file_size // image.cluster_size), counter.size)
+    indices = set(counter.counts.spans) | set(stored.populated_blocks())
+    return [
+        (index, min(per_block, domain_end - index * per_block))
+        for index in sorted(indices)
+        if index * per_block < domain_end
+    ]
 
 
 def _scan(image: ImageFile, messages: list[str]) -> _Scan:
     counter = ReferenceCounter(image, messages)
     counter.count_everything()
     stored = RefcountReader(image, messages)
-    leaked: list[int] = []
-    too_low: list[int] = []
+    per_block = counter.counts.per_block
+    leaks = too_low = 0
     highest = -1
-    file_clusters = -(-image.file_size // image.cluster_size)
-    for index in range(max(file_clusters, counter.size)):
-        expected = counter.get(index)
-        actual = stored.get(index)
-        if expected or actual:
-            highest = index
-        if actual < expected:
-            messages.append(f"ERROR cluster {index} refcount={actual} reference={expected}")
-            too_low.append(index)
-        elif actual > expected:
-            messages.append(f"Leaked cluster {index} refcount={actual} reference={expected}")
-            leaked.append(index)
+    printed = 0
+    for block_index, limit in _compared_blocks(image, counter, stored):
+        base = block_index * per_block
+        expected = counter.counts.span(block_index)
+        actual = stored.block(block_index)
+        last = max(
+            _last_nonzero(expected, limit) if expected is not None else -1,
+            _last_nonzero(actual, limit) if actual is not None else -1,
+        )
+        if last < 0:
+            continue
+        highest = max(highest, base + last)
+        if expected is not None and actual is not None and expected[:limit] == actual[:limit]:
+            continue
+        if expected is None:
+            assert actual is not None
+            # Nothing points into this block's span: every non-zero refcount is a leak.
+            leaks += limit - actual[:limit].count(0)
+            for slot in range(last + 1):
+                if printed >= MAX_CLUSTER_MESSAGES:
+                    break
+                if actual[slot]:
+                    messages.append(f"Leaked cluster {base + slot} refcount={actual[slot]} reference=0")
+                    printed += 1
+            continue
+        for slot in range(last + 1):
+            want = expected[slot]
+            have = actual[slot] if actual is not None else 0
+            if have == want:
+                continue
+            if have < want:
+                too_low += 1
+                kind = "ERROR"
+            else:
+                leaks += 1
+                kind = "Leaked"
+            if printed < MAX_CLUSTER_MESSAGES:
+                messages.append(f"{kind} cluster {base + slot} refcount={have} reference={want}")
+                printed += 1
+    if printed >= MAX_CLUSTER_MESSAGES and leaks + too_low > printed:
+        messages.append(f"... and {leaks + too_low - printed} more clusters with a wrong refcount")
     return _Scan(
         counter,
         stored,
-        leaked,
+        leaks,
         too_low,
-        counter.corruptions + stored.corruptions + len(too_low),
+        counter.corruptions + stored.corruptions + too_low,
         (highest + 1) * image.cluster_size,
     )
 
@@ -138,33 +195,50 @@ def _scan(image: ImageFile, messages: list[str]) -> _Scan:
 def _copied_flag_errors(image: ImageFile, scan: _Scan, messages: list[str], fix: bool) -> int:
     """Active L1/L2 entries whose COPIED bit disagrees with the stored refcount being 1."""
     errors = 0
-    for slot, entry, refcount_of in scan.counter.copied_flag_slots():
-        refcount = scan.stored.get(refcount_of)
+    for item in scan.counter.copied_flag_entries():
+        refcount = scan.stored.get(item.cluster_index)
         want = refcount == 1
-        if bool(entry & fmt.OFLAG_COPIED) == want:
+        if bool(item.entry & fmt.OFLAG_COPIED) == want:
             continue
-        kind = "L2 cluster" if slot.is_l1 else "data cluster"
-        messages.append(
-            f"ERROR OFLAG_COPIED {kind}: {'l1' if slot.is_l1 else 'l2'}_entry={entry:x} refcount={refcount}"
-        )
+        if item.is_l1:
+            where = f"l1_index={item.l1_index} l1_entry={item.entry:x}"
+            line = f"ERROR OFLAG_COPIED L2 cluster: {where} refcount={refcount}"
+        else:
+            line = f"ERROR OFLAG_COPIED data cluster: l2_entry={item.entry:x} refcount={refcount}"
+        if errors < MAX_CLUSTER_MESSAGES:
+            messages.append(line)
         errors += 1
         if fix:
-            fixed = entry | fmt.OFLAG_COPIED if want else entry & ~fmt.OFLAG_COPIED
-            os.pwrite(image.fd, struct.pack(">Q", fixed), slot.file_offset)
+            fixed = item.entry | fmt.OFLAG_COPIED if want else item.entry & ~fmt.OFLAG_COPIED
+            os.pwrite(image.fd, struct.pack(">Q", fixed), item.file_offset)
     if fix and errors:
         os.fdatasync(image.fd)
     return errors
 
 
 def _fix_leaks(image: ImageFile, scan: _Scan, messages: list[str]) -> int:
-    """Lower leaked refcounts in place (safe at any crash point: it only frees unused clusters)."""
+    """Lower leaked refcounts in place, one block write per block (safe at any crash point: it
+    only lowers refcounts that nothing references, never below the references)."""
     fixed = 0
-    for index in scan.leaked:
-        expected = scan.counter.get(index)
-        stored = scan.stored.get(index)
-        if scan.stored.set(index, expected):
-            messages.append(f"Repairing cluster {index} refcount={stored} reference={expected}")
-            fixed += 1
+    per_block = scan.counter.counts.per_block
+    for block_index, limit in _compared_blocks(image, scan.counter, scan.stored):
+        actual = scan.stored.block(block_index)
+        if actual is None:
+            continue
+        expected = scan.counter.counts.span(block_index)
+        corrected = array(actual.typecode, actual)
+        changed = False
+        for slot in range(limit):
+            want = expected[slot] if expected is not None else 0
+            if corrected[slot] > want:
+                if fixed < MAX_CLUSTER_MESSAGES:
+                    cluster = block_index * per_block + slot
+                    messages.append(f"Repairing cluster {cluster} refcount={corrected[slot]} reference={want}")
+                corrected[slot] = want
+                fixed += 1
+                changed = True
+        if changed:
+            scan.stored.store_block(block_index, corrected)
     os.fdatasync(image.fd)
     return fixed
 
@@ -203,14 +277,14 @@ def _check_open_image(image: ImageFile, repair: str | None) -> CheckResult:
     messages = result.messages
     scan = _scan(image, messages)
     copied_errors = _copied_flag_errors(image, scan, [], fix=False)
-    if repair is not None and (scan.leaked or scan.too_low or copied_errors or scan.corruptions):
-        leaks_found = len(scan.leaked)
+    if repair is not None and (scan.leaks or scan.too_low or copied_errors or scan.corruptions):
+        leaks_found = scan.leaks
         corruptions_found = scan.corruptions + copied_errors
         if repair == "all" and scan.too_low:
             rebuild_refcounts(image, messages)
             result.leaks_fixed = leaks_found
-            result.corruptions_fixed = len(scan.too_low)
-        elif scan.leaked:
+            result.corruptions_fixed = scan.too_low
+        elif scan.leaks:
             result.leaks_fixed = _fix_leaks(image, scan, messages)
         if repair == "all":
             scan = _scan(image, [])
@@ -226,7 +300,7 @@ def _check_open_image(image: ImageFile, repair: str | None) -> CheckResult:
     final = _scan(image, messages if result.repaired else [])
     final_copied = _copied_flag_errors(image, final, messages, fix=False)
     result.corruptions = final.corruptions + final_copied
-    result.leaks = len(final.leaked)
+    result.leaks = final.leaks
     result.check_errors = final.counter.check_errors
     result.image_end_offset = final.image_end_offset
     stats = final.counter.stats

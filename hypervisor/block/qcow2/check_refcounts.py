@@ -1,41 +1,58 @@
 """Stored refcounts for `pyhv image check`: read them, lower leaked ones, write a new structure.
 
-qcow2.rst "Host cluster management": refcount table entries (bits 9-63) point at refcount blocks
-of one cluster each; a block holds cluster_size * 8 / refcount_bits entries. Widths below 8 bits
-are packed from the least significant bit of each byte (QEMU's get_refcount_ro0..2), wider ones
-are big-endian integers.
+qcow2.rst "Host cluster management": refcount table entries (bits 9-63 offset, bits 0-8 reserved)
+point at refcount blocks of one cluster each; a block holds cluster_size * 8 / refcount_bits
+entries. Widths below 8 bits are packed from the least significant bit of each byte (QEMU's
+get_refcount_ro0..2), wider ones are big-endian integers.
+
+Blocks are decoded into arrays of the same type as `ExpectedCounts` spans, so comparing a block
+with what the walk counted is one C-level array comparison; all-zero blocks are never decoded.
 """
 
 from __future__ import annotations
 
 import os
 import struct
+import sys
+from array import array
 
 from hypervisor.block.qcow2 import format as fmt
-from hypervisor.block.qcow2.check_walk import ImageFile, ReferenceCounter
+from hypervisor.block.qcow2.check_walk import ExpectedCounts, ImageFile, ReferenceCounter, refcount_typecode
 from hypervisor.errors import ImageCorruptError
 
+_SUB_BYTE_TABLES: dict[int, list[bytes]] = {}
 
-def decode_block(block: bytes, refcount_bits: int) -> list[int]:
-    """All refcounts of one refcount block."""
+
+def _sub_byte_table(refcount_bits: int) -> list[bytes]:
+    """For widths 1, 2, 4: each byte value -> the refcounts it packs, one byte each."""
+    table = _SUB_BYTE_TABLES.get(refcount_bits)
+    if table is None:
+        per_byte = 8 // refcount_bits
+        mask = (1 << refcount_bits) - 1
+        table = [bytes((byte >> (refcount_bits * slot)) & mask for slot in range(per_byte)) for byte in range(256)]
+        _SUB_BYTE_TABLES[refcount_bits] = table
+    return table
+
+
+def decode_block(block: bytes, refcount_bits: int) -> array[int]:
+    """All refcounts of one refcount block, as an array of `refcount_typecode(refcount_bits)`."""
+    typecode = refcount_typecode(refcount_bits)
     if refcount_bits >= 8:
-        width = refcount_bits // 8
-        code = {1: "B", 2: "H", 4: "I", 8: "Q"}[width]
-        return list(struct.unpack(f">{len(block) // width}{code}", block))
-    per_byte = 8 // refcount_bits
-    mask = (1 << refcount_bits) - 1
-    return [(byte >> (refcount_bits * slot)) & mask for byte in block for slot in range(per_byte)]
+        values = array(typecode, block)
+        if sys.byteorder == "little" and refcount_bits > 8:
+            values.byteswap()
+        return values
+    return array(typecode, b"".join(map(_sub_byte_table(refcount_bits).__getitem__, block)))
 
 
-def encode_block(values: list[int], refcount_bits: int, block_size: int) -> bytes:
+def encode_block(values: array[int] | list[int], refcount_bits: int, block_size: int) -> bytes:
     """One refcount block holding `values` (the rest zero)."""
-    out = bytearray(block_size)
     if refcount_bits >= 8:
-        width = refcount_bits // 8
-        for index, value in enumerate(values):
-            if value:
-                out[index * width : (index + 1) * width] = value.to_bytes(width, "big")
-        return bytes(out)
+        packed = array(refcount_typecode(refcount_bits), values)
+        if sys.byteorder == "little" and refcount_bits > 8:
+            packed.byteswap()
+        return packed.tobytes().ljust(block_size, b"\0")
+    out = bytearray(block_size)
     per_byte = 8 // refcount_bits
     for index, value in enumerate(values):
         if value:
@@ -51,76 +68,86 @@ class RefcountReader:
         self.messages = messages
         self.corruptions = 0
         header = image.header
+        cs = image.cluster_size
         self.bits = header.refcount_bits
-        self.per_block = image.cluster_size * 8 // self.bits
-        table_bytes = header.refcount_table_clusters * image.cluster_size
+        self.per_block = cs * 8 // self.bits
+        table_bytes = header.refcount_table_clusters * cs
         raw = image.pread(table_bytes, header.refcount_table_offset)
         self.block_offsets: list[int] = []
         for index, entry in enumerate(struct.unpack(f">{table_bytes // 8}Q", raw)):
             offset = entry & fmt.REFT_OFFSET_MASK
-            if offset & (image.cluster_size - 1):
+            if entry & fmt.REFT_RESERVED_MASK:
+                # QEMU's check_refblocks words; like QEMU, the offset bits are still used to read.
+                self._corrupt(f"ERROR refcount table entry {index} has reserved bits set")
+            if offset & (cs - 1):
                 self._corrupt(f"ERROR refcount block {index} is not cluster aligned; refcount table entry corrupted")
                 offset = 0
-            elif offset and offset + image.cluster_size > image.file_size:
+            elif offset and offset + cs > image.file_size:
                 self._corrupt(f"ERROR refcount block {index} is outside image")
                 offset = 0
             self.block_offsets.append(offset)
-        self._blocks: dict[int, list[int]] = {}
+        # Decoded blocks keyed by file offset: table entries naming the same cluster share one
+        # array (a hostile table can name one block a million times). None = all zeros.
+        self._blocks: dict[int, array[int] | None] = {}
 
     def _corrupt(self, message: str) -> None:
         self.messages.append(message)
         self.corruptions += 1
 
-    def _block(self, block_index: int) -> list[int] | None:
+    def populated_blocks(self) -> list[int]:
+        """Indices of the refcount table entries that name a usable block."""
+        return [index for index, offset in enumerate(self.block_offsets) if offset]
+
+    def block(self, block_index: int) -> array[int] | None:
+        """The decoded refcount block `block_index`, or None if absent or all zeros."""
         if block_index >= len(self.block_offsets) or not self.block_offsets[block_index]:
             return None
-        if block_index not in self._blocks:
-            raw = self.image.pread(self.image.cluster_size, self.block_offsets[block_index])
-            self._blocks[block_index] = decode_block(raw, self.bits)
-        return self._blocks[block_index]
+        offset = self.block_offsets[block_index]
+        if offset not in self._blocks:
+            raw = self.image.pread(self.image.cluster_size, offset)
+            self._blocks[offset] = None if raw.count(0) == len(raw) else decode_block(raw, self.bits)
+        return self._blocks[offset]
 
     def get(self, cluster_index: int) -> int:
-        block = self._block(cluster_index // self.per_block)
+        block = self.block(cluster_index // self.per_block)
         return block[cluster_index % self.per_block] if block is not None else 0
 
-    def set(self, cluster_index: int, value: int) -> bool:
-        """Store one refcount in place; False if its refcount block does not exist."""
-        block_index, slot = divmod(cluster_index, self.per_block)
-        block = self._block(block_index)
-        if block is None:
-            return False
-        block[slot] = value
-        base = self.block_offsets[block_index]
-        if self.bits >= 8:
-            width = self.bits // 8
-            os.pwrite(self.image.fd, value.to_bytes(width, "big"), base + slot * width)
-        else:
-            per_byte = 8 // self.bits
-            first = slot - slot % per_byte
-            byte = 0
-            for i in range(per_byte):
-                byte |= block[first + i] << (self.bits * i)
-            os.pwrite(self.image.fd, bytes([byte]), base + slot // per_byte)
-        return True
+    def store_block(self, block_index: int, values: array[int]) -> None:
+        """Write a whole corrected block in place (leak repair only lowers values, so any mix
+        of old and new bytes after a torn write is still a safe over-count)."""
+        offset = self.block_offsets[block_index]
+        self._blocks[offset] = values
+        os.pwrite(self.image.fd, encode_block(values, self.bits, self.image.cluster_size), offset)
+
+
+def _highest_cluster_in_use(image: ImageFile, counts: ExpectedCounts) -> int:
+    """One past every referenced cluster and every cluster of the old refcount structure."""
+    cs_bits = image.cluster_bits
+    header = image.header
+    end = counts.end
+    table_end = header.refcount_table_offset + header.refcount_table_clusters * image.cluster_size
+    end = max(end, -(-table_end >> cs_bits) if table_end else 0)
+    raw = image.pread(header.refcount_table_clusters * image.cluster_size, header.refcount_table_offset)
+    for entry in struct.unpack(f">{len(raw) // 8}Q", raw):
+        block = entry & fmt.REFT_OFFSET_MASK
+        if block and block < image.file_size:
+            end = max(end, (block >> cs_bits) + 1)
+    return end
 
 
 def write_refcount_structure(image: ImageFile, counter: ReferenceCounter) -> tuple[int, int]:
     """Write a complete new refcount table and blocks after every cluster in use; flush them.
 
     Returns (table offset, table clusters) for the caller to put into the header. The new
-    structures count themselves; the old ones end up with refcount 0 (free).
+    structures count themselves; the old ones end up with refcount 0 (free). They go after the
+    last cluster in use (not after the end of the file, which may be a huge hole) and after the
+    old structure, so nothing the old header still points at is overwritten before the switch.
     """
     cs = image.cluster_size
     bits = image.header.refcount_bits
-    per_block = cs * 8 // bits
-    maximum = (1 << bits) - 1
-    counts = list(counter.counts)
-    for index, value in enumerate(counts):
-        if value > maximum:
-            raise ImageCorruptError(
-                f"{image.path}: cluster {index} has {value} references, more than a {bits}-bit refcount can hold"
-            )
-    first_free = max(len(counts), -(-image.file_size // cs))
+    counts = counter.counts
+    per_block = counts.per_block
+    first_free = _highest_cluster_in_use(image, counts)
     blocks, table_clusters = 1, 1
     while True:  # the new structure must cover itself
         end = first_free + blocks + table_clusters
@@ -129,16 +156,18 @@ def write_refcount_structure(image: ImageFile, counter: ReferenceCounter) -> tup
         if need_blocks <= blocks and need_table <= table_clusters:
             break
         blocks, table_clusters = max(blocks, need_blocks), max(table_clusters, need_table)
-    if table_clusters * cs > fmt.MAX_REFCOUNT_TABLE_BYTES:
-        raise ImageCorruptError(f"{image.path}: rebuilt refcount table would be too large")
+        if table_clusters * cs > fmt.MAX_REFCOUNT_TABLE_BYTES:
+            raise ImageCorruptError(f"{image.path}: rebuilt refcount table would be too large")
     end = first_free + blocks + table_clusters
-    counts.extend([0] * (end - len(counts)))
-    for index in range(first_free, end):
-        counts[index] = 1
+    own = range(first_free, end)
     table = bytearray(table_clusters * cs)
     for block_index in range(blocks):
         block_offset = (first_free + block_index) * cs
-        values = counts[block_index * per_block : (block_index + 1) * per_block]
+        base = block_index * per_block
+        span = counts.span(block_index)
+        values = array(counts.typecode, span if span is not None else bytes(per_block * counts.itemsize))
+        for cluster in range(max(base, own.start), min(base + per_block, own.stop)):
+            values[cluster - base] = 1
         os.pwrite(image.fd, encode_block(values, bits, cs), block_offset)
         struct.pack_into(">Q", table, block_index * 8, block_offset)
     table_offset = (first_free + blocks) * cs

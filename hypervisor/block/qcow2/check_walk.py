@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import struct
+from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -83,11 +84,14 @@ def read_image_file(fd: int, path: str) -> ImageFile:
 
 
 @dataclass
-class EntrySlot:
-    """Where an active L1 or L2 entry lives in the file (for COPIED flag checks and fixes)."""
+class CopiedFlagEntry:
+    """An active L1 or standard L2 entry whose COPIED bit must say "refcount == 1" (qcow2.rst)."""
 
-    file_offset: int
+    file_offset: int  # where the entry lives, for the repair
+    entry: int
     is_l1: bool
+    l1_index: int
+    cluster_index: int  # the host cluster whose stored refcount decides the flag
 
 
 @dataclass
@@ -100,26 +104,85 @@ class FragmentationStats:
     compressed_clusters: int = 0
 
 
+def refcount_typecode(refcount_bits: int) -> str:
+    """The array type holding one refcount of this width (sub-byte widths use a byte each)."""
+    if refcount_bits <= 8:
+        return "B"
+    return {16: "H", 32: "I", 64: "Q"}[refcount_bits]
+
+
+class ExpectedCounts:
+    """Expected refcounts, kept sparse: one array per refcount block's span that is referenced.
+
+    A span is the `per_block` clusters one refcount block describes, so the comparison with the
+    stored refcounts is one array against one decoded block. A file with a 1 TiB hole costs
+    nothing here: only spans that something points into exist (QEMU keeps one uint16 per file
+    cluster instead, which is cheap in C but not in Python).
+    """
+
+    def __init__(self, per_block: int, refcount_bits: int) -> None:
+        self.per_block = per_block
+        self.typecode = refcount_typecode(refcount_bits)
+        self.maximum = (1 << refcount_bits) - 1
+        self.itemsize = array(self.typecode).itemsize
+        self.spans: dict[int, array[int]] = {}
+        self.end = 0  # one past the highest cluster with a reference
+
+    def span(self, block_index: int) -> array[int] | None:
+        return self.spans.get(block_index)
+
+    def get(self, cluster_index: int) -> int:
+        span = self.spans.get(cluster_index // self.per_block)
+        return span[cluster_index % self.per_block] if span is not None else 0
+
+    def add(self, cluster_index: int) -> bool:
+        """One more reference; False (and no change) if the refcount width cannot hold it."""
+        block_index, slot = divmod(cluster_index, self.per_block)
+        span = self.spans.get(block_index)
+        if span is None:
+            span = self.spans[block_index] = array(self.typecode, bytes(self.per_block * self.itemsize))
+        if span[slot] >= self.maximum:
+            return False
+        span[slot] += 1
+        if cluster_index >= self.end:
+            self.end = cluster_index + 1
+        return True
+
+    def items(self) -> Iterator[tuple[int, int]]:
+        """(cluster index, expected refcount) of every referenced cluster, in order."""
+        for block_index in sorted(self.spans):
+            base = block_index * self.per_block
+            span = self.spans[block_index]
+            for slot, value in enumerate(span):
+                if value:
+                    yield base + slot, value
+
+
 class ReferenceCounter:
-    """Expected refcount of every host cluster, plus corruptions met while walking."""
+    """Expected refcount of every host cluster, plus corruptions met while walking.
+
+    Cost follows the metadata, not the file: tables are read once each, references go into
+    `ExpectedCounts`, and nothing is kept per cluster of the file (qemu's qcow2-refcount.c
+    check_refcounts_l1/l2 walk the same structures).
+    """
 
     def __init__(self, image: ImageFile, messages: list[str]) -> None:
         self.image = image
         self.messages = messages
-        self.counts: list[int] = [0] * (-(-image.file_size // image.cluster_size))
+        header = image.header
+        self.counts = ExpectedCounts(image.cluster_size * 8 // header.refcount_bits, header.refcount_bits)
         self.corruptions = 0
         self.check_errors = 0
         self.stats = FragmentationStats()
-        # (slot, entry, host cluster index whose refcount must be 1 for COPIED) of the active image.
-        self._copied_slots: list[tuple[EntrySlot, int, int]] = []
         self._next_contiguous = 0
 
     @property
     def size(self) -> int:
-        return len(self.counts)
+        """One past the highest referenced cluster."""
+        return self.counts.end
 
     def get(self, index: int) -> int:
-        return self.counts[index] if index < len(self.counts) else 0
+        return self.counts.get(index)
 
     def corrupt(self, message: str) -> None:
         self.messages.append(message)
@@ -131,10 +194,10 @@ class ReferenceCounter:
             return
         bits = self.image.cluster_bits
         first, last = offset >> bits, (offset + length - 1) >> bits
-        if last >= len(self.counts):
-            self.counts.extend([0] * (last + 1 - len(self.counts)))
         for index in range(first, last + 1):
-            self.counts[index] += 1
+            if not self.counts.add(index):
+                # QEMU's inc_refcounts words: the count no longer fits the refcount width.
+                self.corrupt(f"ERROR: overflow cluster offset=0x{index << bits:x}")
 
     def _table_ok(self, what: str, offset: int, length: int) -> bool:
         """A table must be cluster aligned, not in the header cluster, and inside the file."""
@@ -143,6 +206,17 @@ class ReferenceCounter:
             return False
         if offset == 0 or offset + length > self.image.file_size:
             self.corrupt(f"ERROR {what} offset=0x{offset:x}: outside the image (size {self.image.file_size})")
+            return False
+        return True
+
+    def _inside_file(self, offset: int, length: int) -> bool:
+        """QEMU accepts a region that ends less than one cluster past the end of the file (the
+        last cluster of a file need not be complete); anything further is a corruption."""
+        if offset + length - self.image.file_size >= self.image.cluster_size:
+            self.corrupt(
+                "ERROR: counting reference for region exceeding the end of the file by one cluster or more: "
+                f"offset 0x{offset:x} size 0x{length:x}"
+            )
             return False
         return True
 
@@ -166,9 +240,28 @@ class ReferenceCounter:
         table = self.image.pread(table_bytes, header.refcount_table_offset)
         for entry in struct.unpack(f">{table_bytes // 8}Q", table):
             block = entry & fmt.REFT_OFFSET_MASK
+            if entry & fmt.REFT_RESERVED_MASK:
+                continue  # reported by the RefcountReader; QEMU does not count such a block either
             if block and not (block & (cs - 1)) and block + cs <= self.image.file_size:
                 self.add_range(block, cs)
             # Unaligned or out-of-file blocks are reported by the RefcountReader.
+
+    def _read_l1(self, l1_offset: int, l1_size: int) -> tuple[int, ...]:
+        return struct.unpack(f">{l1_size}Q", self.image.pread(l1_size * 8, l1_offset))
+
+    def _l2_offset(self, index: int, entry: int, report: bool) -> int:
+        """The L2 table an L1 entry names, 0 if none or not followable (qcow2.rst "L1 table entry")."""
+        l2_offset = entry & fmt.L1E_OFFSET_MASK
+        if report and entry & fmt.L1E_RESERVED_MASK:
+            # QEMU reports it and still follows the offset bits; so do we (the reader refuses it).
+            self.corrupt(f"ERROR found L1 entry with reserved bits set: {entry:x}")
+        if not l2_offset:
+            return 0
+        if l2_offset & (self.image.cluster_size - 1):
+            if report:
+                self.corrupt(f"ERROR l2_offset={l2_offset:x}: Table is not cluster aligned; L1 entry corrupted")
+            return 0
+        return l2_offset
 
     def _count_l1(self, l1_offset: int, l1_size: int, active: bool, what: str = "L1 table") -> None:
         if l1_size == 0:
@@ -176,37 +269,43 @@ class ReferenceCounter:
         if not self._table_ok(what, l1_offset, l1_size * 8):
             return
         self.add_range(l1_offset, l1_size * 8)
-        entries = struct.unpack(f">{l1_size}Q", self.image.pread(l1_size * 8, l1_offset))
-        for index, entry in enumerate(entries):
-            l2_offset = entry & fmt.L1E_OFFSET_MASK
+        for index, entry in enumerate(self._read_l1(l1_offset, l1_size)):
+            l2_offset = self._l2_offset(index, entry, report=True)
             if not l2_offset:
                 continue
+            if not self._inside_file(l2_offset, self.image.cluster_size):
+                continue
+            # Stricter than QEMU, which reads a table cut short by the end of the file as zeros:
+            # the engine refuses such an image, so the checker reports it.
             if not self._table_ok(f"L2 table (L1 index {index})", l2_offset, self.image.cluster_size):
                 continue
             self.add_range(l2_offset, self.image.cluster_size)
-            if active:
-                slot = EntrySlot(l1_offset + index * 8, is_l1=True)
-                self._copied_slots.append((slot, entry, l2_offset >> self.image.cluster_bits))
             self._count_l2(l2_offset, active)
+
+    def _read_l2(self, l2_offset: int) -> tuple[int, ...]:
+        cs = self.image.cluster_size
+        return struct.unpack(f">{cs // 8}Q", self.image.pread(cs, l2_offset))
 
     def _count_l2(self, l2_offset: int, active: bool) -> None:
         header = self.image.header
         cs = self.image.cluster_size
-        entry_size = header.l2_entry_size
-        raw = self.image.pread(cs, l2_offset)
-        words = struct.unpack(f">{cs // 8}Q", raw)
+        words = self._read_l2(l2_offset)
         external_data = bool(header.incompatible_features & fmt.INCOMPAT_DATA_FILE)
-        step = entry_size // 8
+        step = header.l2_entry_size // 8
+        # Extended L2 entries keep zero flags in the bitmap, so bit 0 is reserved too (qcow2.rst
+        # "Extended L2 Entries"); QEMU does not check it there: pyhv is stricter.
+        reserved = fmt.L2E_STD_RESERVED_MASK | (fmt.OFLAG_ZERO if step == 2 else 0)
         self._next_contiguous = 0  # QEMU measures fragmentation within each L2 table
         for index in range(0, len(words), step):
             entry = words[index]
             bitmap = words[index + 1] if step == 2 else 0
             if not entry and not bitmap:
                 continue
-            slot_offset = l2_offset + index * 8
             if entry & fmt.OFLAG_COMPRESSED:
                 self._count_compressed(entry, bitmap, active)
                 continue
+            if entry & reserved:
+                self.corrupt(f"ERROR found l2 entry with reserved bits set: {entry:x}")
             offset = entry & fmt.L2E_OFFSET_MASK
             if step == 2 and bitmap & fmt.SUBCLUSTER_ALLOC_MASK & (bitmap >> fmt.SUBCLUSTER_ZERO_SHIFT):
                 self.corrupt(f"ERROR invalid subcluster bitmap: l2_entry={entry:x} l2_bitmap={bitmap:x}")
@@ -220,7 +319,7 @@ class ReferenceCounter:
                     self.corrupt(f"ERROR unallocated cluster with allocated subclusters: l2_bitmap={bitmap:x}")
                 continue
             if offset & (cs - 1):
-                self.corrupt(f"ERROR offset={offset:x}: Cluster is not properly aligned; L2 entry corrupted.")
+                self.corrupt(f"ERROR offset={offset:x}: Data cluster is not properly aligned; L2 entry corrupted.")
                 continue
             if active:
                 self.stats.allocated_clusters += 1
@@ -229,13 +328,9 @@ class ReferenceCounter:
                 self._next_contiguous = offset + cs
             if external_data:
                 continue  # the data cluster lives in the external data file, not refcounted here
-            if offset >= fmt.align_up(self.image.file_size, cs):
-                self.corrupt(f"ERROR offset={offset:x}: data cluster is outside the image")
+            if not self._inside_file(offset, cs):
                 continue
             self.add_range(offset, cs)
-            if active:
-                slot = EntrySlot(slot_offset, is_l1=False)
-                self._copied_slots.append((slot, entry, offset >> self.image.cluster_bits))
 
     def _count_compressed(self, entry: int, bitmap: int, active: bool) -> None:
         host_offset, length = fmt.compressed_span(entry, self.image.cluster_bits)
@@ -248,6 +343,7 @@ class ReferenceCounter:
             return
         if (
             host_offset < self.image.cluster_size
+            or host_offset >= self.image.file_size  # the reader's rule too; QEMU allows up to a cluster more
             or host_offset + length
             > fmt.align_up(self.image.file_size, fmt.COMPRESSED_SECTOR_SIZE) + self.image.cluster_size
         ):
@@ -313,9 +409,43 @@ class ReferenceCounter:
             table = self.image.pread(table_bytes, entry.bitmap_table_offset)
             for word in struct.unpack(f">{entry.bitmap_table_size}Q", table):
                 data_offset = word & fmt.BITMAP_TABLE_OFFSET_MASK
+                # qcow2.rst "Bitmap table": bits 1-8 and 56-63 reserved; bit 0 only means
+                # "all ones" when there is no offset.
+                if word & fmt.BITMAP_TABLE_RESERVED_MASK or (data_offset and word & 1):
+                    self.corrupt(f"ERROR bitmap table entry with reserved bits set: {word:x}")
+                    continue
                 if data_offset and self._table_ok("bitmap data cluster", data_offset, self.image.cluster_size):
                     self.add_range(data_offset, self.image.cluster_size)
 
-    def copied_flag_slots(self) -> Iterator[tuple[EntrySlot, int, int]]:
-        """Active L1 and standard L2 entries with the host cluster whose refcount decides COPIED."""
-        return iter(self._copied_slots)
+    def copied_flag_entries(self) -> Iterator[CopiedFlagEntry]:
+        """Active L1 and standard L2 entries with the host cluster whose refcount decides COPIED.
+
+        A second walk of the active L1 (as QEMU's check_oflag_copied does) rather than a list kept
+        from the first one, so memory stays independent of the number of allocated clusters.
+        Entries pointing past the end of the file are included: their refcount reads as 0, and
+        QEMU reports the COPIED mismatch too.
+        """
+        header = self.image.header
+        cs = self.image.cluster_size
+        bits = self.image.cluster_bits
+        if not header.l1_size or header.incompatible_features & fmt.INCOMPAT_DATA_FILE:
+            l1_entries: tuple[int, ...] = ()
+        else:
+            l1_entries = self._read_l1(header.l1_table_offset, header.l1_size)
+        step = header.l2_entry_size // 8
+        for l1_index, l1_entry in enumerate(l1_entries):
+            l2_offset = self._l2_offset(l1_index, l1_entry, report=False)
+            if not l2_offset:
+                continue
+            yield CopiedFlagEntry(header.l1_table_offset + l1_index * 8, l1_entry, True, l1_index, l2_offset >> bits)
+            if l2_offset + cs > self.image.file_size:
+                continue
+            words = self._read_l2(l2_offset)
+            for index in range(0, len(words), step):
+                entry = words[index]
+                if entry & fmt.OFLAG_COMPRESSED or (entry & fmt.OFLAG_ZERO and header.version < 3):
+                    continue
+                offset = entry & fmt.L2E_OFFSET_MASK
+                if not offset or offset & (cs - 1):
+                    continue
+                yield CopiedFlagEntry(l2_offset + index * 8, entry, False, l1_index, offset >> bits)

@@ -126,6 +126,7 @@ BITMAP_DIRECTORY_ENTRY_FIXED = 24
 BITMAP_FLAG_IN_USE = 1 << 0
 BITMAP_FLAG_AUTO = 1 << 1
 BITMAP_TABLE_OFFSET_MASK = 0x00FF_FFFF_FFFF_FE00  # bitmap table entry bits 9-55
+BITMAP_TABLE_RESERVED_MASK = 0xFF00_0000_0000_01FE  # bits 1-8 and 56-63 ("Reserved and must be zero")
 
 # -- "Snapshots" -----------------------------------------------------------------------------
 SnapshotEntryFixed = Struct(
