@@ -6,7 +6,7 @@ import logging
 import os
 
 from hypervisor.block.backend import BlockBackend
-from hypervisor.block.raw import RawFile
+from hypervisor.block.raw import RawFile, open_image_fd
 from hypervisor.errors import ImageError, ImageFormatError
 
 log = logging.getLogger(__name__)
@@ -18,18 +18,18 @@ FORMATS = ("raw", "qcow2")
 
 
 def probe_format(path: str) -> str:
-    """'qcow2' if the file starts with the qcow2 magic, else 'raw'. ImageError if unreadable."""
+    """'qcow2' if the file starts with the qcow2 magic, else 'raw'. ImageError if unreadable.
+
+    Opened like any image (open_image_fd: regular files and block devices only, checked before
+    the open), so probing a FIFO fails at once instead of waiting for a writer.
+    """
+    fd = open_image_fd(path, read_only=True, lock=False)
     try:
-        with open(path, "rb") as f:
-            magic = f.read(len(QCOW2_MAGIC))
-    except FileNotFoundError:
-        raise ImageError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise ImageError(f"{path}: is a directory, not a disk image") from None
-    except PermissionError:
-        raise ImageError(f"{path}: permission denied (cannot open for reading)") from None
+        magic = os.pread(fd, len(QCOW2_MAGIC), 0)
     except OSError as exc:
         raise ImageError(f"{path}: cannot read: {exc.strerror}") from None
+    finally:
+        os.close(fd)
     return "qcow2" if magic == QCOW2_MAGIC else "raw"
 
 

@@ -20,9 +20,51 @@ from hypervisor.errors import ImageError
 log = logging.getLogger(__name__)
 
 
+_FILE_KINDS = (
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def _require_disk_mode(path: str, mode: int) -> None:
+    """Images are regular files or block devices; anything else is refused with one line."""
+    if stat.S_ISDIR(mode):
+        raise ImageError(f"{path}: is a directory, not a disk image")
+    if stat.S_ISREG(mode) or stat.S_ISBLK(mode):
+        return
+    kind = next((name for test, name in _FILE_KINDS if test(mode)), "a special file")
+    raise ImageError(f"{path}: is {kind}, not a regular file or block device")
+
+
+def check_disk_path(path: str, must_exist: bool = True) -> None:
+    """Refuse, without opening it, a path that is not a regular file or block device.
+
+    os.stat never blocks on a FIFO, where open(2) would wait for a writer (fifo(7)) and every
+    read would wait for data: a disk on a FIFO hangs before `--timeout` could apply. A missing
+    path is an error only if `must_exist` (an output file that is about to be created is fine).
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        if not must_exist:
+            return
+        raise ImageError(f"{path}: no such file") from None
+    except PermissionError:
+        raise ImageError(f"{path}: permission denied") from None
+    except OSError as exc:
+        raise ImageError(f"{path}: cannot open: {exc.strerror}") from None
+    _require_disk_mode(path, mode)
+
+
 def open_image_fd(path: str, read_only: bool, lock: bool = True) -> int:
-    """Open an image file with one-line ImageErrors for the usual user mistakes, and lock it."""
-    flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
+    """Open an image file with one-line ImageErrors for the usual user mistakes, and lock it.
+
+    The type is checked with os.stat before the open, and the open itself uses O_NONBLOCK, so a
+    FIFO put in place between the two cannot block either; fstat then checks the opened file.
+    """
+    check_disk_path(path)
+    flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC | os.O_NONBLOCK
     try:
         fd = os.open(path, flags)
     except FileNotFoundError:
@@ -37,11 +79,8 @@ def open_image_fd(path: str, read_only: bool, lock: bool = True) -> int:
             raise ImageError(f"{path}: on a read-only file system; open it read-only") from None
         raise ImageError(f"{path}: cannot open: {exc.strerror}") from None
     try:
-        mode = os.fstat(fd).st_mode
-        if stat.S_ISDIR(mode):
-            raise ImageError(f"{path}: is a directory, not a disk image")
-        if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
-            raise ImageError(f"{path}: not a regular file or block device")
+        _require_disk_mode(path, os.fstat(fd).st_mode)
+        os.set_blocking(fd, True)  # O_NONBLOCK was only for the open
         if lock:
             lock_image(fd, path, writable=not read_only)
     except BaseException:

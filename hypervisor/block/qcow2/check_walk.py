@@ -341,20 +341,25 @@ class ReferenceCounter:
         if self.image.header.incompatible_features & fmt.INCOMPAT_DATA_FILE:
             self.corrupt("ERROR compressed cluster in an image with an external data file")
             return
-        if (
-            host_offset < self.image.cluster_size
-            or host_offset >= self.image.file_size  # the reader's rule too; QEMU allows up to a cluster more
-            or host_offset + length
-            > fmt.align_up(self.image.file_size, fmt.COMPRESSED_SECTOR_SIZE) + self.image.cluster_size
-        ):
-            self.corrupt(f"ERROR compressed cluster at 0x{host_offset:x} is outside the image")
-            return
-        if active:
+        if active:  # QEMU counts these before checking where the data is
             self.stats.allocated_clusters += 1
             self.stats.compressed_clusters += 1
             # QEMU counts compressed clusters as fragmented by nature (sector-granular re-reads).
             self.stats.fragmented_clusters += 1
-        self.add_range(host_offset, length)
+        # QEMU counts the whole 512-byte sectors the descriptor names (qcow2.rst "Compressed
+        # Clusters Descriptor") and accepts them ending less than a cluster past the end of the file.
+        first_sector = host_offset & ~(fmt.COMPRESSED_SECTOR_SIZE - 1)
+        span = host_offset + length - first_sector
+        if host_offset < self.image.cluster_size or (
+            host_offset >= self.image.file_size and first_sector + span - self.image.file_size < self.image.cluster_size
+        ):
+            # Stricter than QEMU: data in the header cluster, or starting past the end of the
+            # file, cannot be a compressed cluster (the reader refuses both too).
+            self.corrupt(f"ERROR compressed cluster at 0x{host_offset:x} is outside the image")
+            return
+        if not self._inside_file(first_sector, span):
+            return
+        self.add_range(first_sector, span)
 
     def _count_snapshots(self) -> None:
         header = self.image.header

@@ -22,6 +22,8 @@ SUPPORTED_VERSIONS = (2, 3)
 HEADER_V2_LENGTH = 72  # "For version 2, the header is exactly 72 bytes"
 HEADER_V3_MIN_LENGTH = 104  # "For version 3 ... at least 104 bytes"
 HEADER_COMPRESSION_TYPE_OFFSET = 104  # "Additional fields": compression_type at byte 104
+# QEMU keeps a disk's length in 512-byte sectors (block_int.h BDRV_SECTOR_SIZE, total_sectors).
+SECTOR_SIZE = 512
 MAX_BACKING_NAME = 1023  # backing_file_size "Must not be longer than 1023 bytes"
 MIN_CLUSTER_BITS = 9  # "Must not be less than 9 (i.e. 512 byte clusters)"
 MAX_CLUSTER_BITS = 21  # QEMU's implementation limit of 2 MB clusters

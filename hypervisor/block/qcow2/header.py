@@ -121,6 +121,11 @@ def parse_header(buf: bytes, file_size: int, path: str) -> Qcow2Header:
     if v2.version not in fmt.SUPPORTED_VERSIONS:
         raise ImageFormatError(f"{path}: unsupported qcow2 version {v2.version} (pyhv reads 2 and 3)")
     header = Qcow2Header(**{k: v for k, v in v2.items() if k not in ("magic", "_io")})
+    # One virtual-size rule for every reader (info, map, convert, check, the virtio disk): whole
+    # 512-byte sectors, rounded down, as QEMU's qcow2_do_open does (total_sectors = size / 512).
+    # qcow2.rst does not require a multiple of 512; a rewritten header stores the rounded size,
+    # as QEMU's qcow2_update_header does.
+    header.size -= header.size % fmt.SECTOR_SIZE
     if not fmt.MIN_CLUSTER_BITS <= header.cluster_bits <= fmt.MAX_CLUSTER_BITS:
         raise ImageFormatError(
             f"{path}: cluster_bits {header.cluster_bits} outside the supported range "
