@@ -21,6 +21,29 @@ Handled (Intel SDM Vol. 2 instruction pages):
 * EMMS (NP 0F 77): #UD if CR0.EM, #NM if CR0.TS, #MF if an x87 exception is pending; marks every
   x87 register empty (abridged tag word 0, the FXSAVE format KVM_GET_FPU returns).
 
+* INT imm8 (CD ib): the software-interrupt checks that hardware delivery of an external
+  interrupt would not make ("INT n/INTO/INT3/INT1", Operation): vector beyond the IDT limit,
+  a gate type that is not valid in this mode -> #GP(vector * 8 + 2); gate DPL < CPL ->
+  #GP(vector * 8 + 2); gate not present -> #NP(vector * 8 + 2); no error code is pushed for any
+  vector. Then the vector is delivered as an interrupt with RIP past the INT (the caller
+  injects it: KVM_SET_VCPU_EVENTS `interrupt`), so KVM does the stack switch and pushes.
+* RDPRU (0F 01 FD, AMD APM Vol. 3): #UD when the guest's CPUID lacks it (Fn8000_0008 EBX[4]);
+  with the bit set it is not emulated (the APERF/MPERF values are the host's).
+* XGETBV (NP 0F 01 D0): #UD if CPUID lacks XSAVE or CR4.OSXSAVE = 0; #GP(0) for an ECX that
+  names no supported XCR; EDX:EAX = XCR0 for ECX = 0 (XINUSE, ECX = 1, is not emulated).
+* CLWB / CLFLUSHOPT (66 0F AE /6, /7, memory operand): #UD without the CPUID bit; the address
+  checks (non-canonical -> #GP(0), or #SS(0) through SS; an unmapped page is not emulated);
+  then nothing: guest memory is ordinary coherent host memory, and "CLWB ... may retain the
+  line in the cache hierarchy in non-modified state", so writing nothing back is correct.
+* INVPCID (66 0F 38 82 /r): #UD without CPUID.(7,0):EBX[10] or with LOCK or a register operand;
+  #GP(0) at CPL > 0, for a type > 3, descriptor bits 63:12 set, a non-canonical address (type 0),
+  a PCID other than 0 with CR4.PCIDE = 0 (types 0 and 1). Then `flush_tlb`: the caller flushes
+  every TLB entry, a superset of each type.
+* CMPXCHG16B (F0 REX.W 0F C7 /1 m128, 64-bit mode): #UD without CPUID.1:ECX.CX16 or with a
+  register operand; #GP(0) if the operand is not 16-byte aligned or not canonical (#SS(0) via SS);
+  compare RDX:RAX with m128, ZF = equal, store RCX:RBX or load RDX:RAX; the other flags are
+  unchanged. The exchange itself is the caller's `exchange_guest` (atomic on the host mapping).
+
 Deliberately not handled (None): XSAVE/XRSTOR (0F AE /4 /5; the machine boots with `noxsave`),
 FILD and other x87 arithmetic, anything in virtual-8086 mode or with RFLAGS.TF set (the single-step
 trap after the instruction cannot be reproduced faithfully here).
@@ -35,6 +58,8 @@ from dataclasses import dataclass, field
 from hypervisor.errors import HypervisorError
 from hypervisor.vcpu.x86_decode import (
     GPR_NAMES,
+    MAX_INSTRUCTION_LENGTH,
+    REX_W,
     DecodeError,
     MemoryOperand,
     Prefixes,
@@ -56,6 +81,13 @@ RFLAGS_RF = 1 << 16
 RFLAGS_VM = 1 << 17
 RFLAGS_AC = 1 << 18
 
+RFLAGS_IF = 1 << 9
+
+# CR4 bits (SDM Vol. 3 §2.5).
+CR4_LA57 = 1 << 12
+CR4_PCIDE = 1 << 17
+CR4_OSXSAVE = 1 << 18
+
 # CR0 bits (SDM Vol. 3 §2.5).
 CR0_PE = 1 << 0
 CR0_MP = 1 << 1
@@ -71,6 +103,9 @@ FSW_CLEARED_BY_FNCLEX = 0x80FF
 VECTOR_BP = 3
 VECTOR_UD = 6
 VECTOR_NM = 7
+VECTOR_NP = 11
+VECTOR_SS = 12
+VECTOR_GP = 13
 VECTOR_MF = 16
 
 # struct emulation_failure in linux/kvm.h (KVM_EXIT_INTERNAL_ERROR, KVM_INTERNAL_ERROR_EMULATION).
@@ -78,6 +113,13 @@ KVM_INTERNAL_ERROR_EMULATION = 1
 KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES = 1 << 0
 
 ReadGuest = Callable[[int, int], bytes | None]
+# exchange_guest(linear, expected_low, expected_high, desired_low, desired_high) ->
+# (swapped, memory_low, memory_high) as one atomic 16-byte compare-and-exchange, or None when the
+# address is not accessible guest RAM.
+ExchangeGuest = Callable[[int, int, int, int, int], "tuple[bool, int, int] | None"]
+# Guest CPUID as the guest sees it: (leaf, subleaf) -> (eax, ebx, ecx, edx); subleaf 0 for leaves
+# without subleaves.
+GuestCpuid = Mapping[tuple[int, int], tuple[int, int, int, int]]
 
 
 @dataclass
@@ -151,6 +193,11 @@ class CpuState:
     cr0: int
     segment_bases: Mapping[str, int] = field(default_factory=dict)  # "ds", "fs", ... -> base
     x87: X87Status | None = None  # from KVM_GET_FPU; needed only by FWAIT, FNCLEX and EMMS
+    cr4: int = 0
+    idt_base: int | None = None  # linear address of the IDT (sregs.idt); needed only by INT n
+    idt_limit: int = 0
+    cpuid: GuestCpuid | None = None  # None: unknown, so CPUID-dependent instructions are not emulated
+    xcr0: int | None = None  # from KVM_GET_XCRS; needed only by XGETBV
 
 
 def code_bits_from_cs(long_mode_active: bool, cs_l: bool, cs_db: bool) -> int:
@@ -178,6 +225,10 @@ class EmulationResult:
     registers: RegisterFile
     exception: InjectedException | None = None
     x87: X87Status | None = None
+    # INT n: deliver this vector as an interrupt (KVM_SET_VCPU_EVENTS `interrupt`, not soft),
+    # with `registers.rip` already past the instruction, which is INT n's return address.
+    interrupt: int | None = None
+    flush_tlb: bool = False  # INVPCID: flush every TLB entry, global ones included
 
 
 def failure_instruction_bytes(ndata: int, data: Sequence[int]) -> bytes | None:
@@ -192,8 +243,7 @@ def failure_instruction_bytes(ndata: int, data: Sequence[int]) -> bytes | None:
 PAGE_SIZE = 4096
 
 
-def guest_reader(translate: Callable[[int], int | None],
-                 read_physical: Callable[[int, int], bytes]) -> ReadGuest:
+def guest_reader(translate: Callable[[int], int | None], read_physical: Callable[[int, int], bytes]) -> ReadGuest:
     """Build `read_guest` from a linear->physical translation (KVM_TRANSLATE) and a physical
     read (GuestMemory.read). Operands crossing a page boundary are read page by page, since
     the two pages need not be contiguous in physical memory; any failure reads as None."""
@@ -216,25 +266,46 @@ def guest_reader(translate: Callable[[int], int | None],
     return read_guest
 
 
-def emulate(insn: bytes, regs: RegisterFile, cpu: CpuState, read_guest: ReadGuest) -> EmulationResult | None:
+def emulate(
+    insn: bytes, regs: RegisterFile, cpu: CpuState, read_guest: ReadGuest, exchange_guest: ExchangeGuest | None = None
+) -> EmulationResult | None:
     """Emulate the instruction at the start of `insn`, or return None if it is not handled.
 
     `read_guest(linear_address, size)` returns the bytes, or None when they cannot be read.
+    `exchange_guest` does CMPXCHG16B's atomic exchange; without it CMPXCHG16B is not emulated.
     """
     if regs.rflags & (RFLAGS_TF | RFLAGS_VM) or cpu.code_bits not in (16, 32, 64):
         return None
     try:
         prefixes = decode_prefixes(insn, cpu.code_bits)
-        return _dispatch(insn, prefixes, regs, cpu, read_guest)
+        return _dispatch(insn, prefixes, regs, cpu, read_guest, exchange_guest)
     except DecodeError:
         return None
 
 
-def _dispatch(insn: bytes, prefixes: Prefixes, regs: RegisterFile, cpu: CpuState,
-              read_guest: ReadGuest) -> EmulationResult | None:
+def _dispatch(
+    insn: bytes,
+    prefixes: Prefixes,
+    regs: RegisterFile,
+    cpu: CpuState,
+    read_guest: ReadGuest,
+    exchange_guest: ExchangeGuest | None,
+) -> EmulationResult | None:
     at = prefixes.length
     opcode = insn[at : at + 3]
     mandatory = prefixes.operand_size_override or prefixes.rep or prefixes.repne
+    if opcode[:1] == b"\xcd":
+        return _int_n(insn, prefixes, regs, cpu, read_guest)
+    if opcode[:3] == b"\x0f\x01\xfd":
+        return None if mandatory else _rdpru(prefixes, regs, cpu)
+    if opcode[:3] == b"\x0f\x01\xd0":
+        return None if mandatory else _xgetbv(prefixes, regs, cpu)
+    if opcode[:2] == b"\x0f\xae" and prefixes.operand_size_override and not (prefixes.rep or prefixes.repne):
+        return _cache_line_write_back(insn, prefixes, regs, cpu, read_guest)
+    if opcode[:3] == b"\x0f\x38\x82" and prefixes.operand_size_override and not (prefixes.rep or prefixes.repne):
+        return _invpcid(insn, prefixes, regs, cpu, read_guest)
+    if opcode[:2] == b"\x0f\xc7" and cpu.code_bits == 64 and prefixes.rex & REX_W:
+        return _cmpxchg16b(insn, prefixes, regs, cpu, exchange_guest)
     if opcode[:1] == b"\xcc":
         return _int3(prefixes, regs, cpu)
     if opcode[:1] == b"\x9b":
@@ -270,8 +341,7 @@ def _int3(prefixes: Prefixes, regs: RegisterFile, cpu: CpuState) -> EmulationRes
         return _fault("int3", length, regs, VECTOR_UD)
     if cpu.cpl != 0:
         return None  # the IDT gate's DPL decides between #BP and #GP; not known here
-    return EmulationResult("int3", length, _advance(regs, length, cpu),
-                           InjectedException(VECTOR_BP, software=True))
+    return EmulationResult("int3", length, _advance(regs, length, cpu), InjectedException(VECTOR_BP, software=True))
 
 
 def _clac_stac(set_ac: bool, prefixes: Prefixes, regs: RegisterFile, cpu: CpuState) -> EmulationResult:
@@ -319,12 +389,12 @@ def _emms(prefixes: Prefixes, regs: RegisterFile, cpu: CpuState) -> EmulationRes
         return None
     if cpu.x87.fsw & FSW_ERROR_SUMMARY:
         return _fault("emms", length, regs, VECTOR_MF) if cpu.cr0 & CR0_NE else None
-    return EmulationResult("emms", length, _advance(regs, length, cpu),
-                           x87=dataclasses.replace(cpu.x87, ftw=0))
+    return EmulationResult("emms", length, _advance(regs, length, cpu), x87=dataclasses.replace(cpu.x87, ftw=0))
 
 
-def _popcnt(insn: bytes, prefixes: Prefixes, regs: RegisterFile, cpu: CpuState,
-            read_guest: ReadGuest) -> EmulationResult | None:
+def _popcnt(
+    insn: bytes, prefixes: Prefixes, regs: RegisterFile, cpu: CpuState, read_guest: ReadGuest
+) -> EmulationResult | None:
     size = operand_bits(prefixes, cpu.code_bits)
     addressing = address_bits(prefixes, cpu.code_bits)
     modrm = decode_modrm(insn, prefixes.length + 2, addressing, prefixes.rex, cpu.code_bits)
@@ -356,8 +426,9 @@ def _popcnt(insn: bytes, prefixes: Prefixes, regs: RegisterFile, cpu: CpuState,
     return EmulationResult("popcnt", length, new)
 
 
-def _linear_address(memory: MemoryOperand, prefixes: Prefixes, regs: RegisterFile, cpu: CpuState,
-                    addressing: int, length: int) -> int | None:
+def _linear_address(
+    memory: MemoryOperand, prefixes: Prefixes, regs: RegisterFile, cpu: CpuState, addressing: int, length: int
+) -> int | None:
     """Effective address (SDM Vol. 1 §3.7.5) plus the segment base; None if a base is unknown.
     Segment limits are not checked: outside 64-bit mode this relies on flat segments."""
     address_mask = (1 << addressing) - 1
@@ -377,3 +448,245 @@ def _linear_address(memory: MemoryOperand, prefixes: Prefixes, regs: RegisterFil
         return None if base is None else (base + effective) & (1 << 64) - 1
     base = cpu.segment_bases.get(segment)
     return None if base is None else (base + effective) & 0xFFFFFFFF
+
+
+# Register numbers (ModRM order) and positions in a CPUID (eax, ebx, ecx, edx) tuple.
+RAX, RCX, RDX, RBX = 0, 1, 2, 3
+EAX_OUT, EBX_OUT, ECX_OUT, EDX_OUT = 0, 1, 2, 3
+
+# Gate types of IDT descriptors (SDM Vol. 3 §3.5 Table 3-2; in IA-32e mode only 64-bit interrupt
+# and trap gates, §6.14.1).
+GATE_TASK, GATE_INTERRUPT_16, GATE_TRAP_16, GATE_INTERRUPT_32, GATE_TRAP_32 = 0x5, 0x6, 0x7, 0xE, 0xF
+LEGACY_GATE_TYPES = frozenset({GATE_TASK, GATE_INTERRUPT_16, GATE_TRAP_16, GATE_INTERRUPT_32, GATE_TRAP_32})
+LONG_MODE_GATE_TYPES = frozenset({GATE_INTERRUPT_32, GATE_TRAP_32})
+ERROR_CODE_IDT = 1 << 1  # error-code bit 1: the index refers to the IDT (SDM Vol. 3 §6.13)
+REAL_MODE_VECTOR_SIZE = 4  # an IVT entry is offset:segment, 16 bits each (SDM Vol. 3 §20.1.4)
+
+INVPCID_INDIVIDUAL_ADDRESS, INVPCID_SINGLE_CONTEXT = 0, 1
+INVPCID_LAST_TYPE = 3  # 2: all contexts with globals, 3: all contexts without globals
+
+
+def _cpuid_bit(cpu: CpuState, leaf: int, subleaf: int, register: int, bit: int) -> bool | None:
+    """Whether the guest's CPUID (not the host's) has the bit; None if the CPUID is not known.
+    A leaf the guest does not have reads as zeros, so its features are absent."""
+    if cpu.cpuid is None:
+        return None
+    values = cpu.cpuid.get((leaf, subleaf))
+    return values is not None and bool(values[register] >> bit & 1)
+
+
+def _canonical(address: int, cpu: CpuState) -> bool:
+    """Bits 63 down to the top implemented bit (47, or 56 with 5-level paging) are all equal
+    (SDM Vol. 1 §3.3.7.1)."""
+    bits = 57 if cpu.cr4 & CR4_LA57 else 48
+    top = address >> (bits - 1)
+    return top in (0, (1 << (65 - bits)) - 1)
+
+
+def _fault_with_code(
+    mnemonic: str, length: int, regs: RegisterFile, cpu: CpuState, vector: int, error_code: int = 0
+) -> EmulationResult:
+    """A fault that pushes an error code in protected mode; real mode pushes none (SDM Vol. 3
+    §20.1.4: exceptions in real-address mode have no error code)."""
+    code = error_code if cpu.cr0 & CR0_PE else None
+    return EmulationResult(mnemonic, length, regs.copy(), InjectedException(vector, code))
+
+
+def _address_fault(linear: int, memory: MemoryOperand, prefixes: Prefixes, cpu: CpuState) -> int | None:
+    """The vector for a memory operand at a non-canonical address in 64-bit mode: #SS when it is
+    reached through SS, #GP otherwise (the "64-Bit Mode Exceptions" of each instruction page);
+    None when the address may be used. Segment limits outside 64-bit mode are not checked
+    (flat segments, see `_linear_address`)."""
+    if cpu.code_bits == 64 and not _canonical(linear, cpu):
+        return VECTOR_SS if (prefixes.segment or memory.default_segment) == "ss" else VECTOR_GP
+    return None
+
+
+def _int_n(
+    insn: bytes, prefixes: Prefixes, regs: RegisterFile, cpu: CpuState, read_guest: ReadGuest
+) -> EmulationResult | None:
+    """INT imm8 ("INT n/INTO/INT3/INT1", Operation, for INT n). What differs from an external
+    interrupt is checked here; the delivery itself (stack switch, pushes, gate's CS:RIP, IF for
+    interrupt gates) is KVM's, so it is exactly what the hardware path does."""
+    length = prefixes.length + 2
+    if len(insn) < length:
+        return None
+    vector = insn[length - 1]
+    if prefixes.lock:
+        return _fault("int", length, regs, VECTOR_UD)
+    if cpu.idt_base is None:
+        return None
+    if not cpu.cr0 & CR0_PE:  # real mode: "IF ((vector_number « 2) + 3) is not within IDT limit"
+        if vector * REAL_MODE_VECTOR_SIZE + REAL_MODE_VECTOR_SIZE - 1 > cpu.idt_limit:
+            return _fault("int", length, regs, VECTOR_GP)
+        return EmulationResult("int", length, _advance(regs, length, cpu), interrupt=vector)
+    entry_size = 16 if cpu.code_bits == 64 else 8
+    idt_error = vector * 8 + ERROR_CODE_IDT  # EXT = 0: INT n is not an external event
+    if vector * entry_size + entry_size - 1 > cpu.idt_limit:
+        return _fault_with_code("int", length, regs, cpu, VECTOR_GP, idt_error)
+    gate_bytes = read_guest((cpu.idt_base + vector * entry_size) & (1 << 64) - 1, 8)
+    if gate_bytes is None or len(gate_bytes) != 8:
+        return None  # the IDT is not readable: a #PF during delivery, not modelled
+    gate = int.from_bytes(gate_bytes, "little")
+    gate_type, system, dpl, present = gate >> 40 & 0xF, gate >> 44 & 1, gate >> 45 & 3, gate >> 47 & 1
+    valid = LONG_MODE_GATE_TYPES if cpu.code_bits == 64 else LEGACY_GATE_TYPES
+    if system or gate_type not in valid:
+        return _fault_with_code("int", length, regs, cpu, VECTOR_GP, idt_error)
+    if dpl < cpu.cpl:  # only for software interrupts: user code may not call kernel-only gates
+        return _fault_with_code("int", length, regs, cpu, VECTOR_GP, idt_error)
+    if not present:
+        return _fault_with_code("int", length, regs, cpu, VECTOR_NP, idt_error)
+    # No error code for any vector, 8 and 10-14 and 17 included: the SDM's INT n pushes none.
+    return EmulationResult("int", length, _advance(regs, length, cpu), interrupt=vector)
+
+
+def _rdpru(prefixes: Prefixes, regs: RegisterFile, cpu: CpuState) -> EmulationResult | None:
+    """RDPRU (AMD APM Vol. 3): #UD unless CPUID Fn8000_0008 EBX[4] offers it."""
+    length = prefixes.length + 3
+    if prefixes.lock:
+        return _fault("rdpru", length, regs, VECTOR_UD)
+    offered = _cpuid_bit(cpu, 0x80000008, 0, EBX_OUT, 4)
+    if offered is None:
+        return None
+    if not offered:
+        return _fault("rdpru", length, regs, VECTOR_UD)
+    return None  # offered: MPERF/APERF would be the host's counters; not emulated
+
+
+def _xgetbv(prefixes: Prefixes, regs: RegisterFile, cpu: CpuState) -> EmulationResult | None:
+    length = prefixes.length + 3
+    if prefixes.lock:
+        return _fault("xgetbv", length, regs, VECTOR_UD)
+    xsave = _cpuid_bit(cpu, 0x1, 0, ECX_OUT, 26)
+    if xsave is None:
+        return None
+    if not xsave or not cpu.cr4 & CR4_OSXSAVE:
+        return _fault("xgetbv", length, regs, VECTOR_UD)
+    register = regs.rcx & 0xFFFFFFFF
+    if register == 1 and _cpuid_bit(cpu, 0xD, 1, EAX_OUT, 2):
+        return None  # XINUSE (XGETBV with ECX = 1) reports the host's init optimisation: not emulated
+    if register != 0:
+        return _fault_with_code("xgetbv", length, regs, cpu, VECTOR_GP)
+    if cpu.xcr0 is None:
+        return None
+    new = _advance(regs, length, cpu)
+    new.rax, new.rdx = cpu.xcr0 & 0xFFFFFFFF, cpu.xcr0 >> 32 & 0xFFFFFFFF  # 32-bit writes zero-extend
+    return EmulationResult("xgetbv", length, new)
+
+
+def _cache_line_write_back(
+    insn: bytes, prefixes: Prefixes, regs: RegisterFile, cpu: CpuState, read_guest: ReadGuest
+) -> EmulationResult | None:
+    """CLWB (66 0F AE /6) and CLFLUSHOPT (66 0F AE /7) with a memory operand."""
+    addressing = address_bits(prefixes, cpu.code_bits)
+    modrm = decode_modrm(insn, prefixes.length + 2, addressing, prefixes.rex, cpu.code_bits)
+    extension = modrm.reg & 7  # REX.R does not extend an opcode extension
+    if modrm.memory is None or extension not in (6, 7):
+        return None  # register forms are other instructions (TPAUSE, ...)
+    mnemonic, feature_bit = ("clwb", 24) if extension == 6 else ("clflushopt", 23)
+    length = prefixes.length + 2 + modrm.length
+    if length > MAX_INSTRUCTION_LENGTH:
+        return None
+    if prefixes.lock:
+        return _fault(mnemonic, length, regs, VECTOR_UD)
+    offered = _cpuid_bit(cpu, 0x7, 0, EBX_OUT, feature_bit)
+    if offered is None:
+        return None
+    if not offered:
+        return _fault(mnemonic, length, regs, VECTOR_UD)
+    linear = _linear_address(modrm.memory, prefixes, regs, cpu, addressing, length)
+    if linear is None:
+        return None
+    fault = _address_fault(linear, modrm.memory, prefixes, cpu)
+    if fault is not None:
+        return _fault_with_code(mnemonic, length, regs, cpu, fault)
+    if read_guest(linear, 1) is None:
+        return None  # the CPU would raise #PF (or the line is not RAM): not modelled
+    return EmulationResult(mnemonic, length, _advance(regs, length, cpu))
+
+
+def _invpcid(
+    insn: bytes, prefixes: Prefixes, regs: RegisterFile, cpu: CpuState, read_guest: ReadGuest
+) -> EmulationResult | None:
+    addressing = address_bits(prefixes, cpu.code_bits)
+    modrm = decode_modrm(insn, prefixes.length + 3, addressing, prefixes.rex, cpu.code_bits)
+    length = prefixes.length + 3 + modrm.length
+    if length > MAX_INSTRUCTION_LENGTH:
+        return None
+    if prefixes.lock or modrm.memory is None:
+        return _fault("invpcid", length, regs, VECTOR_UD)
+    offered = _cpuid_bit(cpu, 0x7, 0, EBX_OUT, 10)
+    if offered is None:
+        return None
+    if not offered:
+        return _fault("invpcid", length, regs, VECTOR_UD)
+    if cpu.cr0 & CR0_PE and cpu.cpl > 0:
+        return _fault_with_code("invpcid", length, regs, cpu, VECTOR_GP)
+    # The type register is 64 bits in 64-bit mode whatever REX.W says, 32 bits elsewhere.
+    invalidation_type = regs.gpr(modrm.reg) if cpu.code_bits == 64 else regs.gpr(modrm.reg) & 0xFFFFFFFF
+    linear = _linear_address(modrm.memory, prefixes, regs, cpu, addressing, length)
+    if linear is None:
+        return None
+    fault = _address_fault(linear, modrm.memory, prefixes, cpu)
+    if fault is not None:
+        return _fault_with_code("invpcid", length, regs, cpu, fault)
+    if invalidation_type > INVPCID_LAST_TYPE:
+        return _fault_with_code("invpcid", length, regs, cpu, VECTOR_GP)
+    descriptor = read_guest(linear, 16)
+    if descriptor is None or len(descriptor) != 16:
+        return None  # #PF on the descriptor: not modelled
+    low, address = int.from_bytes(descriptor[:8], "little"), int.from_bytes(descriptor[8:], "little")
+    pcid = low & 0xFFF
+    invalid = (
+        low >> 12 != 0  # bits 63:12 of the descriptor are reserved
+        or (invalidation_type == INVPCID_INDIVIDUAL_ADDRESS and not _canonical(address, cpu))
+        or (
+            invalidation_type in (INVPCID_INDIVIDUAL_ADDRESS, INVPCID_SINGLE_CONTEXT)
+            and pcid != 0
+            and not cpu.cr4 & CR4_PCIDE
+        )
+    )
+    if invalid:
+        return _fault_with_code("invpcid", length, regs, cpu, VECTOR_GP)
+    return EmulationResult("invpcid", length, _advance(regs, length, cpu), flush_tlb=True)
+
+
+def _cmpxchg16b(
+    insn: bytes, prefixes: Prefixes, regs: RegisterFile, cpu: CpuState, exchange_guest: ExchangeGuest | None
+) -> EmulationResult | None:
+    """CMPXCHG16B m128 ("CMPXCHG8B/CMPXCHG16B"); with or without LOCK it is done atomically."""
+    addressing = address_bits(prefixes, cpu.code_bits)
+    modrm = decode_modrm(insn, prefixes.length + 2, addressing, prefixes.rex, cpu.code_bits)
+    if modrm.reg & 7 != 1:
+        return None  # 0F C7 /6 /7 are RDRAND, RDSEED, ...: not emulated
+    length = prefixes.length + 2 + modrm.length
+    if length > MAX_INSTRUCTION_LENGTH:
+        return None
+    if modrm.memory is None:
+        return _fault("cmpxchg16b", length, regs, VECTOR_UD)
+    offered = _cpuid_bit(cpu, 0x1, 0, ECX_OUT, 13)
+    if offered is None:
+        return None
+    if not offered:
+        return _fault("cmpxchg16b", length, regs, VECTOR_UD)
+    linear = _linear_address(modrm.memory, prefixes, regs, cpu, addressing, length)
+    if linear is None:
+        return None
+    fault = _address_fault(linear, modrm.memory, prefixes, cpu)
+    if fault is not None:
+        return _fault_with_code("cmpxchg16b", length, regs, cpu, fault)
+    if linear % 16:
+        return _fault_with_code("cmpxchg16b", length, regs, cpu, VECTOR_GP)
+    if exchange_guest is None:
+        return None
+    outcome = exchange_guest(linear, regs.rax, regs.rdx, regs.rbx, regs.rcx)
+    if outcome is None:
+        return None  # not guest RAM, or the page is not mapped (#PF): not modelled
+    swapped, memory_low, memory_high = outcome
+    new = _advance(regs, length, cpu)
+    if swapped:
+        new.rflags |= RFLAGS_ZF
+    else:
+        new.rflags &= ~RFLAGS_ZF
+        new.rax, new.rdx = memory_low, memory_high
+    return EmulationResult("cmpxchg16b", length, new)

@@ -1,25 +1,110 @@
 """Emulating, on KVM_EXIT_INTERNAL_ERROR, the instructions kvm_pvm's emulator rejects.
 
 On kvm_pvm hosts guest kernel code runs in KVM's instruction emulator, which gives up on a few
-instructions Linux uses at CPL0 (shared/PLATFORM.md: int3, clac/stac, popcnt, fwait, ...). The
-exit carries the instruction bytes; with the vCPU's registers and guest memory pyhv emulates
-them itself (hypervisor.vcpu.emulate), so users' own kernels boot without command-line
-workarounds. On hardware virtualization these exits do not happen.
+instructions Linux uses at CPL0 (shared/PLATFORM.md: int3, clac/stac, popcnt, fwait, int imm8,
+invpcid, xgetbv, clwb, lock cmpxchg16b, rdpru...). The exit carries the instruction bytes; with
+the vCPU's registers and guest memory pyhv emulates them itself (hypervisor.vcpu.emulate), so
+users' own kernels boot without command-line workarounds. On hardware virtualization these exits
+do not happen.
+
+This module is the glue: it reads the vCPU state `emulate()` needs (registers, sregs, FPU, the
+guest's CPUID, XCR0), gives it guest-memory access (reads, and CMPXCHG16B's atomic exchange on
+the host mapping), and applies the result: registers, x87 state, a TLB flush, an injected
+exception or interrupt.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+from hypervisor.errors import HypervisorError, KvmError
+from hypervisor.kvm.ffi import ffi, ioctl, lib
 
 if TYPE_CHECKING:
     from hypervisor.kvm import Vcpu
     from hypervisor.memory import GuestMemory
+    from hypervisor.vcpu.emulate import GuestCpuid
 
 log = logging.getLogger(__name__)
 
 EFER_LMA = 1 << 10  # SDM vol. 3A §2.2.1
 CR0_PE = 1 << 0
+CR4_PGE = 1 << 7
+CPUID_FLAG_SIGNIFICANT_INDEX = 1  # struct kvm_cpuid_entry2 flags (linux/kvm.h)
+# KVM_GET_CPUID2 fails with E2BIG below the vCPU's entry count; KVM allows at most 256 entries
+# (KVM_MAX_CPUID_ENTRIES in arch/x86/include/asm/kvm_host.h).
+CPUID_ENTRIES = 256
+XCR_XFEATURE_ENABLED_MASK = 0  # XCR0 (SDM Vol. 1 §13.3)
+
+
+def guest_cpuid_map(entries: Any, count: int) -> GuestCpuid:
+    """(leaf, subleaf) -> (eax, ebx, ecx, edx) from `struct kvm_cpuid_entry2` records; a leaf
+    without significant subleaves is filed under subleaf 0."""
+    table: dict[tuple[int, int], tuple[int, int, int, int]] = {}
+    for slot in range(count):
+        entry = entries[slot]
+        index = int(entry.index) if entry.flags & CPUID_FLAG_SIGNIFICANT_INDEX else 0
+        table[(int(entry.function), index)] = (int(entry.eax), int(entry.ebx), int(entry.ecx), int(entry.edx))
+    return table
+
+
+def read_guest_cpuid(vcpu: Vcpu) -> GuestCpuid | None:
+    """The CPUID this vCPU's guest sees (KVM_GET_CPUID2), or None if KVM cannot say."""
+    if not hasattr(lib, "KVM_GET_CPUID2"):
+        return None
+    cpuid = ffi.new("struct kvm_cpuid2 *", {"nent": CPUID_ENTRIES, "entries": CPUID_ENTRIES})
+    try:
+        ioctl(vcpu.fd, "KVM_GET_CPUID2", cpuid)
+    except KvmError as error:
+        log.debug("KVM_GET_CPUID2 failed (%s): CPUID-dependent instructions are not emulated", error)
+        return None
+    return guest_cpuid_map(cpuid.entries, int(cpuid.nent))
+
+
+def read_xcr0(vcpu: Vcpu) -> int | None:
+    """XCR0 (KVM_GET_XCRS), or None where KVM has no XCRs (api.rst: needs KVM_CAP_XCRS)."""
+    if not hasattr(lib, "KVM_GET_XCRS"):
+        return None
+    xcrs = ffi.new("struct kvm_xcrs *")
+    try:
+        ioctl(vcpu.fd, "KVM_GET_XCRS", xcrs)
+    except KvmError:
+        return None
+    for slot in range(int(xcrs.nr_xcrs)):
+        if xcrs.xcrs[slot].xcr == XCR_XFEATURE_ENABLED_MASK:
+            return int(xcrs.xcrs[slot].value)
+    return None
+
+
+def inject_interrupt(vcpu: Vcpu, vector: int) -> None:
+    """Deliver `vector` as an interrupt at the next entry (api.rst KVM_SET_VCPU_EVENTS,
+    `interrupt.injected`). Not `soft`: the RIP is already past the INT n, and KVM's soft
+    injection would add the instruction length again on some hosts (VMX's VM-entry instruction
+    length, SVM's next_rip). Tried on kvm_pvm: the handler runs and IRET returns after the INT."""
+    events = ffi.new("struct kvm_vcpu_events *")
+    ioctl(vcpu.fd, "KVM_GET_VCPU_EVENTS", events)
+    events.interrupt.injected = 1
+    events.interrupt.nr = vector
+    events.interrupt.soft = 0
+    events.flags = 0
+    ioctl(vcpu.fd, "KVM_SET_VCPU_EVENTS", events)
+
+
+def flush_guest_tlb(vcpu: Vcpu) -> None:
+    """Flush every guest TLB entry, global ones and every PCID included.
+
+    Writing CR4 with PGE changed "invalidates all TLB entries (including global entries) and all
+    entries in all paging-structure caches (for all PCIDs)" (SDM Vol. 3 §4.10.4.1), so KVM must
+    drop its translations when CR4.PGE flips (KVM_SET_SREGS resets the vCPU's MMU context on a
+    CR4 change). Flipping it and flipping it back is a superset of every INVPCID type, each of
+    which invalidates a subset of those entries; the guest's CR4 ends as it was."""
+    sregs = vcpu.get_sregs()
+    original = sregs.cr4
+    sregs.cr4 = original ^ CR4_PGE
+    vcpu.set_sregs(sregs)
+    sregs.cr4 = original
+    vcpu.set_sregs(sregs)
 
 
 class PvmEmulator:
@@ -28,11 +113,34 @@ class PvmEmulator:
     def __init__(self, memory: GuestMemory) -> None:
         self.memory = memory
         self.counts: dict[str, int] = {}
+        self._cpuid: dict[int, GuestCpuid | None] = {}  # per vCPU id: CPUID is fixed once set
+
+    def _exchange_guest(self, vcpu: Vcpu) -> Any:
+        """CMPXCHG16B's atomic exchange on the host mapping of guest RAM, through the C helper
+        (other vCPUs run on the same memory at the same time, so Python cannot do it)."""
+
+        def exchange(
+            linear: int, expected_low: int, expected_high: int, desired_low: int, desired_high: int
+        ) -> tuple[bool, int, int] | None:
+            physical = vcpu.translate(linear)
+            if physical is None or not hasattr(lib, "pyhv_cmpxchg16b"):
+                return None
+            try:
+                host = self.memory.view(physical, 16)  # aligned: never crosses a page or region
+            except HypervisorError:
+                return None
+            expected = ffi.new("uint64_t[2]", [expected_low, expected_high])
+            swapped = lib.pyhv_cmpxchg16b(ffi.from_buffer(host), expected, desired_low, desired_high)
+            return bool(swapped), int(expected[0]), int(expected[1])
+
+        return exchange
 
     def __call__(self, vcpu: Vcpu, instruction: bytes) -> bool:
         # The decoder is loaded on the first emulation only: most guests never need it.
         from hypervisor.vcpu.emulate import CpuState, RegisterFile, X87Status, code_bits_from_cs, emulate, guest_reader
 
+        if vcpu.id not in self._cpuid:
+            self._cpuid[vcpu.id] = read_guest_cpuid(vcpu)
         sregs = vcpu.get_sregs()
         fpu = vcpu.get_fpu()
         cpu = CpuState(
@@ -41,9 +149,18 @@ class PvmEmulator:
             cr0=sregs.cr0,
             segment_bases={name: getattr(sregs, name).base for name in ("cs", "ds", "es", "ss", "fs", "gs")},
             x87=X87Status(fsw=fpu.fsw, ftw=fpu.ftwx),
+            cr4=sregs.cr4,
+            idt_base=sregs.idt.base,
+            idt_limit=sregs.idt.limit,
+            cpuid=self._cpuid[vcpu.id],
+            xcr0=read_xcr0(vcpu),
         )
         result = emulate(
-            instruction, RegisterFile.from_mapping(vcpu.get_regs()), cpu, guest_reader(vcpu.translate, self.memory.read)
+            instruction,
+            RegisterFile.from_mapping(vcpu.get_regs()),
+            cpu,
+            guest_reader(vcpu.translate, self.memory.read),
+            self._exchange_guest(vcpu),
         )
         if result is None:
             return False
@@ -51,8 +168,12 @@ class PvmEmulator:
             fpu.fsw, fpu.ftwx = result.x87.fsw, result.x87.ftw
             vcpu.set_fpu_state(fpu)
         vcpu.set_regs(**result.registers.as_dict())
+        if result.flush_tlb:
+            flush_guest_tlb(vcpu)
         if result.exception is not None:
             vcpu.inject_exception(result.exception.vector, result.exception.error_code)
+        elif result.interrupt is not None:
+            inject_interrupt(vcpu, result.interrupt)
         self.counts[result.mnemonic] = self.counts.get(result.mnemonic, 0) + 1
         if self.counts[result.mnemonic] == 1:
             log.info("emulating %s for the guest (KVM's emulator cannot run it on this host)", result.mnemonic)

@@ -14,8 +14,24 @@ from dataclasses import dataclass
 MAX_INSTRUCTION_LENGTH = 15  # SDM Vol. 2 §2.1: longer instructions raise #GP
 
 # General-purpose register numbers as encoded in ModRM/SIB (with REX.R/X/B as bit 3).
-GPR_NAMES = ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi",
-             "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")
+GPR_NAMES = (
+    "rax",
+    "rcx",
+    "rdx",
+    "rbx",
+    "rsp",
+    "rbp",
+    "rsi",
+    "rdi",
+    "r8",
+    "r9",
+    "r10",
+    "r11",
+    "r12",
+    "r13",
+    "r14",
+    "r15",
+)
 RSP, RBP, RSI, RDI, RBX = 4, 5, 6, 7, 3
 
 # Legacy prefixes (SDM Vol. 2 §2.1.1).
@@ -134,8 +150,16 @@ def _take(code: bytes, position: int, size: int) -> int:
 
 
 # 16-bit addressing (SDM Vol. 2 Table 2-1): rm -> (base, index).
-_ADDRESSING_16 = {0: (RBX, RSI), 1: (RBX, RDI), 2: (RBP, RSI), 3: (RBP, RDI),
-                  4: (RSI, None), 5: (RDI, None), 6: (RBP, None), 7: (RBX, None)}
+_ADDRESSING_16 = {
+    0: (RBX, RSI),
+    1: (RBX, RDI),
+    2: (RBP, RSI),
+    3: (RBP, RDI),
+    4: (RSI, None),
+    5: (RDI, None),
+    6: (RBP, None),
+    7: (RBX, None),
+}
 
 
 def decode_modrm(code: bytes, position: int, address_size: int, rex: int, code_bits: int) -> ModRM:
@@ -172,8 +196,7 @@ def _decode_memory_16(code: bytes, position: int, mod: int, reg: int, rm: int) -
     return ModRM(mod, reg, None, MemoryOperand(base, index, 1, displacement, False, segment), length)
 
 
-def _decode_memory_32_64(code: bytes, position: int, mod: int, reg: int, rm: int,
-                         rex: int, long_mode: bool) -> ModRM:
+def _decode_memory_32_64(code: bytes, position: int, mod: int, reg: int, rm: int, rex: int, long_mode: bool) -> ModRM:
     length = 1
     base: int | None
     index: int | None = None
@@ -190,8 +213,7 @@ def _decode_memory_32_64(code: bytes, position: int, mod: int, reg: int, rm: int
         if sib & 7 == 5 and mod == 0:  # no base, disp32 (also with REX.B: Table 2-5)
             displacement = _signed(_take(code, position + length, 4), 32)
             length += 4
-            return ModRM(mod, reg, None, MemoryOperand(None, index, scale, displacement, False, "ds"),
-                         length)
+            return ModRM(mod, reg, None, MemoryOperand(None, index, scale, displacement, False, "ds"), length)
     elif rm == 5 and mod == 0:  # disp32; RIP-relative in 64-bit mode (§2.2.1.6), also with REX.B
         displacement = _signed(_take(code, position + 1, 4), 32)
         rip_relative = long_mode
@@ -206,6 +228,4 @@ def _decode_memory_32_64(code: bytes, position: int, mod: int, reg: int, rm: int
         displacement = _signed(_take(code, position + length, 4), 32)
         length += 4
     segment = "ss" if base in (RSP, RBP) else "ds"
-    return ModRM(mod, reg, None, MemoryOperand(base, index, scale, displacement, rip_relative, segment),
-                 length)
-
+    return ModRM(mod, reg, None, MemoryOperand(base, index, scale, displacement, rip_relative, segment), length)

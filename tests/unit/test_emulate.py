@@ -220,8 +220,7 @@ def test_popcnt_zero_sets_only_zf() -> None:
 def test_popcnt_rex_extended_registers() -> None:
     result = emulate(bytes.fromhex("f34d0fb8d1"), regs(r9=0xFF00FF00FF00FF00), LONG_MODE, no_memory)
     assert result is not None and result.registers.r10 == 32  # popcnt %r9,%r10
-    result = emulate(bytes.fromhex("f3410fb8d7"), regs(r15=0xFFFFFFFF0000000F, rdx=MASK64), LONG_MODE,
-                     no_memory)
+    result = emulate(bytes.fromhex("f3410fb8d7"), regs(r15=0xFFFFFFFF0000000F, rdx=MASK64), LONG_MODE, no_memory)
     assert result is not None and result.registers.rdx == 4  # popcnt %r15d,%edx
 
 
@@ -231,8 +230,7 @@ MEMORY_FORMS_64 = [
     ("popcnt 0x10(%rbp),%rsi", "f3480fb87510", {"rbp": 0x5000}, 0x5010, 8, "rsi"),
     ("popcnt (%rsp),%edi", "f30fb83c24", {"rsp": 0x7000}, 0x7000, 4, "rdi"),
     ("popcnt -0x8(%rsp),%rdx", "f3480fb85424f8", {"rsp": 0x7008}, 0x7000, 8, "rdx"),
-    ("popcnt 0x12345678(%rbx,%rcx,8),%eax", "f30fb884cb78563412", {"rbx": 0x1000, "rcx": 2},
-     0x12346688, 4, "rax"),
+    ("popcnt 0x12345678(%rbx,%rcx,8),%eax", "f30fb884cb78563412", {"rbx": 0x1000, "rcx": 2}, 0x12346688, 4, "rax"),
     ("popcnt 0x40(,%rdx,4),%eax", "f30fb8049540000000", {"rdx": 0x10}, 0x80, 4, "rax"),
     ("popcnt (%r12,%r12,2),%r8", "f34f0fb80464", {"r12": 0x100}, 0x300, 8, "r8"),
     ("popcnt 0x0(%r13),%eax", "f3410fb84500", {"r13": 0x9000}, 0x9000, 4, "rax"),
@@ -244,10 +242,12 @@ MEMORY_FORMS_64 = [
 ]
 
 
-@pytest.mark.parametrize("assembly,encoding,registers,address,size,destination", MEMORY_FORMS_64,
-                         ids=[form[0] for form in MEMORY_FORMS_64])
-def test_popcnt_memory_forms_64(assembly: str, encoding: str, registers: dict[str, int], address: int,
-                                size: int, destination: str) -> None:
+@pytest.mark.parametrize(
+    "assembly,encoding,registers,address,size,destination", MEMORY_FORMS_64, ids=[form[0] for form in MEMORY_FORMS_64]
+)
+def test_popcnt_memory_forms_64(
+    assembly: str, encoding: str, registers: dict[str, int], address: int, size: int, destination: str
+) -> None:
     value = 0xF0F0_F0F0_F0F0_F0F1
     memory = FakeMemory({address: value.to_bytes(8, "little")})
     result = emulate(bytes.fromhex(encoding) + b"\x90" * 4, regs(**registers), LONG_MODE, memory)
@@ -289,8 +289,14 @@ def test_popcnt_32_bit_mode_forms() -> None:
 
 def test_popcnt_16_bit_addressing() -> None:
     cpu = CpuState(code_bits=16, cpl=0, cr0=0, segment_bases={"ds": 0x10000, "ss": 0x20000})
-    memory = FakeMemory({0x10000 + 0x30: b"\x07\x00", 0x10000 + 0x1234: b"\xff\x00",
-                         0x20000 + 0x102: b"\x01\x80", 0x10000 + 0x40: b"\xff\xff\xff\xff"})
+    memory = FakeMemory(
+        {
+            0x10000 + 0x30: b"\x07\x00",
+            0x10000 + 0x1234: b"\xff\x00",
+            0x20000 + 0x102: b"\x01\x80",
+            0x10000 + 0x40: b"\xff\xff\xff\xff",
+        }
+    )
     result = emulate(bytes.fromhex("f30fb84010"), regs(rbx=0x10, rsi=0x10), cpu, memory)
     assert result is not None and result.registers.rax & 0xFFFF == 3  # popcnt 0x10(%bx,%si),%ax
     result = emulate(bytes.fromhex("f30fb80e3412"), regs(), cpu, memory)  # popcnt 0x1234,%cx
@@ -317,18 +323,21 @@ def test_rex_before_legacy_prefix_is_ignored() -> None:
 # ----------------------------------------------------------------------------- refusals
 
 
-@pytest.mark.parametrize("encoding", [
-    "0fae20",  # xsave (%rax)
-    "0fae28",  # xrstor (%rax)
-    "db00",  # fildl (%rax)
-    "90",  # nop: KVM's business, not ours
-    "0f0b",  # ud2
-    "",  # no bytes at all
-    "f3",  # truncated after a prefix
-    "f30fb8",  # truncated before ModRM
-    "f30fb884cb7856",  # truncated displacement
-    "66" * 14 + "f30fb8c1",  # longer than 15 bytes
-])
+@pytest.mark.parametrize(
+    "encoding",
+    [
+        "0fae20",  # xsave (%rax)
+        "0fae28",  # xrstor (%rax)
+        "db00",  # fildl (%rax)
+        "90",  # nop: KVM's business, not ours
+        "0f0b",  # ud2
+        "",  # no bytes at all
+        "f3",  # truncated after a prefix
+        "f30fb8",  # truncated before ModRM
+        "f30fb884cb7856",  # truncated displacement
+        "66" * 14 + "f30fb8c1",  # longer than 15 bytes
+    ],
+)
 def test_unknown_or_malformed_bytes_are_not_emulated(encoding: str) -> None:
     assert emulate(bytes.fromhex(encoding), regs(), LONG_MODE, no_memory) is None
 
@@ -384,8 +393,28 @@ def test_register_file_kvm_round_trip() -> None:
         pass
 
     source = KvmRegs()
-    for index, name in enumerate(("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp", "r8", "r9",
-                                  "r10", "r11", "r12", "r13", "r14", "r15", "rip", "rflags")):
+    for index, name in enumerate(
+        (
+            "rax",
+            "rbx",
+            "rcx",
+            "rdx",
+            "rsi",
+            "rdi",
+            "rsp",
+            "rbp",
+            "r8",
+            "r9",
+            "r10",
+            "r11",
+            "r12",
+            "r13",
+            "r14",
+            "r15",
+            "rip",
+            "rflags",
+        )
+    ):
         setattr(source, name, index + 1)
     registers = RegisterFile.from_kvm(source)
     assert (registers.rbx, registers.rip, registers.rflags) == (2, 17, 18)
@@ -396,8 +425,10 @@ def test_register_file_kvm_round_trip() -> None:
     assert registers.as_dict() == vars(source)
 
 
-@pytest.mark.skipif(shutil.which("as") is None or shutil.which("objcopy") is None,
-                    reason="GNU as/objcopy (binutils) not installed: no independent encoder")
+@pytest.mark.skipif(
+    shutil.which("as") is None or shutil.which("objcopy") is None,
+    reason="GNU as/objcopy (binutils) not installed: no independent encoder",
+)
 def test_encodings_match_gnu_as(tmp_path: Path) -> None:
     """Every 64-bit memory form above is what GNU as produces for its assembly text."""
     for assembly, encoding, *_ in MEMORY_FORMS_64:
@@ -406,6 +437,5 @@ def test_encodings_match_gnu_as(tmp_path: Path) -> None:
         source, obj, binary = tmp_path / "i.s", tmp_path / "i.o", tmp_path / "i.bin"
         source.write_text(f".code64\n{assembly}\n")
         subprocess.run(["as", "--64", str(source), "-o", str(obj)], check=True, timeout=30)
-        subprocess.run(["objcopy", "-O", "binary", "-j", ".text", str(obj), str(binary)], check=True,
-                       timeout=30)
+        subprocess.run(["objcopy", "-O", "binary", "-j", ".text", str(obj), str(binary)], check=True, timeout=30)
         assert binary.read_bytes().hex() == encoding, assembly
