@@ -24,7 +24,7 @@ from hypervisor.vcpu.runner import VcpuRunner
 from tests.guests.build import GUEST_BASE, MODE_OUT_FOREVER, guest_image
 
 SINK_PORT = 0x80  # the POST-code port, a C sink range in every Machine
-PYTHON_PORT = 0x510
+PYTHON_PORT = 0x520  # a free port (fw_cfg is at 0x510)
 
 
 class CountingDevice:

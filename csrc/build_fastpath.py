@@ -8,6 +8,7 @@ layouts the Python side relies on.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from cffi import FFI
@@ -21,7 +22,9 @@ KVM_SET_TSS_ADDR KVM_SET_IDENTITY_MAP_ADDR KVM_CREATE_IRQCHIP KVM_CREATE_PIT2 KV
 KVM_IRQFD KVM_IOEVENTFD KVM_RUN KVM_GET_REGS KVM_SET_REGS KVM_GET_SREGS KVM_SET_SREGS
 KVM_GET_FPU KVM_SET_FPU KVM_GET_MSRS KVM_SET_MSRS KVM_SET_CPUID2 KVM_GET_LAPIC KVM_SET_LAPIC
 KVM_GET_VCPU_EVENTS KVM_SET_VCPU_EVENTS KVM_SET_GUEST_DEBUG KVM_TRANSLATE KVM_GET_MP_STATE
-KVM_SET_MP_STATE
+KVM_SET_MP_STATE KVM_GET_CPUID2 KVM_GET_XCRS KVM_SET_XCRS KVM_GET_XSAVE KVM_SET_XSAVE
+KVM_GET_DEBUGREGS KVM_SET_DEBUGREGS KVM_GET_IRQCHIP KVM_SET_IRQCHIP KVM_GET_PIT2 KVM_SET_PIT2
+KVM_GET_CLOCK KVM_SET_CLOCK KVM_GET_TSC_KHZ KVM_SET_TSC_KHZ
 """.split()
 
 CONSTANTS = """
@@ -43,11 +46,10 @@ KVM_IRQFD_FLAG_DEASSIGN KVM_PIT_SPEAKER_DUMMY
 KVM_GUESTDBG_ENABLE KVM_GUESTDBG_SINGLESTEP KVM_GUESTDBG_USE_SW_BP KVM_GUESTDBG_USE_HW_BP
 KVM_GUESTDBG_INJECT_DB KVM_GUESTDBG_INJECT_BP
 KVM_MP_STATE_RUNNABLE KVM_MP_STATE_UNINITIALIZED KVM_MP_STATE_INIT_RECEIVED KVM_MP_STATE_HALTED
-KVM_MP_STATE_SIPI_RECEIVED
+KVM_MP_STATE_SIPI_RECEIVED KVM_IRQCHIP_PIC_MASTER KVM_IRQCHIP_PIC_SLAVE KVM_IRQCHIP_IOAPIC
+KVM_CAP_XSAVE KVM_CAP_XCRS KVM_CAP_DEBUGREGS KVM_CAP_ADJUST_CLOCK KVM_CAP_GET_TSC_KHZ KVM_CAP_TSC_CONTROL
+KVM_VCPUEVENT_VALID_NMI_PENDING KVM_VCPUEVENT_VALID_SIPI_VECTOR KVM_VCPUEVENT_VALID_SHADOW
 KVM_NR_INTERRUPTS
-PYHV_MAX_RANGES PYHV_MAX_EXIT_REASONS PYHV_RANGE_PYTHON PYHV_RANGE_SINK
-PYHV_EXIT_PIO_IN PYHV_EXIT_PIO_OUT PYHV_EXIT_MMIO_READ PYHV_EXIT_MMIO_WRITE PYHV_EXIT_KICKED
-PYHV_EXIT_INTERRUPTED PYHV_EXIT_BUDGET PYHV_EXIT_KVM PYHV_EXIT_ERROR
 """.split()
 
 STRUCTS = """
@@ -97,6 +99,21 @@ struct kvm_translation {
     uint8_t valid; uint8_t writeable; uint8_t usermode; ...;
 };
 struct kvm_mp_state { uint32_t mp_state; };
+struct kvm_vcpu_events {
+    struct { uint8_t injected; uint8_t nr; uint8_t has_error_code; uint8_t pending; uint32_t error_code; } exception;
+    struct { uint8_t injected; uint8_t nr; uint8_t soft; uint8_t shadow; } interrupt;
+    struct { uint8_t injected; uint8_t pending; uint8_t masked; uint8_t pad; } nmi;
+    uint32_t sipi_vector; uint32_t flags; ...;
+};
+struct kvm_xcr { uint32_t xcr; uint32_t reserved; uint64_t value; };
+struct kvm_xcrs { uint32_t nr_xcrs; uint32_t flags; struct kvm_xcr xcrs[...]; ...; };
+struct kvm_xsave { uint32_t region[...]; ...; };
+struct kvm_debugregs {
+    unsigned long long db[4]; unsigned long long dr6; unsigned long long dr7; unsigned long long flags; ...;
+};
+struct kvm_irqchip { uint32_t chip_id; ...; };
+struct kvm_pit_state2 { uint32_t flags; ...; };
+struct kvm_clock_data { uint64_t clock; uint32_t flags; ...; };
 struct kvm_debug_exit_arch { uint32_t exception; uint32_t pad; uint64_t pc; uint64_t dr6; uint64_t dr7; };
 struct kvm_run {
     uint8_t request_interrupt_window;
@@ -124,48 +141,97 @@ struct boot_e820_entry { uint64_t addr; uint64_t size; uint32_t type; ...; };
 struct boot_params { struct setup_header hdr; uint8_t e820_entries; ...; };
 """
 
-FASTPATH = """
-struct pyhv_range { uint64_t base; uint64_t size; int32_t device_id; uint32_t action; uint8_t fill; };
-struct pyhv_table { struct pyhv_range ranges[...]; uint32_t count; uint8_t unmapped_fill; };
-struct pyhv_exit {
-    uint32_t kind; uint32_t exit_reason; uint64_t address; uint64_t offset; int32_t device_id;
-    uint32_t size; uint32_t count; int32_t error; uint8_t *data;
-};
-struct pyhv_stats {
-    uint64_t exits_by_reason[...]; uint64_t kvm_run_calls; uint64_t total_exits;
-    uint64_t python_exits; uint64_t pio_sink; uint64_t mmio_sink; uint64_t pio_unmapped_reads;
-    uint64_t pio_unmapped_writes; uint64_t mmio_unmapped_reads; uint64_t mmio_unmapped_writes;
-    uint64_t first_unmapped_pio; uint64_t first_unmapped_mmio; uint64_t kicks; uint64_t eintr;
-    uint64_t eagain;
-};
-struct pyhv_vcpu {
-    int fd; struct kvm_run *run; size_t run_size; struct pyhv_table pio; struct pyhv_table mmio;
-    uint64_t exit_budget; struct pyhv_stats stats; ...;
-};
-int pyhv_ioctl(int fd, unsigned long request, void *arg);
-int pyhv_ioctl_value(int fd, unsigned long request, unsigned long arg);
-int pyhv_install_kick_handler(void);
-int pyhv_vcpu_map_run(struct pyhv_vcpu *vcpu, int fd, size_t run_size);
-void pyhv_vcpu_unmap_run(struct pyhv_vcpu *vcpu);
-void pyhv_vcpu_detach_thread(struct pyhv_vcpu *vcpu);
-int pyhv_vcpu_run(struct pyhv_vcpu *vcpu, struct pyhv_exit *out);
-int pyhv_vcpu_kick(struct pyhv_vcpu *vcpu);
-int pyhv_vcpu_inject_exception(struct pyhv_vcpu *vcpu, uint32_t vector, int has_error_code,
-                               uint32_t error_code);
-int pyhv_bench_raw_loop(struct pyhv_vcpu *vcpu, uint64_t exits);
-"""
+HEADER = HERE / "vcpu_loop.h"
+CFFI_BEGIN = "/* PYHV_CFFI_BEGIN */"
+CFFI_END = "/* PYHV_CFFI_END */"
+C_ONLY = "/* C only */"
+_COMMENT = re.compile(r"/\*.*?\*/", re.DOTALL)
+_DEFINE = re.compile(r"^#define\s+(\w+)\s+.*$")
+_MACRO_ARRAY = re.compile(r"\[[A-Z_][A-Z0-9_]*\]")
+
+
+def fastpath_cdef(header: str) -> str:
+    """The cffi declarations of pyhv's own types and functions, taken from vcpu_loop.h.
+
+    The header is the one source (issue: no hand-copied declarations): its section between the
+    CFFI markers is rewritten so cffi accepts it and the compiler fills in what cffi cannot know:
+    `#define NAME value` -> `#define NAME ...`, `type field[MACRO];` -> `type field[...];`, and
+    C-only fields are dropped with `...;` closing their struct (cffi then takes the layout from
+    the compiler, so hidden fields cannot shift the visible ones).
+    """
+    try:
+        section = header.split(CFFI_BEGIN, 1)[1].split(CFFI_END, 1)[0]
+    except IndexError as error:
+        raise ValueError(f"vcpu_loop.h has no {CFFI_BEGIN} ... {CFFI_END} section") from error
+    lines: list[str] = []
+    hidden_in_struct = False
+    for raw in section.splitlines():
+        if C_ONLY in raw:
+            hidden_in_struct = True
+            continue
+        line = _COMMENT.sub("", raw).rstrip()
+        define = _DEFINE.match(line)
+        if define:
+            lines.append(f"#define {define.group(1)} ...")
+            continue
+        line = _MACRO_ARRAY.sub("[...]", line)
+        if line.strip() == "};" and hidden_in_struct:
+            lines.append("    ...;")
+            hidden_in_struct = False
+        if line.strip():
+            lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
+_PROTOTYPE = re.compile(r"^(?P<result>[\w ]+?)\s*\b(?P<name>pyhv_\w+)\((?P<params>[^)]*)\);$")
+_C_TO_PY = {"void": "None", "int": "int"}
+STUB_PATH = HERE.parent / "hypervisor" / "_fastpath.pyi"
+
+
+def stub_text(header: str) -> str:
+    """The typed stub of the compiled module (hypervisor/_fastpath.pyi), generated from the same
+    sources as the module: the constant names above and the prototypes of vcpu_loop.h. cffi
+    objects (struct pointers, buffers) are `Any`; integers and results are typed.
+    tests/unit/test_fastpath_stub.py fails when the committed stub differs from this text."""
+    lines = [
+        "# Generated by csrc/build_fastpath.py (stub_text) from csrc/vcpu_loop.h and the constant lists;",
+        "# do not edit: run `python csrc/build_fastpath.py --stub` after changing them.",
+        "from typing import Any",
+        "",
+        "class _Lib:",
+    ]
+    defines = [m.group(1) for m in map(_DEFINE.match, fastpath_cdef(header).splitlines()) if m]
+    for name in sorted(set(IOCTLS + CONSTANTS + defines)):
+        lines.append(f"    {name}: int")
+    for line in fastpath_cdef(header).splitlines():
+        match = _PROTOTYPE.match(line.strip())
+        if not match:
+            continue
+        params = []
+        for index, param in enumerate(p.strip() for p in match.group("params").split(",")):
+            if param in ("void", ""):
+                continue
+            c_type, _, name = param.rpartition(" ")
+            is_int = "*" not in param and c_type.split()[-1] in ("int", "long", "uint32_t", "uint64_t", "size_t")
+            params.append(f"{name.lstrip('*') or f'arg{index}'}: {'int' if is_int else 'Any'}")
+        result = _C_TO_PY.get(match.group("result").strip(), "Any")
+        signature = ", ".join(["self", *params])
+        lines.append(f"    def {match.group('name')}({signature}) -> {result}: ...")
+    lines += ["", "lib: _Lib", "ffi: Any  # a cffi.FFI: ffi.new, ffi.buffer, ffi.cast, ffi.sizeof", ""]
+    return "\n".join(lines)
 
 
 def make_builder() -> FFI:
     builder = FFI()
     defines = "\n".join(f"#define {name} ..." for name in IOCTLS + CONSTANTS)
-    builder.cdef(defines + STRUCTS + FASTPATH)
+    builder.cdef(defines + STRUCTS + fastpath_cdef(HEADER.read_text()))
     builder.set_source(
         "hypervisor._fastpath",
         '#include "vcpu_loop.h"',
         sources=[str(Path("csrc") / "vcpu_loop.c")],
         include_dirs=["csrc"],
-        extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter", "-std=gnu11"],
+        # -mcx16: pyhv_cmpxchg16b is an inline LOCK CMPXCHG16B (every x86-64 KVM host has it).
+        extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter", "-std=gnu11", "-mcx16"],
         libraries=["pthread"],
     )
     return builder
@@ -174,4 +240,9 @@ def make_builder() -> FFI:
 ffibuilder = make_builder()
 
 if __name__ == "__main__":
-    ffibuilder.compile(tmpdir=str(HERE.parent), verbose=True)
+    import sys
+
+    if sys.argv[1:] == ["--stub"]:
+        STUB_PATH.write_text(stub_text(HEADER.read_text()))
+    else:
+        ffibuilder.compile(tmpdir=str(HERE.parent), verbose=True)

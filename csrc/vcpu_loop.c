@@ -68,8 +68,10 @@ void pyhv_vcpu_unmap_run(struct pyhv_vcpu *vcpu)
     }
 }
 
-/* Binary search of a table sorted by base; NULL when the address is in no range. */
-static const struct pyhv_range *find_range(const struct pyhv_table *table, uint64_t address)
+/* Binary search of a table sorted by base; NULL when [address, address + size) is not inside
+ * one range. An access that starts in a range but runs past its end belongs to no device (as
+ * Bus.read/Bus.write in devices/bus.py decide), so it is completed as unmapped and counted. */
+static const struct pyhv_range *find_range(const struct pyhv_table *table, uint64_t address, uint64_t size)
 {
     uint32_t low = 0, high = table->count;
     while (low < high) {
@@ -80,7 +82,7 @@ static const struct pyhv_range *find_range(const struct pyhv_table *table, uint6
         else if (address - range->base >= range->size)
             low = middle + 1;
         else
-            return range;
+            return size <= range->size - (address - range->base) ? range : NULL;
     }
     return NULL;
 }
@@ -103,7 +105,7 @@ static int handle_pio(struct pyhv_vcpu *vcpu, struct pyhv_exit *out)
     uint8_t *data = (uint8_t *)run + run->io.data_offset;
     size_t bytes = (size_t)run->io.size * run->io.count;
     int is_in = run->io.direction == KVM_EXIT_IO_IN;
-    const struct pyhv_range *range = find_range(&vcpu->pio, run->io.port);
+    const struct pyhv_range *range = find_range(&vcpu->pio, run->io.port, run->io.size);
 
     if (range == NULL) {
         if (is_in) {
@@ -135,8 +137,8 @@ static int handle_pio(struct pyhv_vcpu *vcpu, struct pyhv_exit *out)
 static int handle_mmio(struct pyhv_vcpu *vcpu, struct pyhv_exit *out)
 {
     struct kvm_run *run = vcpu->run;
-    const struct pyhv_range *range = find_range(&vcpu->mmio, run->mmio.phys_addr);
     uint32_t length = run->mmio.len > 8 ? 8 : run->mmio.len;
+    const struct pyhv_range *range = find_range(&vcpu->mmio, run->mmio.phys_addr, length);
 
     if (range == NULL) {
         if (!run->mmio.is_write) {
@@ -169,6 +171,8 @@ int pyhv_vcpu_run(struct pyhv_vcpu *vcpu, struct pyhv_exit *out)
 {
     struct kvm_run *run = vcpu->run;
 
+    /* A fresh record per call: fields of an earlier exit must never be read as this one's. */
+    memset(out, 0, sizeof(*out));
     if (!vcpu->thread_valid || !pthread_equal(vcpu->thread, pthread_self())) {
         vcpu->thread = pthread_self();
         __atomic_store_n(&vcpu->thread_valid, 1, __ATOMIC_SEQ_CST);
@@ -237,6 +241,16 @@ int pyhv_vcpu_kick(struct pyhv_vcpu *vcpu)
     return 0;
 }
 
+/* Forgets a kick that is no longer needed: called by the vCPU's own thread when it leaves its
+ * park (RunControl.park), where it was outside KVM_RUN already; a kick that arrives after this
+ * is kept as usual, so a pause requested later is never lost. */
+void pyhv_vcpu_clear_kick(struct pyhv_vcpu *vcpu)
+{
+    vcpu->kick_pending = 0;
+    if (vcpu->run)
+        __atomic_store_n(&vcpu->run->immediate_exit, 0, __ATOMIC_SEQ_CST);
+}
+
 /* Queues an exception for the next entry (api.rst, KVM_SET_VCPU_EVENTS): used to deliver the
  * #BP of an int3 that the hypervisor emulated on the guest's behalf. */
 int pyhv_vcpu_inject_exception(struct pyhv_vcpu *vcpu, uint32_t vector, int has_error_code,
@@ -270,4 +284,26 @@ int pyhv_bench_raw_loop(struct pyhv_vcpu *vcpu, uint64_t exits)
         }
     }
     return 0;
+}
+
+/* LOCK CMPXCHG16B on guest memory (SDM Vol. 2A "CMPXCHG8B/CMPXCHG16B"), for the instruction
+ * emulator: the compare and the store must be one atomic operation with respect to the other
+ * vCPUs, which run concurrently on the same host mapping, so it cannot be done in Python.
+ * `address` must be 16-byte aligned (the caller raises #GP otherwise). expected[0..1] holds
+ * RAX/RDX (low/high) and receives the memory's value when the comparison fails.
+ * Returns 1 when the exchange happened (ZF=1), 0 otherwise. */
+int pyhv_cmpxchg16b(uint8_t *address, uint64_t *expected, uint64_t desired_low, uint64_t desired_high)
+{
+    unsigned __int128 *target = (unsigned __int128 *)(void *)address;
+    unsigned __int128 wanted = ((unsigned __int128)expected[1] << 64) | expected[0];
+    unsigned __int128 desired = ((unsigned __int128)desired_high << 64) | desired_low;
+    /* The __sync builtin compiles to LOCK CMPXCHG16B itself with -mcx16 (the __atomic one
+     * would go through libatomic). */
+    unsigned __int128 previous = __sync_val_compare_and_swap(target, wanted, desired);
+    if (previous != wanted) {
+        expected[0] = (uint64_t)previous;
+        expected[1] = (uint64_t)(previous >> 64);
+        return 0;
+    }
+    return 1;
 }

@@ -17,6 +17,11 @@
 #include <linux/kvm.h>
 #include <asm/bootparam.h>
 
+/* Everything between PYHV_CFFI_BEGIN and PYHV_CFFI_END is also the cffi declaration of the
+ * module (csrc/build_fastpath.py extracts it): a `#define` becomes a constant the compiler
+ * resolves, an array size named by a macro becomes `[...]`, and a field marked C-only is hidden
+ * from Python (its struct then ends in `...;`). Keep one declaration per line there. */
+/* PYHV_CFFI_BEGIN */
 #define PYHV_MAX_RANGES 128
 #define PYHV_MAX_EXIT_REASONS 64
 
@@ -85,9 +90,9 @@ struct pyhv_vcpu {
     size_t run_size;
     struct pyhv_table pio;
     struct pyhv_table mmio;
-    volatile sig_atomic_t kick_pending;
-    volatile int thread_valid;
-    pthread_t thread;
+    volatile sig_atomic_t kick_pending; /* C only */
+    volatile int thread_valid;          /* C only */
+    pthread_t thread;                   /* C only */
     uint64_t exit_budget; /* 0: unlimited; otherwise return PYHV_EXIT_BUDGET after this many */
     struct pyhv_stats stats;
 };
@@ -100,8 +105,10 @@ void pyhv_vcpu_unmap_run(struct pyhv_vcpu *vcpu);
 void pyhv_vcpu_detach_thread(struct pyhv_vcpu *vcpu);
 int pyhv_vcpu_run(struct pyhv_vcpu *vcpu, struct pyhv_exit *out);
 int pyhv_vcpu_kick(struct pyhv_vcpu *vcpu);
-int pyhv_vcpu_inject_exception(struct pyhv_vcpu *vcpu, uint32_t vector, int has_error_code,
-                               uint32_t error_code);
+void pyhv_vcpu_clear_kick(struct pyhv_vcpu *vcpu);
+int pyhv_vcpu_inject_exception(struct pyhv_vcpu *vcpu, uint32_t vector, int has_error_code, uint32_t error_code);
 int pyhv_bench_raw_loop(struct pyhv_vcpu *vcpu, uint64_t exits);
+int pyhv_cmpxchg16b(uint8_t *address, uint64_t *expected, uint64_t desired_low, uint64_t desired_high);
+/* PYHV_CFFI_END */
 
 #endif

@@ -11,6 +11,7 @@ import logging
 import signal
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
@@ -28,10 +29,12 @@ from hypervisor.devices.irq import IrqFdLine, KvmIrqLine
 from hypervisor.disk_spec import DiskSpec
 from hypervisor.errors import ConfigError, HypervisorError
 from hypervisor.kvm import Kvm, Vcpu, Vm
-from hypervisor.kvm.vcpu import TableRange
+from hypervisor.kvm.vcpu import MP_STATE_HALTED, TableRange
 from hypervisor.memory import GuestMemory
 from hypervisor.outcome import Outcome, OutcomeKind
-from hypervisor.vcpu.control import RunControl
+from hypervisor.vcpu.breakpoints import Action, Breakpoint, BreakpointTable, Condition
+from hypervisor.vcpu.control import RunControl, Stop
+from hypervisor.vcpu.events import ExitEvent
 from hypervisor.vcpu.pvm import PvmEmulator
 from hypervisor.vcpu.runner import Emulator, ExitHook, VcpuRunner
 from hypervisor.vcpu.setup import apply_entry_state, configure_boot_msrs, configure_lapic
@@ -56,6 +59,14 @@ CMOS_PORT = 0x70  # PC/AT CMOS RTC index (0x70) and data (0x71)
 I8042_DATA_PORT = 0x60
 I8042_COMMAND_PORT = 0x64
 STOP_GRACE_SECONDS = 5.0
+# "pc": pyhv's own PC; "qemu-test": plus QEMU's isa-debug-exit (0xf4, 4 ports) and pc-testdev,
+# the devices kvm-unit-tests' x86/run adds to QEMU (docs/conformance.md).
+MACHINE_TYPES = ("pc", "qemu-test")
+QEMU_DEBUG_EXIT_PORT = 0xF4
+QEMU_DEBUG_EXIT_SIZE = 4
+# A run whose vCPUs made no exit for this long is probed for a halt nothing can end (below).
+HALT_PROBE_SECONDS = 1.0
+RFLAGS_IF = 1 << 9  # SDM Vol. 1 §3.4.3.3
 
 
 def host_memory_bytes() -> int:
@@ -118,6 +129,8 @@ class Machine:
         hugepages: bool = False,
         memory_regions: list[tuple[int, int]] | None = None,
         pvm_emulation: bool = False,
+        exit_history: int = 0,
+        machine_type: str = "pc",
     ) -> None:
         if memory_mib <= 0:
             raise ConfigError(f"guest memory must be at least 1 MiB, not {memory_mib} MiB")
@@ -139,14 +152,18 @@ class Machine:
         self._sinks: list[TableRange] = []
         self._threads: list[threading.Thread] = []
         self.disks: list[AttachedDisk] = []
-        self.exit_hooks: list[ExitHook] = []  # given to every vCPU runner at start()
+        self.exit_hooks: list[ExitHook] = []  # seen by every vCPU runner, also while running
+        self.breakpoints = BreakpointTable()
+        # The last exits that reached Python, for post-mortems (0: not kept).
+        self.exit_history: deque[ExitEvent] | None = deque(maxlen=exit_history) if exit_history > 0 else None
+        self._started_at = time.monotonic()
         try:
             self._create_vm(cpus)
             self._create_memory(memory_regions or [(0, self.memory_size)], hugepages)
             if pvm_emulation:
                 assert self.memory is not None
                 self.emulator = PvmEmulator(self.memory)
-            self._create_platform_devices(debug_exit_port, debug_exit_qemu)
+            self._create_platform_devices(debug_exit_port, debug_exit_qemu, machine_type, cpus)
             self._create_vcpus(cpus)
         except BaseException:
             self.close()
@@ -175,10 +192,16 @@ class Machine:
         self.memory = GuestMemory(regions, hugepages=hugepages)
         self.vm.map_memory(self.memory)
 
-    def _create_platform_devices(self, debug_exit_port: int, debug_exit_qemu: bool) -> None:
-        assert self.vm is not None
+    def _create_platform_devices(self, debug_exit_port: int, debug_exit_qemu: bool, machine_type: str,
+                                 cpus: int) -> None:  # fmt: skip
+        assert self.vm is not None and self.memory is not None
+        from hypervisor.devices import pm
+        from hypervisor.devices.fw_cfg import FW_CFG_PORT, FW_CFG_PORT_COUNT, FwCfg, e820_file
         from hypervisor.devices.i8042 import I8042Controller
         from hypervisor.devices.serial import Serial16550A
+
+        if machine_type not in MACHINE_TYPES:
+            raise ConfigError(f"unknown machine type {machine_type!r}: use {' or '.join(MACHINE_TYPES)}")
 
         self.serial = Serial16550A(on_output=self._serial_output, interrupt=KvmIrqLine(self.vm, COM1_IRQ))
         self.add_port_device(self.serial, COM1_PORT, UART_REGISTERS, "COM1")
@@ -191,6 +214,40 @@ class Machine:
         self.debug_exit = DebugExit(self._guest_debug_exit, qemu_compatible=debug_exit_qemu)
         self.add_port_device(self.debug_exit, debug_exit_port, DEBUG_EXIT_PORT_SIZE, "debug-exit")
         self.add_sink_ports(POST_CODE_PORT, 1)
+        # QEMU's fw_cfg, present by default as in QEMU: guests written for QEMU learn the CPU
+        # count and RAM size there (docs/specs/fw_cfg.rst).
+        e820 = [(region.gpa, region.size, 1) for region in self.memory.regions]  # 1: E820_RAM
+        self.fw_cfg = FwCfg(self.memory_size, cpus, [("etc/e820", e820_file(e820))])
+        self.add_port_device(self.fw_cfg, FW_CFG_PORT, FW_CFG_PORT_COUNT, "fw_cfg")
+        # The ACPI fixed hardware the FADT describes (hypervisor/boot/acpi.py).
+        power_off = Outcome(OutcomeKind.POWER_OFF, "the guest entered ACPI S5 (SLP_EN in PM1a_CNT)")
+        reset = Outcome(OutcomeKind.RESET, "the guest reset the machine through the ACPI reset register")
+        self.pm1 = pm.Pm1Registers(lambda: self.control.request_stop(power_off))
+        self.add_port_device(self.pm1, pm.PM1A_EVENT_PORT, pm.Pm1Registers.SIZE, "ACPI PM1a")
+        self.add_port_device(pm.PmTimer(), pm.PM_TIMER_PORT, pm.PM_TIMER_LENGTH, "ACPI PM timer")
+        self.add_port_device(pm.ResetRegister(lambda: self.control.request_stop(reset)), pm.RESET_PORT, 1,
+                             "ACPI reset register")  # fmt: skip
+        if machine_type == "qemu-test":
+            self._create_qemu_test_devices(debug_exit_port)
+
+    def _create_qemu_test_devices(self, debug_exit_port: int) -> None:
+        """QEMU's isa-debug-exit at 0xf4 and pc-testdev, as kvm-unit-tests' x86/run adds them."""
+        assert self.vm is not None and self.memory is not None
+        from hypervisor.devices import pc_testdev as testdev
+
+        if QEMU_DEBUG_EXIT_PORT <= debug_exit_port < QEMU_DEBUG_EXIT_PORT + QEMU_DEBUG_EXIT_SIZE:
+            raise ConfigError(f"--debug-exit-port {debug_exit_port:#x} is taken by isa-debug-exit on qemu-test")
+        self.qemu_debug_exit = DebugExit(self._guest_debug_exit, qemu_compatible=True)
+        self.add_port_device(self.qemu_debug_exit, QEMU_DEBUG_EXIT_PORT, QEMU_DEBUG_EXIT_SIZE, "isa-debug-exit")
+        scratch = testdev.ScratchRegister()
+        self.add_port_device(scratch, testdev.SCRATCH_PORT, testdev.SCRATCH_PORT_COUNT, "pc-testdev ioport")
+        self.add_port_device(scratch, testdev.SCRATCH_BYTE_PORT, testdev.SCRATCH_BYTE_PORT_COUNT,
+                             "pc-testdev ioport-byte")  # fmt: skip
+        self.add_port_device(testdev.FlushPage(testdev.HostPageFlusher(self.memory)), testdev.FLUSH_PAGE_PORT,
+                             testdev.FLUSH_PAGE_PORT_COUNT, "pc-testdev flush-page")  # fmt: skip
+        self.add_port_device(testdev.IrqLines(self.vm.set_irq_line), testdev.IRQ_PORT, testdev.IRQ_LINES,
+                             "pc-testdev irq-line")  # fmt: skip
+        self.add_mmio_device(testdev.IoMemory(), testdev.IOMEM_ADDRESS, testdev.IOMEM_SIZE, "pc-testdev iomem")
 
     def _create_vcpus(self, count: int) -> None:
         assert self.vm is not None and self.kvm is not None
@@ -315,8 +372,11 @@ class Machine:
         for vcpu in self.vcpus:
             vcpu.set_range_tables(pio, mmio)
 
-    def start(self) -> None:
-        """Starts the vCPU threads (and the console); `wait` collects the outcome."""
+    def start(self, paused: bool = False) -> None:
+        """Starts the vCPU threads (and the console); `wait` collects the outcome. With `paused`,
+        every vCPU parks before its first instruction until `resume()` (a debugger attaches)."""
+        if paused:
+            self.control.pause_requested = True
         self.install_range_tables()
         for disk in self.disks:
             disk.transport.start()
@@ -326,9 +386,11 @@ class Machine:
         self._started_at = time.monotonic()
         self.observer.restart_clock()
         for vcpu in self.vcpus:
-            runner = VcpuRunner(vcpu, self.pio_bus, self.mmio_bus, self.control, self.emulator)
-            runner.hooks.extend(self.exit_hooks)
+            runner = VcpuRunner(vcpu, self.pio_bus, self.mmio_bus, self.control, self.emulator,
+                                hooks=self.exit_hooks, breakpoints=self.breakpoints, history=self.exit_history,
+                                memory=self.memory, machine=self)  # fmt: skip
             self.runners.append(runner)
+            self.control.thread_started(vcpu.id)  # counted live before it runs: see pause()
             thread = threading.Thread(target=self._vcpu_thread, args=(runner,), name=f"vcpu{vcpu.id}", daemon=True)
             self._threads.append(thread)
             thread.start()
@@ -342,13 +404,21 @@ class Machine:
 
     def wait(self, timeout: float | None = None) -> RunResult:
         deadline = None if timeout is None else self._started_at + timeout
+        exits_seen, quiet_since = self._exit_count(), time.monotonic()
         try:
             while not self.control.finished.is_set():
-                remaining = None if deadline is None else deadline - time.monotonic()
+                now = time.monotonic()
+                remaining = None if deadline is None else deadline - now
                 if remaining is not None and remaining <= 0:
                     self.control.request_stop(Outcome(OutcomeKind.TIMEOUT, f"no outcome within {timeout:g} s"))
                     break
                 self.control.finished.wait(0.25 if remaining is None else min(remaining, 0.25))
+                exits = self._exit_count()
+                if exits != exits_seen or self.control.paused:
+                    exits_seen, quiet_since = exits, time.monotonic()
+                elif time.monotonic() - quiet_since >= HALT_PROBE_SECONDS:
+                    self._probe_for_final_halt()
+                    exits_seen, quiet_since = self._exit_count(), time.monotonic()
         except KeyboardInterrupt:
             self.control.request_stop(Outcome(OutcomeKind.INTERRUPTED, "interrupted on the host"))
         wall = time.monotonic() - self._started_at
@@ -365,6 +435,104 @@ class Machine:
         """Runs the guest until it stops (or `timeout` seconds pass) and returns the result."""
         self.start()
         return self.wait(timeout)
+
+    def _exit_count(self) -> int:
+        return sum(int(vcpu.stats.kvm_run_calls) for vcpu in self.vcpus)
+
+    def _probe_for_final_halt(self) -> None:
+        """Ends the run when every vCPU is halted with interrupts masked and nothing pending.
+
+        With the in-kernel LAPIC a HLT never reaches user space (KVM blocks the vCPU in KVM_RUN),
+        so `cli; hlt` -- a kernel decompressor's "System halted", a panic with panic=0 -- would
+        otherwise hang until --timeout. Nothing can wake such a vCPU: maskable interrupts need
+        RFLAGS.IF (SDM Vol. 3 §6.8.1) and no pyhv device raises NMI, INIT or SIPI, so a machine
+        whose every vCPU is in that state is finished. The probe pauses the vCPUs (a kick each),
+        reads their state, and resumes them when any can still run.
+        """
+        if not self.control.pause(wait=True, timeout=1.0):
+            self.control.resume()
+            return
+        try:
+            halted = []
+            for vcpu in self.vcpus:
+                regs = vcpu.get_regs()
+                if vcpu.get_mp_state() != MP_STATE_HALTED or regs["rflags"] & RFLAGS_IF:
+                    return
+                if vcpu.get_vcpu_events().anything_pending:
+                    return
+                halted.append(f"vcpu{vcpu.id} at rip {regs['rip']:#x}")
+            self.control.request_stop(
+                Outcome(OutcomeKind.HALTED, "the guest halted with interrupts disabled (" + ", ".join(halted) + ")")
+            )
+        except HypervisorError as error:
+            log.debug("halt probe failed: %s", error)
+        finally:
+            self.control.resume()
+
+    # -- the debugging contract (docs/debugging.md) -----------------------------------------
+
+    def add_exit_hook(self, hook: ExitHook) -> None:
+        """`hook(event, ctx)` for every real exit that reaches Python, on the vCPU's thread,
+        after the device served it (hypervisor.vcpu.context.ExitContext)."""
+        self.exit_hooks.append(hook)
+
+    def remove_exit_hook(self, hook: ExitHook) -> None:
+        self.exit_hooks.remove(hook)
+
+    def break_on(
+        self,
+        kind: str | None = None,
+        *,
+        port: int | tuple[int, int] | None = None,
+        address: int | tuple[int, int] | None = None,
+        is_write: bool | None = None,
+        size: int | None = None,
+        data: int | None = None,
+        vcpu: int | None = None,
+        count: int | None = None,
+        condition: Condition | None = None,
+        action: Action | None = None,
+    ) -> Breakpoint:
+        """An exit breakpoint (hypervisor.vcpu.breakpoints): `break_on("io", port=0x3f8,
+        is_write=True, count=3)` stops the machine at the third and every later write to COM1."""
+        if port is not None and address is not None:
+            raise ValueError("give port or address, not both")
+        if port is not None:
+            if kind not in (None, "io"):
+                raise ValueError(f"a port applies to io exits, not {kind}")
+            kind, address = "io", port
+        return self.breakpoints.add(
+            Breakpoint(kind, address, is_write, size, data, vcpu, count, condition, action)
+        )
+
+    def delete_breakpoint(self, breakpoint_id: int) -> bool:
+        return self.breakpoints.delete(breakpoint_id)
+
+    def pause(self, wait: bool = True, timeout: float | None = None) -> bool:
+        """Parks every vCPU outside KVM_RUN; with `wait`, returns once each has acknowledged
+        (True), or False after `timeout` seconds. Registers and memory are then consistent."""
+        return self.control.pause(wait, timeout)
+
+    def resume(self) -> None:
+        self.control.resume()
+
+    @property
+    def paused(self) -> bool:
+        return self.control.paused
+
+    def step_exit(self, vcpu_index: int = 0, timeout: float | None = None) -> ExitEvent | None:
+        """While paused: runs one vCPU to its next exit that reaches Python, lets its device
+        handle it, parks it again and returns the event (None: the run ended or `timeout`)."""
+        return self.control.step(self.vcpus[vcpu_index], timeout)
+
+    def wait_for_stop(self, timeout: float | None = None) -> Stop | None:
+        """The next reason the machine stopped (breakpoint, debug trap, hook, end of run)."""
+        return self.control.wait_for_stop(timeout)
+
+    @property
+    def last_step_stop(self) -> Stop | None:
+        """A breakpoint or debug trap the last `step_exit` met (it answers the step)."""
+        return self.control.last_step_stop
 
     def _join_threads(self) -> None:
         for thread in self._threads:
@@ -399,19 +567,27 @@ class Machine:
         self._closed = True
         if self._threads and not self.control.finished.is_set():
             self.control.request_stop(Outcome(OutcomeKind.INTERRUPTED, "machine closed"))
+        if self._threads:
             self._join_threads()
         if self.console is not None:
             try:
                 self.console.close()
             except HypervisorError:
                 log.exception("closing the console failed")
+        stuck = [thread.name for thread in self._threads if thread.is_alive()]
+        if stuck:
+            # A vCPU thread that is still alive may be inside KVM_RUN with kvm_run mapped, or in
+            # a device with guest memory in hand: unmapping either under it would crash the
+            # process. Leak them instead (the process is going away or the user is told).
+            log.error("vCPU threads %s did not stop; keeping their VM and memory mapped", ", ".join(stuck))
+            return
         # Devices go before guest memory: their rings hold views of it.
         for disk in self.disks:
             disk.transport.close()
             disk.interrupt.close()
         if self.vm is not None:
             self.vm.close()
-        if self.memory is not None and not any(t.is_alive() for t in self._threads):
+        if self.memory is not None:
             self.memory.close()
         if self.kvm is not None:
             self.kvm.close()

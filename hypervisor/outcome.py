@@ -17,6 +17,7 @@ class OutcomeKind(enum.Enum):
     POWER_OFF = "power-off"  # ACPI-less power off: KVM_SYSTEM_EVENT_SHUTDOWN, or the guest's halt
     RESET = "reset"  # i8042 reset, KVM_SYSTEM_EVENT_RESET (Linux `reboot` with reboot=k)
     QUIT = "quit"  # the user pressed Ctrl-A x on the console
+    HALTED = "halted"  # every vCPU halted with interrupts disabled: nothing can wake the guest
     TRIPLE_FAULT = "triple-fault"  # KVM_EXIT_SHUTDOWN
     PANIC = "panic"  # the guest kernel said "Kernel panic" (or KVM_SYSTEM_EVENT_CRASH)
     EMULATION_FAILURE = "emulation-failure"  # KVM could not emulate an instruction
@@ -32,6 +33,7 @@ EXIT_STATUS: dict[OutcomeKind, int] = {
     OutcomeKind.RESET: 0,
     OutcomeKind.QUIT: 0,
     OutcomeKind.HYPERVISOR_ERROR: 1,
+    OutcomeKind.HALTED: 119,
     OutcomeKind.TRIPLE_FAULT: 120,
     OutcomeKind.PANIC: 121,
     OutcomeKind.EMULATION_FAILURE: 122,

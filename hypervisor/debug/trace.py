@@ -9,49 +9,37 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO
 
 from hypervisor.kvm.exits import exit_reason_name
-from hypervisor.kvm.ffi import ffi, lib
-
-if TYPE_CHECKING:
-    from hypervisor.kvm import Vcpu
-
-KIND_NAMES = {
-    lib.PYHV_EXIT_PIO_IN: "pio-in",
-    lib.PYHV_EXIT_PIO_OUT: "pio-out",
-    lib.PYHV_EXIT_MMIO_READ: "mmio-read",
-    lib.PYHV_EXIT_MMIO_WRITE: "mmio-write",
-    lib.PYHV_EXIT_KICKED: "kicked",
-    lib.PYHV_EXIT_INTERRUPTED: "interrupted",
-    lib.PYHV_EXIT_BUDGET: "budget",
-    lib.PYHV_EXIT_KVM: "kvm-exit",
-    lib.PYHV_EXIT_ERROR: "error",
-}
-DEVICE_KINDS = (lib.PYHV_EXIT_PIO_IN, lib.PYHV_EXIT_PIO_OUT, lib.PYHV_EXIT_MMIO_READ, lib.PYHV_EXIT_MMIO_WRITE)
-WRITE_KINDS = (lib.PYHV_EXIT_PIO_OUT, lib.PYHV_EXIT_MMIO_WRITE)
+from hypervisor.vcpu.context import ExitContext
+from hypervisor.vcpu.events import DebugTrap, EmulationFailure, ExitEvent, MmioAccess, OtherExit, PortIo, RunError
 
 
-def describe_exit(vcpu_id: int, record: Any) -> str:
-    """One line for an exit record (`struct pyhv_exit`); reads show no data (not served yet)."""
-    kind = int(record.kind)
-    text = f"vcpu{vcpu_id} {KIND_NAMES.get(kind, str(kind))}"
-    if kind in DEVICE_KINDS:
-        where = "port" if kind in (lib.PYHV_EXIT_PIO_IN, lib.PYHV_EXIT_PIO_OUT) else "addr"
-        text += f" {where}={int(record.address):#x} size={int(record.size)}"
-        if record.count > 1:
-            text += f" count={int(record.count)}"
-        if kind in WRITE_KINDS:
-            text += " data=" + bytes(ffi.buffer(record.data, record.size * record.count)).hex()
-    elif kind == lib.PYHV_EXIT_KVM:
-        text += f" reason={exit_reason_name(int(record.exit_reason))}"
-    elif kind == lib.PYHV_EXIT_ERROR:
-        text += f" errno={int(record.error)}"
-    return text
+def describe_exit(event: ExitEvent) -> str:
+    """One line for an exit event; a read shows the data the device returned."""
+    text = f"vcpu{event.vcpu} "
+    if isinstance(event, PortIo):
+        text += f"pio-{'out' if event.is_write else 'in'} port={event.port:#x} size={event.size}"
+    elif isinstance(event, MmioAccess):
+        text += f"mmio-{'write' if event.is_write else 'read'} addr={event.address:#x} size={event.size}"
+    elif isinstance(event, OtherExit):
+        return text + f"kvm-exit reason={exit_reason_name(event.reason)}"
+    elif isinstance(event, RunError):
+        return text + f"error errno={event.errno}"
+    elif isinstance(event, DebugTrap):
+        return text + f"debug exception={event.exception} pc={event.pc:#x}"
+    elif isinstance(event, EmulationFailure):
+        return text + f"emulation-failure rip={event.rip:#x} bytes={event.instruction.hex()}"
+    else:
+        return text + event.kind
+    if event.count > 1:
+        text += f" count={event.count}"
+    return text + f" data={event.data.hex()}"
 
 
 class ExitTracer:
-    """A runner hook (`VcpuRunner.hooks`) that writes `describe_exit` lines to a stream."""
+    """An exit hook (`Machine.add_exit_hook`) that writes `describe_exit` lines to a stream."""
 
     def __init__(self, stream: IO[str]) -> None:
         self.stream = stream
@@ -59,8 +47,8 @@ class ExitTracer:
         self.lines = 0
         self._lock = threading.Lock()
 
-    def __call__(self, vcpu: Vcpu, record: Any) -> None:
-        line = f"{time.monotonic() - self.started:.6f} {describe_exit(vcpu.id, record)}\n"
+    def __call__(self, event: ExitEvent, context: ExitContext) -> None:
+        line = f"{time.monotonic() - self.started:.6f} {describe_exit(event)}\n"
         with self._lock:
             self.stream.write(line)
             self.lines += 1

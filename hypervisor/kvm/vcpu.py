@@ -6,6 +6,7 @@ kvm_run, the frozen range tables, the counters) and exposes it to Python.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 from collections.abc import Iterable, Sequence
@@ -28,7 +29,27 @@ GPR_NAMES = (
 SEGMENT_NAMES = ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt")
 SEGMENT_FIELDS = ("base", "limit", "selector", "type", "present", "dpl", "db", "s", "l", "g", "avl", "unusable")
 
+MP_STATE_HALTED: int = lib.KVM_MP_STATE_HALTED  # api.rst KVM_GET_MP_STATE
 _kick_handler_installed = False
+
+
+@dataclass(frozen=True)
+class VcpuEvents:
+    """The parts of struct kvm_vcpu_events pyhv reads (api.rst KVM_GET_VCPU_EVENTS)."""
+
+    exception_injected: bool
+    exception_pending: bool
+    exception_vector: int
+    interrupt_injected: bool
+    interrupt_vector: int
+    nmi_injected: bool
+    nmi_pending: bool
+    nmi_masked: bool
+
+    @property
+    def anything_pending(self) -> bool:
+        return (self.exception_injected or self.exception_pending or self.interrupt_injected
+                or self.nmi_injected or self.nmi_pending)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -63,6 +84,7 @@ class Vcpu:
             raise KvmError("mmap(kvm_run)", -result)
         self.run_struct = self.state.run
         self.exit_record = ffi.new("struct pyhv_exit *")
+        self.guest_debug_control = 0  # the KVM_GUESTDBG_* flags last set (the runner reads them)
 
     # -- general purpose registers ---------------------------------------------------------
 
@@ -164,6 +186,36 @@ class Vcpu:
         for index, value in enumerate(debugregs[:8]):
             debug.arch.debugreg[index] = value
         ioctl(self.fd, "KVM_SET_GUEST_DEBUG", debug)
+        self.guest_debug_control = control
+
+    def get_vcpu_events(self) -> VcpuEvents:
+        """Pending and injected exceptions, interrupts and NMIs (api.rst KVM_GET_VCPU_EVENTS)."""
+        events = ffi.new("struct kvm_vcpu_events *")
+        ioctl(self.fd, "KVM_GET_VCPU_EVENTS", events)
+        return VcpuEvents(
+            exception_injected=bool(events.exception.injected),
+            exception_pending=bool(events.exception.pending),
+            exception_vector=int(events.exception.nr),
+            interrupt_injected=bool(events.interrupt.injected),
+            interrupt_vector=int(events.interrupt.nr),
+            nmi_injected=bool(events.nmi.injected),
+            nmi_pending=bool(events.nmi.pending),
+            nmi_masked=bool(events.nmi.masked),
+        )
+
+    def get_state_blob(self, ioctl_name: str, struct: str) -> bytes:
+        """The raw bytes of a KVM_GET_* state struct (XSAVE, XCRS, DEBUGREGS, VCPU_EVENTS...),
+        for saving and restoring a vCPU without interpreting every field."""
+        buffer = ffi.new(f"{struct} *")
+        ioctl(self.fd, ioctl_name, buffer)
+        return bytes(ffi.buffer(buffer))
+
+    def set_state_blob(self, ioctl_name: str, struct: str, data: bytes) -> None:
+        buffer = ffi.new(f"{struct} *")
+        if len(data) != ffi.sizeof(buffer[0]):
+            raise KvmError(ioctl_name, errno.EINVAL, f"{struct} is {ffi.sizeof(buffer[0])} bytes, not {len(data)}")
+        ffi.memmove(buffer, data, len(data))
+        ioctl(self.fd, ioctl_name, buffer)
 
     def translate(self, linear_address: int) -> int | None:
         """Guest virtual to physical with the vCPU's current page tables; None if unmapped."""
@@ -225,6 +277,14 @@ class Vcpu:
     def stats(self) -> Any:
         """The live `struct pyhv_stats` of the C loop (read it; hypervisor.vcpu formats it)."""
         return self.state.stats
+
+    def clear_kick(self) -> None:
+        """Forgets a pending kick (only the vCPU's own thread, outside KVM_RUN)."""
+        lib.pyhv_vcpu_clear_kick(self.state)
+
+    def detach_thread(self) -> None:
+        """The thread that ran this vCPU is leaving: a later kick must not signal it."""
+        lib.pyhv_vcpu_detach_thread(self.state)
 
     def close(self) -> None:
         if self.fd >= 0:

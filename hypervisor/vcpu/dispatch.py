@@ -12,17 +12,16 @@ from dataclasses import dataclass, field
 
 from hypervisor.devices.bus import Device
 from hypervisor.kvm.exits import ExitReason, InternalErrorSubtype, SystemEventType, exit_reason_name
-from hypervisor.kvm.ffi import lib
+from hypervisor.kvm.loop import ExitKind
 from hypervisor.outcome import Outcome, OutcomeKind
 
 log = logging.getLogger(__name__)
 
-PIO_IN = lib.PYHV_EXIT_PIO_IN
-PIO_OUT = lib.PYHV_EXIT_PIO_OUT
-MMIO_READ = lib.PYHV_EXIT_MMIO_READ
-MMIO_WRITE = lib.PYHV_EXIT_MMIO_WRITE
+PIO_IN = ExitKind.PIO_IN
+PIO_OUT = ExitKind.PIO_OUT
+MMIO_READ = ExitKind.MMIO_READ
+MMIO_WRITE = ExitKind.MMIO_WRITE
 READ_KINDS = (PIO_IN, MMIO_READ)
-
 
 
 def dispatch_device_access(

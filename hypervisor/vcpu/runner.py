@@ -1,60 +1,105 @@
 """The per-vCPU thread body around the C loop: device exits to Python devices, the rest judged.
 
 The loop below is the Python half of the hot path, so it reads the flat C record directly and
-keeps per-exit work to a dictionary lookup and one device call (docs/performance.md).
+keeps per-exit work to a dictionary lookup and one device call (docs/performance.md). Only when
+something observes exits (an exit hook, a breakpoint that may match, the exit history, a step)
+does it build a typed event (hypervisor.vcpu.events) for the exit, once, after the device served
+it; kicks, signals and exhausted budgets are never events.
+
+Parking: whenever the C loop returns because of a kick and a pause is requested, the thread parks
+in RunControl.park() outside KVM_RUN, which is the acknowledgement `pause(wait=True)` waits for.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+import os
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from hypervisor.devices.bus import Bus, Device
 from hypervisor.errors import HypervisorError
-from hypervisor.kvm.ffi import ffi, lib
+from hypervisor.kvm.exits import ExitReason, InternalErrorSubtype
+from hypervisor.kvm.loop import ExitKind, GuestDebug, exit_buffer, run_function
 from hypervisor.outcome import Outcome, OutcomeKind
-from hypervisor.vcpu.control import RunControl
-from hypervisor.vcpu.dispatch import (
-    MMIO_WRITE,
-    PIO_OUT,
-    KvmExitInfo,
-    classify_kvm_exit,
-    dispatch_device_access,
+from hypervisor.vcpu.breakpoints import Breakpoint, BreakpointTable
+from hypervisor.vcpu.context import ExitContext
+from hypervisor.vcpu.control import RunControl, Stop
+from hypervisor.vcpu.dispatch import KvmExitInfo, classify_kvm_exit, dispatch_device_access
+from hypervisor.vcpu.events import (
+    DebugTrap,
+    EmulationFailure,
+    EntryFailure,
+    ExitEvent,
+    Halt,
+    InternalError,
+    MmioAccess,
+    OtherExit,
+    PortIo,
+    RunError,
+    Shutdown,
+    SystemEvent,
 )
 
 if TYPE_CHECKING:
     from hypervisor.kvm import Vcpu
+    from hypervisor.memory import GuestMemory
 
 log = logging.getLogger(__name__)
 
-KICKED = lib.PYHV_EXIT_KICKED
-INTERRUPTED = lib.PYHV_EXIT_INTERRUPTED
-BUDGET = lib.PYHV_EXIT_BUDGET
-RUN_ERROR = lib.PYHV_EXIT_ERROR
+PIO_IN = ExitKind.PIO_IN
+PIO_OUT = ExitKind.PIO_OUT
+MMIO_WRITE = ExitKind.MMIO_WRITE
+KICKED = ExitKind.KICKED
+INTERRUPTED = ExitKind.INTERRUPTED
+BUDGET = ExitKind.BUDGET
+RUN_ERROR = ExitKind.ERROR
+INT3 = 0xCC
+VECTOR_BP = 3
 
 # An emulator gets the vCPU and the failing instruction; it returns True when it emulated it.
 Emulator = Callable[["Vcpu", bytes], bool]
-# A hook sees every exit that reaches Python: (vcpu, exit record); the debugger's entry point.
-ExitHook = Callable[["Vcpu", object], None]
+# A hook sees every real exit that reaches Python, after the device served it: (event, context).
+ExitHook = Callable[[ExitEvent, ExitContext], None]
 
 
 def read_exit_info(vcpu: Vcpu, reason: int) -> KvmExitInfo:
     """Copies what classify_kvm_exit needs out of kvm_run (cold path only)."""
     run = vcpu.run_struct
-    if reason == lib.KVM_EXIT_INTERNAL_ERROR:
+    if reason == ExitReason.INTERNAL_ERROR:
         count = min(run.internal.ndata, 16)
         return KvmExitInfo(reason, suberror=run.internal.suberror, data=tuple(run.internal.data[0:count]))
-    if reason == lib.KVM_EXIT_SYSTEM_EVENT:
+    if reason == ExitReason.SYSTEM_EVENT:
         return KvmExitInfo(reason, system_event=run.system_event.type)
-    if reason == lib.KVM_EXIT_FAIL_ENTRY:
+    if reason == ExitReason.FAIL_ENTRY:
         return KvmExitInfo(reason, hardware_reason=run.fail_entry.hardware_entry_failure_reason)
-    if reason == lib.KVM_EXIT_DEBUG:
+    if reason == ExitReason.DEBUG:
         arch = run.debug.arch
         return KvmExitInfo(
             reason, debug={"exception": arch.exception, "pc": arch.pc, "dr6": arch.dr6, "dr7": arch.dr7}
         )
     return KvmExitInfo(reason)
+
+
+def kvm_exit_event(vcpu_id: int, info: KvmExitInfo) -> ExitEvent:
+    """The typed event of a non-device KVM exit."""
+    reason = info.reason
+    if reason == ExitReason.HLT:
+        return Halt(vcpu_id)
+    if reason == ExitReason.SHUTDOWN:
+        return Shutdown(vcpu_id)
+    if reason == ExitReason.SYSTEM_EVENT:
+        return SystemEvent(vcpu_id, info.system_event)
+    if reason == ExitReason.FAIL_ENTRY:
+        return EntryFailure(vcpu_id, info.hardware_reason)
+    if reason == ExitReason.DEBUG:
+        debug = info.debug
+        return DebugTrap(vcpu_id, debug["exception"], debug["pc"], debug["dr6"], debug["dr7"])
+    if reason == ExitReason.INTERNAL_ERROR:
+        return InternalError(vcpu_id, info.suberror, info.data)
+    return OtherExit(vcpu_id, reason)
 
 
 class VcpuRunner:
@@ -67,99 +112,242 @@ class VcpuRunner:
         mmio_bus: Bus,
         control: RunControl,
         emulator: Emulator | None = None,
+        *,
+        hooks: list[ExitHook] | None = None,
+        breakpoints: BreakpointTable | None = None,
+        history: deque[ExitEvent] | None = None,
+        memory: GuestMemory | None = None,
+        machine: object = None,
     ) -> None:
         self.vcpu = vcpu
         self.control = control
         self.emulator = emulator
-        self.hooks: list[ExitHook] = []
+        self.hooks: list[ExitHook] = hooks if hooks is not None else []
+        self.breakpoints = breakpoints if breakpoints is not None else BreakpointTable()
+        self.history = history
+        self.memory = memory
+        self.machine = machine
         self.device_errors = 0
         self.emulated_instructions = 0
         self._pio: dict[int, Device] = {r.device_id: r.device for r in pio_bus.ranges()}
         self._mmio: dict[int, Device] = {r.device_id: r.device for r in mmio_bus.ranges()}
+        self._pio_names: dict[int, str] = {r.device_id: r.name for r in pio_bus.ranges()}
+        self._mmio_names: dict[int, str] = {r.device_id: r.name for r in mmio_bus.ranges()}
+        self._stepping = False
 
     def run(self) -> None:
+        vcpu_id = self.vcpu.id
+        self.control.thread_started(vcpu_id)
         try:
-            self._loop()
+            if self._park_if_asked():
+                self._loop()
         except HypervisorError as error:
             self.control.request_stop(Outcome(OutcomeKind.HYPERVISOR_ERROR, str(error)))
         except Exception as error:  # a bug of ours must not leave the run hanging
-            log.exception("vCPU %d thread failed", self.vcpu.id)
+            log.exception("vCPU %d thread failed", vcpu_id)
             self.control.request_stop(Outcome(OutcomeKind.HYPERVISOR_ERROR, f"vCPU thread failed: {error!r}"))
         finally:
-            lib.pyhv_vcpu_detach_thread(self.vcpu.state)  # no kick may signal this thread now
+            self.vcpu.detach_thread()  # no kick may signal this thread now
+            self.control.thread_finished(vcpu_id)
+
+    def _park_if_asked(self) -> bool:
+        """Parks while a pause is requested; False when the run is over. Sets up a step."""
+        control = self.control
+        if control.stop_requested:
+            return False
+        if self._stepping:  # a step ended without an exit (kicked back)
+            self._stepping = False
+            control.step_finished(self.vcpu.id, None)
+        while control.pause_requested:
+            if not control.park(self.vcpu):
+                return False
+            if control.stepping(self.vcpu.id):
+                self._stepping = True
+                break
+        return not control.stop_requested
 
     def _loop(self) -> None:
         vcpu = self.vcpu
         control = self.control
         state = vcpu.state
         record = vcpu.exit_record
-        run = lib.pyhv_vcpu_run
-        buffer = ffi.buffer
+        run = run_function()
+        buffer = exit_buffer
         pio = self._pio
         mmio = self._mmio
         hooks = self.hooks
+        table = self.breakpoints
+        history = self.history
         while True:
             kind = run(state, record)
-            if hooks:
-                for hook in hooks:
-                    hook(vcpu, record)
             if kind <= MMIO_WRITE:  # one of the four device-access kinds
-                devices = pio if kind <= PIO_OUT else mmio
+                is_port = kind <= PIO_OUT
+                device = (pio if is_port else mmio)[record.device_id]
                 size = record.size
                 count = record.count
+                data = memoryview(buffer(record.data, size * count))
+                observe = hooks or table.active or history is not None or self._stepping
+                started = time.perf_counter_ns() if observe else 0
                 try:
-                    dispatch_device_access(
-                        kind, devices[record.device_id], record.offset, size, count,
-                        memoryview(buffer(record.data, size * count)),
-                    )  # fmt: skip
+                    dispatch_device_access(kind, device, record.offset, size, count, data)
                 except Exception:
                     # A device bug, or a guest input a device did not expect: answer and go on.
                     self.device_errors += 1
-                    log.exception("device error on %s at %#x", "port" if kind <= PIO_OUT else "MMIO", record.address)
+                    log.exception("device error on %s at %#x", "port" if is_port else "MMIO", record.address)
+                if observe and not self._observe_access(kind, is_port, device, data, started):
+                    return
                 continue
             if kind == KICKED or kind == INTERRUPTED or kind == BUDGET:
                 if control.stop_requested:
                     return
-                if kind == BUDGET:
-                    control.pause()
-                if control.paused:
-                    control.wait_while_paused()
-                    if control.stop_requested:
-                        return
+                if kind == BUDGET and not control.pause_requested:
+                    control.post_stop(Stop("budget", vcpu.id))
+                if not self._park_if_asked():
+                    return
                 continue
             if kind == RUN_ERROR:
-                import os
-
+                event = RunError(vcpu.id, int(record.error))
+                self._notify(event, None, None)
                 control.request_stop(
-                    Outcome(OutcomeKind.HYPERVISOR_ERROR, f"KVM_RUN failed: {os.strerror(record.error)}")
+                    Outcome(OutcomeKind.HYPERVISOR_ERROR, f"KVM_RUN failed: {os.strerror(event.errno)}")
                 )
                 return
-            if not self._handle_kvm_exit(record.exit_reason):
+            if not self._handle_kvm_exit(int(record.exit_reason)):
                 return
+
+    # -- observing exits ---------------------------------------------------------------------
+
+    def _observe_access(self, kind: int, is_port: bool, device: Device, data: memoryview, started: int) -> bool:
+        """Builds the access's event and lets hooks and breakpoints see it; False when the run
+        is over."""
+        record = self.vcpu.exit_record
+        address = int(record.address)
+        size = int(record.size)
+        count = int(record.count)
+        candidates = self.breakpoints.candidates(is_port, address, size * count) if self.breakpoints.active else ()
+        if not (candidates or self.hooks or self.history is not None or self._stepping):
+            return True
+        device_id = int(record.device_id)
+        names = self._pio_names if is_port else self._mmio_names
+        elapsed = time.perf_counter_ns() - started
+        event: ExitEvent
+        if is_port:
+            event = PortIo(self.vcpu.id, address, size, count, kind == PIO_OUT, bytes(data), names.get(device_id),
+                           int(record.offset), elapsed)  # fmt: skip
+        else:
+            event = MmioAccess(self.vcpu.id, address, size, kind == MMIO_WRITE, bytes(data), names.get(device_id),
+                               int(record.offset), elapsed)  # fmt: skip
+        return self._notify(event, device, data, candidates)
+
+    def _notify(
+        self,
+        event: ExitEvent,
+        device: Device | None,
+        data: memoryview | None,
+        candidates: Sequence[Breakpoint] | None = None,
+    ) -> bool:
+        """Hooks, history, breakpoints and a pending step see `event`; parks when one of them
+        stops the machine. False when the run is over."""
+        if self.history is not None:
+            self.history.append(event)
+        context = ExitContext(self.vcpu, self.memory, device, data, self.machine)
+        for hook in list(self.hooks):
+            try:
+                hook(event, context)
+            except Exception:  # a debugging aid must not kill the vCPU
+                log.exception("exit hook %r failed", hook)
+        stop: Stop | None = None
+        if context.stop_reason is not None:
+            stop = Stop("hook", self.vcpu.id, event)
+        if candidates is None:
+            candidates = self.breakpoints.candidates(False, 0, 0) if self.breakpoints.active else ()
+        for breakpoint in candidates:
+            if not breakpoint.enabled or not breakpoint.matches(event):
+                continue
+            if breakpoint.condition is not None and not _safe_call(breakpoint.condition, event, context):
+                continue
+            breakpoint.hits += 1
+            if breakpoint.count is not None and breakpoint.hits < breakpoint.count:
+                continue
+            if breakpoint.action is not None and _safe_call(breakpoint.action, event, context) is False:
+                continue
+            if stop is None:
+                stop = Stop("breakpoint", self.vcpu.id, event, breakpoint)
+        if self._stepping:
+            self._stepping = False
+            self.control.step_finished(self.vcpu.id, event)
+            if stop is not None:
+                self.control.post_stop(stop)
+            return self._park_if_asked()
+        if stop is not None:
+            self.control.post_stop(stop)
+            return self._park_if_asked()
+        return not self.control.stop_requested
+
+    # -- non-device exits --------------------------------------------------------------------
 
     def _handle_kvm_exit(self, reason: int) -> bool:
         """Judges a non-device exit; False when the run is over."""
-        action = classify_kvm_exit(read_exit_info(self.vcpu, reason))
+        vcpu = self.vcpu
+        started = time.perf_counter_ns()
+        info = read_exit_info(vcpu, reason)
+        action = classify_kvm_exit(info)
         if action.emulate is not None:
-            insn = action.emulate.instruction
-            if self.emulator is not None and self.emulator(self.vcpu, insn):
-                self.emulated_instructions += 1
-                return True
-            regs = self.vcpu.get_regs()
-            self.control.request_stop(
-                Outcome(
-                    OutcomeKind.EMULATION_FAILURE,
-                    f"KVM could not emulate the instruction {insn.hex(' ')} at rip {regs['rip']:#x}",
-                    data={"instruction": insn.hex(), "rip": regs["rip"]},
-                )
-            )
+            return self._handle_emulation(action.emulate.instruction, started)
+        event = kvm_exit_event(vcpu.id, info)
+        event = event._replace(host_ns=time.perf_counter_ns() - started)
+        if action.debug:
+            # A debug trap happens only when a debugger enabled guest debugging: stop for it.
+            self.control.post_stop(Stop("debug", vcpu.id, event))
+            if self._stepping:
+                self._stepping = False
+                self.control.step_finished(vcpu.id, event)
+            if self.history is not None:
+                self.history.append(event)
+            return self._park_if_asked()
+        if not self._notify(event, None, None):
             return False
         if action.stop is not None:
             self.control.request_stop(action.stop)
             return False
-        if action.debug:
-            # Debug exits only happen when a debugger enabled them: pause for it.
-            self.control.pause()
-            self.control.wait_while_paused()
-            return not self.control.stop_requested
         return True
+
+    def _handle_emulation(self, insn: bytes, started: int) -> bool:
+        vcpu = self.vcpu
+        if insn[:1] == bytes([INT3]) and vcpu.guest_debug_control & GuestDebug.USE_SW_BP:
+            # On kvm_pvm an int3 at emulated CPL0 comes back as an emulation failure instead of
+            # the #BP that KVM_GUESTDBG_USE_SW_BP would report (PLATFORM.md): it is the debugger's
+            # software breakpoint, reported as KVM would on hardware virtualization.
+            rip = vcpu.get_regs()["rip"]
+            trap = DebugTrap(vcpu.id, VECTOR_BP, rip, 0, 0, time.perf_counter_ns() - started)
+            self.control.post_stop(Stop("debug", vcpu.id, trap))
+            if self._stepping:
+                self._stepping = False
+                self.control.step_finished(vcpu.id, trap)
+            return self._park_if_asked()
+        if self.emulator is not None and self.emulator(vcpu, insn):
+            self.emulated_instructions += 1
+            return True
+        rip = vcpu.get_regs()["rip"]
+        event = EmulationFailure(vcpu.id, insn, rip, time.perf_counter_ns() - started)
+        if not self._notify(event, None, None):
+            return False
+        self.control.request_stop(
+            Outcome(
+                OutcomeKind.EMULATION_FAILURE,
+                f"KVM could not emulate the instruction {insn.hex(' ')} at rip {rip:#x}",
+                data={"instruction": insn.hex(), "rip": rip, "vcpu": vcpu.id},
+            )
+        )
+        return False
+
+
+def _safe_call(function: Callable[[ExitEvent, ExitContext], object], event: ExitEvent, context: ExitContext) -> object:
+    try:
+        return function(event, context)
+    except Exception:
+        log.exception("breakpoint callback %r failed", function)
+        return False
+
+
+__all__ = ["Emulator", "ExitHook", "InternalErrorSubtype", "VcpuRunner", "kvm_exit_event", "read_exit_info"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from hypervisor.kvm.exits import exit_reason_name
-from hypervisor.kvm.ffi import lib
+from hypervisor.kvm.loop import MAX_EXIT_REASONS
 
 if TYPE_CHECKING:
     from hypervisor.kvm import Vcpu
@@ -22,7 +22,7 @@ def vcpu_statistics(vcpu: Vcpu) -> dict[str, object]:
     stats = vcpu.stats
     by_reason = {
         exit_reason_name(reason): int(stats.exits_by_reason[reason])
-        for reason in range(lib.PYHV_MAX_EXIT_REASONS)
+        for reason in range(MAX_EXIT_REASONS)
         if stats.exits_by_reason[reason]
     }
     result: dict[str, object] = {name: int(getattr(stats, name)) for name in COUNTERS}

@@ -1,0 +1,140 @@
+"""ACPI fixed hardware in I/O space: the PM1a event and control blocks, the PM timer, and the
+reset register, as the FADT (hypervisor/boot/acpi.py) describes them.
+
+ACPI 6.5 §4.8 "ACPI Hardware Specification": PM1 status/enable (§4.8.3.1, table 4.13), PM1
+control with SCI_EN, SLP_TYP and SLP_EN (§4.8.3.2, table 4.16), the power management timer
+(§4.8.3.3: 3.579545 MHz, 24 or 32 bits, TMR_VAL_EXT in the FADT), and the reset register
+(§4.8.3.6). The ports are those of QEMU's PIIX4 PM block as SeaBIOS programs it (base 0x600:
+event block 0x600, control 0x604, timer 0x608), so guests written for QEMU that hard-code them
+(the well-known `outw(0x604, 0x2000)` power-off) work too, and the reset register is the PIIX
+reset control register at 0xcf9 (value 0x06).
+
+A write of SLP_EN with the S5 sleep type (the \\_S5 package of the DSDT) powers the machine off;
+other sleep types (S1-S4) are not implemented and are ignored with a warning, as a system
+without those states would do. pyhv never raises the SCI: no fixed event (power button, timer
+carry) is generated, so the status bits only ever read back as 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+log = logging.getLogger(__name__)
+
+PM_BASE_PORT = 0x600
+PM1A_EVENT_PORT = PM_BASE_PORT  # PM1_STS (2 bytes), then PM1_EN (2 bytes)
+PM1_EVENT_LENGTH = 4
+PM1A_CONTROL_PORT = PM_BASE_PORT + 4
+PM1_CONTROL_LENGTH = 2
+PM_TIMER_PORT = PM_BASE_PORT + 8
+PM_TIMER_LENGTH = 4
+RESET_PORT = 0xCF9  # PIIX reset control register (Intel 82371AB datasheet §4.1.5)
+RESET_VALUE = 0x06  # SYS_RST | RST_CPU: a hard reset
+RESET_CPU_BIT = 0x04  # RST_CPU: the write that starts the reset
+
+PM_TIMER_HZ = 3_579_545  # §4.8.3.3
+PM_TIMER_MASK = 0xFFFF_FFFF  # a 32-bit counter: the FADT sets TMR_VAL_EXT
+
+# PM1 control bits (§4.8.3.2.1 table 4.16).
+SCI_EN = 1 << 0
+SLP_TYP_SHIFT = 10
+SLP_TYP_MASK = 0x7 << SLP_TYP_SHIFT
+SLP_EN = 1 << 13
+# The sleep type the DSDT's \_S5 package names (QEMU's PIIX4 value, so hard-coded guests agree).
+S5_SLEEP_TYPE = 0
+# PM1 status bits a guest can clear (§4.8.3.1.1 table 4.13: write 1 to clear).
+PM1_STATUS_BITS = 0x8D31
+PM1_ENABLE_BITS = 0x0521  # TMR_EN, GBL_EN, PWRBTN_EN, SLPBTN_EN, RTC_EN
+
+
+def _fill(data: memoryview, value: int) -> None:
+    data[:] = (value & ((1 << (8 * len(data))) - 1)).to_bytes(len(data), "little")
+
+
+class PmTimer:
+    """The free-running ACPI PM timer: ticks since the machine started, at 3.579545 MHz."""
+
+    def __init__(self, clock: Callable[[], int] = time.monotonic_ns) -> None:
+        self._clock = clock
+        self._start = clock()
+
+    def value(self) -> int:
+        return ((self._clock() - self._start) * PM_TIMER_HZ // 1_000_000_000) & PM_TIMER_MASK
+
+    def read(self, offset: int, data: memoryview) -> None:
+        # §4.8.3.3: the register is read as a 32-bit quantity; narrower reads get its low part
+        # at that offset, which is how a byte-wise reader would see it.
+        _fill(data, self.value() >> (8 * offset))
+
+    def write(self, offset: int, data: bytes) -> None:
+        pass  # read-only
+
+
+class Pm1Registers:
+    """PM1a status, enable (the event block) and control, one device over both blocks.
+
+    The event block is [0, 4) (status at 0, enable at 2) and the control block [4, 6), matching
+    the port layout above, so one bus range covers 0x600-0x605.
+    """
+
+    CONTROL_OFFSET = PM1A_CONTROL_PORT - PM1A_EVENT_PORT
+    SIZE = CONTROL_OFFSET + PM1_CONTROL_LENGTH
+
+    def __init__(self, on_power_off: Callable[[], None]) -> None:
+        self._on_power_off = on_power_off
+        self._lock = threading.Lock()
+        self._registers = bytearray(self.SIZE)
+        # SMI_CMD is 0 in the FADT: the machine is always in ACPI mode, so SCI_EN reads as 1
+        # (§4.8.3.2.1: "hardware-only ... if SMI_CMD is zero").
+        self._registers[self.CONTROL_OFFSET] = SCI_EN
+
+    def read(self, offset: int, data: memoryview) -> None:
+        with self._lock:
+            data[:] = bytes(self._registers[offset + index] if offset + index < self.SIZE else 0xFF
+                            for index in range(len(data)))  # fmt: skip
+
+    def write(self, offset: int, data: bytes) -> None:
+        power_off = False
+        with self._lock:
+            for index, byte in enumerate(data):
+                position = offset + index
+                if position < 2:  # PM1_STS: write 1 to clear
+                    self._registers[position] &= ~(byte & (PM1_STATUS_BITS >> (8 * position))) & 0xFF
+                elif position < 4:  # PM1_EN
+                    self._registers[position] = byte & (PM1_ENABLE_BITS >> (8 * (position - 2))) & 0xFF
+                elif position < self.SIZE:
+                    self._registers[position] = byte
+            self._registers[self.CONTROL_OFFSET] |= SCI_EN
+            control = int.from_bytes(self._registers[self.CONTROL_OFFSET : self.SIZE], "little")
+            if control & SLP_EN:
+                # SLP_EN is write-only and reads as 0 (table 4.16); the write is the command.
+                self._registers[self.CONTROL_OFFSET + 1] &= ~(SLP_EN >> 8) & 0xFF
+                sleep_type = (control & SLP_TYP_MASK) >> SLP_TYP_SHIFT
+                if sleep_type == S5_SLEEP_TYPE:
+                    power_off = True
+                else:
+                    log.warning("the guest asked for ACPI sleep type %d, which pyhv does not implement; "
+                                "only S5 (power off) is offered", sleep_type)  # fmt: skip
+        if power_off:
+            log.debug("guest wrote SLP_EN with the S5 sleep type: power off")
+            self._on_power_off()
+
+
+class ResetRegister:
+    """The FADT's reset register (§4.8.3.6): writing the reset value resets the machine."""
+
+    def __init__(self, on_reset: Callable[[], None]) -> None:
+        self._on_reset = on_reset
+        self._value = 0
+
+    def read(self, offset: int, data: memoryview) -> None:
+        _fill(data, self._value)
+
+    def write(self, offset: int, data: bytes) -> None:
+        self._value = data[0] & ~RESET_CPU_BIT
+        if data[0] & RESET_CPU_BIT:
+            log.debug("guest wrote %#x to the reset register", data[0])
+            self._on_reset()
