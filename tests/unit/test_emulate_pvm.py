@@ -1,0 +1,156 @@
+"""The glue between the kvm_pvm emulator and a vCPU (hypervisor/vcpu/pvm.py), with a fake vCPU
+that holds real `struct kvm_sregs`/`kvm_fpu` records and real guest memory."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from hypervisor.kvm.ffi import ffi
+from hypervisor.memory.guest_memory import GuestMemory
+from hypervisor.vcpu import pvm
+from hypervisor.vcpu.pvm import CR4_PGE, PvmEmulator, flush_guest_tlb, guest_cpuid_map
+
+EFER_LMA_LME = 0x500
+CR4_PAE = 1 << 5
+
+
+class FakeVcpu:
+    """A 64-bit CPL0 vCPU with identity paging; records what the glue writes back."""
+
+    id = 0
+    fd = -1  # every real ioctl on it fails, as it must when KVM has no answer
+
+    def __init__(self, rip: int = 0x1000, **registers: int) -> None:
+        self.registers = {
+            name: 0
+            for name in (
+                "rax",
+                "rbx",
+                "rcx",
+                "rdx",
+                "rsi",
+                "rdi",
+                "rsp",
+                "rbp",
+                "r8",
+                "r9",
+                "r10",
+                "r11",
+                "r12",
+                "r13",
+                "r14",
+                "r15",
+            )
+        }
+        self.registers.update(registers, rip=rip, rflags=0x2)
+        self.sregs = ffi.new("struct kvm_sregs *")
+        self.sregs.efer = EFER_LMA_LME
+        self.sregs.cs.l = 1
+        self.sregs.cr0 = 0x80050033
+        self.sregs.cr4 = CR4_PAE | CR4_PGE
+        self.sregs.idt.base = 0x3000
+        self.sregs.idt.limit = 0xFFF
+        self.set_sregs_calls: list[int] = []
+        self.exceptions: list[tuple[int, int | None]] = []
+
+    def get_regs(self) -> dict[str, int]:
+        return dict(self.registers)
+
+    def set_regs(self, **values: int) -> None:
+        self.registers.update(values)
+
+    def get_sregs(self) -> Any:
+        copy = ffi.new("struct kvm_sregs *")
+        ffi.memmove(copy, self.sregs, ffi.sizeof("struct kvm_sregs"))
+        return copy
+
+    def set_sregs(self, sregs: Any) -> None:
+        self.set_sregs_calls.append(int(sregs.cr4))
+        ffi.memmove(self.sregs, sregs, ffi.sizeof("struct kvm_sregs"))
+
+    def get_fpu(self) -> Any:
+        return ffi.new("struct kvm_fpu *")
+
+    def set_fpu_state(self, fpu: Any) -> None:
+        raise AssertionError("no x87 state changes here")
+
+    def translate(self, linear: int) -> int | None:
+        return linear if linear < 0x10_0000 else None
+
+    def inject_exception(self, vector: int, error_code: int | None = None) -> None:
+        self.exceptions.append((vector, error_code))
+
+
+@pytest.fixture
+def memory():
+    guest = GuestMemory.flat(0x10_0000)
+    yield guest
+    guest.close()
+
+
+def with_cpuid(emulator: PvmEmulator, vcpu: FakeVcpu, table: dict[tuple[int, int], tuple[int, int, int, int]]) -> None:
+    emulator._cpuid[vcpu.id] = table  # what KVM_GET_CPUID2 would have returned
+
+
+def test_guest_cpuid_map_files_leaves_without_subleaves_under_zero() -> None:
+    entries = ffi.new("struct kvm_cpuid_entry2[3]")
+    for slot, (function, index, flags, ebx) in enumerate([(0x7, 0, 1, 0x400), (0x7, 1, 1, 0x1), (0x1, 9, 0, 0x2)]):
+        entries[slot].function, entries[slot].index, entries[slot].flags = function, index, flags
+        entries[slot].ebx = ebx
+    table = guest_cpuid_map(entries, 3)
+    assert table == {(0x7, 0): (0, 0x400, 0, 0), (0x7, 1): (0, 1, 0, 0), (0x1, 0): (0, 2, 0, 0)}
+
+
+def test_flush_toggles_cr4_pge_and_restores_it() -> None:
+    vcpu = FakeVcpu()
+    flush_guest_tlb(vcpu)  # type: ignore[arg-type]
+    assert vcpu.set_sregs_calls == [CR4_PAE, CR4_PAE | CR4_PGE]
+    assert vcpu.sregs.cr4 == CR4_PAE | CR4_PGE
+
+
+def test_flush_without_global_pages_also_toggles() -> None:
+    vcpu = FakeVcpu()
+    vcpu.sregs.cr4 = CR4_PAE
+    flush_guest_tlb(vcpu)  # type: ignore[arg-type]
+    assert vcpu.set_sregs_calls == [CR4_PAE | CR4_PGE, CR4_PAE]
+
+
+def test_invpcid_through_the_glue_flushes(memory: GuestMemory) -> None:
+    emulator = PvmEmulator(memory)
+    vcpu = FakeVcpu(rax=0x6000, rcx=2)
+    with_cpuid(emulator, vcpu, {(0x7, 0): (0, 1 << 10, 0, 0)})
+    assert emulator(vcpu, bytes.fromhex("660f388208"))  # type: ignore[arg-type]
+    assert vcpu.registers["rip"] == 0x1005
+    assert vcpu.set_sregs_calls == [CR4_PAE, CR4_PAE | CR4_PGE]
+    assert emulator.counts == {"invpcid": 1}
+
+
+def test_undefined_instruction_is_injected(memory: GuestMemory) -> None:
+    emulator = PvmEmulator(memory)
+    vcpu = FakeVcpu()
+    with_cpuid(emulator, vcpu, {(0x7, 0): (0, 0, 0, 0)})
+    assert emulator(vcpu, bytes.fromhex("660f388208"))  # type: ignore[arg-type]
+    assert vcpu.exceptions == [(6, None)] and vcpu.registers["rip"] == 0x1000
+    assert vcpu.set_sregs_calls == []
+
+
+def test_int_n_is_injected_as_an_interrupt(memory: GuestMemory, monkeypatch: pytest.MonkeyPatch) -> None:
+    injected: list[int] = []
+    monkeypatch.setattr(pvm, "inject_interrupt", lambda vcpu, vector: injected.append(vector))
+    gate = (0x1234 | 0x08 << 16 | 0xE << 40 | 1 << 47).to_bytes(8, "little") + bytes(8)
+    memory.write(0x3000 + 0x40 * 16, gate)
+    emulator = PvmEmulator(memory)
+    vcpu = FakeVcpu()
+    assert emulator(vcpu, bytes.fromhex("cd40"))  # type: ignore[arg-type]
+    assert injected == [0x40] and vcpu.registers["rip"] == 0x1002 and vcpu.exceptions == []
+
+
+def test_unknown_cpuid_is_not_guessed(memory: GuestMemory) -> None:
+    """With fd -1, KVM_GET_CPUID2 fails: CPUID-dependent instructions are then not emulated."""
+    emulator = PvmEmulator(memory)
+    vcpu = FakeVcpu()
+    assert not emulator(vcpu, bytes.fromhex("0f01fd"))  # type: ignore[arg-type]
+    assert emulator._cpuid == {0: None}
+    assert vcpu.exceptions == [] and vcpu.registers["rip"] == 0x1000
