@@ -11,15 +11,15 @@ from __future__ import annotations
 import logging
 import os
 import queue
-import stat
-import tempfile
+import re
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from hypervisor.block.open import open_disk
-from hypervisor.block.qcow2.create import Qcow2CreateOptions, create_qcow2, create_raw
+from hypervisor.block.qcow2.create import Qcow2CreateOptions, create_qcow2, write_qcow2, write_raw
+from hypervisor.block.qcow2.staging import staged
 from hypervisor.cli.image_ops import full_backing_filename, open_image, resolve_format
 from hypervisor.cli.image_options import RAW_CREATE_KEYS, check_keys, qcow2_create_options
 from hypervisor.errors import ConfigError
@@ -209,25 +209,29 @@ def convert(
             check_keys(options, RAW_CREATE_KEYS, "raw")
             if options.get("preallocation", "off") != "off":
                 raise ConfigError("raw preallocation modes other than off are not supported")
-        _create(target_path, target_format, qcow2_options, source.size)
-        target = open_disk(target_path, format=target_format, read_only=False, allow_backing=False)
-        try:
-            cluster_size = qcow2_options.cluster_size if qcow2_options else 0
-            granularity = cluster_size if compress else DEFAULT_SPARSE_GRANULARITY
-            copy_data(source, target, granularity, compress, cluster_size, progress)
-            target.flush()
-        finally:
-            target.close()
+        # Built under a temporary name and renamed over the target once complete (staging.py):
+        # a crash leaves the old target, or nothing, and at most a temporary the next run removes.
+        with staged(target_path, "convert") as stage:
+            _create(stage.path, target_format, qcow2_options, source.size, target_path)
+            target = open_disk(stage.path, format=target_format, read_only=False, allow_backing=False)
+            try:
+                cluster_size = qcow2_options.cluster_size if qcow2_options else 0
+                granularity = cluster_size if compress else DEFAULT_SPARSE_GRANULARITY
+                copy_data(source, target, granularity, compress, cluster_size, progress)
+                target.flush()
+                stage.commit()
+            finally:
+                target.close()
     finally:
         source.close()
 
 
-def _create(path: str, image_format: str, options: Qcow2CreateOptions | None, size: int) -> None:
+def _create(path: str, image_format: str, options: Qcow2CreateOptions | None, size: int, shown_as: str) -> None:
     if image_format == "qcow2":
         assert options is not None
-        create_qcow2(path, options)
+        write_qcow2(path, options, shown_as)
     else:
-        create_raw(path, size)
+        write_raw(path, size, shown_as)
 
 
 def rebase(
@@ -375,25 +379,14 @@ def _recreate_options(image: Any, backing_format: str) -> Qcow2CreateOptions:
     )
 
 
+# Temporaries of pyhv versions before staging.py (tempfile.mkstemp's 8 random characters).
+_LEGACY_COMMIT_TEMPORARY = re.compile(r"\.pyhv-commit-[a-z0-9_]{8}")
+
+
 def _replace_atomically(path: str, options: Qcow2CreateOptions) -> None:
-    """Write the empty image next to `path`, then rename it over: a crash leaves one or the other."""
-    folder = os.path.dirname(os.path.abspath(path))
-    mode = stat.S_IMODE(os.stat(path).st_mode)
-    fd, temporary = tempfile.mkstemp(prefix=".pyhv-commit-", dir=folder)
-    os.close(fd)
-    try:
-        create_qcow2(temporary, options)
-        os.chmod(temporary, mode)
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
-    dir_fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    """Write the empty image next to `path`, then rename it over: a crash leaves one or the other,
+    and the temporary of an interrupted commit is removed by the next commit of the same image."""
+    create_qcow2(path, options, purpose="commit", legacy=_LEGACY_COMMIT_TEMPORARY)
 
 
 __all__ = ["convert", "rebase", "commit", "copy_data", "data_ranges"]

@@ -6,8 +6,10 @@ table, and with preallocation=metadata each L2 table followed by the data cluste
 Every cluster written gets refcount 1, so `qemu-img check` finds neither leaks nor corruptions.
 
 Everything is validated before the target file is touched, so a bad option never clobbers an
-existing file. Format reference: QEMU docs/interop/qcow2.rst ("Header", "Header extensions",
-"Host cluster management", "Cluster mapping").
+existing file, and the image is built under a temporary name and renamed over the target when
+complete (staging.py), so a crash leaves the old target or the new image, never half of one.
+Format reference: QEMU docs/interop/qcow2.rst ("Header", "Header extensions", "Host cluster
+management", "Cluster mapping").
 """
 
 from __future__ import annotations
@@ -17,8 +19,10 @@ import os
 import stat
 import struct
 from dataclasses import dataclass
+from re import Pattern
 
 from hypervisor.block.locking import lock_image
+from hypervisor.block.qcow2.staging import staged
 from hypervisor.errors import ConfigError, ImageError
 
 log = logging.getLogger(__name__)
@@ -298,9 +302,21 @@ def _refcount_block(first_cluster: int, in_use: int, options: Qcow2CreateOptions
     return bytes(block)
 
 
-def create_qcow2(path: str, options: Qcow2CreateOptions) -> None:
-    """Write a new qcow2 image at `path` (replacing a file there, as qemu-img does)."""
+def create_qcow2(
+    path: str, options: Qcow2CreateOptions, purpose: str = "create", legacy: Pattern[str] | None = None
+) -> None:
+    """Write a new qcow2 image at `path` (replacing a file there, as qemu-img does), built under a
+    temporary name and renamed into place (staging.py): a crash never leaves a half-made image."""
     validate(options)
+    with staged(path, purpose, legacy) as stage:
+        write_qcow2(stage.path, options, shown_as=path)
+        stage.commit()
+
+
+def write_qcow2(path: str, options: Qcow2CreateOptions, shown_as: str | None = None) -> None:
+    """Write a new qcow2 image directly into `path` (no staging); errors name `shown_as`."""
+    validate(options)
+    shown = shown_as or path
     cs = options.cluster_size
     layout = _plan(options)
     l1_offset = layout.l1_index * cs if layout.l1_size else 0
@@ -312,7 +328,7 @@ def create_qcow2(path: str, options: Qcow2CreateOptions) -> None:
     )
     total = layout.total_clusters
     per_block = cs * 8 // options.refcount_bits
-    fd = _open_for_replacing(path)
+    fd = _open_for_replacing(path, shown)
     try:
         os.pwrite(fd, header, 0)
         os.pwrite(fd, refcount_table, layout.refcount_table_index * cs)
@@ -328,10 +344,10 @@ def create_qcow2(path: str, options: Qcow2CreateOptions) -> None:
         os.ftruncate(fd, end)
         os.fsync(fd)
     except OSError as error:
-        raise ImageError(f"Could not write '{path}': {error.strerror}") from error
+        raise ImageError(f"Could not write '{shown}': {error.strerror}") from error
     finally:
         os.close(fd)
-    log.info("created %s: qcow2 v%d, %d bytes, cluster size %d", path, options.version, options.rounded_size, cs)
+    log.info("created %s: qcow2 v%d, %d bytes, cluster size %d", shown, options.version, options.rounded_size, cs)
 
 
 def _write_preallocated_tables(fd: int, options: Qcow2CreateOptions, layout: _Layout, l1_offset: int) -> int:
@@ -365,21 +381,21 @@ def _write_preallocated_tables(fd: int, options: Qcow2CreateOptions, layout: _La
     return end
 
 
-def _open_for_replacing(path: str) -> int:
+def _open_for_replacing(path: str, shown: str) -> int:
     """Open (creating) `path`, take QEMU's write lock, and only then empty it: a file that a
     running QEMU or pyhv has open is refused (ImageLockedError) and left as it was."""
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     except OSError as error:
-        raise ImageError(f"Could not create '{path}': {error.strerror}") from error
+        raise ImageError(f"Could not create '{shown}': {error.strerror}") from error
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise ImageError(f"Could not create '{path}': not a regular file")
-        lock_image(fd, path, writable=True)
+            raise ImageError(f"Could not create '{shown}': not a regular file")
+        lock_image(fd, shown, writable=True)
         os.ftruncate(fd, 0)
     except OSError as error:
         os.close(fd)
-        raise ImageError(f"Could not create '{path}': {error.strerror}") from error
+        raise ImageError(f"Could not create '{shown}': {error.strerror}") from error
     except BaseException:
         os.close(fd)
         raise
@@ -387,14 +403,26 @@ def _open_for_replacing(path: str) -> int:
 
 
 def create_raw(path: str, size: int) -> None:
-    """A sparse raw file of `size` bytes (qemu-img create -f raw, preallocation=off)."""
+    """A sparse raw file of `size` bytes (qemu-img create -f raw, preallocation=off), staged
+    like create_qcow2."""
     if size < 0:
         raise ConfigError(f"invalid image size {size}")
+    with staged(path, "create") as stage:
+        write_raw(stage.path, size, shown_as=path)
+        stage.commit()
+
+
+def write_raw(path: str, size: int, shown_as: str | None = None) -> None:
+    """A sparse raw file of `size` bytes directly at `path` (no staging)."""
+    if size < 0:
+        raise ConfigError(f"invalid image size {size}")
+    shown = shown_as or path
     rounded = (size + 511) // 512 * 512
-    fd = _open_for_replacing(path)
+    fd = _open_for_replacing(path, shown)
     try:
         os.ftruncate(fd, rounded)
+        os.fsync(fd)
     except OSError as error:
-        raise ImageError(f"Could not resize '{path}': {error.strerror}") from error
+        raise ImageError(f"Could not resize '{shown}': {error.strerror}") from error
     finally:
         os.close(fd)

@@ -1,9 +1,12 @@
 """Whole-image operations: internal snapshots, resize (with L1 growth), rebase, compressed writes.
 
-Each one flushes first and then orders its own writes so that a crash leaves leaks at worst:
-references are added (refcounts up, synced) before anything points at them, and removed (the
-pointing structure rewritten, synced) before refcounts go down (qcow2.rst "Snapshots": "the
-refcount of all L2 tables and clusters reachable from this L1 table must be increased").
+Each one flushes first. Snapshot create, delete and apply change refcounts and COPIED flags
+together, which no in-place order keeps consistent at every write (qcow2.rst "Snapshots": "the
+refcount of all L2 tables and clusters reachable from this L1 table must be increased"); they build
+the new metadata beside the old and switch to it with one header write (transaction.py). Resize
+and rebase order their writes so that a crash leaves leaks at worst: references are added
+(refcounts up, synced) before anything points at them, and removed (the pointing structure
+rewritten, synced) before refcounts go down.
 """
 
 from __future__ import annotations
@@ -17,10 +20,12 @@ from hypervisor.block.qcow2 import format as fmt
 from hypervisor.block.qcow2.compress import compress
 from hypervisor.block.qcow2.refcount import dump_u64_table, load_u64_table
 from hypervisor.block.qcow2.snapshot_table import SnapshotEntry, build_snapshot_table
+from hypervisor.block.qcow2.transaction import MetadataTransaction
 from hypervisor.block.qcow2.types import SnapshotInfo
 from hypervisor.errors import ImageError, ImageFormatError
 
 if TYPE_CHECKING:
+    from hypervisor.block.qcow2.header import Qcow2Header
     from hypervisor.block.qcow2.image import Qcow2Image
 
 
@@ -61,17 +66,6 @@ class OpsMixin:
         finally:
             self._l1 = saved
 
-    def _apply_references(self: Qcow2Image, refs: Counter[int], sign: int) -> None:
-        if sign > 0:
-            limit = self._refs.max_refcount
-            for cluster, count in refs.items():
-                if self._refs.get(cluster) + count > limit:
-                    raise ImageFormatError(
-                        f"{self.path}: refcount_bits={self._refs.codec.bits} is too narrow for this snapshot"
-                    )
-        for cluster, count in refs.items():
-            self._refs.change(cluster, sign * count)
-
     def _set_copied_flags(self: Qcow2Image) -> None:
         """Make COPIED exact in the active L1 and its L2 tables (refcount == 1)."""
         step = 1 << self._ext_shift
@@ -110,40 +104,43 @@ class OpsMixin:
         clusters = max(1, -(-length // self._cs))
         self._refs.free_later(offset, clusters)
 
-    def _write_tables_with_refcounts(self: Qcow2Image) -> None:
-        """Write dirty L2/L1 tables and the refcount blocks in one sync epoch, then sync.
-
-        Used where COPIED flags change together with refcounts (snapshot create/delete): a state
-        at any sync point then has the flags matching the refcounts (qemu-img check counts a
-        mismatch as corruption), and no reference ever reaches disk before its refcount.
-        """
-        self._l2.write_dirty()
-        if self._l1_dirty:
-            self._hf.pwrite(self._l1_offset, dump_u64_table(self._l1))
-            self._l1_dirty = False
-        synced = self._refs.dirty
-        self._refs.write_back()
-        if not synced:
-            self._hf.sync()
-
-    def _write_snapshot_table(self: Qcow2Image, entries: list[SnapshotEntry]) -> None:
-        """Write a new snapshot table, then point the header at it (synced), then free the old one."""
+    def _commit_tree(
+        self: Qcow2Image, txn: MetadataTransaction, logical_l1: array, snapshots: list[SnapshotEntry], move_l1: bool
+    ) -> tuple[array, int]:
+        """Shared tail of the snapshot operations: the new active L1 (exact COPIED flags), a new
+        snapshot table, and the transaction's commit. Returns the new L1 and its offset."""
+        new_l1 = txn.active_tree(logical_l1)
+        l1_offset = self._l1_offset
+        if len(new_l1) and (move_l1 or new_l1 != self._l1):
+            if len(self._l1):
+                txn.add_area(self._l1_offset, len(self._l1) * 8, -1)
+            l1_offset = txn.allocate(len(new_l1) * 8)
+            txn.write(l1_offset, dump_u64_table(new_l1))
         hdr = self._header
-        old = (hdr.snapshots_offset, len(build_snapshot_table(self._snapshots))) if hdr.nb_snapshots else None
-        raw = build_snapshot_table(entries)
-        offset = self._allocate_bytes(len(raw)) if entries else 0
-        if entries:
-            self._hf.pwrite(offset, raw)
-        self._write_tables_with_refcounts()
-        hdr.nb_snapshots = len(entries)
-        hdr.snapshots_offset = offset
-        self._write_header()
-        self._hf.sync()
-        if old is not None:
-            self._free_area(*old)
-        self._snapshots = entries
+        if hdr.nb_snapshots:
+            txn.add_area(hdr.snapshots_offset, len(build_snapshot_table(self._snapshots)), -1)
+        raw = build_snapshot_table(snapshots)
+        table_offset = txn.allocate(len(raw)) if snapshots else 0
+        if snapshots:
+            txn.write(table_offset, raw)
+
+        def switch(header: Qcow2Header) -> None:
+            header.l1_table_offset = l1_offset
+            header.l1_size = len(new_l1)
+            header.nb_snapshots = len(snapshots)
+            header.snapshots_offset = table_offset
+
+        txn.commit(switch)
+        self._l1, self._l1_offset, self._l1_dirty = new_l1, l1_offset, False
+        self._snapshots = snapshots
+        self._l2.clear()
+        self._compressed_cursor = 0
+        self._metadata = self._collect_metadata_clusters()
+        return new_l1, l1_offset
 
     # -- snapshots ---------------------------------------------------------------------------
+    # Each operation is one MetadataTransaction (transaction.py states the order and why): the
+    # old image stays intact until the header switch, the new one is exact from it on.
     def snapshots(self: Qcow2Image) -> list[SnapshotInfo]:
         with self._lock:
             return [entry.info() for entry in self._snapshots]
@@ -156,15 +153,15 @@ class OpsMixin:
             if any(s.name == name or s.id == name for s in self._snapshots):
                 raise ImageError(f"{self.path}: a snapshot named {name!r} already exists")
             self._flush_metadata()
-            self._apply_references(self._tree_references(self._l1), +1)
-            l1_copy = array("Q", (e & ~fmt.OFLAG_COPIED for e in self._l1))
-            l1_offset = self._allocate_bytes(len(l1_copy) * 8) if len(l1_copy) else 0
-            self._set_copied_flags()
+            txn = MetadataTransaction(self)
+            # The snapshot keeps the current L1 table and L2 tables; the new active L1 references
+            # them (or flag-exact copies) once more, and every data cluster once more.
+            txn.net.update(self._tree_references(self._l1))
             now = time.time_ns()
             numeric_ids = [int(s.id) for s in self._snapshots if s.id.isdigit()]
             entry = SnapshotEntry(
-                l1_table_offset=l1_offset,
-                l1_size=len(l1_copy),
+                l1_table_offset=self._l1_offset if len(self._l1) else 0,
+                l1_size=len(self._l1),
                 id=str(max(numeric_ids, default=0) + 1),
                 name=name,
                 date_sec=now // 1_000_000_000,
@@ -174,10 +171,10 @@ class OpsMixin:
                 disk_size=self._size,
                 icount=None,
             )
-            if len(l1_copy):
-                self._hf.pwrite(l1_offset, dump_u64_table(l1_copy))
-            self._write_snapshot_table([*self._snapshots, entry])
-            self._flush_metadata()
+            logical = array("Q", (e & fmt.L1E_OFFSET_MASK for e in self._l1))
+            if len(self._l1):
+                txn.add_area(self._l1_offset, len(self._l1) * 8, +1)  # now the snapshot's L1
+            self._commit_tree(txn, logical, [*self._snapshots, entry], move_l1=True)
             return entry.info()
 
     def delete_snapshot(self: Qcow2Image, name_or_id: str) -> None:
@@ -185,51 +182,37 @@ class OpsMixin:
             self._check_writable_image()
             target = self._find_snapshot(name_or_id)
             self._flush_metadata()
+            txn = MetadataTransaction(self)
             snap_l1 = self._load_l1(target.l1_table_offset, target.l1_size)
-            references = self._tree_references(snap_l1)
-            self._write_snapshot_table([s for s in self._snapshots if s is not target])
-            # The table without the snapshot is durable: its references can go now.
-            self._apply_references(references, -1)
+            for cluster, count in self._tree_references(snap_l1).items():
+                txn.net[cluster] -= count
             if target.l1_size:
-                for i in range(-(-target.l1_size * 8 // self._cs)):
-                    self._refs.change((target.l1_table_offset >> self._cb) + i, -1)
-            self._set_copied_flags()
-            self._write_tables_with_refcounts()
-            self._flush_metadata()
+                txn.add_area(target.l1_table_offset, target.l1_size * 8, -1)
+            logical = array("Q", (e & fmt.L1E_OFFSET_MASK for e in self._l1))
+            self._commit_tree(txn, logical, [s for s in self._snapshots if s is not target], move_l1=False)
 
     def apply_snapshot(self: Qcow2Image, name_or_id: str) -> None:
         with self._lock:
             self._check_writable_image()
             target = self._find_snapshot(name_or_id)
             self._flush_metadata()
+            txn = MetadataTransaction(self)
             snap_l1 = self._load_l1(target.l1_table_offset, target.l1_size)
-            new_refs = self._tree_references(snap_l1)
-            old_l1 = array("Q", self._l1)
-            old_refs = self._tree_references(old_l1)
-            self._apply_references(new_refs, +1)
+            txn.net.update(self._tree_references(snap_l1))
+            for cluster, count in self._tree_references(self._l1).items():
+                txn.net[cluster] -= count
             size = target.disk_size or self._header.size
             entries = max(len(self._l1), target.l1_size, self._header.l1_entries_needed(size))
-            new_l1 = array("Q", (e & ~fmt.OFLAG_COPIED for e in snap_l1))
-            new_l1.extend([0] * (entries - len(new_l1)))
-            self._refs.write_back()
-            if entries > len(self._l1):
-                self._relocate_l1(new_l1)
-            else:
-                self._hf.pwrite(self._l1_offset, dump_u64_table(new_l1))
-                self._hf.sync()
-                self._l1 = new_l1
-            self._l1_dirty = False
-            if size != self._header.size:
-                self._header.size = size
-                self._write_header()
-                self._hf.sync()
+            logical = array("Q", (e & fmt.L1E_OFFSET_MASK for e in snap_l1))
+            logical.extend([0] * (entries - len(logical)))
+            saved_size = self._header.size
+            self._header.size = size  # switched with the rest by the header write
+            try:
+                self._commit_tree(txn, logical, list(self._snapshots), move_l1=True)
+            except BaseException:
+                self._header.size = saved_size
+                raise
             self._size = size
-            self._apply_references(old_refs, -1)
-            self._refs.write_back()
-            self._l2.clear()
-            self._metadata = self._collect_metadata_clusters()
-            self._set_copied_flags()
-            self._flush_metadata()
 
     # -- resize ------------------------------------------------------------------------------
     def _relocate_l1(self: Qcow2Image, new_l1: array) -> None:

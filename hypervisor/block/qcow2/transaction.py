@@ -1,0 +1,217 @@
+"""All-or-nothing metadata changes committed by one header write (internal snapshots).
+
+Why: creating or deleting a snapshot moves refcounts of data clusters between 1 and 2 and, with
+them, the COPIED flags of the active L1/L2 entries. qcow2.rst ("Cluster mapping", bit 63: "1 for
+standard clusters whose refcount is exactly one. This information is only accurate in L2 tables
+that are reachable from the active L1 table") makes the flag a function of the refcount, and
+`qemu-img check` counts a mismatch in *either* direction as corruption (QEMU check_oflag_copied).
+A refcount and the flag that depends on it live in different clusters, so no order of in-place
+writes keeps them in step at every write point; QEMU has the same window.
+
+The order used here (a shadow update, as rebuild.py does for whole refcount structures):
+
+1. Everything the new state needs that differs from the old one is written to clusters that are
+   free in the old state: copied L2 tables with exact COPIED flags, a new active L1 table, the new
+   snapshot table, a copy of every refcount block whose counts change, and a new refcount table
+   pointing at those copies. Freed clusters are counted as free only in the copies, and nothing
+   is allocated after the frees are counted, so no cluster live in the old state is overwritten.
+2. sync: the new structures are durable.
+3. The header's first sector is rewritten with the new L1, refcount table and snapshot table
+   pointers at once (qcow2.rst "Header": l1_table_offset, refcount_table_offset, nb_snapshots and
+   snapshots_offset all lie in bytes 0..71). This is the commit point.
+4. sync.
+
+A crash before 3 leaves the old image untouched (the new clusters are past every reference and
+have refcount 0 in the old structure: not even leaks); after it, the new image with exact
+refcounts. Both states pass `qemu-img check` at every write point and in any order of the
+writes inside step 1.
+"""
+
+from __future__ import annotations
+
+import logging
+from array import array
+from collections import Counter
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from hypervisor.block.qcow2 import format as fmt
+from hypervisor.block.qcow2.header import Qcow2Header
+from hypervisor.block.qcow2.refcount import Refcounts, dump_u64_table
+from hypervisor.errors import ImageFormatError
+
+if TYPE_CHECKING:
+    from hypervisor.block.qcow2.image import Qcow2Image
+
+log = logging.getLogger(__name__)
+
+
+class MetadataTransaction:
+    """Collects a new metadata state for `image` and commits it with one header write.
+
+    `net` holds the refcount change each existing cluster gets (references added minus removed);
+    clusters for new structures come from `allocate`. The image must be flushed before (its
+    in-memory refcounts then equal the disk) and its lock held.
+    """
+
+    def __init__(self, image: Qcow2Image) -> None:
+        self.image = image
+        self.refs: Refcounts = image._refs  # type: ignore[has-type]  # (image.py mixins defeat inference)
+        self.net: Counter[int] = Counter()
+        self._writes: list[tuple[int, bytes]] = []
+        self._old_blocks = {index: offset for index, offset in enumerate(self.refs.table) if offset}
+        self._old_table = (self.refs.table_offset, self.refs.table_clusters)
+
+    # -- building the new state ---------------------------------------------------------------
+    def after(self, cluster: int) -> int:
+        """The refcount `cluster` will have once committed."""
+        return self.refs.get(cluster) + self.net[cluster]
+
+    def allocate(self, length: int) -> int:
+        """Clusters for `length` bytes that are free in the old state (refcount 1 in the new)."""
+        return self.refs.allocate(max(1, -(-length // self.image._cs)))
+
+    def add_area(self, offset: int, length: int, sign: int) -> None:
+        """Count the clusters of a byte range (a table) as referenced once more or once less."""
+        cb, cs = self.image._cb, self.image._cs
+        for cluster in range(offset >> cb, (offset + max(length, 1) + cs - 1) >> cb):
+            self.net[cluster] += sign
+
+    def write(self, offset: int, data: bytes) -> None:
+        self._writes.append((offset, data))
+
+    def exact_l2(self, table: array) -> array:
+        """`table` with every COPIED flag equal to (refcount after commit == 1)."""
+        image = self.image
+        exact = array("Q", table)
+        for i in range(0, len(exact), 1 << image._ext_shift):
+            entry = exact[i]
+            host = entry & fmt.L2E_OFFSET_MASK
+            if entry & fmt.OFLAG_COMPRESSED or not host:
+                continue
+            copied = fmt.OFLAG_COPIED if self.after(host >> image._cb) == 1 else 0
+            exact[i] = (entry & ~fmt.OFLAG_COPIED) | copied
+        return exact
+
+    def active_tree(self, l1: array) -> array:
+        """The new active L1 for the L2 tables `l1` points to, whose references (one per L2 table,
+        and their data clusters) must already be in `net`. An L2 table whose flags would change is
+        copied (the old one stays as it is for the old state and for snapshots sharing it)."""
+        image = self.image
+        new_l1 = array("Q", bytes(8 * len(l1)))
+        for l1_index, l1_entry in enumerate(l1):
+            l2_offset = l1_entry & fmt.L1E_OFFSET_MASK
+            if not l2_offset:
+                continue
+            table = image._l2_for_walk(l1, l1_index)
+            exact = self.exact_l2(table)
+            if exact != table:
+                self.net[l2_offset >> image._cb] -= 1  # the active L1 now points at the copy
+                l2_offset = self.allocate(image._cs)
+                self.write(l2_offset, dump_u64_table(exact))
+            copied = fmt.OFLAG_COPIED if self.after(l2_offset >> image._cb) == 1 else 0
+            new_l1[l1_index] = l2_offset | copied
+        return new_l1
+
+    # -- commit -------------------------------------------------------------------------------
+    def commit(self, update_header: Callable[[Qcow2Header], None]) -> None:
+        """Write the new state, sync, switch the header (the commit point), sync."""
+        image, refs = self.image, self.refs
+        header = image._header
+        saved = {name: getattr(header, name) for name in _SWITCHED_FIELDS}
+        try:
+            self._apply_increments()
+            table_offset, table_clusters = self._shadow_refcounts()
+            refs.table_offset, refs.table_clusters = table_offset, table_clusters
+            for offset, data in self._writes:
+                image._hf.pwrite(offset, data)
+            image._hf.sync()
+            update_header(header)
+            header.refcount_table_offset = table_offset
+            header.refcount_table_clusters = table_clusters
+        except BaseException:
+            self._abandon(saved)
+            raise
+        image._write_header()  # the commit point
+        image._hf.sync()
+        log.debug("%s: metadata committed (refcount table at 0x%x)", image.path, table_offset)
+
+    def _apply_increments(self) -> None:
+        refs = self.refs
+        limit = refs.max_refcount
+        for cluster, delta in self.net.items():
+            if delta > 0 and refs.get(cluster) + delta > limit:
+                raise ImageFormatError(
+                    f"{self.image.path}: refcount_bits={refs.codec.bits} is too narrow for this snapshot"
+                )
+        for cluster, delta in self.net.items():
+            if delta > 0:
+                refs.change(cluster, delta)
+
+    def _shadow_refcounts(self) -> tuple[int, int]:
+        """Copy-on-write of the refcount structure: every block that changes goes to a new cluster,
+        the table to new clusters; decrements (including the old copies) are applied last so that
+        no allocation can reuse a cluster the old state still uses. Writes blocks and table."""
+        refs, image = self.refs, self.image
+        cb, cs = image._cb, image._cs
+        per_block = refs.codec.entries
+        frees = Counter({cluster: -delta for cluster, delta in self.net.items() if delta < 0})
+        self.add_frees_of_area(frees, *self._old_table)
+        shadows: dict[int, int] = {}
+        table: tuple[int, int] | None = None
+        while True:
+            changing = set(refs.dirty_blocks) | {cluster // per_block for cluster in frees}
+            missing = sorted(index for index in changing if index in self._old_blocks and index not in shadows)
+            for index in missing:
+                shadows[index] = refs.allocate(1)
+                frees[self._old_blocks[index] >> cb] += 1
+            table_clusters = max(self._old_table[1], -(-len(refs.table) * 8 // cs))
+            if table is None or table[1] < table_clusters:
+                if table is not None:  # allocated in this transaction: safe to give back at once
+                    for i in range(table[1]):
+                        refs.change((table[0] >> cb) + i, -1)
+                table = (refs.allocate(table_clusters), table_clusters)
+                continue
+            if not missing:
+                break
+        for cluster, count in frees.items():
+            refs.change(cluster, -count)
+        for index in sorted(refs.dirty_blocks):
+            if index in shadows:
+                refs.table[index] = shadows[index]
+            image._hf.pwrite(refs.table[index], refs.codec.encode(refs.blocks[index]))
+        refs.dirty_blocks.clear()
+        refs.changed_table_entries.clear()
+        refs.table_relocation_needed = False
+        words = array("Q", refs.table)
+        words.extend([0] * (table[1] * cs // 8 - len(words)))
+        image._hf.pwrite(table[0], dump_u64_table(words))
+        return table
+
+    def add_frees_of_area(self, frees: Counter[int], offset: int, clusters: int) -> None:
+        first = offset >> self.image._cb
+        for cluster in range(first, first + clusters):
+            frees[cluster] += 1
+
+    def _abandon(self, saved: dict[str, int]) -> None:
+        """Nothing live was overwritten: forget the in-memory changes and reload the old state."""
+        image = self.image
+        header = image._header
+        for name, value in saved.items():
+            setattr(header, name, value)
+        offset, clusters = self._old_table
+        image._refs = Refcounts(
+            image._hf, image._cb, header.refcount_order, offset, clusters, image._on_refcount_table_moved
+        )
+        image._l2.clear()
+
+
+_SWITCHED_FIELDS = (
+    "l1_table_offset",
+    "l1_size",
+    "refcount_table_offset",
+    "refcount_table_clusters",
+    "nb_snapshots",
+    "snapshots_offset",
+    "size",
+)
