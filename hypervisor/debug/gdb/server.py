@@ -15,14 +15,19 @@ import select
 import socket
 import stat
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from hypervisor.debug.gdb.packets import EventKind, PacketDecoder, encode_packet
 from hypervisor.debug.gdb.stub import EINVAL, GdbStub, error_reply
 from hypervisor.debug.gdb.target import GdbTarget
 from hypervisor.debug.gdb.target_xml import ARCH_X86_64
 from hypervisor.errors import ConfigError
+
+if TYPE_CHECKING:
+    from hypervisor.machine import Machine
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +89,7 @@ class GdbServer:
         self.sessions = 0  # clients served so far (tests, logs)
         self.client_attached = threading.Event()  # set while a client is attached
         self.on_session_end: Callable[[], None] | None = None
+        self._stub: GdbStub | None = None  # the attached session's stub
 
     # -- lifetime -------------------------------------------------------------------------------
 
@@ -113,7 +119,15 @@ class GdbServer:
         assert self._listener is not None and self.address.family == "tcp"
         return int(self._listener.getsockname()[1])
 
-    def close(self) -> None:
+    def close(self, grace: float = 1.0) -> None:
+        """Stops listening and ends the session, after giving a running one up to `grace`
+        seconds to send its last stop reply (the guest's exit, as gdb's `W`)."""
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            stub = self._stub
+            if stub is None or not stub.running or stub.detached:
+                break
+            time.sleep(STOP_POLL_SECONDS)
         self._closing.set()
         with self._session_lock:
             session = self._session
@@ -211,7 +225,8 @@ class GdbServer:
     def _serve(self, client: socket.socket) -> None:
         self.sessions += 1
         stub = GdbStub(self.target, self.arch)
-        log.info("gdb: client attached")
+        self._stub = stub
+        log.info("gdb: client connected")
         try:
             _Session(client, stub, self._closing, self.client_attached).run()
         except Exception:  # never let a session bug reach the guest: detach and carry on
@@ -223,6 +238,7 @@ class GdbServer:
             except Exception:
                 log.exception("gdb: detaching after the session failed")
             self.client_attached.clear()
+            self._stub = None
             with self._session_lock:
                 self._session = None
             client.close()
@@ -308,3 +324,14 @@ class _Session:
         except OSError:
             return False
         return True
+
+
+def serve_machine(machine: Machine, spec: str, arch: str = ARCH_X86_64) -> GdbServer:
+    """`pyhv run --gdb SPEC`: a listening stub for `machine` (start the machine paused after)."""
+    from hypervisor.debug.gdb.machine_target import MachineTarget
+
+    address = parse_gdb_address(spec)
+    target = MachineTarget(machine)
+    server = GdbServer(target, address, arch)
+    server.start()
+    return server
