@@ -51,6 +51,7 @@ class RunOptions:
     hugepages: bool = False
     disks: list[DiskSpec] = field(default_factory=list)
     root: str | None = None
+    machine: str = "pc"  # "pc" or "qemu-test" (machine.MACHINE_TYPES)
 
 
 @dataclass
@@ -97,7 +98,8 @@ def create_machine(options: RunOptions, console: Console | None) -> tuple[Machin
         data = _read(path, "raw guest", (options.memory_mib or DEFAULT_RAW_MEMORY_MIB) * MiB)
         machine = Machine(options.memory_mib or DEFAULT_RAW_MEMORY_MIB, cpus=options.cpus, console=console,
                           debug_exit_port=options.debug_exit_port, debug_exit_qemu=options.debug_exit_qemu,
-                          pvm_emulation=pvm, hugepages=options.hugepages)  # fmt: skip
+                          pvm_emulation=pvm, hugepages=options.hugepages,
+                          machine_type=options.machine)  # fmt: skip
         try:
             machine.attach_disks(options.disks)  # found by the guest at the virtio-mmio windows
             machine.load_raw_bytes(data, address, str(path))
@@ -126,7 +128,7 @@ def create_machine(options: RunOptions, console: Console | None) -> tuple[Machin
     machine = Machine(memory_mib, cpus=options.cpus, console=console,
                       debug_exit_port=options.debug_exit_port, debug_exit_qemu=options.debug_exit_qemu,
                       memory_regions=list(layout.memory_regions), pvm_emulation=pvm,
-                      hugepages=options.hugepages)  # fmt: skip
+                      hugepages=options.hugepages, machine_type=options.machine)  # fmt: skip
     try:
         assert machine.memory is not None
         if kind == "multiboot":

@@ -122,6 +122,11 @@ class ZeroPage:
         self.set("cmd_line_ptr", address & 0xFFFFFFFF)
         struct.pack_into("<I", self.data, EXT_CMD_LINE_PTR_OFFSET, address >> 32)
 
+    def set_acpi_rsdp(self, address: int) -> None:
+        """boot_params.acpi_rsdp_addr (zero-page.rst, protocol 2.14): where the RSDP is, so the
+        kernel need not scan the BIOS area for it."""
+        struct.pack_into("<Q", self.data, ACPI_RSDP_ADDR_OFFSET, address)
+
     def set_e820(self, entries: Iterable[E820Entry]) -> None:
         entries = list(entries)
         if len(entries) > E820_MAX_ENTRIES_ZEROPAGE:

@@ -16,7 +16,9 @@ from hypervisor import __version__
 # name -> "module:attribute" of each subcommand
 SUBCOMMANDS = {
     "run": "hypervisor.cli.run:run",
+    "debug": "hypervisor.cli.debug:debug",
     "image": "hypervisor.cli.image:image",
+    "kvm-unit-tests": "hypervisor.cli.kvm_unit_tests:kvm_unit_tests",
 }
 
 

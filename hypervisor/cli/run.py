@@ -84,6 +84,9 @@ def _make_console(spec: str) -> object:
 @click.option("--trace-exits", type=click.Path(path_type=Path, dir_okay=False),
               help="Write every VM exit that reaches Python to this file, one line each.")
 @click.option("--pvh", is_flag=True, help="Enter an ELF vmlinux through its PVH entry point.")
+@click.option("--machine", "machine_type", type=click.Choice(["pc", "qemu-test"]), default="pc", show_default=True,
+              help="qemu-test adds QEMU's isa-debug-exit (0xf4) and pc-testdev, for kvm-unit-tests "
+                   "(docs/conformance.md).")
 def run(**options: object) -> None:
     """Boot a guest and run it until it stops.
 
@@ -123,6 +126,7 @@ def _run(options: dict[str, object]) -> int:
             hugepages=bool(options["hugepages"]),
             disks=_parse_disks(options["disks"]),  # type: ignore[arg-type]
             root=options["root"],  # type: ignore[arg-type]
+            machine=str(options["machine_type"]),
         )
         console = _make_console(str(options["console_spec"]))
         machine, info = create_machine(run_options, console)  # type: ignore[arg-type]

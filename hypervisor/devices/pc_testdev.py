@@ -40,6 +40,7 @@ IRQ_LINES = 24  # one port per IOAPIC input
 IOMEM_ADDRESS = 0xFF00_0000
 IOMEM_SIZE = 0x1_0000
 PAGE_SIZE = mmap.PAGESIZE
+PROT_NONE = 0  # <sys/mman.h>; Python's mmap module has no name for it
 
 
 class ScratchRegister:
@@ -74,7 +75,11 @@ class FlushPage:
 
 
 class IrqLines:
-    """Ports 0x2000 + n: a byte write sets ISA interrupt line n to the value's truth."""
+    """Ports 0x2000 + n: a byte written sets ISA interrupt line n to the value's truth.
+
+    QEMU's region takes byte accesses, and its memory core splits a wider write into bytes, so
+    `outl $1, $0x200b` (realmode's test) raises line 11 and lowers lines 12 to 14.
+    """
 
     def __init__(self, set_line: Callable[[int, bool], None]) -> None:
         self._set_line = set_line
@@ -83,8 +88,9 @@ class IrqLines:
         data[:] = b"\xff" * len(data)  # write-only
 
     def write(self, offset: int, data: bytes) -> None:
-        if len(data) == 1 and offset < IRQ_LINES:
-            self._set_line(offset, data[0] != 0)
+        for index, byte in enumerate(data):
+            if offset + index < IRQ_LINES:
+                self._set_line(offset + index, byte != 0)
 
 
 class IoMemory:
@@ -120,7 +126,7 @@ class HostPageFlusher:
         for region in self._memory.regions:
             if region.gpa <= gpa < region.gpa + region.size:
                 host = region.host_address + (gpa - region.gpa)
-                if self._libc.mprotect(host, PAGE_SIZE, mmap.PROT_NONE) == 0:
+                if self._libc.mprotect(host, PAGE_SIZE, PROT_NONE) == 0:
                     self._libc.mprotect(host, PAGE_SIZE, mmap.PROT_READ | mmap.PROT_WRITE)
                 else:
                     log.warning("pc-testdev: cannot flush the page at %#x (errno %d)", gpa, ctypes.get_errno())

@@ -1,0 +1,57 @@
+from hypervisor.devices.pm import (
+    PM_TIMER_HZ,
+    S5_SLEEP_TYPE,
+    SCI_EN,
+    SLP_EN,
+    SLP_TYP_SHIFT,
+    Pm1Registers,
+    PmTimer,
+    ResetRegister,
+)
+
+
+def read(device: object, offset: int, size: int) -> int:
+    data = bytearray(size)
+    device.read(offset, memoryview(data))  # type: ignore[attr-defined]
+    return int.from_bytes(data, "little")
+
+
+def test_pm_timer_counts_at_3_579545_mhz_in_32_bits() -> None:
+    now = [1_000_000_000]
+    timer = PmTimer(clock=lambda: now[0])
+    assert read(timer, 0, 4) == 0
+    now[0] += 1_000_000_000  # one second later
+    assert read(timer, 0, 4) == PM_TIMER_HZ
+    now[0] += 1300 * 1_000_000_000  # past 2**32 ticks: wraps (TMR_VAL_EXT, 32 bits)
+    assert read(timer, 0, 4) == (1301 * PM_TIMER_HZ) & 0xFFFFFFFF
+    assert read(timer, 1, 1) == ((1301 * PM_TIMER_HZ) >> 8) & 0xFF
+
+
+def test_s5_with_slp_en_powers_off_and_other_states_do_not() -> None:
+    events: list[str] = []
+    registers = Pm1Registers(lambda: events.append("off"))
+    assert read(registers, 4, 2) & SCI_EN  # always in ACPI mode (SMI_CMD = 0)
+    registers.write(4, ((1 << SLP_TYP_SHIFT) | SLP_EN).to_bytes(2, "little"))  # S3: not offered
+    assert events == []
+    assert read(registers, 4, 2) & SLP_EN == 0  # SLP_EN reads as 0
+    registers.write(4, (S5_SLEEP_TYPE << SLP_TYP_SHIFT).to_bytes(2, "little"))  # no SLP_EN: nothing
+    assert events == []
+    registers.write(4, (0x2000).to_bytes(2, "little"))  # QEMU's well-known outw(0x604, 0x2000)
+    assert events == ["off"]
+
+
+def test_pm1_status_is_write_one_to_clear_and_enable_keeps_defined_bits() -> None:
+    registers = Pm1Registers(lambda: None)
+    registers.write(0, (0xFFFF).to_bytes(2, "little"))
+    assert read(registers, 0, 2) == 0
+    registers.write(2, (0xFFFF).to_bytes(2, "little"))
+    assert read(registers, 2, 2) == 0x0521
+
+
+def test_reset_register_resets_on_rst_cpu() -> None:
+    resets: list[int] = []
+    register = ResetRegister(lambda: resets.append(1))
+    register.write(0, b"\x02")  # SYS_RST alone arms, does not reset
+    assert resets == []
+    register.write(0, b"\x06")
+    assert resets == [1]
