@@ -13,8 +13,9 @@ build (independent of the QEMU-style OFD locks that opening the image takes), an
 locks are checked as well.
 
 In place instead (qemu-img's behaviour, without the crash safety): a target that is not a regular
-file (a block device: refused later by the creators, which need a regular file) or a regular file
-with several hard links (a rename would split them).
+file (a block device: refused later by the creators, which need a regular file), a regular file
+with several hard links (a rename would split them), or a writable file in a folder where no new
+file can be made. A symlinked target is followed: the new image replaces the file it points to.
 """
 
 from __future__ import annotations
@@ -92,7 +93,17 @@ def staged(target: str, purpose: str, legacy: re.Pattern[str] | None = None) -> 
     stage = None
     try:
         remove_stale(folder, staging_prefix(real, purpose), legacy)
-        stage = _new_temporary(real, purpose, info)
+        try:
+            stage = _new_temporary(real, purpose, info)
+        except PermissionError:
+            if info is None or not os.access(real, os.W_OK):
+                raise ImageError(f"Could not create '{target}': Permission denied") from None
+            # A writable file in a folder we may not add to: qemu-img overwrites it in place.
+            log.warning("%s: folder not writable, so the image is written in place", target)
+            os.close(guard)  # the in-place writer takes the target's lock itself
+            guard = -1
+            yield Stage(target=real, path=real, in_place=True)
+            return
         yield stage
     finally:
         try:
@@ -125,8 +136,10 @@ def _new_temporary(real: str, purpose: str, info: os.stat_result | None) -> Stag
     while True:
         try:
             fd, path = tempfile.mkstemp(prefix=staging_prefix(real, purpose), dir=folder)
+        except PermissionError:
+            raise
         except OSError as error:
-            raise ImageError(f"Could not create a temporary file next to '{real}': {error.strerror}") from error
+            raise ImageError(f"Could not create '{real}': {error.strerror}") from error
         fcntl.flock(fd, fcntl.LOCK_SH)
         try:
             same = os.stat(path).st_ino == os.fstat(fd).st_ino
