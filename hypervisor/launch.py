@@ -17,7 +17,7 @@ from hypervisor.disk_spec import DiskSpec
 from hypervisor.errors import ConfigError
 from hypervisor.guest_images import default_guest
 from hypervisor.kvm import kvm_is_pvm
-from hypervisor.machine import Console, Machine
+from hypervisor.machine import Console, Machine, host_memory_bytes
 
 log = logging.getLogger(__name__)
 
@@ -66,19 +66,39 @@ class LaunchInfo:
     source: str = ""  # how the kernel was loaded, e.g. "bzImage (lz4 payload unpacked on the host)"
 
 
-def _read(path: Path, what: str, limit: int) -> bytes:
-    """The contents of a regular file of at most `limit` bytes (never a device or a pipe,
-    which could be endless), or one ConfigError line saying what is wrong with it."""
+def _file_size(path: Path, what: str) -> int:
+    """The size of a regular file (never a device or a pipe, which could be endless), found
+    without reading it, or one ConfigError line saying what is wrong with it."""
     try:
         status = path.stat()
-        if stat.S_ISDIR(status.st_mode):
-            raise ConfigError(f"{what} {path} is a directory, not a file")
-        if not stat.S_ISREG(status.st_mode):
-            raise ConfigError(f"{what} {path} is not a regular file")
-        if status.st_size > limit:
-            raise ConfigError(
-                f"{what} {path} ({status.st_size // MiB} MiB) is larger than the guest's RAM ({limit // MiB} MiB)"
-            )
+    except FileNotFoundError as error:
+        raise ConfigError(f"{what} {path} does not exist") from error
+    except PermissionError as error:
+        raise ConfigError(f"{what} {path} is not accessible (permission denied)") from error
+    except OSError as error:
+        raise ConfigError(f"cannot open {what} {path}: {error.strerror}") from error
+    if stat.S_ISDIR(status.st_mode):
+        raise ConfigError(f"{what} {path} is a directory, not a file")
+    if not stat.S_ISREG(status.st_mode):
+        raise ConfigError(f"{what} {path} is not a regular file")
+    return status.st_size
+
+
+def _check_fits(path: Path, what: str, size: int, limit: int, room: str = "the guest's RAM") -> None:
+    if size > limit:
+        raise ConfigError(f"{what} {path} ({_mib(size)}) is larger than {room} ({_mib(limit)})")
+
+
+def _mib(size: int) -> str:
+    return f"{-(-size // MiB)} MiB"
+
+
+def _read(path: Path, what: str, limit: int) -> bytes:
+    """The contents of a regular file of at most `limit` bytes, checked by size before a byte is
+    read, or one ConfigError line saying what is wrong with it."""
+    size = _file_size(path, what)
+    _check_fits(path, what, size, limit)
+    try:
         return path.read_bytes()
     except FileNotFoundError as error:
         raise ConfigError(f"{what} {path} does not exist") from error
@@ -86,6 +106,19 @@ def _read(path: Path, what: str, limit: int) -> bytes:
         raise ConfigError(f"{what} {path} is not readable (permission denied)") from error
     except OSError as error:
         raise ConfigError(f"cannot read {what} {path}: {error.strerror}") from error
+    except MemoryError:
+        raise ConfigError(f"{what} {path} ({_mib(size)}) does not fit in the host's free memory") from None
+
+
+def _check_memory_fits_host(memory_mib: int) -> None:
+    """Guest RAM the host cannot back is refused before any file is read: the file size checks
+    below compare against guest RAM, so a huge --mem would otherwise let a huge file be read
+    into host memory (MemoryError). Machine repeats this check for its other callers."""
+    host_bytes = host_memory_bytes()
+    if host_bytes and memory_mib * MiB > host_bytes:
+        raise ConfigError(
+            f"--mem: {memory_mib} MiB of guest memory is more than this host has ({host_bytes // MiB} MiB)"
+        )
 
 
 def create_machine(options: RunOptions, console: Console | None) -> tuple[Machine, LaunchInfo]:
@@ -95,6 +128,7 @@ def create_machine(options: RunOptions, console: Console | None) -> tuple[Machin
         if options.kernel is not None or options.initrd is not None:
             raise ConfigError("--raw cannot be combined with --kernel or --initrd")
         path, address = options.raw
+        _check_memory_fits_host(options.memory_mib or DEFAULT_RAW_MEMORY_MIB)
         data = _read(path, "raw guest", (options.memory_mib or DEFAULT_RAW_MEMORY_MIB) * MiB)
         machine = Machine(options.memory_mib or DEFAULT_RAW_MEMORY_MIB, cpus=options.cpus, console=console,
                           debug_exit_port=options.debug_exit_port, debug_exit_qemu=options.debug_exit_qemu,
@@ -119,8 +153,18 @@ def create_machine(options: RunOptions, console: Console | None) -> tuple[Machin
         kernel_path, default_initrd = default_guest()
         initrd_path = initrd_path or default_initrd
     memory_mib = options.memory_mib or DEFAULT_LINUX_MEMORY_MIB
-    kernel = _read(kernel_path, "kernel", memory_mib * MiB)
-    initrd = _read(initrd_path, "initrd", memory_mib * MiB) if initrd_path else None
+    # Every size is checked before the first byte is read: the host can back the guest RAM,
+    # and the kernel and initrd fit in it, alone and together.
+    _check_memory_fits_host(memory_mib)
+    ram = memory_mib * MiB
+    kernel_size = _file_size(kernel_path, "kernel")
+    _check_fits(kernel_path, "kernel", kernel_size, ram)
+    if initrd_path:
+        initrd_size = _file_size(initrd_path, "initrd")
+        _check_fits(initrd_path, "initrd", initrd_size, ram)
+        _check_fits(initrd_path, "initrd", initrd_size, ram - kernel_size, "the guest's RAM left beside the kernel")
+    kernel = _read(kernel_path, "kernel", ram)
+    initrd = _read(initrd_path, "initrd", ram - len(kernel)) if initrd_path else None
     layout = guest_layout(memory_mib * MiB)
     kernel = decompress_if_xz(kernel, layout.ram_size, "kernel")
     kind = detect_kernel_format(kernel, str(kernel_path))

@@ -110,8 +110,7 @@ def parse_bzimage(image: bytes, name: str = "the kernel") -> BzImage:
         raise BootError(f"{name} is not a bzImage: no 'HdrS' magic at offset 0x202 (boot protocol < 2.00)")
     protocol = header.get("version")
     if protocol < MIN_PROTOCOL:
-        raise BootError(f"{name} uses boot protocol {protocol >> 8}.{protocol & 0xff:02}; "
-                        f"pyhv needs 2.02 or later")
+        raise BootError(f"{name} uses boot protocol {protocol >> 8}.{protocol & 0xFF:02}; pyhv needs 2.02 or later")
     header_end = 0x202 + image[0x201]
     if len(image) < header_end:
         raise BootError(f"{name} is truncated inside its setup header")
@@ -149,16 +148,30 @@ def footprint_end(kernel: BzImage, load_address: int) -> int:
     return max(load_address, kernel.pref_address) + kernel.init_size
 
 
-def load_bzimage(memory: GuestMemory, kernel: BzImage, low_ram_end: int, name: str = "the kernel") -> int:
-    """Copy the protected-mode kernel into guest RAM; return its load address."""
-    load_address = choose_load_address(kernel, low_ram_end)
+def check_footprint(kernel: BzImage, load_address: int, low_ram_end: int, name: str = "the kernel") -> int:
+    """The end of the kernel's footprint (`footprint_end`), or BootError when it does not fit below
+    `low_ram_end`. Checked whether or not pyhv unpacks the payload itself: the header is the
+    kernel's own statement of the memory it needs, and one that cannot be met (an init_size of
+    0xffffffff, say) is refused before the vCPU finds out."""
     needed_end = footprint_end(kernel, load_address)
     if needed_end > low_ram_end:
         raise BootError(
-            f"guest RAM of {low_ram_end // MiB} MiB is too small for {name}: it needs "
-            f"{-(-needed_end // MiB)} MiB below the 32-bit MMIO hole"
+            f"guest RAM of {low_ram_end // MiB} MiB is too small for {name}: its init_size "
+            f"({kernel.init_size:#x}) needs {-(-needed_end // MiB)} MiB below the 32-bit MMIO hole"
         )
+    return needed_end
+
+
+def load_bzimage(memory: GuestMemory, kernel: BzImage, low_ram_end: int, name: str = "the kernel") -> int:
+    """Copy the protected-mode kernel into guest RAM; return its load address."""
+    load_address = choose_load_address(kernel, low_ram_end)
+    check_footprint(kernel, load_address, low_ram_end, name)
     memory.write(load_address, kernel.kernel)
-    log.debug("bzImage protocol %#x: %d bytes at %#x, %s entry", kernel.protocol, len(kernel.kernel),
-              load_address, "64-bit" if kernel.has_64bit_entry else "32-bit")
+    log.debug(
+        "bzImage protocol %#x: %d bytes at %#x, %s entry",
+        kernel.protocol,
+        len(kernel.kernel),
+        load_address,
+        "64-bit" if kernel.has_64bit_entry else "32-bit",
+    )
     return load_address

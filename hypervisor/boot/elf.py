@@ -64,21 +64,26 @@ class ElfImage:
         loads = self.loads
         return min(s.paddr for s in loads), max(s.paddr + s.memory_size for s in loads)
 
+    def holds_code_at(self, physical: int) -> bool:
+        """Whether `physical` lies in the file-backed bytes of a PT_LOAD segment. An entry point
+        must: one outside every segment, or in a segment's zero-filled tail (p_memsz beyond
+        p_filesz, gABI "Program Header"), would start the vCPU on bytes no kernel put there."""
+        return any(s.paddr <= physical < s.paddr + s.file_size for s in self.loads)
+
     def physical_entry(self) -> int:
         """e_entry as a physical address.
 
         A Linux vmlinux links at virtual 0xffffffff81000000 but loads at physical 0x1000000;
         its e_entry (phys_startup_64) is already physical. Other kernels give a virtual entry.
         So: an entry inside a segment's virtual range is translated through that segment; one
-        inside a physical range is used as it is.
+        inside a physical range is used as it is. Either way it must land in loaded bytes.
         """
         for segment in self.loads:
-            if segment.vaddr <= self.entry < segment.vaddr + segment.memory_size:
+            if segment.vaddr <= self.entry < segment.vaddr + segment.file_size:
                 return self.entry - segment.vaddr + segment.paddr
-        for segment in self.loads:
-            if segment.paddr <= self.entry < segment.paddr + segment.memory_size:
-                return self.entry
-        raise BootError(f"the ELF entry point {self.entry:#x} is outside every loadable segment")
+        if self.holds_code_at(self.entry):
+            return self.entry
+        raise BootError(f"the ELF entry point {self.entry:#x} is outside every loadable segment's contents")
 
     def notes(self) -> list[Note]:
         result: list[Note] = []
@@ -103,8 +108,9 @@ def _parse_notes(blob: bytes) -> list[Note]:
         desc_end = desc_start + desc_size
         if desc_end > len(blob):
             raise BootError("the kernel's ELF note segment is truncated")
-        notes.append(Note(blob[name_start : name_start + name_size].rstrip(b"\0"), note_type,
-                          blob[desc_start:desc_end]))
+        notes.append(
+            Note(blob[name_start : name_start + name_size].rstrip(b"\0"), note_type, blob[desc_start:desc_end])
+        )
         offset = desc_start + _align4(desc_size)
     return notes
 
@@ -121,8 +127,9 @@ def parse_elf(data: bytes, name: str = "the kernel") -> ElfImage:
     header_format = _ELF_HEADER[elf_class]
     if len(data) < E_IDENT_SIZE + struct.calcsize(header_format):
         raise BootError(f"{name} is truncated inside its ELF header")
-    (_type, machine, _version, entry, phoff, _shoff, _flags, _ehsize, phentsize, phnum,
-     *_rest) = struct.unpack_from(header_format, data, E_IDENT_SIZE)
+    (_type, machine, _version, entry, phoff, _shoff, _flags, _ehsize, phentsize, phnum, *_rest) = struct.unpack_from(
+        header_format, data, E_IDENT_SIZE
+    )
     program_format, program_size = _PROGRAM_HEADER[elf_class]
     if phnum == 0:
         raise BootError(f"{name} has no program headers (is it a relocatable object, not a kernel?)")
@@ -139,8 +146,10 @@ def parse_elf(data: bytes, name: str = "the kernel") -> ElfImage:
         else:
             p_type, offset, vaddr, paddr, file_size, memory_size, _p_flags, _align = fields
         if p_type in (PT_LOAD, PT_NOTE) and offset + file_size > len(data):
-            raise BootError(f"{name} is truncated: segment {index} ends at {offset + file_size:#x}, "
-                            f"beyond the file's {len(data):#x} bytes")
+            raise BootError(
+                f"{name} is truncated: segment {index} ends at {offset + file_size:#x}, "
+                f"beyond the file's {len(data):#x} bytes"
+            )
         if p_type == PT_LOAD and file_size > memory_size:
             raise BootError(f"{name} is corrupt: segment {index} has p_filesz > p_memsz")
         segments.append(Segment(p_type, offset, vaddr, paddr, file_size, memory_size))

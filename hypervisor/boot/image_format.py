@@ -92,6 +92,8 @@ def detect_kernel_format(data: bytes | memoryview, name: str = "the kernel") -> 
         machine = struct.unpack_from("<H", data, E_MACHINE_OFFSET)[0]
         if data[EI_CLASS] == ELFCLASS64 and machine == EM_X86_64:
             return "elf64"
-        raise BootError(f"{name} is an ELF file for another machine or class (e_machine {machine}); "
-                        "pyhv boots x86-64 ELF kernels or multiboot ELFs")
+        raise BootError(
+            f"{name} is an ELF file for another machine or class (e_machine {machine}); "
+            "pyhv boots x86-64 ELF kernels or multiboot ELFs"
+        )
     raise BootError(f"{name} {NOT_A_KERNEL}")

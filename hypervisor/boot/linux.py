@@ -23,6 +23,8 @@ from hypervisor.boot.bzimage import (
     PROTOCOL_CMDLINE_SIZE,
     STARTUP_64_OFFSET,
     BzImage,
+    check_footprint,
+    choose_load_address,
     footprint_end,
     load_bzimage,
     parse_bzimage,
@@ -35,7 +37,7 @@ from hypervisor.boot.cpu_state import (
 from hypervisor.boot.elf import EM_X86_64, ElfImage, load_segments, parse_elf
 from hypervisor.boot.image_format import decompress_if_xz, detect_kernel_format
 from hypervisor.boot.layout import HIMEM_START, GuestLayout, MmioWindow
-from hypervisor.boot.payload import payload_codec, unpack_payload
+from hypervisor.boot.payload import unpack_payload
 from hypervisor.boot.placement import BootImage, MemoryPlan, place_initrd, write_cmdline
 from hypervisor.boot.platform_tables import write_platform_tables
 from hypervisor.boot.pvh import pvh_entry_point, write_start_info
@@ -105,8 +107,9 @@ class _LoadedKernel:
     source: str = "ELF vmlinux"
 
 
-def _load_elf(memory: GuestMemory, plan: MemoryPlan, kernel: bytes, entry: LinuxEntry, name: str,
-              page: ZeroPage | None = None) -> _LoadedKernel:
+def _load_elf(
+    memory: GuestMemory, plan: MemoryPlan, kernel: bytes, entry: LinuxEntry, name: str, page: ZeroPage | None = None
+) -> _LoadedKernel:
     """A vmlinux; `page` is the zero page to use (a bzImage's header when it came from one)."""
     image = parse_elf(kernel, name)
     if image.machine != EM_X86_64:
@@ -125,14 +128,14 @@ def _cmdline_limit(page: ZeroPage) -> int:
     return page.get("cmdline_size") if page.get("version") >= PROTOCOL_CMDLINE_SIZE else OLD_CMDLINE_MAX
 
 
-def _bzimage_payload(bz: BzImage, limit: int, name: str) -> bytes | None:
-    """The bzImage's vmlinux unpacked on the host, or None when the guest must unpack it."""
+def _bzimage_payload(bz: BzImage, limit: int, name: str) -> tuple[str, bytes] | None:
+    """(codec, the bzImage's vmlinux unpacked on the host), or None when the guest must unpack it."""
     if not bz.has_64bit_entry:
         return None
     payload = bz.payload
     if not payload:
         return None
-    unpacked = unpack_payload(bytes(payload), limit)
+    unpacked = unpack_payload(payload, limit)  # a view: the 10+ MB payload is not copied
     if unpacked is None:
         return None
     codec, vmlinux = unpacked
@@ -143,34 +146,52 @@ def _bzimage_payload(bz: BzImage, limit: int, name: str) -> bytes | None:
         log.warning("%s: the %s payload is not an x86-64 ELF; the guest will unpack it", name, codec)
         return None
     log.info("%s: unpacked its %s payload on the host (%d bytes)", name, codec, len(vmlinux))
-    return vmlinux
+    return codec, vmlinux
 
 
-def _load_bzimage(memory: GuestMemory, plan: MemoryPlan, kernel: bytes, low_end: int, unpack: bool,
-                  name: str) -> _LoadedKernel:
+def _load_bzimage(
+    memory: GuestMemory, plan: MemoryPlan, kernel: bytes, low_end: int, unpack: bool, name: str
+) -> _LoadedKernel:
     bz = parse_bzimage(kernel, name)
-    vmlinux = _bzimage_payload(bz, memory.size, name) if unpack else None
-    if vmlinux is not None:
+    # Checked before anything is unpacked: the kernel needs init_size from its run address.
+    check_footprint(bz, choose_load_address(bz, low_end), low_end, name)
+    unpacked = _bzimage_payload(bz, memory.size, name) if unpack else None
+    if unpacked is not None:
         # What the bzImage's own decompressor would do: the vmlinux at its physical addresses,
         # entered at startup_64 with the zero page the bootloader filled from the setup header.
+        codec, vmlinux = unpacked
         loaded = _load_elf(memory, plan, vmlinux, "linux-64", name, _bzimage_zero_page(bz, HIMEM_START))
-        loaded.source = f"bzImage ({payload_codec(bytes(bz.payload))} payload unpacked on the host)"
+        loaded.source = f"bzImage ({codec} payload unpacked on the host)"
         return loaded
     load_address = load_bzimage(memory, bz, low_end, name)
     kernel_end = footprint_end(bz, load_address)
     plan.place("kernel", load_address, kernel_end - load_address)
     page = _bzimage_zero_page(bz, load_address)
     if bz.has_64bit_entry:
-        return _LoadedKernel(load_address + STARTUP_64_OFFSET, "linux-64", kernel_end, page, bz.cmdline_limit,
-                             bz.initrd_addr_max, "bzImage")
-    return _LoadedKernel(load_address, "linux-32", kernel_end, page, bz.cmdline_limit, bz.initrd_addr_max,
-                         "bzImage")
+        return _LoadedKernel(
+            load_address + STARTUP_64_OFFSET,
+            "linux-64",
+            kernel_end,
+            page,
+            bz.cmdline_limit,
+            bz.initrd_addr_max,
+            "bzImage",
+        )
+    return _LoadedKernel(load_address, "linux-32", kernel_end, page, bz.cmdline_limit, bz.initrd_addr_max, "bzImage")
 
 
-def prepare_linux(memory: GuestMemory, guest: GuestLayout, kernel: bytes, cmdline: str,
-                  initrd: bytes | None = None, cpus: int = 1, mmio_devices: Sequence[MmioWindow] = (),
-                  entry: LinuxEntry = "auto", name: str = "the kernel",
-                  unpack_bzimage: bool = True) -> BootImage:
+def prepare_linux(
+    memory: GuestMemory,
+    guest: GuestLayout,
+    kernel: bytes,
+    cmdline: str,
+    initrd: bytes | None = None,
+    cpus: int = 1,
+    mmio_devices: Sequence[MmioWindow] = (),
+    entry: LinuxEntry = "auto",
+    name: str = "the kernel",
+    unpack_bzimage: bool = True,
+) -> BootImage:
     """Load a Linux bzImage or ELF vmlinux (either may be xz-compressed) and everything it needs.
 
     `memory` must have been built from `guest.memory_regions`. `entry` picks the ELF entry:
@@ -208,10 +229,10 @@ def prepare_linux(memory: GuestMemory, guest: GuestLayout, kernel: bytes, cmdlin
 
     if protocol == "pvh":
         plan.place("PVH start info", layout.BOOT_INFO_START, layout.BOOT_INFO_END - layout.BOOT_INFO_START)
-        write_start_info(memory, layout.BOOT_INFO_START, layout.BOOT_INFO_END, cmdline_gpa, guest.e820,
-                         initrd_range)
-        state: EntryState = protected_mode_flat_state(rip, gdt, stack=layout.BOOT_STACK_POINTER,
-                                                      rbx=layout.BOOT_INFO_START)
+        write_start_info(memory, layout.BOOT_INFO_START, layout.BOOT_INFO_END, cmdline_gpa, guest.e820, initrd_range)
+        state: EntryState = protected_mode_flat_state(
+            rip, gdt, stack=layout.BOOT_STACK_POINTER, rbx=layout.BOOT_INFO_START
+        )
     else:
         page.set_cmdline(cmdline_gpa)
         page.set("type_of_loader", TYPE_OF_LOADER_UNDEFINED)
@@ -222,12 +243,10 @@ def prepare_linux(memory: GuestMemory, guest: GuestLayout, kernel: bytes, cmdlin
         page.write_to(memory, layout.ZERO_PAGE_START)
         if long_mode:
             assert pml4 is not None
-            state = long_mode_state(rip, gdt, pml4, stack=layout.BOOT_STACK_POINTER,
-                                    rsi=layout.ZERO_PAGE_START)
+            state = long_mode_state(rip, gdt, pml4, stack=layout.BOOT_STACK_POINTER, rsi=layout.ZERO_PAGE_START)
         else:
             # boot.rst 32-bit protocol: ESI = boot_params; EBP, EDI and EBX zero.
-            state = protected_mode_flat_state(rip, gdt, stack=layout.BOOT_STACK_POINTER,
-                                              rsi=layout.ZERO_PAGE_START)
+            state = protected_mode_flat_state(rip, gdt, stack=layout.BOOT_STACK_POINTER, rsi=layout.ZERO_PAGE_START)
     log.info("Linux %s: %s entry at %#x, command line %r", loaded.source, protocol, rip, full_cmdline)
     return BootImage(state, protocol, plan.placements, full_cmdline, loaded.source)
 
@@ -236,7 +255,9 @@ def _elf_entry(image: ElfImage, entry: LinuxEntry, name: str) -> tuple[int, str]
     if entry == "pvh":
         pvh = pvh_entry_point(image)
         if pvh is None:
-            raise BootError(f"{name} has no PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY); "
-                            "build it with CONFIG_PVH or use the 64-bit entry")
+            raise BootError(
+                f"{name} has no PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY); "
+                "build it with CONFIG_PVH or use the 64-bit entry"
+            )
         return pvh, "pvh"
     return image.physical_entry(), "linux-64"

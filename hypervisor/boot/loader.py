@@ -16,10 +16,19 @@ from hypervisor.boot.placement import BootImage
 from hypervisor.memory import GuestMemory
 
 
-def prepare_kernel(memory: GuestMemory, guest: GuestLayout, kernel: bytes, cmdline: str,
-                   initrd: bytes | None = None, cpus: int = 1, mmio_devices: Sequence[MmioWindow] = (),
-                   entry: LinuxEntry = "auto", name: str = "the kernel",
-                   program_name: str | None = None, unpack_bzimage: bool = True) -> BootImage:
+def prepare_kernel(
+    memory: GuestMemory,
+    guest: GuestLayout,
+    kernel: bytes,
+    cmdline: str,
+    initrd: bytes | None = None,
+    cpus: int = 1,
+    mmio_devices: Sequence[MmioWindow] = (),
+    entry: LinuxEntry = "auto",
+    name: str = "the kernel",
+    program_name: str | None = None,
+    unpack_bzimage: bool = True,
+) -> BootImage:
     """Load `kernel` whatever its format; see `prepare_linux` and `prepare_multiboot`.
 
     `name` names the kernel in error messages (e.g. the path given by the user). For a
@@ -28,6 +37,5 @@ def prepare_kernel(memory: GuestMemory, guest: GuestLayout, kernel: bytes, cmdli
     """
     kernel = decompress_if_xz(kernel, memory.size, "kernel")
     if detect_kernel_format(kernel, name) == "multiboot":
-        return prepare_multiboot(memory, guest, kernel, cmdline, initrd, cpus,
-                                 kernel_name=program_name, name=name)
+        return prepare_multiboot(memory, guest, kernel, cmdline, initrd, cpus, kernel_name=program_name, name=name)
     return prepare_linux(memory, guest, kernel, cmdline, initrd, cpus, mmio_devices, entry, name, unpack_bzimage)

@@ -3,13 +3,18 @@
 A bzImage (boot protocol 2.08+) carries the kernel as an ELF vmlinux compressed with one of the
 kernel's codecs; `payload_offset`/`payload_length` in the setup header locate it inside the
 protected-mode code (boot.rst "payload_offset"). Linux's build appends the uncompressed size as
-a 4-byte little-endian number (scripts/Makefile.lib `size_append`). On a kvm_pvm host every
-guest instruction of the decompressor is emulated (PLATFORM.md: tens of seconds for LZ4,
-minutes for XZ); on the host it takes well under a second.
+a 4-byte little-endian number to every codec's output (scripts/Makefile.lib `size_append`; for
+gzip it is the stream's own ISIZE field) and the kernel's decompressor trusts it
+(arch/x86/boot/compressed/mkpiggy.c `z_output_len`). pyhv uses it as the exact size the payload
+must unpack to, after checking it against guest RAM, so a decompression bomb stops at the
+declared size instead of filling the host.
 
-Codecs: gzip, bzip2, lzma and xz through the standard library, LZ4 (the legacy frame `lz4 -l`
-writes, which Linux uses) through the small decoder below. zstd and LZO payloads are left to the
-guest's decompressor (the caller then boots the bzImage itself).
+On a kvm_pvm host every guest instruction of the decompressor is emulated (PLATFORM.md: tens of
+seconds for LZ4, minutes for XZ); on the host each codec takes a fraction of a second through a
+maintained library: zlib, bz2 and lzma from the standard library (gzip, bzip2, legacy lzma, xz),
+python-lz4's block API (LZ4 legacy frames, `lz4 -l`), zstandard (zstd), and lzokay (LZO1X inside
+an lzop container, see lzop.py). When an optional library is missing the payload is left to the
+guest's own decompressor, with a warning that names the package.
 """
 
 from __future__ import annotations
@@ -20,11 +25,16 @@ import lzma
 import struct
 import zlib
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol
 
+from hypervisor.boot.lzop import LZOP_MAGIC, BlockOverrun, LzopError, LzopTruncated, lzop_decompress
 from hypervisor.errors import BootError
 
 log = logging.getLogger(__name__)
+
+MiB = 1024 * 1024
+SIZE_TRAILER = 4  # scripts/Makefile.lib size_append: the unpacked size, u32 little-endian
 
 # Magic numbers at the start of each compressed stream (the formats' own specifications; the
 # same table is in Linux lib/decompress.c `compressed_formats`).
@@ -34,126 +44,196 @@ LZMA_ALONE_MAGIC = b"\x5d\x00\x00"
 XZ_MAGIC = b"\xfd7zXZ\x00"
 LZ4_LEGACY_MAGIC = b"\x02\x21\x4c\x18"  # 0x184C2102 little-endian, lz4 frame spec "Legacy frame"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
-LZO_MAGIC = b"\x89LZO"
-LZ4_MIN_MATCH = 4  # LZ4 block format: match length field + 4
+# lz4 frame spec "Legacy frame": every block but the last unpacks to 8 MiB (lib/decompress_unlz4.c
+# LZ4_DEFAULT_UNCOMPRESSED_CHUNK_SIZE); a block can be no larger than LZ4_compressBound of that.
+LZ4_LEGACY_BLOCK = 8 * MiB
+LZ4_MAX_BLOCK = LZ4_LEGACY_BLOCK + LZ4_LEGACY_BLOCK // 255 + 16
 
 
 class _Truncated(Exception):
     pass
 
 
+class _Corrupt(Exception):
+    """The stream is malformed; the message says how (one line)."""
+
+
+class _MissingLibrary(Exception):
+    """The optional package that decodes this codec is not installed; the message names it."""
+
+
 class _Decompressor(Protocol):
-    eof: bool
+    @property
+    def eof(self) -> bool: ...
 
-    def decompress(self, data: bytes, max_length: int = ..., /) -> bytes: ...
+    def decompress(self, data: memoryview, max_length: int = ..., /) -> bytes: ...
 
 
-def _stream(decompressor: _Decompressor, data: bytes, limit: int) -> bytes:
-    """Run a stdlib decompressor over one stream; trailing bytes (the size) are ignored."""
-    output = decompressor.decompress(data, limit + 1)
-    if len(output) > limit:
-        raise BootError(f"the kernel payload decompresses to more than {limit >> 20} MiB")
-    if not decompressor.eof:
+def _stream(decompressor: _Decompressor, data: memoryview, size: int) -> bytes:
+    """Run a stdlib decompressor over one stream, asking for one byte more than `size` so that
+    a stream longer than declared is seen without unpacking all of it."""
+    output = decompressor.decompress(data, size + 1)
+    if len(output) > size:
+        raise _Corrupt(f"it unpacks to more than the {size} bytes its size trailer declares")
+    if not decompressor.eof:  # max_length was not reached, so the input ran out mid-stream
         raise _Truncated
     return output
 
 
-def _extended_length(source: bytes | memoryview, position: int, length: int) -> tuple[int, int]:
-    """A 4-bit length of 15 continues in the next bytes, each added, until one is not 255
-    (lz4 block format, "Token" and "Match length"). Returns the length and the new position."""
-    while True:
-        extra = source[position]
-        position += 1
-        length += extra
-        if extra != 255:
-            return length, position
+def _gzip(data: memoryview, size: int) -> bytes:
+    # gzip: zlib with a gzip header (wbits 16 + 15, zlib manual "inflateInit2").
+    return _stream(zlib.decompressobj(16 + zlib.MAX_WBITS), data, size)
 
 
-def lz4_block(source: bytes | memoryview, output: bytearray, limit: int) -> None:
-    """Decode one LZ4 block (lz4 block format: token, literals, offset, match) onto `output`."""
-    position, end = 0, len(source)
-    while position < end:
-        token = source[position]
-        position += 1
-        literal_length = token >> 4
-        if literal_length == 15:
-            literal_length, position = _extended_length(source, position, literal_length)
-        output += source[position : position + literal_length]
-        position += literal_length
-        if position >= end:  # the last sequence has literals only
-            break
-        offset = source[position] | source[position + 1] << 8
-        position += 2
-        match_length = token & 15
-        if match_length == 15:
-            match_length, position = _extended_length(source, position, match_length)
-        match_length += LZ4_MIN_MATCH
-        start = len(output) - offset
-        if offset == 0 or start < 0:
-            raise BootError("the kernel's LZ4 payload is corrupt (match offset out of range)")
-        if offset >= match_length:
-            output += output[start : start + match_length]
-        else:  # overlapping match: the last `offset` bytes repeat
-            pattern = bytes(output[start:])
-            output += (pattern * (match_length // offset + 1))[:match_length]
-        if len(output) > limit:
-            raise BootError(f"the kernel payload decompresses to more than {limit >> 20} MiB")
+def _bzip2(data: memoryview, size: int) -> bytes:
+    return _stream(bz2.BZ2Decompressor(), data, size)
 
 
-def lz4_legacy(data: bytes, limit: int) -> bytes:
-    """Decode an LZ4 legacy frame: the magic, then blocks each prefixed by its u32 size."""
-    output = bytearray()
-    position = len(LZ4_LEGACY_MAGIC)
-    view = memoryview(data)
-    while position + 4 <= len(data):
-        (size,) = struct.unpack_from("<I", data, position)
-        position += 4
-        if bytes(view[position - 4 : position]) == LZ4_LEGACY_MAGIC:
-            continue  # concatenated frames
-        if position + size > len(data):
-            if position == len(data):  # the 4-byte size Linux appends ends the stream
-                break
-            raise BootError("the kernel's LZ4 payload is truncated")
-        try:
-            lz4_block(view[position : position + size], output, limit)
-        except IndexError as error:
-            raise BootError("the kernel's LZ4 payload is corrupt (block overruns)") from error
-        position += size
-    return bytes(output)
+def _lzma(data: memoryview, size: int) -> bytes:
+    return _stream(lzma.LZMADecompressor(lzma.FORMAT_ALONE), data, size)
 
 
-# gzip: zlib with a gzip header (wbits 16 + 15, zlib manual "deflateInit2").
-CODECS: dict[str, tuple[bytes, Callable[[bytes, int], bytes]]] = {
-    "gzip": (GZIP_MAGIC, lambda data, limit: _stream(zlib.decompressobj(16 + zlib.MAX_WBITS), data, limit)),
-    "bzip2": (BZIP2_MAGIC, lambda data, limit: _stream(bz2.BZ2Decompressor(), data, limit)),
-    "lzma": (LZMA_ALONE_MAGIC,
-             lambda data, limit: _stream(lzma.LZMADecompressor(lzma.FORMAT_ALONE), data, limit)),
-    "xz": (XZ_MAGIC, lambda data, limit: _stream(lzma.LZMADecompressor(lzma.FORMAT_XZ), data, limit)),
-    "lz4": (LZ4_LEGACY_MAGIC, lz4_legacy),
-}
-GUEST_ONLY_CODECS = {"zstd": ZSTD_MAGIC, "lzo": LZO_MAGIC}
+def _xz(data: memoryview, size: int) -> bytes:
+    return _stream(lzma.LZMADecompressor(lzma.FORMAT_XZ), data, size)
 
 
-def payload_codec(payload: bytes) -> str | None:
-    for name, (magic, _) in CODECS.items():
-        if payload.startswith(magic):
-            return name
-    for name, magic in GUEST_ONLY_CODECS.items():
-        if payload.startswith(magic):
-            return name
-    return None
-
-
-def unpack_payload(payload: bytes, limit: int) -> tuple[str, bytes] | None:
-    """(codec, decompressed kernel) or None when pyhv cannot unpack this codec on the host."""
-    codec = payload_codec(payload)
-    if codec is None or codec not in CODECS:
-        log.info("bzImage payload codec %s: left to the guest's decompressor", codec or "unknown")
-        return None
+def _lz4_legacy(data: memoryview, size: int) -> bytes:
+    """An LZ4 legacy frame: the magic, then blocks each prefixed by its u32 LE size; a repeated
+    magic starts a concatenated frame (lib/decompress_unlz4.c does the same)."""
     try:
-        content = CODECS[codec][1](payload, limit)
+        import lz4.block
+    except ImportError:
+        raise _MissingLibrary("lz4") from None
+    blocks: list[bytes] = []
+    produced = 0
+    position = len(LZ4_LEGACY_MAGIC)
+    while position < len(data):
+        if position + 4 > len(data):
+            raise _Truncated
+        block_size = int.from_bytes(data[position : position + 4], "little")
+        position += 4
+        if data[position - 4 : position] == LZ4_LEGACY_MAGIC:
+            continue
+        if block_size > LZ4_MAX_BLOCK:
+            raise _Corrupt(f"a block of {block_size} bytes is larger than an 8 MiB block can compress to")
+        if position + block_size > len(data):
+            raise _Truncated
+        room = min(LZ4_LEGACY_BLOCK, size - produced)
+        if room == 0:
+            raise _Corrupt(f"it has more blocks than its declared {size} bytes need")
+        try:
+            block = lz4.block.decompress(data[position : position + block_size], uncompressed_size=room)
+        except lz4.block.LZ4BlockError:
+            raise _Corrupt("an LZ4 block is corrupt or unpacks to more than the declared size") from None
+        blocks.append(block)
+        produced += len(block)
+        position += block_size
+    return b"".join(blocks)
+
+
+def _zstd(data: memoryview, size: int) -> bytes:
+    import zstandard  # a core dependency (the qcow2 engine's compression)
+
+    try:
+        frame = zstandard.get_frame_parameters(data)
+        # A frame that states its size is unpacked into a buffer of that size whatever
+        # max_output_size says, so a bomb's stated size is checked first.
+        if frame.content_size != zstandard.CONTENTSIZE_UNKNOWN and frame.content_size > size:
+            raise _Corrupt(f"its frame declares {frame.content_size} bytes, more than the {size} of its size trailer")
+        return zstandard.ZstdDecompressor().decompress(data, max_output_size=size)
+    except zstandard.ZstdError as error:
+        raise _Corrupt(f"zstd: {error}") from None
+
+
+def _lzo1x_block(block: bytes | memoryview, size: int) -> bytes:
+    try:
+        import lzokay
+    except ImportError:
+        raise _MissingLibrary("lzokay") from None
+    try:
+        return bytes(lzokay.decompress(bytes(block), size))
+    except lzokay.OutputOverrunError:
+        raise BlockOverrun from None
+    except lzokay.LzokayError as error:
+        raise LzopError(f"an LZO1X block is corrupt ({error})") from None
+
+
+def _lzo(data: memoryview, size: int) -> bytes:
+    try:
+        return lzop_decompress(data, size, _lzo1x_block)
+    except LzopTruncated:
+        raise _Truncated from None
+    except LzopError as error:
+        raise _Corrupt(f"lzop: {error}") from None
+
+
+@dataclass(frozen=True)
+class Codec:
+    name: str
+    magic: bytes
+    decode: Callable[[memoryview, int], bytes]  # (stream, declared size) -> content
+    # gzip's last 4 bytes are its own ISIZE field (RFC 1952 section 2.3), which Linux's build
+    # relies on instead of appending one; every other codec's stream ends before the trailer.
+    trailer_in_stream: bool = False
+
+
+CODECS = (
+    Codec("gzip", GZIP_MAGIC, _gzip, trailer_in_stream=True),
+    Codec("bzip2", BZIP2_MAGIC, _bzip2),
+    Codec("lzma", LZMA_ALONE_MAGIC, _lzma),
+    Codec("xz", XZ_MAGIC, _xz),
+    Codec("lz4", LZ4_LEGACY_MAGIC, _lz4_legacy),
+    Codec("zstd", ZSTD_MAGIC, _zstd),
+    Codec("lzo", LZOP_MAGIC, _lzo),
+)
+
+
+def _find_codec(payload: bytes | memoryview) -> Codec | None:
+    head = bytes(payload[:16])
+    return next((codec for codec in CODECS if head.startswith(codec.magic)), None)
+
+
+def payload_codec(payload: bytes | memoryview) -> str | None:
+    codec = _find_codec(payload)
+    return codec.name if codec else None
+
+
+def declared_size(payload: bytes | memoryview) -> int:
+    """The unpacked size Linux's build appended to the payload (its last 4 bytes)."""
+    (size,) = struct.unpack("<I", payload[-SIZE_TRAILER:])
+    return int(size)
+
+
+def unpack_payload(payload: bytes | memoryview, limit: int) -> tuple[str, bytes] | None:
+    """(codec, decompressed kernel), or None when the guest must unpack it (unknown codec, or
+    the library for it is not installed). `limit` is the guest RAM the kernel must fit in.
+    Raises BootError (one line) for a payload that is truncated, corrupt or too large."""
+    codec = _find_codec(payload)
+    if codec is None:
+        log.info("bzImage payload codec unknown: left to the guest's decompressor")
+        return None
+    what = f"the kernel's {codec.name} payload"
+    if len(payload) <= len(codec.magic) + SIZE_TRAILER:
+        raise BootError(f"{what} is truncated ({len(payload)} bytes)")
+    size = declared_size(payload)
+    if size == 0:
+        raise BootError(f"{what} is corrupt: its size trailer says it unpacks to 0 bytes")
+    if size > limit:
+        raise BootError(f"{what} declares {-(-size // MiB)} MiB unpacked, more than the guest's "
+                        f"{limit // MiB} MiB of RAM")  # fmt: skip
+    stream = memoryview(payload) if codec.trailer_in_stream else memoryview(payload)[:-SIZE_TRAILER]
+    try:
+        content = codec.decode(stream, size)
+    except _MissingLibrary as missing:
+        log.warning("the Python package %s is not installed, so the guest unpacks its own %s kernel "
+                    "(slow on a kvm_pvm host): pip install %s", missing, codec.name, missing)  # fmt: skip
+        return None
     except _Truncated:
-        raise BootError(f"the kernel's {codec} payload is truncated") from None
-    except (zlib.error, lzma.LZMAError, OSError, EOFError) as error:
-        raise BootError(f"the kernel's {codec} payload cannot be decompressed: {error}") from error
-    return codec, content
+        raise BootError(f"{what} is truncated") from None
+    except _Corrupt as error:
+        raise BootError(f"{what} is corrupt: {error}") from None
+    except (zlib.error, lzma.LZMAError, OSError, EOFError, ValueError) as error:
+        raise BootError(f"{what} cannot be decompressed: {error}") from None
+    if len(content) != size:
+        raise BootError(f"{what} is corrupt: it unpacks to {len(content)} bytes, its size trailer says {size}")
+    return codec.name, content

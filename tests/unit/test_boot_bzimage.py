@@ -47,8 +47,8 @@ def test_setup_sects_zero_means_four():
         (b"", "truncated"),
         (make_bzimage()[:0x150], "truncated"),
         (make_bzimage()[:0x205], "truncated"),
-        (make_bzimage()[:5 * 512 + 100], "truncated"),  # shorter than syssize says
-        (make_bzimage()[:5 * 512], "truncated"),  # setup code only
+        (make_bzimage()[: 5 * 512 + 100], "truncated"),  # shorter than syssize says
+        (make_bzimage()[: 5 * 512], "truncated"),  # setup code only
         (make_bzimage(version=0x0201), "boot protocol 2.01"),
         (make_bzimage(loadflags=0), "zImage"),
         (make_bzimage(syssize=0x100000), "truncated"),
@@ -126,8 +126,7 @@ def test_relocatable_kernel_falls_back_to_1_mib_when_pref_address_does_not_fit()
         with pytest.raises(BootError, match="too small"):
             # Loaded at 1 MiB it still unpacks at pref_address: 16 + 8 MiB do not fit in 20.
             prepare_linux(memory, guest, image, "")
-        boot = prepare_linux(memory, guest, make_bzimage(kernel=KERNEL, pref_address=0x1000000,
-                                                         init_size=0x200000), "")
+        boot = prepare_linux(memory, guest, make_bzimage(kernel=KERNEL, pref_address=0x1000000, init_size=0x200000), "")
         assert boot.entry.rip == 0x1000200
     finally:
         memory.close()
@@ -159,8 +158,7 @@ def test_virtio_mmio_devices_are_appended_to_the_command_line(guest_64m):
     guest, memory = guest_64m
     windows = [layout.virtio_mmio_window(0), layout.virtio_mmio_window(1)]
     boot = prepare_linux(memory, guest, make_bzimage(), "console=ttyS0", mmio_devices=windows)
-    assert boot.cmdline == ("console=ttyS0 virtio_mmio.device=4K@0xd0000000:5 "
-                            "virtio_mmio.device=4K@0xd0001000:6")
+    assert boot.cmdline == ("console=ttyS0 virtio_mmio.device=4K@0xd0000000:5 virtio_mmio.device=4K@0xd0001000:6")
     assert memory.read(layout.CMDLINE_START, len(boot.cmdline) + 1) == boot.cmdline.encode() + b"\0"
 
 
@@ -180,8 +178,13 @@ def test_initrd_goes_high_below_initrd_addr_max(guest_64m):
 
 def test_initrd_respects_a_low_initrd_addr_max(guest_64m):
     guest, memory = guest_64m
-    prepare_linux(memory, guest, make_bzimage(relocatable=0, init_size=0x100000,
-                                              initrd_addr_max=0x1FFFFFF), "", initrd=bytes(5000))
+    prepare_linux(
+        memory,
+        guest,
+        make_bzimage(relocatable=0, init_size=0x100000, initrd_addr_max=0x1FFFFFF),
+        "",
+        initrd=bytes(5000),
+    )
     page = read_zero_page(memory, layout.ZERO_PAGE_START)
     assert page.get("ramdisk_image") + page.get("ramdisk_size") <= 0x2000000
 
@@ -205,3 +208,15 @@ def test_pvh_entry_is_refused_for_a_bzimage(guest_64m):
     guest, memory = guest_64m
     with pytest.raises(BootError, match="PVH"):
         prepare_linux(memory, guest, make_bzimage(), "", entry="pvh")
+
+
+@pytest.mark.parametrize("init_size", [0xFFFFFFFF, 0x80000000, 49 * MiB])
+@pytest.mark.parametrize("unpack", [True, False])
+def test_init_size_that_cannot_fit_in_guest_ram_is_refused(guest_64m, init_size, unpack):
+    """boot.rst init_size: the memory the kernel needs from its run address (16 MiB here)."""
+    guest, memory = guest_64m
+    image = make_bzimage(kernel=KERNEL, init_size=init_size)
+    with pytest.raises(BootError, match=rf"too small for the kernel: its init_size \({init_size:#x}\)"):
+        prepare_linux(memory, guest, image, "", unpack_bzimage=unpack)
+    boot = prepare_linux(memory, guest, make_bzimage(kernel=KERNEL, init_size=48 * MiB), "", unpack_bzimage=unpack)
+    assert boot.entry.rip == 0x1000200

@@ -143,6 +143,31 @@ def test_pvh_entry_with_start_info(guest_64m):
         assert fields == (entry.address, entry.size, entry.type, 0)
 
 
+@pytest.mark.parametrize(
+    "note,message",
+    [
+        (pvh_note(0x500000), "outside every loadable segment"),  # below the kernel
+        (pvh_note(KERNEL_PHYS + len(TEXT) + 0x10), "outside every loadable segment"),  # in the bss
+        (pvh_note(KERNEL_PHYS + 0x100000), "outside every loadable segment"),  # beyond p_memsz
+        ((b"Xen", 18, struct.pack("<Q", 0x1_0000_0000 + KERNEL_PHYS)), "above 4 GiB"),
+        ((b"Xen", 18, b"\0\0"), "2-byte value"),
+    ],
+)
+def test_pvh_entry_outside_the_kernel_is_bad_input(guest_64m, note, message):
+    """Refused as bad input (BootError, exit 3) instead of an emulation failure on the vCPU."""
+    guest, memory = guest_64m
+    with pytest.raises(BootError, match=message):
+        prepare_linux(memory, guest, vmlinux(notes=[note]), "", entry="pvh")
+
+
+def test_entry_in_the_bss_is_refused(guest_64m):
+    guest, memory = guest_64m
+    with pytest.raises(BootError, match="entry point"):
+        prepare_linux(memory, guest, vmlinux(entry=KERNEL_PHYS + len(TEXT) + 0x100), "")
+    with pytest.raises(BootError, match="entry point"):
+        prepare_linux(memory, guest, vmlinux(entry=KERNEL_VIRT + len(TEXT) + 0x100), "")
+
+
 def test_pvh_requested_without_the_note_is_a_clear_error(guest_64m):
     guest, memory = guest_64m
     with pytest.raises(BootError, match="no PVH entry note"):
@@ -191,8 +216,18 @@ def test_truncated_and_corrupt_elf_headers():
     [
         (make_bzimage(), "bzimage"),
         (vmlinux(), "elf64"),
-        (make_elf(ElfSpec(entry=0x100000, segments=[ElfSegment(0x100000, TEXT)], elf_class=1, machine=3,
-                          prefix=multiboot_header())), "multiboot"),
+        (
+            make_elf(
+                ElfSpec(
+                    entry=0x100000,
+                    segments=[ElfSegment(0x100000, TEXT)],
+                    elf_class=1,
+                    machine=3,
+                    prefix=multiboot_header(),
+                )
+            ),
+            "multiboot",
+        ),
     ],
 )
 def test_detect_kernel_format(data, expected):
@@ -209,8 +244,9 @@ def test_not_a_kernel_message_names_the_expected_formats(guest_64m):
     guest, memory = guest_64m
     with pytest.raises(BootError) as error:
         prepare_kernel(memory, guest, b"#!/bin/sh\necho hi\n" * 30, "", name="run.sh")
-    assert str(error.value) == ("run.sh is not a kernel pyhv can boot "
-                                "(expected a bzImage, an ELF vmlinux or a multiboot ELF)")
+    assert str(error.value) == (
+        "run.sh is not a kernel pyhv can boot (expected a bzImage, an ELF vmlinux or a multiboot ELF)"
+    )
 
 
 def test_elf32_linux_is_refused(guest_64m):

@@ -30,11 +30,22 @@ def new_guest(ram_size: int = 64 * MiB) -> Iterator[tuple[GuestLayout, GuestMemo
         memory.close()
 
 
-def make_bzimage(*, version: int = 0x020F, setup_sects: int = 4, kernel: bytes | None = None,
-                 xloadflags: int = 0x1, loadflags: int = 0x01, relocatable: int = 1,
-                 pref_address: int = 0x1000000, init_size: int = 0x800000, cmdline_size: int = 2047,
-                 initrd_addr_max: int = 0x7FFFFFFF, header_end_byte: int = 0x6A, syssize: int | None = None,
-                 payload: bytes | None = None) -> bytes:
+def make_bzimage(
+    *,
+    version: int = 0x020F,
+    setup_sects: int = 4,
+    kernel: bytes | None = None,
+    xloadflags: int = 0x1,
+    loadflags: int = 0x01,
+    relocatable: int = 1,
+    pref_address: int = 0x1000000,
+    init_size: int = 0x800000,
+    cmdline_size: int = 2047,
+    initrd_addr_max: int = 0x7FFFFFFF,
+    header_end_byte: int = 0x6A,
+    syssize: int | None = None,
+    payload: bytes | None = None,
+) -> bytes:
     """A bzImage: boot sector + setup sectors with a setup header, then the protected-mode code.
 
     With `payload`, the protected-mode code is 0x200 bytes of "decompressor" followed by the
@@ -115,11 +126,13 @@ def make_elf(spec: ElfSpec) -> bytes:
         memsz = segment.memory_size or len(segment.data)
         file_offset = offset + len(body)
         if is64:
-            program_headers += struct.pack("<IIQQQQQQ", segment.type, 7, file_offset, vaddr, segment.paddr,
-                                           len(segment.data), memsz, 0x1000)
+            program_headers += struct.pack(
+                "<IIQQQQQQ", segment.type, 7, file_offset, vaddr, segment.paddr, len(segment.data), memsz, 0x1000
+            )
         else:
-            program_headers += struct.pack("<IIIIIIII", segment.type, file_offset, vaddr, segment.paddr,
-                                           len(segment.data), memsz, 7, 0x1000)
+            program_headers += struct.pack(
+                "<IIIIIIII", segment.type, file_offset, vaddr, segment.paddr, len(segment.data), memsz, 7, 0x1000
+            )
         body += segment.data
     if note_blob:
         file_offset, size = offset + len(body), len(note_blob)
@@ -130,11 +143,13 @@ def make_elf(spec: ElfSpec) -> bytes:
         body += note_blob
     ident = b"\x7fELF" + bytes([spec.elf_class, 1, 1]) + bytes(9)
     if is64:
-        header = ident + struct.pack("<HHIQQQIHHHHHH", 2, spec.machine, 1, spec.entry, header_size, 0, 0,
-                                     header_size, phentsize, phnum, 64, 0, 0)
+        header = ident + struct.pack(
+            "<HHIQQQIHHHHHH", 2, spec.machine, 1, spec.entry, header_size, 0, 0, header_size, phentsize, phnum, 64, 0, 0
+        )
     else:
-        header = ident + struct.pack("<HHIIIIIHHHHHH", 2, spec.machine, 1, spec.entry, header_size, 0, 0,
-                                     header_size, phentsize, phnum, 40, 0, 0)
+        header = ident + struct.pack(
+            "<HHIIIIIHHHHHH", 2, spec.machine, 1, spec.entry, header_size, 0, 0, header_size, phentsize, phnum, 40, 0, 0
+        )
     return header + program_headers + bytes(body)
 
 
