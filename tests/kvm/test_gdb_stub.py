@@ -239,9 +239,9 @@ def test_pyhv_run_gdb_option(guest_binary, tmp_path: Path) -> None:  # type: ign
         deadline = time.monotonic() + 30
         while not path.exists() and time.monotonic() < deadline:
             time.sleep(0.05)
-        gdb = subprocess.run([GDB or "gdb", "-batch", "-nx", "-ex", f"target remote {path}", "-ex", f"break *{LOOP_TOP:#x}",
-                              "-ex", "continue", "-ex", "delete", "-ex", "continue"],
-                             capture_output=True, text=True, timeout=60)  # fmt: skip
+        commands = [f"target remote {path}", f"break *{LOOP_TOP:#x}", "continue", "delete", "continue"]
+        arguments = [GDB or "gdb", "-batch", "-nx"] + [part for command in commands for part in ("-ex", command)]
+        gdb = subprocess.run(arguments, capture_output=True, text=True, timeout=60)
         _, errors = pyhv.communicate(timeout=30)
     finally:
         pyhv.kill()
@@ -255,7 +255,8 @@ def test_pyhv_run_rejects_a_bad_gdb_address(guest_binary, tmp_path: Path) -> Non
     image = tmp_path / "guest.bin"
     image.write_bytes(guest_binary("gdb_target").read_bytes())
     for spec in ("serial:/dev/ttyS0", "tcp:localhost:99999"):
-        result = subprocess.run([sys.executable, "-m", "hypervisor", "run", "--raw", f"{image}@0x1000",
-                                 "--console", "none", "--gdb", spec], capture_output=True, text=True, timeout=60)  # fmt: skip
+        command = [sys.executable, "-m", "hypervisor", "run", "--raw", f"{image}@0x1000", "--console", "none",
+                   "--gdb", spec]  # fmt: skip
+        result = subprocess.run(command, capture_output=True, text=True, timeout=60)
         assert result.returncode == 3
         assert result.stderr.count("\n") == 1 and "pyhv: error: --gdb" in result.stderr

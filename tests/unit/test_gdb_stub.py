@@ -174,7 +174,12 @@ def test_register_writes_change_only_what_gdb_changed(stub: GdbStub, target: Fak
     changed = b"0100000000000000" + reply[16:]
     recorded: list[dict[str, int]] = []
     original = target.write_registers
-    target.write_registers = lambda vcpu, values: (recorded.append(values), original(vcpu, values))  # type: ignore[method-assign]
+
+    def record(vcpu: int, values: dict[str, int]) -> None:
+        recorded.append(values)
+        original(vcpu, values)
+
+    target.write_registers = record  # type: ignore[method-assign]
     assert stub.handle(b"G" + changed) == b"OK"
     assert recorded == [{"rax": 1}]
     assert stub.handle(b"P10=0020000000000000") == b"OK"  # register 0x10 is rip
