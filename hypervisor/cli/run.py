@@ -6,7 +6,7 @@ import logging
 import signal
 import sys
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 import click
 
@@ -14,6 +14,10 @@ from hypervisor.console import FileConsole, NullConsole, StdioConsole
 from hypervisor.debug.trace import ExitTracer
 from hypervisor.errors import ConfigError, HypervisorError
 from hypervisor.units import parse_size
+
+if TYPE_CHECKING:
+    from hypervisor.debug.gdb.server import GdbServer
+    from hypervisor.machine import Machine
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +88,8 @@ def _make_console(spec: str) -> object:
 @click.option("--trace-exits", type=click.Path(path_type=Path, dir_okay=False),
               help="Write every VM exit that reaches Python to this file, one line each.")
 @click.option("--pvh", is_flag=True, help="Enter an ELF vmlinux through its PVH entry point.")
+@click.option("--gdb", "gdb_spec", metavar="tcp:HOST:PORT|unix:PATH",
+              help="Serve gdb's remote protocol; the guest waits for gdb before its first instruction.")
 @click.option("--machine", "machine_type", type=click.Choice(["pc", "qemu-test"]), default="pc", show_default=True,
               help="qemu-test adds QEMU's isa-debug-exit (0xf4) and pc-testdev, for kvm-unit-tests "
                    "(docs/conformance.md).")
@@ -135,11 +141,18 @@ def _run(options: dict[str, object]) -> int:
         trace = _open_trace(options["trace_exits"])  # type: ignore[arg-type]
         if trace is not None:
             machine.exit_hooks.append(ExitTracer(trace))
+        gdb = _start_gdb(options["gdb_spec"], machine)  # type: ignore[arg-type]
         previous = signal.signal(signal.SIGTERM, _raise_interrupt)
         try:
-            result = machine.run(run_options.timeout)
+            if gdb is not None:
+                machine.start(paused=True)  # the first instruction waits for gdb to continue
+                result = machine.wait(run_options.timeout)
+            else:
+                result = machine.run(run_options.timeout)
         finally:
             signal.signal(signal.SIGTERM, previous)
+            if gdb is not None:
+                gdb.close()
             machine.close()
             if trace is not None:
                 trace.close()
@@ -168,6 +181,18 @@ def _open_trace(path: Path | None) -> IO[str] | None:
         return open(path, "w", buffering=1 << 16)
     except OSError as error:
         raise ConfigError(f"cannot write the exit trace {path}: {error.strerror}") from error
+
+
+def _start_gdb(spec: str | None, machine: Machine) -> GdbServer | None:
+    if spec is None:
+        return None
+    from hypervisor.debug.gdb.server import serve_machine
+
+    server = serve_machine(machine, spec)
+    where = server.describe()
+    connect = where.split(":", 1)[1]  # gdb takes HOST:PORT, or a unix socket by its path
+    click.echo(f"pyhv: waiting for gdb on {where} (gdb: target remote {connect})", err=True)
+    return server
 
 
 def _raise_interrupt(signum: int, frame: object) -> None:
