@@ -52,6 +52,7 @@ class RunOptions:
     disks: list[DiskSpec] = field(default_factory=list)
     root: str | None = None
     machine: str = "pc"  # "pc" or "qemu-test" (machine.MACHINE_TYPES)
+    exit_history: int = 0  # the last exits kept for a post-mortem (Machine(exit_history=N)); 0: none
 
 
 @dataclass
@@ -133,7 +134,7 @@ def create_machine(options: RunOptions, console: Console | None) -> tuple[Machin
         machine = Machine(options.memory_mib or DEFAULT_RAW_MEMORY_MIB, cpus=options.cpus, console=console,
                           debug_exit_port=options.debug_exit_port, debug_exit_qemu=options.debug_exit_qemu,
                           pvm_emulation=pvm, hugepages=options.hugepages,
-                          machine_type=options.machine)  # fmt: skip
+                          machine_type=options.machine, exit_history=options.exit_history)  # fmt: skip
         try:
             machine.attach_disks(options.disks)  # found by the guest at the virtio-mmio windows
             machine.load_raw_bytes(data, address, str(path))
@@ -172,7 +173,8 @@ def create_machine(options: RunOptions, console: Console | None) -> tuple[Machin
     machine = Machine(memory_mib, cpus=options.cpus, console=console,
                       debug_exit_port=options.debug_exit_port, debug_exit_qemu=options.debug_exit_qemu,
                       memory_regions=list(layout.memory_regions), pvm_emulation=pvm,
-                      hugepages=options.hugepages, machine_type=options.machine)  # fmt: skip
+                      hugepages=options.hugepages, machine_type=options.machine,
+                      exit_history=options.exit_history)  # fmt: skip
     try:
         assert machine.memory is not None
         if kind == "multiboot":
