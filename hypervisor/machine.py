@@ -131,6 +131,7 @@ class Machine:
         pvm_emulation: bool = False,
         exit_history: int = 0,
         machine_type: str = "pc",
+        memory_file: int = -1,
     ) -> None:
         if memory_mib <= 0:
             raise ConfigError(f"guest memory must be at least 1 MiB, not {memory_mib} MiB")
@@ -157,9 +158,19 @@ class Machine:
         # The last exits that reached Python, for post-mortems (0: not kept).
         self.exit_history: deque[ExitEvent] | None = deque(maxlen=exit_history) if exit_history > 0 else None
         self._started_at = time.monotonic()
+        self._main_thread_calls: list[Callable[[], None]] = []
+        # Called with every chunk of console output, on the vCPU thread (keep them cheap).
+        self.output_watchers: list[Callable[[bytes], None]] = []
+        # What rebuilds this machine's hardware (a snapshot records it; hypervisor.snapshot).
+        layout = [list(region) for region in memory_regions or [(0, self.memory_size)]]
+        self.config: dict[str, object] = {
+            "memory_mib": memory_mib, "cpus": cpus, "debug_exit_port": debug_exit_port,
+            "debug_exit_qemu": debug_exit_qemu, "memory_regions": layout, "pvm_emulation": pvm_emulation,
+            "machine_type": machine_type,
+        }  # fmt: skip
         try:
             self._create_vm(cpus)
-            self._create_memory(memory_regions or [(0, self.memory_size)], hugepages)
+            self._create_memory(memory_regions or [(0, self.memory_size)], hugepages, memory_file)
             if pvm_emulation:
                 assert self.memory is not None
                 self.emulator = PvmEmulator(self.memory)
@@ -181,7 +192,7 @@ class Machine:
         self.vm.create_irqchip()
         self.vm.create_pit2()
 
-    def _create_memory(self, regions: list[tuple[int, int]], hugepages: bool) -> None:
+    def _create_memory(self, regions: list[tuple[int, int]], hugepages: bool, memory_file: int = -1) -> None:
         assert self.vm is not None
         host_bytes = host_memory_bytes()
         if host_bytes and self.memory_size > host_bytes:
@@ -189,7 +200,7 @@ class Machine:
                 f"{self.memory_size // MiB} MiB of guest memory is more than this host has "
                 f"({host_bytes // MiB} MiB)"
             )
-        self.memory = GuestMemory(regions, hugepages=hugepages)
+        self.memory = GuestMemory(regions, hugepages=hugepages, backing_fd=memory_file)
         self.vm.map_memory(self.memory)
 
     def _create_platform_devices(self, debug_exit_port: int, debug_exit_qemu: bool, machine_type: str,
@@ -349,6 +360,8 @@ class Machine:
 
     def _serial_output(self, data: bytes) -> None:
         self.observer.feed(data)
+        for watcher in self.output_watchers:
+            watcher(data)
         if self.console is not None:
             self.console.write(data)
 
@@ -413,6 +426,7 @@ class Machine:
                     self.control.request_stop(Outcome(OutcomeKind.TIMEOUT, f"no outcome within {timeout:g} s"))
                     break
                 self.control.finished.wait(0.25 if remaining is None else min(remaining, 0.25))
+                self._run_main_thread_calls()
                 exits = self._exit_count()
                 if exits != exits_seen or self.control.paused:
                     exits_seen, quiet_since = exits, time.monotonic()
@@ -435,6 +449,35 @@ class Machine:
         """Runs the guest until it stops (or `timeout` seconds pass) and returns the result."""
         self.start()
         return self.wait(timeout)
+
+    def call_from_main_thread(self, function: Callable[[], None]) -> None:
+        """Runs `function` on the thread in `wait()` soon (within a quarter second): for work a
+        vCPU thread must not do itself, such as a save that pauses every vCPU."""
+        self._main_thread_calls.append(function)
+
+    def _run_main_thread_calls(self) -> None:
+        while self._main_thread_calls:
+            function = self._main_thread_calls.pop(0)
+            try:
+                function()
+            except HypervisorError as error:
+                log.error("%s", error)
+
+    # -- snapshots (hypervisor.snapshot; docs/snapshots.md) --------------------------------------
+
+    def save(self, path: str) -> None:
+        """Saves the running (or paused) machine to the folder `path`; the run goes on."""
+        from hypervisor.snapshot.machine_state import save_machine
+
+        save_machine(self, path)
+
+    @classmethod
+    def restore(cls, path: str, console: Console | None = None, *, verify_memory: bool = True) -> Machine:
+        """A machine rebuilt from the snapshot folder `path`, ready to `run()` on from where it
+        was saved. Refuses (ConfigError, exit 3) a damaged, foreign or incompatible snapshot."""
+        from hypervisor.snapshot.machine_state import restore_machine
+
+        return restore_machine(path, console, verify_memory=verify_memory)
 
     def _exit_count(self) -> int:
         return sum(int(vcpu.stats.kvm_run_calls) for vcpu in self.vcpus)

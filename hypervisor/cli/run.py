@@ -93,20 +93,26 @@ def _make_console(spec: str) -> object:
 @click.option("--machine", "machine_type", type=click.Choice(["pc", "qemu-test"]), default="pc", show_default=True,
               help="qemu-test adds QEMU's isa-debug-exit (0xf4) and pc-testdev, for kvm-unit-tests "
                    "(docs/conformance.md).")
+@click.option("--save", type=click.Path(path_type=Path, file_okay=False),
+              help="Save the running machine to this new folder when --save-on matches; the run goes on.")
+@click.option("--save-on", metavar="PATTERN", help="Save (see --save) the first time the console prints PATTERN.")
+@click.option("--restore", type=click.Path(path_type=Path, file_okay=False),
+              help="Continue a machine saved with --save instead of booting (docs/snapshots.md).")
 def run(**options: object) -> None:
     """Boot a guest and run it until it stops.
 
     \b
     Exit status: the guest's debug-exit value when it used that port; 0 when it powered off,
-    reset or the console quit (Ctrl-A x); 120 triple fault, 121 kernel panic, 122 emulation
-    failure, 123 other KVM internal error, 124 timeout, 130 interrupted; 1 hypervisor error,
-    2 usage error, 3 bad input (file, size, image), 4 KVM unavailable. See docs/exit-status.md.
+    reset or the console quit (Ctrl-A x); 119 halted for good (cli; hlt), 120 triple fault,
+    121 kernel panic, 122 emulation failure, 123 other KVM internal error, 124 timeout,
+    130 interrupted; 1 hypervisor error, 2 usage error, 3 bad input (file, size, image),
+    4 KVM unavailable. See docs/exit-status.md.
     """
     sys.exit(_run(options))
 
 
 def _run(options: dict[str, object]) -> int:
-    from hypervisor.launch import RunOptions, create_machine
+    from hypervisor.launch import LaunchInfo, RunOptions, create_machine
     from hypervisor.report import build_report, write_report
 
     machine = None
@@ -134,8 +140,24 @@ def _run(options: dict[str, object]) -> int:
             root=options["root"],  # type: ignore[arg-type]
             machine=str(options["machine_type"]),
         )
+        if options["report"]:
+            from hypervisor.output_paths import check_writable_file
+
+            check_writable_file(options["report"], "--report")  # type: ignore[arg-type]
+        from hypervisor.cli import snapshot_options
+
+        snapshot_options.check_save_options(options["save"], options["save_on"])  # type: ignore[arg-type]
         console = _make_console(str(options["console_spec"]))
-        machine, info = create_machine(run_options, console)  # type: ignore[arg-type]
+        if options["restore"] is not None:
+            if options["kernel"] or options["initrd"] or options["raw"] or options["disks"] or options["append"]:
+                raise ConfigError("--restore continues a saved machine: it takes no --kernel, --initrd, --raw, --disk "
+                                  "or --append")
+            machine = snapshot_options.restore(options["restore"], console)  # type: ignore[arg-type]
+            info = LaunchInfo("restored", str(options["restore"]), pvm_host=machine.emulator is not None)
+        else:
+            machine, info = create_machine(run_options, console)  # type: ignore[arg-type]
+        if options["save"] is not None:
+            snapshot_options.arm_save(machine, options["save"], str(options["save_on"]))  # type: ignore[arg-type]
         if info.pvm_host and info.kind == "linux":
             click.echo(f"pyhv: note: {PVM_NOTICE}", err=True)
         trace = _open_trace(options["trace_exits"])  # type: ignore[arg-type]
@@ -156,8 +178,13 @@ def _run(options: dict[str, object]) -> int:
             machine.close()
             if trace is not None:
                 trace.close()
+        click.echo(f"\npyhv: {result.outcome.describe()} (exit status {result.exit_status})", err=True)
         if options["report"]:
-            write_report(options["report"], build_report(result, info, machine.observer.timeline()))  # type: ignore[arg-type]
+            try:
+                write_report(options["report"], build_report(result, info, machine.observer.timeline()))  # type: ignore[arg-type]
+            except OSError as error:
+                # The outcome is already said and stays the exit status: the report is extra.
+                click.echo(f"pyhv: error: cannot write the report {options['report']}: {error.strerror}", err=True)
     except HypervisorError as error:
         if machine is not None:
             machine.close()
@@ -170,7 +197,6 @@ def _run(options: dict[str, object]) -> int:
         log.debug("unexpected error", exc_info=True)
         click.echo(f"pyhv: internal error: {error!r} (run with -vv for the traceback)", err=True)
         return 1
-    click.echo(f"\npyhv: {result.outcome.describe()} (exit status {result.exit_status})", err=True)
     return result.exit_status
 
 

@@ -18,6 +18,8 @@ import threading
 import time
 from collections.abc import Callable
 
+from hypervisor.devices.state import StatefulDevice
+
 INDEX_PORT_OFFSET = 0
 DATA_PORT_OFFSET = 1
 PORT_COUNT = 2
@@ -33,8 +35,10 @@ REGISTER_D_VALID_RAM = 0x80  # VRT: the battery is good
 RAM_SIZE = 128
 
 
-class CmosRtc:
+class CmosRtc(StatefulDevice):
     """Two one-byte ports as one two-byte bus range: offset 0 index, offset 1 data."""
+
+    STATE_FIELDS = ("_index", "_ram")  # the time is the host's, never saved
 
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self._clock = clock

@@ -23,6 +23,8 @@ import logging
 import threading
 from collections.abc import Callable
 
+from hypervisor.devices.state import StatefulDevice
+
 log = logging.getLogger(__name__)
 
 # Ports, for the machine (IBM PC/AT Technical Reference).
@@ -91,8 +93,10 @@ class _Port:
             self._write(value)
 
 
-class I8042Controller:
+class I8042Controller(StatefulDevice):
     """The 8042 state; bus devices are `data_port` (0x60) and `command_port` (0x64)."""
+
+    STATE_FIELDS = ("_output", "_command_byte", "_awaiting_parameter", "_last_was_command", "_output_port")
 
     def __init__(self, on_reset: Callable[[], None] | None = None) -> None:
         self._on_reset = on_reset or (lambda: None)

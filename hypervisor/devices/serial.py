@@ -47,6 +47,7 @@ import threading
 from collections.abc import Callable
 
 from hypervisor.devices.bus import InterruptLine, NullInterruptLine
+from hypervisor.devices.state import StatefulDevice
 
 log = logging.getLogger(__name__)
 
@@ -122,8 +123,13 @@ DEFAULT_DIVISOR = 12
 HOST_ORIGIN = 0x100  # tag bit on FIFO entries that came from feed(), not loopback
 
 
-class Serial16550A:
+class Serial16550A(StatefulDevice):
     """A 16550A UART implementing the bus `Device` protocol over eight byte registers."""
+
+    STATE_FIELDS = (
+        "_host_queue", "_fifo", "_ier", "_fcr", "_lcr", "_mcr", "_lsr", "_msr", "_scr", "_divisor",
+        "_last_received", "_thr_empty_pending", "_line_level", "_input_released", "_dropped_warning_given",
+    )  # fmt: skip
 
     def __init__(
         self,

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 from typing import TYPE_CHECKING
 
+from hypervisor.errors import KvmError
 from hypervisor.kvm.ffi import ffi, ioctl, ioctl_value, lib
 
 if TYPE_CHECKING:
@@ -99,6 +101,42 @@ class Vm:
             flags |= lib.KVM_IOEVENTFD_FLAG_DEASSIGN
         arg = {"datamatch": datamatch or 0, "addr": address, "len": length, "fd": eventfd, "flags": flags}
         ioctl(self.fd, "KVM_IOEVENTFD", ffi.new("struct kvm_ioeventfd *", arg))
+
+    def get_state_blob(self, ioctl_name: str, struct: str) -> bytes:
+        """The raw bytes of a VM-wide KVM_GET_* state struct (PIT2, CLOCK), for snapshots."""
+        buffer = ffi.new(f"{struct} *")
+        ioctl(self.fd, ioctl_name, buffer)
+        return bytes(ffi.buffer(buffer))
+
+    def set_state_blob(self, ioctl_name: str, struct: str, data: bytes) -> None:
+        buffer = ffi.new(f"{struct} *")
+        if len(data) != ffi.sizeof(buffer[0]):
+            raise KvmError(ioctl_name, errno.EINVAL, f"{struct} is {ffi.sizeof(buffer[0])} bytes, not {len(data)}")
+        ffi.memmove(buffer, data, len(data))
+        ioctl(self.fd, ioctl_name, buffer)
+
+    def get_irqchip(self, chip: str) -> bytes:
+        """KVM_GET_IRQCHIP for chip KVM_IRQCHIP_PIC_MASTER, _PIC_SLAVE or _IOAPIC (api.rst 4.26)."""
+        buffer = ffi.new("struct kvm_irqchip *", {"chip_id": getattr(lib, chip)})
+        ioctl(self.fd, "KVM_GET_IRQCHIP", buffer)
+        return bytes(ffi.buffer(buffer))
+
+    def set_irqchip(self, chip: str, data: bytes) -> None:
+        buffer = ffi.new("struct kvm_irqchip *")
+        if len(data) != ffi.sizeof(buffer[0]):
+            raise KvmError("KVM_SET_IRQCHIP", errno.EINVAL, f"irqchip state is {len(data)} bytes")
+        ffi.memmove(buffer, data, len(data))
+        if buffer.chip_id != getattr(lib, chip):
+            raise KvmError("KVM_SET_IRQCHIP", errno.EINVAL, f"the saved state is not {chip}'s")
+        ioctl(self.fd, "KVM_SET_IRQCHIP", buffer)
+
+    def set_clock(self, data: bytes) -> None:
+        """KVM_SET_CLOCK with a saved kvm_clock_data: only the clock value is given back (its
+        flags say what KVM_GET_CLOCK knew, not what KVM_SET_CLOCK accepts; api.rst 4.49)."""
+        buffer = ffi.new("struct kvm_clock_data *")
+        ffi.memmove(buffer, data, min(len(data), ffi.sizeof(buffer[0])))
+        clock = ffi.new("struct kvm_clock_data *", {"clock": buffer.clock})
+        ioctl(self.fd, "KVM_SET_CLOCK", clock)
 
     def create_vcpu(self, vcpu_id: int) -> Vcpu:
         from hypervisor.kvm.vcpu import Vcpu

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import mmap
+import os
 from dataclasses import dataclass, field
 
 from hypervisor.errors import ConfigError, GuestMemoryError
@@ -30,6 +31,11 @@ class MemoryRegion:
     gpa: int
     size: int
     hugepages: bool = False
+    # A restored snapshot maps its RAM file copy-on-write (MAP_PRIVATE) instead of anonymous
+    # memory: pages are read from the file on first touch and a guest write copies only that
+    # page, so the cost does not grow with RAM size and restored VMs share the file's pages.
+    backing_fd: int = -1
+    backing_offset: int = 0
     _map: mmap.mmap = field(init=False, repr=False)
     _anchor: ctypes.Array = field(init=False, repr=False)  # type: ignore[type-arg]
 
@@ -38,6 +44,14 @@ class MemoryRegion:
             raise ConfigError(f"memory region size {self.size} is not a positive multiple of {PAGE_SIZE}")
         if self.gpa % PAGE_SIZE:
             raise ConfigError(f"memory region address {self.gpa:#x} is not page aligned")
+        if self.backing_fd >= 0:
+            try:
+                self._map = mmap.mmap(self.backing_fd, self.size, flags=mmap.MAP_PRIVATE,
+                                      prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=self.backing_offset)  # fmt: skip
+            except (OSError, ValueError) as error:
+                raise ConfigError(f"cannot map the saved guest memory: {error}") from error
+            self._anchor = (ctypes.c_char * self.size).from_buffer(self._map)
+            return
         flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
         if self.hugepages:
             if self.size % HUGEPAGE_SIZE:
@@ -78,14 +92,17 @@ class MemoryRegion:
 class GuestMemory:
     """Guest physical memory made of non-overlapping regions, sorted by address."""
 
-    def __init__(self, regions: list[tuple[int, int]], hugepages: bool = False) -> None:
-        """`regions` is a list of (gpa, size) pairs."""
+    def __init__(self, regions: list[tuple[int, int]], hugepages: bool = False, backing_fd: int = -1) -> None:
+        """`regions` is a list of (gpa, size) pairs. With `backing_fd`, the regions map that file
+        copy-on-write, one after the other from offset 0 (the layout `save_sparse` writes)."""
         self.regions: list[MemoryRegion] = []
+        offset = 0
         try:
             for gpa, size in sorted(regions):
                 if self.regions and gpa < self.regions[-1].end:
                     raise ConfigError(f"memory region at {gpa:#x} overlaps the one before it")
-                self.regions.append(MemoryRegion(gpa, size, hugepages))
+                self.regions.append(MemoryRegion(gpa, size, hugepages, backing_fd, offset))
+                offset += size
         except BaseException:
             self.close()
             raise
@@ -147,6 +164,23 @@ class GuestMemory:
 
     def write_u64(self, gpa: int, value: int) -> None:
         self.write(gpa, value.to_bytes(8, "little"))
+
+    def save_sparse(self, fd: int, chunk: int = 1 << 20) -> int:
+        """Writes every region, one after the other, to `fd` with holes for zero chunks (the
+        file must be new and empty); returns the bytes of data written. Zero pages of a guest
+        cost no disk, and `GuestMemory(..., backing_fd=fd)` maps the result back."""
+        zero = bytes(chunk)
+        offset = written = 0
+        for region in self.regions:
+            view = region.view(0, region.size)
+            for start in range(0, region.size, chunk):
+                part = view[start : start + chunk]
+                if part != (zero if len(part) == chunk else bytes(len(part))):
+                    os.pwrite(fd, part, offset + start)
+                    written += len(part)
+            offset += region.size
+        os.ftruncate(fd, offset)  # the holes at the end count too
+        return written
 
     def close(self) -> None:
         for region in self.regions:
