@@ -1,0 +1,706 @@
+"""The exit debugger's command loop (`pyhv debug`): gdb-like commands over a paused Machine.
+
+The machine is driven only through its debugging contract (hypervisor/machine.py): the loop
+waits at its prompt while every vCPU is parked, `next` runs one vCPU to its next exit that reaches
+Python (`step_exit`), `continue` resumes until a breakpoint, a hook or the end of the run stops it
+again (`wait_for_stop`), and every other command reads or changes state while nothing runs.
+Output goes to the stream the CLI hands in; exit traces (`trace on`) are written from the vCPU
+threads under the same lock, so lines never interleave mid-way.
+
+The command texts (x/FMT, set, break expressions) are parsed by pure functions, tested without
+KVM (tests/unit/test_debug_repl.py).
+"""
+
+from __future__ import annotations
+
+import cmd
+import logging
+import os
+import re
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+from hypervisor.debug.break_expr import KEYWORDS, WORDS, parse_break_expression
+from hypervisor.errors import HypervisorError
+from hypervisor.kvm.vcpu import GPR_NAMES, SEGMENT_NAMES
+from hypervisor.vcpu.context import ExitContext
+from hypervisor.vcpu.events import describe_event
+
+if TYPE_CHECKING:
+    from hypervisor.machine import Machine
+    from hypervisor.vcpu.control import Stop
+    from hypervisor.vcpu.events import ExitEvent
+
+log = logging.getLogger(__name__)
+
+PROMPT = "(pyhv) "
+HISTORY_FILE = "~/.pyhv_history"
+HISTORY_LENGTH = 1000
+STEP_TIMEOUT = 10.0  # seconds a `next` waits for one exit before it gives up (a spinning guest)
+PAUSE_TIMEOUT = 5.0
+WAIT_SLICE = 0.25  # `continue` waits in slices so that Ctrl-C is seen promptly
+MAX_EXAMINE_BYTES = 64 * 1024
+MAX_STRING = 4096  # x/s reads at most this much looking for the NUL
+MAX_STEPS = 1_000_000
+MAX_DISAS = 1000
+VALUE_MASK = (1 << 64) - 1
+UNIT_SIZES = {"b": 1, "h": 2, "w": 4, "g": 8}  # gdb's unit letters (gdb manual, "Examining Memory")
+NUMBER_FORMATS = "xduot"
+FORMATS = NUMBER_FORMATS + "csi"
+PER_LINE = {1: 8, 2: 8, 4: 4, 8: 2}
+INFO_TOPICS = ("exits", "regs", "sregs", "devices", "breakpoints")
+INFO_ALIASES = {"registers": "regs", "r": "regs", "b": "breakpoints", "break": "breakpoints", "e": "exits"}
+ALIASES = {"n": "next", "c": "continue", "cont": "continue", "b": "break", "d": "delete", "i": "info",
+           "q": "quit", "exit": "quit", "si": "next"}  # fmt: skip
+CR0_PE = 1  # SDM Vol. 3 §2.5
+CAPSTONE_HINT = "install capstone for disassembly: pip install 'pyhv[disasm]' (or pip install capstone)"
+
+
+class DebugCommandError(HypervisorError):
+    """A debugger command that cannot be carried out as typed (one line for the user)."""
+
+    exit_status = 3
+
+
+# -- pure parsing -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ExamineFormat:
+    """gdb's `x/NFU`: count, format letter, unit size; `virtual` reads through the page tables."""
+
+    count: int = 1
+    format: str = "x"
+    unit: int = 4
+    virtual: bool = False
+
+
+def parse_examine(argument: str) -> tuple[ExamineFormat, str]:
+    """`/4xw 0x1000` (what follows `x`) to the format and the address text. gdb's letters: format
+    x d u o t c s i, unit b h w g; `v` (or a `-v` word) means a virtual address."""
+    text = argument.strip()
+    count, format_letter, unit, virtual = 1, None, None, False
+    if text.startswith("/"):
+        spec, _, text = text[1:].partition(" ")
+        # gdb puts the count first (x/4xw); `v` may come anywhere (x/v4xb, x/4xbv).
+        match = re.fullmatch(r"(v?)(\d*)([a-z]*)", spec)
+        if match is None:
+            raise DebugCommandError(f"x/{spec}: expected x/<count><format><unit>, e.g. x/4xw or x/8xb")
+        virtual = bool(match.group(1))
+        if match.group(2):
+            count = int(match.group(2))
+        for letter in match.group(3):
+            if letter in FORMATS:
+                if format_letter is not None and format_letter != letter:
+                    raise DebugCommandError(f"x/{spec}: two formats ({format_letter} and {letter})")
+                format_letter = letter
+            elif letter in UNIT_SIZES:
+                if unit is not None and unit != UNIT_SIZES[letter]:
+                    raise DebugCommandError(f"x/{spec}: two unit sizes")
+                unit = UNIT_SIZES[letter]
+            elif letter == "v":
+                virtual = True
+            else:
+                raise DebugCommandError(
+                    f"x/{spec}: unknown letter {letter!r} (formats {FORMATS}, units bhwg, v for virtual)"
+                )
+    words = text.split()
+    if words[:1] == ["-v"]:
+        virtual, words = True, words[1:]
+    if not words:
+        raise DebugCommandError("x wants an address, e.g. x/4xw 0x1000 or x/8i $rip")
+    if count < 1 or count > MAX_EXAMINE_BYTES:
+        raise DebugCommandError(f"x: the count must be 1 to {MAX_EXAMINE_BYTES}")
+    format_letter = format_letter or "x"
+    if format_letter == "c":
+        unit = 1
+    size = unit or 4
+    if format_letter not in "si" and count * size > MAX_EXAMINE_BYTES:
+        raise DebugCommandError(f"x: at most {MAX_EXAMINE_BYTES} bytes at a time")
+    return ExamineFormat(count, format_letter, size, virtual), " ".join(words)
+
+
+_TERM = re.compile(r"\s*([+-]?)\s*(\$?[A-Za-z0-9_]+)\s*")
+
+
+def evaluate(text: str, registers: dict[str, int] | None = None) -> int:
+    """A number, `$reg`, or a sum of them (`$rsp+8`, `0x1000-0x10`), modulo 2**64."""
+    text = text.strip()
+    if not text:
+        raise DebugCommandError("expected a number or $register")
+    position, total = 0, 0
+    while position < len(text):
+        match = _TERM.match(text, position)
+        if match is None or match.end() == position or (position and not match.group(1)):
+            raise DebugCommandError(f"cannot read {text!r}: use numbers, $registers, + and -")
+        sign, term = match.groups()
+        if term.startswith("$"):
+            name = term[1:].lower()
+            if registers is None or name not in registers:
+                raise DebugCommandError(f"unknown register {term!r} (one of {', '.join(GPR_NAMES)})")
+            value = registers[name]
+        else:
+            try:
+                value = int(term, 0)
+            except ValueError:
+                raise DebugCommandError(f"{term!r} is not a number (write 0x2a, 42 or 0b101010)") from None
+        total += -value if sign == "-" else value
+        position = match.end()
+    return total & VALUE_MASK
+
+
+def parse_set_memory(words: list[str]) -> tuple[int, bool, str, str]:
+    """`mem[/bhwg][v] [-v] ADDR VALUE` to (unit size, virtual, address text, value text); a value
+    `hex:4142` writes those bytes as they are."""
+    head, _, spec = words[0].partition("/")
+    unit, virtual = 1, False
+    for letter in spec:
+        if letter in UNIT_SIZES:
+            unit = UNIT_SIZES[letter]
+        elif letter == "v":
+            virtual = True
+        else:
+            raise DebugCommandError(f"set {words[0]}: unknown letter {letter!r} (units bhwg, v for virtual)")
+    rest = words[1:]
+    if rest[:1] == ["-v"]:
+        virtual, rest = True, rest[1:]
+    if len(rest) != 2:
+        raise DebugCommandError("set mem wants an address and a value: set mem 0x1002 42, set mem/w 0x2000 0x1234")
+    return unit, virtual, rest[0], rest[1]
+
+
+def format_unit(value: int, letter: str, size: int) -> str:
+    if letter == "x":
+        return f"0x{value:0{size * 2}x}"
+    if letter == "d":
+        return str(value - (1 << (8 * size)) if value >> (8 * size - 1) else value)
+    if letter == "u":
+        return str(value)
+    if letter == "o":
+        return f"0{value:o}"
+    if letter == "t":
+        return f"{value:0{size * 8}b}"
+    return repr(chr(value)) if 32 <= value < 127 else f"'\\x{value:02x}'"  # c
+
+
+def format_memory(address: int, data: bytes, fmt: ExamineFormat) -> list[str]:
+    """gdb-style lines: `0x1000: 0x12 0x34 ...`, a fixed number of units per line."""
+    per_line = PER_LINE[fmt.unit]
+    lines = []
+    for line_start in range(0, len(data), fmt.unit * per_line):
+        units = []
+        for offset in range(line_start, min(len(data), line_start + fmt.unit * per_line), fmt.unit):
+            value = int.from_bytes(data[offset : offset + fmt.unit], "little")
+            units.append(format_unit(value, fmt.format, fmt.unit))
+        lines.append(f"{address + line_start:#x}:\t" + "\t".join(units))
+    return lines
+
+
+def disassemble(code: bytes, address: int, bits: int, limit: int) -> list[str]:
+    """Up to `limit` instructions with capstone, or a hex dump and how to get capstone."""
+    try:
+        import capstone  # type: ignore[import-not-found,unused-ignore]
+    except ImportError:
+        lines = [f"{address + offset:#x}:\t{code[offset : offset + 16].hex(' ')}" for offset in range(0, len(code), 16)]
+        return [*lines, f"(no disassembler: {CAPSTONE_HINT})"]
+    mode = {16: capstone.CS_MODE_16, 32: capstone.CS_MODE_32, 64: capstone.CS_MODE_64}[bits]
+    engine = capstone.Cs(capstone.CS_ARCH_X86, mode)
+    lines = []
+    for instruction in engine.disasm(code, address):
+        lines.append(f"{instruction.address:#x}:\t{instruction.bytes.hex(' '):<24}\t{instruction.mnemonic}\t"
+                     f"{instruction.op_str}".rstrip())  # fmt: skip
+        if len(lines) == limit:
+            break
+    if not lines:
+        lines.append(f"{address:#x}:\t{code[:16].hex(' ')}\t(not a valid instruction)")
+    return lines
+
+
+def code_bits(sregs: Any) -> int:
+    """16, 32 or 64: the default operand size of the code segment (SDM Vol. 3 §3.4.5, CS.L/CS.D)."""
+    if not sregs.cr0 & CR0_PE:
+        return 16
+    if sregs.cs.l:
+        return 64
+    return 32 if sregs.cs.db else 16
+
+
+# -- the command loop -------------------------------------------------------------------------------
+
+
+class ExitDebugger(cmd.Cmd):
+    """gdb-like commands over a machine started with `start(paused=True)`."""
+
+    prompt = PROMPT
+    intro = None
+
+    def __init__(self, machine: Machine, stdout: IO[str], interactive: bool = False,
+                 step_timeout: float = STEP_TIMEOUT) -> None:  # fmt: skip
+        super().__init__(stdout=stdout)
+        self.machine = machine
+        self.interactive = interactive
+        self.step_timeout = step_timeout
+        self.vcpu_index = 0
+        self.expressions: dict[int, str] = {}  # breakpoint id -> the text the user typed
+        self.failure: str | None = None  # the last command's error (scripts stop at the first)
+        self._lock = threading.Lock()
+        self._tracing = False
+
+    # -- output and dispatch -------------------------------------------------------------------
+
+    def out(self, text: str = "") -> None:
+        with self._lock:
+            self.stdout.write(text + "\n")
+            self.stdout.flush()
+
+    def onecmd(self, line: str) -> bool:
+        """One command; an error is one line (and remembered: a script stops at it)."""
+        self.failure = None
+        name, _, rest = line.strip().partition(" ")
+        if "/" in name and name.split("/", 1)[0] in ("x", "set"):
+            name, rest = name.split("/", 1)[0], "/" + name.split("/", 1)[1] + " " + rest
+        name = ALIASES.get(name, name)
+        try:
+            return bool(super().onecmd(f"{name} {rest}".strip() if name else line))
+        except (HypervisorError, ValueError) as error:
+            self.failure = str(error).splitlines()[0] if str(error) else type(error).__name__
+            self.out(f"error: {self.failure}")
+            return False
+
+    def default(self, line: str) -> None:
+        raise DebugCommandError(f"unknown command {line.split()[0]!r} (type help for the list)")
+
+    def emptyline(self) -> bool:
+        # gdb repeats the last command on Enter, which is what makes `next` pleasant at a
+        # terminal; a script's blank lines do nothing.
+        return bool(self.lastcmd and self.interactive and self.onecmd(self.lastcmd))
+
+    @property
+    def vcpu(self) -> Any:
+        return self.machine.vcpus[self.vcpu_index]
+
+    def _context(self) -> ExitContext:
+        return ExitContext(self.vcpu, self.machine.memory, None, None, self.machine)
+
+    def _registers(self) -> dict[str, int]:
+        return self.vcpu.get_regs()
+
+    def _running(self) -> bool:
+        return not self.machine.control.finished.is_set()
+
+    def _require_running(self) -> None:
+        if not self._running():
+            outcome = self.machine.control.outcome
+            raise DebugCommandError(f"the run is over ({outcome.describe() if outcome else 'stopped'})")
+
+    def _report_end(self) -> None:
+        outcome = self.machine.control.outcome
+        if outcome is not None:
+            self.out(f"the run ended: {outcome.describe()} (exit status {outcome.exit_status})")
+
+    def _report_stop(self, stop: Stop) -> None:
+        if stop.reason == "finished":
+            self._report_end()
+            return
+        # The vCPU that stopped parked itself and asked the others to; wait for all of them.
+        self.machine.pause(wait=True, timeout=PAUSE_TIMEOUT)
+        if stop.vcpu is not None:
+            self.vcpu_index = stop.vcpu
+        self.out(f"stopped: {stop.describe()}")
+
+    # -- running -------------------------------------------------------------------------------
+
+    def do_next(self, argument: str) -> None:
+        """next [N]: run the current vCPU to its next N exits that reach Python, printing each.
+        Stops early at a breakpoint or when the run ends. (Exits the C fast path completes,
+        such as POST-code writes, are counted by `info exits` but are not steps.)"""
+        count = evaluate(argument) if argument.strip() else 1
+        if not 1 <= count <= MAX_STEPS:
+            raise DebugCommandError(f"next: N must be 1 to {MAX_STEPS}")
+        self._require_running()
+        for _ in range(count):
+            event = self.machine.step_exit(self.vcpu_index, timeout=self.step_timeout)
+            if event is not None:
+                self.out(describe_event(event))
+            stop = self.machine.last_step_stop
+            if not self._running():
+                self._report_end()
+                return
+            if event is None:
+                raise DebugCommandError(
+                    f"vcpu{self.vcpu_index} made no exit that reaches Python within {self.step_timeout:g} s "
+                    "(it runs guest code without exits; `continue` and Ctrl-C, or a breakpoint, stop it)"
+                )
+            if stop is not None and stop.breakpoint is not None:
+                self.out(f"stopped: {stop.describe()}")
+                return
+
+    def do_continue(self, argument: str) -> None:
+        """continue: let every vCPU run until a breakpoint, a debug trap or the end of the run
+        (Ctrl-C pauses the guest and returns to the prompt)."""
+        self._require_running()
+        self.machine.resume()
+        try:
+            stop = None
+            while stop is None:
+                stop = self.machine.wait_for_stop(WAIT_SLICE)
+        except KeyboardInterrupt:
+            self.machine.pause(wait=True, timeout=PAUSE_TIMEOUT)
+            rip = self._registers()["rip"] if self._running() else None
+            self.out("paused (Ctrl-C)" + (f" with vcpu{self.vcpu_index} at rip {rip:#x}" if rip is not None else ""))
+            return
+        self._report_stop(stop)
+
+    # -- breakpoints ---------------------------------------------------------------------------
+
+    def add_breakpoint(self, expression: str) -> int:
+        keywords = parse_break_expression(expression)
+        breakpoint = self.machine.break_on(**keywords)
+        self.expressions[breakpoint.id] = " ".join(expression.split())
+        return breakpoint.id
+
+    def do_break(self, argument: str) -> None:
+        """break EXPR: stop at exits matching EXPR, e.g. `break io port=0x3f8 write count=3`,
+        `break mmio addr=0xd0000000..0xd0000fff read`, `break hlt`, `break count>1000`,
+        `break io port=0x3f8 read rax=7` (docs/debugging.md: break expressions)."""
+        number = self.add_breakpoint(argument)
+        self.out(f"breakpoint {number}: {self.expressions[number]}")
+
+    def do_delete(self, argument: str) -> None:
+        """delete [ID...]: delete those breakpoints, or all of them."""
+        if not argument.strip():
+            for breakpoint in list(self.machine.breakpoints):
+                self.machine.delete_breakpoint(breakpoint.id)
+            self.expressions.clear()
+            self.out("deleted every breakpoint")
+            return
+        for word in argument.split():
+            number = evaluate(word)
+            if not self.machine.delete_breakpoint(number):
+                raise DebugCommandError(f"no breakpoint {word}")
+            self.expressions.pop(number, None)
+            self.out(f"deleted breakpoint {number}")
+
+    # -- looking -------------------------------------------------------------------------------
+
+    def do_info(self, argument: str) -> None:
+        """info exits [N] | regs [NAME...] | sregs | devices | breakpoints"""
+        words = argument.split()
+        if not words:
+            raise DebugCommandError(f"info what? ({', '.join(INFO_TOPICS)})")
+        topic = INFO_ALIASES.get(words[0], words[0])
+        if topic not in INFO_TOPICS:
+            raise DebugCommandError(f"info {words[0]}: unknown topic (one of {', '.join(INFO_TOPICS)})")
+        getattr(self, f"_info_{topic}")(words[1:])
+
+    def _info_exits(self, words: list[str]) -> None:
+        from hypervisor.vcpu.stats import merge_statistics, vcpu_statistics
+
+        last = evaluate(words[0]) if words else 10
+        statistics = merge_statistics([vcpu_statistics(vcpu) for vcpu in self.machine.vcpus])
+        self.out(f"exits: {statistics['total_exits']} in all, {statistics['python_exits']} reached Python, "
+                 f"{statistics['pio_sink']} port and {statistics['mmio_sink']} MMIO completed in C")  # fmt: skip
+        for reason, count in sorted(statistics["exits_by_reason"].items(), key=lambda item: -item[1]):  # type: ignore[attr-defined]
+            self.out(f"  {reason:<16} {count}")
+        history = list(self.machine.exit_history or ())
+        if history and last:
+            self.out(f"last {min(last, len(history))} exits that reached Python:")
+            for event in history[-last:]:
+                self.out(f"  {describe_event(event)}")
+
+    def _info_regs(self, words: list[str]) -> None:
+        registers = self._registers()
+        names = [word.lstrip("$").lower() for word in words] or list(GPR_NAMES)
+        for name in names:
+            if name not in registers:
+                raise DebugCommandError(f"unknown register {name!r} (one of {', '.join(GPR_NAMES)})")
+            self.out(f"{name:<8}{registers[name]:#018x}  {registers[name]}")
+
+    def _info_sregs(self, words: list[str]) -> None:
+        sregs = self.vcpu.get_sregs()
+        for name in SEGMENT_NAMES:
+            segment = getattr(sregs, name)
+            self.out(f"{name:<4}selector {segment.selector:#06x} base {segment.base:#018x} limit {segment.limit:#010x}"
+                     f" type {segment.type:#x} dpl {segment.dpl} {'present' if segment.present else 'not present'}"
+                     f"{' l' if segment.l else ''}{' db' if segment.db else ''}")  # fmt: skip
+        for name in ("gdt", "idt"):
+            table = getattr(sregs, name)
+            self.out(f"{name:<4}base {table.base:#018x} limit {table.limit:#06x}")
+        for name in ("cr0", "cr2", "cr3", "cr4", "cr8", "efer", "apic_base"):
+            self.out(f"{name:<10}{int(getattr(sregs, name)):#018x}")
+
+    def _info_devices(self, words: list[str]) -> None:
+        for bus, label, width in ((self.machine.pio_bus, "port", 4), (self.machine.mmio_bus, "mmio", 12)):
+            for entry in bus.ranges():
+                self.out(f"{label} {entry.base:#0{width + 2}x}-{entry.end - 1:#0{width + 2}x}  {entry.name}")
+
+    def _info_breakpoints(self, words: list[str]) -> None:
+        breakpoints = sorted(self.machine.breakpoints, key=lambda bp: bp.id)
+        if not breakpoints:
+            self.out("no breakpoints")
+            return
+        self.out("Num  Hits  What")
+        for breakpoint in breakpoints:
+            what = self.expressions.get(breakpoint.id, breakpoint.describe())
+            state = "" if breakpoint.enabled else " (disabled)"
+            self.out(f"{breakpoint.id:<4} {breakpoint.hits:<5} {what}{state}")
+
+    def _read(self, address: int, size: int, virtual: bool) -> bytes:
+        context = self._context()
+        return context.read_virtual(address, size) if virtual else context.read_physical(address, size)
+
+    def do_x(self, argument: str) -> None:
+        """x/<n><f><u> ADDR: examine memory (physical; x/v... or -v for virtual through the
+        current vCPU's page tables). f: x d u o t c s i; u: b h w g. ADDR: 0x1000, $rsp+8."""
+        fmt, address_text = parse_examine(argument)
+        address = evaluate(address_text, self._registers())
+        if fmt.format == "s":
+            for _ in range(fmt.count):
+                data = self._read_string(address, fmt.virtual)
+                self.out(f"{address:#x}:\t{data.decode('latin-1')!r}")
+                address += len(data) + 1
+            return
+        if fmt.format == "i":
+            bits = code_bits(self.vcpu.get_sregs())
+            code = self._read_available(address, min(fmt.count, MAX_DISAS) * 15, fmt.virtual)
+            for line in disassemble(code, address, bits, fmt.count):
+                self.out(line)
+            return
+        for line in format_memory(address, self._read(address, fmt.count * fmt.unit, fmt.virtual), fmt):
+            self.out(line)
+
+    def _read_string(self, address: int, virtual: bool) -> bytes:
+        data = bytearray()
+        while len(data) < MAX_STRING:
+            byte = self._read(address + len(data), 1, virtual)
+            if byte == b"\0":
+                break
+            data += byte
+        return bytes(data)
+
+    def _read_available(self, address: int, size: int, virtual: bool) -> bytes:
+        """As many of `size` bytes as can be read (an instruction stream may end at a page)."""
+        try:
+            return self._read(address, size, virtual)
+        except HypervisorError:
+            data = bytearray()
+            while len(data) < size:
+                try:
+                    data += self._read(address + len(data), 1, virtual)
+                except HypervisorError:
+                    break
+            if not data:
+                raise
+            return bytes(data)
+
+    def do_disas(self, argument: str) -> None:
+        """disas [ADDR] [N]: disassemble N (default 10) instructions at ADDR (virtual; default
+        the current instruction, CS.base + RIP). Needs capstone (pip install 'pyhv[disasm]')."""
+        words = argument.split()
+        registers = self._registers()
+        sregs = self.vcpu.get_sregs()
+        address = evaluate(words[0], registers) if words else (sregs.cs.base + registers["rip"]) & VALUE_MASK
+        count = evaluate(words[1]) if len(words) > 1 else 10
+        if len(words) > 2 or not 1 <= count <= MAX_DISAS:
+            raise DebugCommandError(f"disas [ADDR] [N], N from 1 to {MAX_DISAS}")
+        code = self._read_available(address, count * 15, virtual=True)
+        for line in disassemble(code, address, code_bits(sregs), count):
+            self.out(line)
+
+    # -- changing ------------------------------------------------------------------------------
+
+    def do_set(self, argument: str) -> None:
+        """set reg NAME VALUE | set mem[/bhwg][v] ADDR VALUE: change a register of the current
+        vCPU, or guest memory (physical; v or -v: virtual). VALUE: 42, 0x2a, $rsi+3, or
+        hex:4142 for raw bytes (mem only)."""
+        words = argument.split()
+        if not words:
+            raise DebugCommandError("set reg NAME VALUE or set mem ADDR VALUE")
+        if words[0] == "reg":
+            if len(words) != 3:
+                raise DebugCommandError("set reg wants a register and a value: set reg rax 0x2a")
+            name = words[1].lstrip("$").lower()
+            if name not in GPR_NAMES:
+                raise DebugCommandError(f"unknown register {words[1]!r} (one of {', '.join(GPR_NAMES)})")
+            registers = self._registers()
+            value = evaluate(words[2], registers)
+            self.vcpu.set_regs(**{name: value})
+            self.out(f"{name} = {value:#x}")
+            return
+        if words[0].split("/", 1)[0] == "mem":
+            unit, virtual, address_text, value_text = parse_set_memory(words)
+            registers = self._registers()
+            address = evaluate(address_text, registers)
+            if value_text.startswith("hex:"):
+                try:
+                    data = bytes.fromhex(value_text[4:])
+                except ValueError:
+                    raise DebugCommandError(f"{value_text!r}: hex: wants pairs of hex digits") from None
+                if not data or len(data) > MAX_EXAMINE_BYTES:
+                    raise DebugCommandError(f"hex: wants 1 to {MAX_EXAMINE_BYTES} bytes")
+            else:
+                value = evaluate(value_text, registers)
+                if value >> (8 * unit):
+                    raise DebugCommandError(f"{value:#x} does not fit in {unit} byte{'s' if unit > 1 else ''} "
+                                            "(set mem/h, /w or /g for wider values)")  # fmt: skip
+                data = value.to_bytes(unit, "little")
+            context = self._context()
+            (context.write_virtual if virtual else context.write_physical)(address, data)
+            self.out(f"wrote {len(data)} byte{'s' if len(data) > 1 else ''} at {address:#x}"
+                     f"{' (virtual)' if virtual else ''}")  # fmt: skip
+            return
+        raise DebugCommandError(f"set {words[0]}: use set reg NAME VALUE or set mem ADDR VALUE")
+
+    def do_vcpu(self, argument: str) -> None:
+        """vcpu [N]: show or choose the vCPU that next, info regs/sregs, x/v, set reg and disas use."""
+        if not argument.strip():
+            self.out(f"current vcpu: {self.vcpu_index} of {len(self.machine.vcpus)}")
+            return
+        index = evaluate(argument)
+        if index >= len(self.machine.vcpus):
+            raise DebugCommandError(f"no vcpu {index}: this machine has {len(self.machine.vcpus)}")
+        self.vcpu_index = index
+        self.out(f"current vcpu: {index}")
+
+    def do_trace(self, argument: str) -> None:
+        """trace on|off: print every exit that reaches Python as it happens."""
+        word = argument.strip()
+        if word == "on":
+            if not self._tracing:
+                self.machine.add_exit_hook(self._trace_hook)
+                self._tracing = True
+            self.out("tracing exits")
+        elif word == "off":
+            self.stop_tracing()
+            self.out("exit trace off")
+        else:
+            raise DebugCommandError("trace on or trace off")
+
+    def stop_tracing(self) -> None:
+        if self._tracing:
+            self.machine.remove_exit_hook(self._trace_hook)
+            self._tracing = False
+
+    def _trace_hook(self, event: ExitEvent, context: ExitContext) -> None:
+        self.out(f"trace: {describe_event(event)}")
+
+    def do_quit(self, argument: str) -> bool:
+        """quit: stop the guest and leave (the exit status is the guest's outcome)."""
+        return True
+
+    def do_EOF(self, argument: str) -> bool:  # noqa: N802 (cmd.Cmd's name for end of input)
+        """End of input (Ctrl-D): the same as quit."""
+        if self.interactive:
+            self.out("quit")
+        return True
+
+    def do_help(self, argument: str) -> None:
+        """help [COMMAND]: the commands, or one command's description."""
+        name = ALIASES.get(argument.strip(), argument.strip())
+        if name:
+            method = getattr(self, f"do_{name}", None)
+            if method is None or name == "EOF":
+                raise DebugCommandError(f"no command {argument.strip()!r}")
+            self.out(" ".join((method.__doc__ or "").split()))
+            return
+        self.out("commands (help COMMAND for one):")
+        for name in self.command_names():
+            doc = (getattr(self, f"do_{name}").__doc__ or "").split(":", 1)[0]
+            self.out(f"  {doc}")
+        self.out("aliases: " + ", ".join(f"{short}={long}" for short, long in ALIASES.items()))
+
+    def command_names(self) -> list[str]:
+        return [name[3:] for name in self.get_names() if name.startswith("do_") and name != "do_EOF"]
+
+    # -- completion (readline) -------------------------------------------------------------------
+
+    def complete_info(self, text: str, line: str, begin: int, end: int) -> list[str]:
+        words = line[:begin].split()
+        if len(words) <= 1:
+            return [topic for topic in INFO_TOPICS if topic.startswith(text)]
+        if INFO_ALIASES.get(words[1], words[1]) == "regs":
+            return [name for name in GPR_NAMES if name.startswith(text)]
+        return []
+
+    def complete_set(self, text: str, line: str, begin: int, end: int) -> list[str]:
+        words = line[:begin].split()
+        if len(words) <= 1:
+            return [word for word in ("reg", "mem") if word.startswith(text)]
+        if words[1] == "reg" and len(words) == 2:
+            return [name for name in GPR_NAMES if name.startswith(text)]
+        return []
+
+    def complete_break(self, text: str, line: str, begin: int, end: int) -> list[str]:
+        candidates = [*WORDS, *(key + "=" for key in KEYWORDS), "count>", *(name + "=" for name in GPR_NAMES)]
+        return [word for word in candidates if word.startswith(text)]
+
+    def complete_delete(self, text: str, line: str, begin: int, end: int) -> list[str]:
+        return [str(bp.id) for bp in self.machine.breakpoints if str(bp.id).startswith(text)]
+
+    def complete_trace(self, text: str, line: str, begin: int, end: int) -> list[str]:
+        return [word for word in ("on", "off") if word.startswith(text)]
+
+    def complete_help(self, *args: Any) -> list[str]:
+        return [name for name in self.command_names() if name.startswith(args[0])]
+
+    # -- driving ---------------------------------------------------------------------------------
+
+    def run_script(self, lines: Iterable[str], name: str) -> str | None:
+        """Runs commands one per line, echoed after the prompt; '#' starts a comment. Stops at
+        `quit`, at the end, or at the first failing command, whose `name:line: error` it returns."""
+        for number, raw_line in enumerate(lines, 1):
+            line = raw_line.strip()
+            if not line or line.startswith("#"):
+                continue
+            self.out(f"{self.prompt}{line}")
+            if self.onecmd(line):
+                return None
+            if self.failure is not None:
+                return f"{name}:{number}: {self.failure}"
+        return None
+
+    def run_interactive(self, history_file: str = HISTORY_FILE) -> None:
+        """The prompt at a terminal: readline history and completion; Ctrl-C at the prompt only
+        clears the line, Ctrl-D or quit leaves."""
+        history = _start_history(Path(os.path.expanduser(history_file)))
+        try:
+            while True:
+                try:
+                    self.cmdloop()
+                    return
+                except KeyboardInterrupt:
+                    self.stdout.write("^C\n")
+                    self.intro = None
+        finally:
+            _save_history(history)
+
+
+def _start_history(path: Path) -> Path | None:
+    try:
+        import readline
+    except ImportError:  # a Python without readline still gets the prompt
+        return None
+    readline.set_history_length(HISTORY_LENGTH)
+    # `x/4xw` and `$rsp+8` are single words to complete; `=` and `>` end a break keyword.
+    readline.set_completer_delims(" \t\n")
+    try:
+        readline.read_history_file(path)
+    except FileNotFoundError:
+        pass
+    except OSError as error:
+        log.warning("cannot read the command history %s: %s", path, error.strerror)
+    return path
+
+
+def _save_history(path: Path | None) -> None:
+    if path is None:
+        return
+    import readline
+
+    try:
+        readline.write_history_file(path)
+    except OSError as error:
+        log.warning("cannot write the command history %s: %s", path, error.strerror)
