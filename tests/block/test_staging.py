@@ -163,3 +163,12 @@ def test_commit_removes_temporaries_of_interrupted_commits(tmp_path: Path) -> No
     assert not legacy.exists() and not current.exists() and unrelated.exists()
     check_clean(top)
     check_clean(base)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root can hand a file to another owner")
+def test_replacing_keeps_the_owner(tmp_path: Path) -> None:
+    target = create(tmp_path / "owned.qcow2", 64 * KIB)
+    os.chown(target, 4321, 4321)
+    create_qcow2(str(target), Qcow2CreateOptions(size=1 * MIB))
+    info = os.stat(target)
+    assert (info.st_uid, info.st_gid) == (4321, 4321)

@@ -16,6 +16,8 @@ In place instead (qemu-img's behaviour, without the crash safety): a target that
 file (a block device: refused later by the creators, which need a regular file), a regular file
 with several hard links (a rename would split them), or a writable file in a folder where no new
 file can be made. A symlinked target is followed: the new image replaces the file it points to.
+The replacement keeps the old file's permission bits, and its owner and group where the caller
+may set them (extended attributes and ACLs are not copied).
 """
 
 from __future__ import annotations
@@ -150,6 +152,9 @@ def _new_temporary(real: str, purpose: str, info: os.stat_result | None) -> Stag
         os.close(fd)
     try:
         os.fchmod(fd, stat.S_IMODE(info.st_mode) if info is not None else _DEFAULT_MODE & ~_umask())
+        if info is not None and (info.st_uid, info.st_gid) != (os.geteuid(), os.getegid()):
+            with contextlib.suppress(PermissionError):  # keep the owner where we may (root, own groups)
+                os.fchown(fd, info.st_uid if os.geteuid() == 0 else -1, info.st_gid)
     except OSError as error:
         os.close(fd)
         os.unlink(path)
