@@ -16,7 +16,13 @@ if TYPE_CHECKING:
 REPORT_VERSION = 1
 
 
-def build_report(result: RunResult, info: LaunchInfo | None, timeline: dict[str, float]) -> dict[str, object]:
+def build_report(
+    result: RunResult,
+    info: LaunchInfo | None,
+    timeline: dict[str, float],
+    post_mortem: dict[str, object] | None = None,
+) -> dict[str, object]:
+    """The report; `post_mortem` (hypervisor.debug.postmortem.PostMortem.to_dict) after a crash."""
     outcome = result.outcome
     stats = result.statistics
     report: dict[str, object] = {
@@ -50,6 +56,8 @@ def build_report(result: RunResult, info: LaunchInfo | None, timeline: dict[str,
             "loaded_as": info.source,
         }
         report["host"] = {"kvm_pvm": info.pvm_host}
+    if post_mortem is not None:
+        report["post_mortem"] = post_mortem
     return report
 
 

@@ -1,23 +1,182 @@
-"""A trace of the VM exits that reach Python, one line each (`pyhv run --trace-exits FILE`).
+"""Exit traces: JSON lines with device meaning (`pyhv run --trace FILE`) and the older text lines
+(`pyhv run --trace-exits FILE`).
 
-Exits the C fast path completes itself (sink ports, unmapped addresses) are only counted, not
-traced: the trace shows what the guest asks of pyhv's devices and what stops it. Lines look like
-`0.001234 vcpu0 pio-out port=0x3f8 size=1 data=48`.
+The JSON trace is an exit hook (`Machine.add_exit_hook`): one object per exit that reached Python,
+with what the device made of it (hypervisor.debug.device_meaning), and at the end of the run one
+aggregate object per counter of the exits the C fast path completed itself (sink ports, unmapped
+reads and writes), which are counted, never traced one by one. QueueNotify writes that go to an
+ioeventfd never leave the kernel and appear nowhere. Format (docs/debugging.md, "Exit traces"):
+
+    {"type": "header", "format": "pyhv-exit-trace", "version": 1, "rip": true, ...}
+    {"type": "exit", "t": 0.0123, "vcpu": 0, "kind": "io", "rip": 4131, "port": 1016, "size": 1,
+     "dir": "out", "data": "4c", "device": "COM1", "register": "THR", "meaning": "serial THR 'L'",
+     "host_ns": 5120}
+    {"type": "aggregate", "vcpu": 0, "counter": "pio_sink", "kind": "io", "device": "sink", ...}
+    {"type": "end", "outcome": "debug-exit", ...}
+
+Tracing must never stop the guest: a write error (disk full, a closed pipe) ends the trace with
+one warning and the run goes on.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import threading
 import time
-from typing import IO
+from collections.abc import Callable
+from typing import IO, TYPE_CHECKING
 
+from hypervisor.debug.device_meaning import device_meaning
+from hypervisor.errors import HypervisorError
 from hypervisor.kvm.exits import exit_reason_name
 from hypervisor.vcpu.context import ExitContext
-from hypervisor.vcpu.events import DebugTrap, EmulationFailure, ExitEvent, MmioAccess, OtherExit, PortIo, RunError
+from hypervisor.vcpu.events import (
+    DebugTrap,
+    EmulationFailure,
+    EntryFailure,
+    ExitEvent,
+    InternalError,
+    MmioAccess,
+    OtherExit,
+    PortIo,
+    RunError,
+    SystemEvent,
+)
+
+if TYPE_CHECKING:
+    from hypervisor.machine import RunResult
+
+log = logging.getLogger(__name__)
+
+TRACE_FORMAT = "pyhv-exit-trace"
+TRACE_VERSION = 1
+# The C loop's counters of exits it completed without Python (hypervisor/vcpu/stats.py), with the
+# kind, device and register a summary files them under.
+C_PATH_COUNTERS = {
+    "pio_sink": ("io", "sink", "write or read"),
+    "mmio_sink": ("mmio", "sink", "write or read"),
+    "pio_unmapped_reads": ("io", "unmapped port", "read"),
+    "pio_unmapped_writes": ("io", "unmapped port", "write"),
+    "mmio_unmapped_reads": ("mmio", "unmapped mmio", "read"),
+    "mmio_unmapped_writes": ("mmio", "unmapped mmio", "write"),
+}
+
+
+def exit_record(event: ExitEvent, t: float, device: object = None, rip: int | None = None) -> dict[str, object]:
+    """The JSON object of one exit (without serialising it): shared by the trace and post-mortems."""
+    record: dict[str, object] = {"type": "exit", "t": round(t, 6), "vcpu": event.vcpu, "kind": event.kind}
+    if rip is not None:
+        record["rip"] = rip
+    if isinstance(event, (PortIo, MmioAccess)):
+        if isinstance(event, PortIo):
+            record["port"] = event.port
+            record["dir"] = "out" if event.is_write else "in"
+        else:
+            record["addr"] = event.address
+            record["dir"] = "write" if event.is_write else "read"
+        record["size"] = event.size
+        if event.count > 1:
+            record["count"] = event.count
+        record["data"] = event.data.hex()
+        record["device"] = event.device
+        meaning = device_meaning(event, device)
+        if meaning is not None:
+            record["register"] = meaning.register
+            record["meaning"] = str(meaning)
+    elif isinstance(event, DebugTrap):
+        record.update(exception=event.exception, pc=event.pc, dr6=event.dr6, dr7=event.dr7)
+    elif isinstance(event, EmulationFailure):
+        record.update(instruction=event.instruction.hex(), rip=event.rip)
+    elif isinstance(event, InternalError):
+        record.update(suberror=event.suberror, data=[f"{word:#x}" for word in event.data])
+    elif isinstance(event, SystemEvent):
+        record["event_type"] = event.type
+    elif isinstance(event, EntryFailure):
+        record["hardware_reason"] = event.hardware_reason
+    elif isinstance(event, RunError):
+        record["errno"] = event.errno
+    elif isinstance(event, OtherExit):
+        record["reason"] = exit_reason_name(event.reason)
+    record["host_ns"] = event.host_ns
+    return record
+
+
+class JsonTracer:
+    """An exit hook writing one JSON line per exit; `finish(result)` adds the C-path aggregates.
+
+    `rip` reads the vCPU's registers at every exit (KVM_GET_REGS, one ioctl): it says where the
+    guest was, at a cost docs/debugging.md measures; `--trace-no-rip` turns it off.
+    """
+
+    def __init__(self, stream: IO[str], *, rip: bool = True, clock: Callable[[], float] = time.monotonic) -> None:
+        self.stream = stream
+        self.rip = rip
+        self._clock = clock
+        self.started = self._clock()
+        self.records = 0
+        self.failed: str | None = None
+        self._lock = threading.Lock()
+        self._write({"type": "header", "format": TRACE_FORMAT, "version": TRACE_VERSION, "rip": rip,
+                     "started_unix": round(time.time(), 3)})  # fmt: skip
+
+    def __call__(self, event: ExitEvent, context: ExitContext) -> None:
+        if self.failed is not None:
+            return
+        rip = None
+        if self.rip and not isinstance(event, EmulationFailure):
+            try:
+                rip = context.regs()["rip"]
+            except HypervisorError:
+                rip = None
+        record = exit_record(event, self._clock() - self.started, context.device, rip)
+        self._write(record)
+
+    def restart_clock(self) -> None:
+        """Times from now on (the machine's start), not from when the tracer was made."""
+        self.started = self._clock()
+
+    def finish(self, result: RunResult) -> None:
+        """One aggregate object per non-zero C-path counter and vCPU, then the end object."""
+        for index, stats in enumerate(result.per_vcpu):
+            for counter, (kind, device, register) in C_PATH_COUNTERS.items():
+                count = int(stats.get(counter, 0) or 0)  # type: ignore[call-overload]
+                if count:
+                    self._write({"type": "aggregate", "vcpu": index, "counter": counter, "kind": kind,
+                                 "device": device, "register": register, "count": count})  # fmt: skip
+        self._write({"type": "end", "outcome": result.outcome.kind.value, "wall_seconds": round(result.wall_seconds, 3),
+                     "total_exits": result.statistics.get("total_exits"),
+                     "python_exits": result.statistics.get("python_exits"), "traced": self.records})  # fmt: skip
+        self.flush()
+
+    def flush(self) -> None:
+        with self._lock:
+            if self.failed is None:
+                try:
+                    self.stream.flush()
+                except (OSError, ValueError) as error:
+                    self._fail(error)
+
+    def _write(self, record: dict[str, object]) -> None:
+        line = json.dumps(record, separators=(",", ":")) + "\n"
+        with self._lock:
+            if self.failed is not None:
+                return
+            try:
+                self.stream.write(line)
+            except (OSError, ValueError) as error:  # ValueError: the stream was closed
+                self._fail(error)
+                return
+            if record["type"] == "exit":
+                self.records += 1
+
+    def _fail(self, error: Exception) -> None:
+        self.failed = getattr(error, "strerror", None) or str(error)
+        log.warning("exit trace stopped after %d exits: %s (the guest runs on)", self.records, self.failed)
 
 
 def describe_exit(event: ExitEvent) -> str:
-    """One line for an exit event; a read shows the data the device returned."""
+    """One line for an exit event; a read shows the data the device returned (`--trace-exits`)."""
     text = f"vcpu{event.vcpu} "
     if isinstance(event, PortIo):
         text += f"pio-{'out' if event.is_write else 'in'} port={event.port:#x} size={event.size}"
@@ -39,16 +198,25 @@ def describe_exit(event: ExitEvent) -> str:
 
 
 class ExitTracer:
-    """An exit hook (`Machine.add_exit_hook`) that writes `describe_exit` lines to a stream."""
+    """The text trace of `--trace-exits FILE`: `describe_exit` lines (`0.001234 vcpu0 pio-out
+    port=0x3f8 size=1 data=48`). Kept for scripts that grep it; `--trace` is the richer format."""
 
     def __init__(self, stream: IO[str]) -> None:
         self.stream = stream
         self.started = time.monotonic()
         self.lines = 0
+        self.failed: str | None = None
         self._lock = threading.Lock()
 
     def __call__(self, event: ExitEvent, context: ExitContext) -> None:
         line = f"{time.monotonic() - self.started:.6f} {describe_exit(event)}\n"
         with self._lock:
-            self.stream.write(line)
+            if self.failed is not None:
+                return
+            try:
+                self.stream.write(line)
+            except (OSError, ValueError) as error:
+                self.failed = getattr(error, "strerror", None) or str(error)
+                log.warning("exit trace stopped after %d lines: %s (the guest runs on)", self.lines, self.failed)
+                return
             self.lines += 1
