@@ -20,13 +20,15 @@ Handled (Intel SDM Vol. 2 instruction pages):
   were: the SDM says "undefined").
 * EMMS (NP 0F 77): #UD if CR0.EM, #NM if CR0.TS, #MF if an x87 exception is pending; marks every
   x87 register empty (abridged tag word 0, the FXSAVE format KVM_GET_FPU returns).
-
-* INT imm8 (CD ib): the software-interrupt checks that hardware delivery of an external
-  interrupt would not make ("INT n/INTO/INT3/INT1", Operation): vector beyond the IDT limit,
-  a gate type that is not valid in this mode -> #GP(vector * 8 + 2); gate DPL < CPL ->
-  #GP(vector * 8 + 2); gate not present -> #NP(vector * 8 + 2); no error code is pushed for any
-  vector. Then the vector is delivered as an interrupt with RIP past the INT (the caller
-  injects it: KVM_SET_VCPU_EVENTS `interrupt`), so KVM does the stack switch and pushes.
+* INT imm8 (CD ib): the checks of "INT n/INTO/INT3/INT1" (Operation) before delivery, made here
+  because delivering an interrupt skips the software-only ones and kvm_pvm's delivery was seen
+  to skip the code-segment ones: vector beyond the IDT limit or a gate type not valid in this
+  mode -> #GP(vector * 8 + 2); gate DPL < CPL -> #GP(vector * 8 + 2); gate not present ->
+  #NP(vector * 8 + 2); the gate's code segment null -> #GP(0); beyond its table, not code,
+  DPL > CPL, or not 64-bit code in IA-32e mode -> #GP(selector); not present -> #NP(selector).
+  Then the vector is delivered as an interrupt with RIP past the INT (the caller injects it:
+  KVM_SET_VCPU_EVENTS `interrupt`), so KVM does the stack switch and the pushes. No error code
+  is pushed for any vector, 8, 10-14 and 17 included.
 * RDPRU (0F 01 FD, AMD APM Vol. 3): #UD when the guest's CPUID lacks it (Fn8000_0008 EBX[4]);
   with the bit set it is not emulated (the APERF/MPERF values are the host's).
 * XGETBV (NP 0F 01 D0): #UD if CPUID lacks XSAVE or CR4.OSXSAVE = 0; #GP(0) for an ECX that
@@ -196,6 +198,11 @@ class CpuState:
     cr4: int = 0
     idt_base: int | None = None  # linear address of the IDT (sregs.idt); needed only by INT n
     idt_limit: int = 0
+    gdt_base: int | None = None  # linear address of the GDT (sregs.gdt); needed only by INT n
+    gdt_limit: int = 0
+    ldt_base: int | None = None  # None when LDTR is unusable (a null LDT)
+    ldt_limit: int = 0
+    efer_lma: bool = False  # IA-32e mode active; 64-bit code implies it
     cpuid: GuestCpuid | None = None  # None: unknown, so CPUID-dependent instructions are not emulated
     xcr0: int | None = None  # from KVM_GET_XCRS; needed only by XGETBV
 
@@ -520,7 +527,7 @@ def _int_n(
         if vector * REAL_MODE_VECTOR_SIZE + REAL_MODE_VECTOR_SIZE - 1 > cpu.idt_limit:
             return _fault("int", length, regs, VECTOR_GP)
         return EmulationResult("int", length, _advance(regs, length, cpu), interrupt=vector)
-    entry_size = 16 if cpu.code_bits == 64 else 8
+    entry_size = 16 if _ia32e(cpu) else 8
     idt_error = vector * 8 + ERROR_CODE_IDT  # EXT = 0: INT n is not an external event
     if vector * entry_size + entry_size - 1 > cpu.idt_limit:
         return _fault_with_code("int", length, regs, cpu, VECTOR_GP, idt_error)
@@ -529,15 +536,69 @@ def _int_n(
         return None  # the IDT is not readable: a #PF during delivery, not modelled
     gate = int.from_bytes(gate_bytes, "little")
     gate_type, system, dpl, present = gate >> 40 & 0xF, gate >> 44 & 1, gate >> 45 & 3, gate >> 47 & 1
-    valid = LONG_MODE_GATE_TYPES if cpu.code_bits == 64 else LEGACY_GATE_TYPES
+    valid = LONG_MODE_GATE_TYPES if _ia32e(cpu) else LEGACY_GATE_TYPES
     if system or gate_type not in valid:
         return _fault_with_code("int", length, regs, cpu, VECTOR_GP, idt_error)
     if dpl < cpu.cpl:  # only for software interrupts: user code may not call kernel-only gates
         return _fault_with_code("int", length, regs, cpu, VECTOR_GP, idt_error)
     if not present:
         return _fault_with_code("int", length, regs, cpu, VECTOR_NP, idt_error)
+    if gate_type != GATE_TASK:
+        code_segment_fault = _gate_code_segment_fault(gate >> 16 & 0xFFFF, cpu, read_guest)
+        if code_segment_fault is None:
+            return None
+        if code_segment_fault != _NO_FAULT:
+            fault_vector, error_code = code_segment_fault
+            return _fault_with_code("int", length, regs, cpu, fault_vector, error_code)
     # No error code for any vector, 8 and 10-14 and 17 included: the SDM's INT n pushes none.
     return EmulationResult("int", length, _advance(regs, length, cpu), interrupt=vector)
+
+
+_NO_FAULT = (-1, -1)
+SELECTOR_TABLE_LOCAL = 1 << 2  # TI: the selector indexes the LDT (SDM Vol. 3 §3.4.2)
+DESCRIPTOR_CODE = 1 << 43  # type bit 3 of a code/data descriptor: code (SDM Vol. 3 §3.4.5.1)
+
+
+def _gate_code_segment_fault(selector: int, cpu: CpuState, read_guest: ReadGuest) -> tuple[int, int] | None:
+    """The checks of the code segment an interrupt or trap gate names ("INT n", Operation,
+    TRAP-OR-INTERRUPT-GATE): (vector, error code) of the fault, _NO_FAULT when delivery may go
+    on, None when the descriptor cannot be read. Error codes carry the selector without its RPL
+    and EXT = 0."""
+    error = selector & 0xFFFC
+    if selector & 0xFFFC == 0:
+        return VECTOR_GP, 0  # a null selector: #GP(EXT)
+    if selector & SELECTOR_TABLE_LOCAL:
+        base, limit = cpu.ldt_base, cpu.ldt_limit
+        if base is None:
+            return VECTOR_GP, error  # no LDT: every local selector is beyond its (empty) table
+    else:
+        base, limit = cpu.gdt_base, cpu.gdt_limit
+        if base is None:
+            return None
+    index = selector >> 3
+    if index * 8 + 7 > limit:
+        return VECTOR_GP, error
+    raw = read_guest((base + index * 8) & (1 << 64) - 1, 8)
+    if raw is None or len(raw) != 8:
+        return None
+    descriptor = int.from_bytes(raw, "little")
+    is_code = bool(descriptor >> 44 & 1) and bool(descriptor & DESCRIPTOR_CODE)
+    dpl, present = descriptor >> 45 & 3, descriptor >> 47 & 1
+    if not is_code or dpl > cpu.cpl:
+        return VECTOR_GP, error
+    if not present:
+        return VECTOR_NP, error
+    long_mode_code = descriptor >> 53 & 1 and not descriptor >> 54 & 1  # L = 1, D = 0
+    if _ia32e(cpu) and not long_mode_code:
+        return VECTOR_GP, error  # IA-32e mode gates must lead to 64-bit code (SDM Vol. 3 §6.14.1)
+    # A non-conforming segment with DPL < CPL means a privilege change: the stack switch is
+    # part of KVM's delivery, like everything after these checks.
+    return _NO_FAULT
+
+
+def _ia32e(cpu: CpuState) -> bool:
+    """IA-32e mode (EFER.LMA): 64-bit or compatibility mode, both with 16-byte IDT gates."""
+    return cpu.efer_lma or cpu.code_bits == 64
 
 
 def _rdpru(prefixes: Prefixes, regs: RegisterFile, cpu: CpuState) -> EmulationResult | None:

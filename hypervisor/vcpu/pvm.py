@@ -24,7 +24,7 @@ from hypervisor.kvm.ffi import ffi, ioctl, lib
 if TYPE_CHECKING:
     from hypervisor.kvm import Vcpu
     from hypervisor.memory import GuestMemory
-    from hypervisor.vcpu.emulate import GuestCpuid
+    from hypervisor.vcpu.emulate import ExchangeGuest, GuestCpuid
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ class PvmEmulator:
         self.counts: dict[str, int] = {}
         self._cpuid: dict[int, GuestCpuid | None] = {}  # per vCPU id: CPUID is fixed once set
 
-    def _exchange_guest(self, vcpu: Vcpu) -> Any:
+    def _exchange_guest(self, vcpu: Vcpu) -> ExchangeGuest:
         """CMPXCHG16B's atomic exchange on the host mapping of guest RAM, through the C helper
         (other vCPUs run on the same memory at the same time, so Python cannot do it)."""
 
@@ -152,6 +152,11 @@ class PvmEmulator:
             cr4=sregs.cr4,
             idt_base=sregs.idt.base,
             idt_limit=sregs.idt.limit,
+            gdt_base=sregs.gdt.base,
+            gdt_limit=sregs.gdt.limit,
+            ldt_base=None if sregs.ldt.unusable or not sregs.ldt.present else sregs.ldt.base,
+            ldt_limit=sregs.ldt.limit,
+            efer_lma=bool(sregs.efer & EFER_LMA),
             cpuid=self._cpuid[vcpu.id],
             xcr0=read_xcr0(vcpu),
         )

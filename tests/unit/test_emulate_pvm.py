@@ -52,6 +52,9 @@ class FakeVcpu:
         self.sregs.cr4 = CR4_PAE | CR4_PGE
         self.sregs.idt.base = 0x3000
         self.sregs.idt.limit = 0xFFF
+        self.sregs.gdt.base = 0x2000
+        self.sregs.gdt.limit = 0x17
+        self.sregs.ldt.unusable = 1
         self.set_sregs_calls: list[int] = []
         self.exceptions: list[tuple[int, int | None]] = []
 
@@ -141,6 +144,7 @@ def test_int_n_is_injected_as_an_interrupt(memory: GuestMemory, monkeypatch: pyt
     monkeypatch.setattr(pvm, "inject_interrupt", lambda vcpu, vector: injected.append(vector))
     gate = (0x1234 | 0x08 << 16 | 0xE << 40 | 1 << 47).to_bytes(8, "little") + bytes(8)
     memory.write(0x3000 + 0x40 * 16, gate)
+    memory.write(0x2008, (0x00AF9A000000FFFF).to_bytes(8, "little"))  # GDT 0x08: 64-bit code
     emulator = PvmEmulator(memory)
     vcpu = FakeVcpu()
     assert emulator(vcpu, bytes.fromhex("cd40"))  # type: ignore[arg-type]

@@ -24,6 +24,13 @@ from hypervisor.vcpu.emulate import (
 LONG_MODE_CR0 = 0x80050033  # PG WP NE ET MP PE
 PROTECTED_CR0 = 0x00000011  # ET PE, no paging
 IDT = 0xFFFF_FE00_0000_0000
+GDT = 0xFFFF_FE00_0001_0000
+LDT = 0xFFFF_FE00_0002_0000
+# GDT: 0x08 32-bit code, 0x10 64-bit code, 0x18 data, 0x20 64-bit code not present,
+# 0x28 64-bit code DPL 3, 0x30 32-bit code not present (SDM Vol. 3 §3.4.5).
+GDT_ENTRIES = [0, 0x00CF9A000000FFFF, 0x00AF9A000000FFFF, 0x00CF92000000FFFF, 0x00AF1A000000FFFF,
+               0x00AFFA000000FFFF, 0x00CF1A000000FFFF]  # fmt: skip
+GDT_BYTES = b"".join(entry.to_bytes(8, "little") for entry in GDT_ENTRIES)
 # The guest CPUID leaves these instructions look at: (leaf, subleaf) -> (eax, ebx, ecx, edx).
 CPUID_XSAVE = 1 << 26  # leaf 1 ECX
 CPUID_CX16 = 1 << 13  # leaf 1 ECX
@@ -41,7 +48,16 @@ NOTHING: dict[tuple[int, int], tuple[int, int, int, int]] = {(0x1, 0): (0, 0, 0,
 
 
 def cpu(code_bits: int = 64, cpl: int = 0, cr0: int = LONG_MODE_CR0, **changes: object) -> CpuState:
-    state = CpuState(code_bits=code_bits, cpl=cpl, cr0=cr0, cpuid=EVERYTHING, idt_base=IDT, idt_limit=0xFFF)
+    state = CpuState(
+        code_bits=code_bits,
+        cpl=cpl,
+        cr0=cr0,
+        cpuid=EVERYTHING,
+        idt_base=IDT,
+        idt_limit=0xFFF,
+        gdt_base=GDT,
+        gdt_limit=len(GDT_BYTES) - 1,
+    )
     return dataclasses.replace(state, **changes)  # type: ignore[arg-type]
 
 
@@ -99,13 +115,13 @@ def gate64(
     return low.to_bytes(8, "little") + (offset >> 32).to_bytes(8, "little")
 
 
-def gate32(gate_type: int = 0xE, dpl: int = 0, present: bool = True) -> bytes:
-    low = 0x1234 | 0x08 << 16 | gate_type << 40 | dpl << 45 | int(present) << 47
+def gate32(gate_type: int = 0xE, dpl: int = 0, present: bool = True, selector: int = 0x08) -> bytes:
+    low = 0x1234 | selector << 16 | gate_type << 40 | dpl << 45 | int(present) << 47
     return low.to_bytes(8, "little")
 
 
 def idt_with(vector: int, gate: bytes) -> FakeMemory:
-    return FakeMemory({IDT + vector * len(gate): gate})
+    return FakeMemory({IDT + vector * len(gate): gate, GDT: GDT_BYTES})
 
 
 def test_int_n_delivers_the_vector_with_rip_after_the_instruction() -> None:
@@ -124,7 +140,7 @@ def test_int_n_trap_gate_and_prefixes() -> None:
     memory = idt_with(0x21, gate64(gate_type=0xF))
     result = completed(emulate(bytes.fromhex("2e 66 cd21"), regs(), cpu(), memory), 4)
     assert result.interrupt == 0x21
-    assert memory.reads == [(IDT + 0x21 * 16, 8)]
+    assert memory.reads == [(IDT + 0x21 * 16, 8), (GDT + 0x10, 8)]  # the gate, then its code segment
 
 
 def test_int_n_beyond_the_idt_limit() -> None:
@@ -165,11 +181,63 @@ def test_int_n_dpl_is_checked_before_presence() -> None:
     assert fault(emulate(bytes.fromhex("cd30"), regs(), cpu(cpl=3), memory)) == (13, 0x182)
 
 
+@pytest.mark.parametrize(
+    ("selector", "expected"),
+    [
+        (0x00, (13, 0)),  # null selector: #GP(0)
+        (0x03, (13, 0)),  # null with RPL 3
+        (0x38, (13, 0x38)),  # beyond the GDT limit
+        (0x18, (13, 0x18)),  # a data segment
+        (0x08, (13, 0x08)),  # 32-bit code: IA-32e gates need 64-bit code
+        (0x20, (11, 0x20)),  # not present: #NP(selector), as kvm-unit-tests' eventinj checks
+        (0x23, (11, 0x20)),  # the error code drops the RPL
+        (0x2C, (13, 0x2C)),  # TI = 1 with no LDT (the error code keeps TI)
+    ],
+)
+def test_int_n_gate_code_segment_checks(selector: int, expected: tuple[int, int]) -> None:
+    memory = idt_with(0x21, gate64(selector=selector))
+    assert fault(emulate(bytes.fromhex("cd21"), regs(), cpu(), memory)) == expected
+
+
+def test_int_n_code_segment_dpl_above_cpl() -> None:
+    memory = idt_with(0x21, gate64(selector=0x28, dpl=3))  # DPL 3 code from CPL 0
+    assert fault(emulate(bytes.fromhex("cd21"), regs(), cpu(), memory)) == (13, 0x28)
+    # from CPL 3 the same gate leads to its own level: delivered
+    assert completed(emulate(bytes.fromhex("cd21"), regs(), cpu(cpl=3), memory), 2).interrupt == 0x21
+
+
+def test_int_n_code_segment_in_the_ldt() -> None:
+    memory = FakeMemory({IDT + 0x21 * 16: gate64(selector=0x0C), GDT: GDT_BYTES, LDT: GDT_BYTES[:24]})
+    state = cpu(ldt_base=LDT, ldt_limit=23)  # LDT entry 1 is 32-bit code, entry 2 64-bit code
+    assert fault(emulate(bytes.fromhex("cd21"), regs(), state, memory)) == (13, 0x0C)
+    memory.blocks[IDT + 0x21 * 16] = gate64(selector=0x14)
+    assert completed(emulate(bytes.fromhex("cd21"), regs(), state, memory), 2).interrupt == 0x21
+
+
+def test_int_n_compatibility_mode_uses_16_byte_gates() -> None:
+    state = cpu(code_bits=32, efer_lma=True)
+    memory = idt_with(0x21, gate64())
+    assert completed(emulate(bytes.fromhex("cd21"), regs(), state, memory), 2).interrupt == 0x21
+    assert fault(emulate(bytes.fromhex("cd21"), regs(), state, idt_with(0x21, gate64(gate_type=0x6)))) == (13, 0x10A)
+
+
+def test_int_n_unreadable_gdt_is_not_guessed() -> None:
+    memory = FakeMemory({IDT + 0x21 * 16: gate64()})
+    assert emulate(bytes.fromhex("cd21"), regs(), cpu(), memory) is None
+    assert emulate(bytes.fromhex("cd21"), regs(), cpu(gdt_base=None), idt_with(0x21, gate64())) is None
+
+
 def test_int_n_protected_mode_gates() -> None:
     state = cpu(code_bits=32, cr0=PROTECTED_CR0, idt_limit=0x7FF)
     for gate_type in (0x5, 0x6, 0x7, 0xE, 0xF):  # task, 16- and 32-bit interrupt and trap gates
         memory = idt_with(0x40, gate32(gate_type=gate_type))
         assert completed(emulate(bytes.fromhex("cd40"), regs(), state, memory), 2).interrupt == 0x40
+    # a 32-bit code segment is right outside IA-32e mode; one that is not present is #NP
+    memory = idt_with(0x40, gate32(selector=0x30))
+    assert fault(emulate(bytes.fromhex("cd40"), regs(), state, memory)) == (11, 0x30)
+    # a task gate names a TSS, not a code segment: its checks are the task switch's (KVM's)
+    memory = idt_with(0x40, gate32(gate_type=0x5, selector=0x30))
+    assert completed(emulate(bytes.fromhex("cd40"), regs(), state, memory), 2).interrupt == 0x40
     assert fault(emulate(bytes.fromhex("cd40"), regs(), state, idt_with(0x40, gate32(gate_type=0xC)))) == (13, 0x202)
     # 8-byte gates: vector 0xFF needs the limit to reach 0x7FF
     assert fault(emulate(bytes.fromhex("cdff"), regs(), dataclasses.replace(state, idt_limit=0x7FE), no_memory)) == (
