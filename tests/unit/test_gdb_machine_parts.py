@@ -8,7 +8,7 @@ from hypervisor.debug.gdb.debug_registers import DR7_RESERVED_ONE, DebugRegister
 from hypervisor.debug.gdb.registers import abridged_tag, apply_fpu, apply_system, collect, full_tag_word, split_writes
 from hypervisor.debug.gdb.software_breakpoints import INT3, SoftwareBreakpoints
 from hypervisor.debug.gdb.target import BreakKind, GdbTargetError
-from hypervisor.kvm.ffi import ffi
+from hypervisor.kvm.ffi import ffi, lib
 from hypervisor.memory import GuestMemory
 
 
@@ -113,3 +113,105 @@ def test_full_tag_word_follows_top_of_stack() -> None:
     assert full_tag_word(0b1000_0000, 7 << 11, [one] + [zero] * 7) == 0x3FFF
     assert full_tag_word(0b1, 0, [zero] * 8) == 0xFFFD  # zero tag
     assert abridged_tag(0xFFFD) == 1
+
+
+class FakeVcpu:
+    """Identity-mapped paging, registers in a dict: what MachineTarget asks of a vCPU."""
+
+    def __init__(self) -> None:
+        self.regs = {"rip": 0x1000, "rflags": 2}
+        self.sregs = ffi.new("struct kvm_sregs *")
+        self.debug: list[tuple[int, list[int]]] = []
+
+    def translate(self, linear: int) -> int | None:
+        return linear if linear < 0x10000 else None
+
+    def get_regs(self) -> dict[str, int]:
+        return dict(self.regs)
+
+    def set_regs(self, **values: int) -> None:
+        self.regs.update(values)
+
+    def get_sregs(self):  # type: ignore[no-untyped-def]
+        return self.sregs
+
+    def set_guest_debug(self, control: int, debugregs: list[int] | tuple[int, ...] = ()) -> None:
+        self.debug.append((control, list(debugregs)))
+
+
+class FakeMachine:
+    def __init__(self, memory: GuestMemory) -> None:
+        from hypervisor.vcpu.control import RunControl
+
+        self.memory = memory
+        self.vcpus = [FakeVcpu()]
+        self.control = RunControl()
+
+
+@pytest.fixture
+def machine_target():  # type: ignore[no-untyped-def]
+    from hypervisor.debug.gdb.machine_target import MachineTarget
+
+    memory = GuestMemory.flat(0x10000)
+    target = MachineTarget(FakeMachine(memory))  # type: ignore[arg-type]
+    yield target
+    memory.close()
+
+
+def test_stops_are_told_apart_by_vector_and_dr6(machine_target) -> None:  # type: ignore[no-untyped-def]
+    from hypervisor.vcpu.events import DebugTrap
+
+    target = machine_target
+    target.memory.write(0x1000, b"\x90\x90")
+    target.insert_breakpoint(BreakKind.SOFTWARE, 0x1000, 1)
+    assert target.memory.read(0x1000, 1) == bytes([INT3])
+    assert target.read_memory(0, 0x1000, 2) == b"\x90\x90"
+    stop = target._debug_stop(DebugTrap(0, 3, 0x1000, 0, 0))
+    assert stop.software_breakpoint
+    target.machine.vcpus[0].regs["rip"] = 0x1001  # reported after the int3: moved back onto it
+    stop = target._debug_stop(DebugTrap(0, 3, 0x1001, 0, 0))
+    assert stop.software_breakpoint and target.machine.vcpus[0].regs["rip"] == 0x1000
+    target.insert_breakpoint(BreakKind.HARDWARE, 0x2000, 1)
+    target.insert_breakpoint(BreakKind.WRITE_WATCH, 0x3000, 4)
+    assert target._debug_stop(DebugTrap(0, 1, 0x2000, 0xFFFF0FF1, 0)).hardware_breakpoint
+    stop = target._debug_stop(DebugTrap(0, 1, 0x2000, 0xFFFF0FF2, 0))
+    assert stop.watch is BreakKind.WRITE_WATCH and stop.watch_address == 0x3000
+    assert target._debug_stop(DebugTrap(0, 1, 0x2000, 0xFFFF4FF0, 0)).description == "step"
+    target._apply_guest_debug(step_vcpu=0)
+    control, registers = target.machine.vcpus[0].debug[-1]
+    assert control == lib.KVM_GUESTDBG_ENABLE | lib.KVM_GUESTDBG_USE_SW_BP | lib.KVM_GUESTDBG_USE_HW_BP | (
+        lib.KVM_GUESTDBG_SINGLESTEP
+    )
+    assert registers[:2] == [0x2000, 0x3000]
+    target.remove_all_breakpoints()
+    target._apply_guest_debug()
+    assert target.machine.vcpus[0].debug[-1][0] == 0
+    assert target.memory.read(0x1000, 1) == b"\x90"
+
+
+def test_a_write_under_a_read_watchpoint_is_not_a_read(machine_target) -> None:  # type: ignore[no-untyped-def]
+    from hypervisor.debug.gdb.machine_target import WRITE_UNDER_READ_WATCH
+    from hypervisor.vcpu.events import DebugTrap
+
+    target = machine_target
+    target.insert_breakpoint(BreakKind.READ_WATCH, 0x3000, 8)
+    target._snapshot_read_watches()
+    stop = target._debug_stop(DebugTrap(0, 1, 0x1000, 0xFFFF0FF1, 0))
+    assert stop.watch is BreakKind.READ_WATCH  # value unchanged: a read
+    target.memory.write(0x3000, b"\x01")
+    assert target._debug_stop(DebugTrap(0, 1, 0x1000, 0xFFFF0FF1, 0)).description == WRITE_UNDER_READ_WATCH
+    assert target._debug_stop(DebugTrap(0, 1, 0x1000, 0xFFFF0FF1, 0)).watch is BreakKind.READ_WATCH
+
+
+def test_memory_access_across_unmapped_pages(machine_target) -> None:  # type: ignore[no-untyped-def]
+    target = machine_target
+    target.memory.write(0xFFFC, b"abcd")
+    assert target.read_memory(0, 0xFFFC, 8) == b"abcd"  # stops where the mapping ends
+    with pytest.raises(GdbTargetError):
+        target.read_memory(0, 0x20000, 4)
+    with pytest.raises(GdbTargetError):
+        target.write_memory(0, 0xFFFE, b"xxxx")
+    with pytest.raises(GdbTargetError):
+        target.insert_breakpoint(BreakKind.SOFTWARE, 0x20000, 1)
+    with pytest.raises(GdbTargetError):
+        target.remove_breakpoint(BreakKind.SOFTWARE, 0x1000, 1)

@@ -21,6 +21,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from hypervisor.debug.gdb.debug_registers import DR6_SINGLE_STEP, DebugRegisters
@@ -49,6 +50,7 @@ RFLAGS_RF = 1 << 16  # resume flag: suppresses instruction breakpoints for one i
 PAUSE_TIMEOUT = 5.0
 STEP_SLICE = 0.25  # step_exit waits this long at a time, so Ctrl-C can end a long step
 STEP_EXITS_LIMIT = 100_000  # device exits one instruction may cause (rep outs) before we give up
+WRITE_UNDER_READ_WATCH = "write under a read watchpoint"
 
 
 class MachineTarget:
@@ -64,6 +66,7 @@ class MachineTarget:
         self._interrupted = threading.Event()
         self._worker: threading.Thread | None = None
         self._first_attach = True
+        self._read_watch_values: dict[tuple[int, int], bytes] = {}
         self._last_vcpu = 0
 
     # -- attach, detach, kill -------------------------------------------------------------------
@@ -123,9 +126,9 @@ class MachineTarget:
         if msrs:
             kvm_vcpu.set_msrs(msrs)
 
-    def _pieces(self, vcpu: int, address: int, length: int) -> list[tuple[int, int, int]]:
-        """(offset, gpa, size) per page of a virtual range, through the vCPU's page tables."""
-        pieces = []
+    def _pieces(self, vcpu: int, address: int, length: int) -> Iterator[tuple[int, int, int]]:
+        """(offset, gpa, size) per page of a virtual range, through the vCPU's page tables;
+        GdbTargetError at the first page that is not guest RAM."""
         offset = 0
         kvm_vcpu = self.machine.vcpus[vcpu]
         while offset < length:
@@ -134,9 +137,8 @@ class MachineTarget:
             gpa = kvm_vcpu.translate(linear)
             if gpa is None or not self.memory.contains(gpa, size):
                 raise GdbTargetError(f"{linear:#x} is not mapped to guest RAM", EFAULT)
-            pieces.append((offset, gpa, size))
+            yield offset, gpa, size
             offset += size
-        return pieces
 
     def read_memory(self, vcpu: int, address: int, length: int) -> bytes:
         data = bytearray()
@@ -152,7 +154,8 @@ class MachineTarget:
 
     def write_memory(self, vcpu: int, address: int, data: bytes) -> None:
         try:
-            for offset, gpa, size in self._pieces(vcpu, address, len(data)):
+            # Every page is translated before the first byte is written: all or nothing.
+            for offset, gpa, size in list(self._pieces(vcpu, address, len(data))):
                 self.memory.write(gpa, self.software.write_through(gpa, data[offset : offset + size]))
         except GuestMemoryError as error:
             raise GdbTargetError(str(error), EFAULT) from error
@@ -161,7 +164,7 @@ class MachineTarget:
 
     def insert_breakpoint(self, kind: BreakKind, address: int, length: int) -> None:
         if kind is BreakKind.SOFTWARE:
-            gpa = self._pieces(self._last_vcpu, address, 1)[0][1]
+            gpa = next(self._pieces(self._last_vcpu, address, 1))[1]
             self.software.insert(gpa)
             self._software_at[address] = gpa
         else:
@@ -198,6 +201,7 @@ class MachineTarget:
     def resume(self, action: ResumeAction, vcpu: int) -> None:
         self._end_worker()
         self._interrupted.clear()
+        self._snapshot_read_watches()
         work = self._step if action is ResumeAction.STEP else self._continue
         self._worker = threading.Thread(target=self._run_worker, args=(work, vcpu), name="gdb-resume", daemon=True)
         self._worker.start()
@@ -259,7 +263,7 @@ class MachineTarget:
         if not len(self.software):
             return None
         try:
-            gpa = self._pieces(vcpu, self._linear_pc(vcpu), 1)[0][1]
+            gpa = next(self._pieces(vcpu, self._linear_pc(vcpu), 1))[1]
         except GdbTargetError:
             return None
         return gpa if gpa in self.software else None
@@ -305,6 +309,9 @@ class MachineTarget:
                 if machine_stop is None:
                     return None
                 stop = self._convert(machine_stop)
+                if stop.description == WRITE_UNDER_READ_WATCH:
+                    self._continue(stop.vcpu)  # not a read: run on as if nothing happened
+                    continue
             if stop.exit_code is None:
                 self._pause()  # all-stop: every vCPU is parked while gdb looks
                 self._last_vcpu = stop.vcpu
@@ -319,6 +326,30 @@ class MachineTarget:
         if stop.reason == "debug" and isinstance(stop.event, DebugTrap):
             return self._debug_stop(stop.event)
         return StopEvent(vcpu=vcpu, signal=SIGTRAP, description=stop.describe())
+
+    def _snapshot_read_watches(self) -> None:
+        """The watched bytes of every read watchpoint, to tell its reads from its writes."""
+        self._read_watch_values = {}
+        for slot in self.hardware.slots:
+            if slot is not None and slot.kind is BreakKind.READ_WATCH:
+                key = (slot.request_address, slot.request_length)
+                try:
+                    self._read_watch_values[key] = self.read_memory(self._last_vcpu, *key)
+                except GdbTargetError:
+                    continue
+
+    def _was_written(self, stop: StopEvent) -> bool:
+        """A read watchpoint hit that changed the value: the access was a write (DR7 has no
+        read-only condition, SDM Vol. 3B §17.2.5), so it is not gdb's read watchpoint."""
+        for (address, length), before in self._read_watch_values.items():
+            if address == stop.watch_address:
+                try:
+                    after = self.read_memory(stop.vcpu, address, length)
+                except GdbTargetError:
+                    return False
+                self._read_watch_values[(address, length)] = after
+                return after != before
+        return False
 
     def _debug_stop(self, trap: DebugTrap) -> StopEvent:
         vcpu = trap.vcpu
@@ -336,7 +367,10 @@ class MachineTarget:
         if slot is not None and slot.kind is BreakKind.HARDWARE:
             return StopEvent(vcpu=vcpu, hardware_breakpoint=True, description="hardware breakpoint")
         if slot is not None:
-            return StopEvent(vcpu=vcpu, watch=slot.kind, watch_address=slot.request_address, description="watchpoint")
+            stop = StopEvent(vcpu=vcpu, watch=slot.kind, watch_address=slot.request_address, description="watchpoint")
+            if slot.kind is BreakKind.READ_WATCH and self._was_written(stop):
+                return StopEvent(vcpu=vcpu, description=WRITE_UNDER_READ_WATCH)
+            return stop
         if trap.dr6 & DR6_SINGLE_STEP:
             return StopEvent(vcpu=vcpu, description="step")
         return StopEvent(vcpu=vcpu, description=f"debug exception {trap.exception}")

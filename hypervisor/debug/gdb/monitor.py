@@ -23,7 +23,7 @@ TRACE_LINES = 256  # exits `monitor trace show` keeps
 HELP = """pyhv monitor commands:
   exits                  VM exits so far, by KVM exit reason, and what the C fast path did
   devices                the port I/O and MMIO ranges and the device behind each
-  break-exit EXPR        stop when an exit matches EXPR (see docs/debugging.md), e.g. io 0x3f8 write
+  break-exit EXPR        stop at exits matching EXPR, e.g. `io port=0x3f8 write` (docs/debugging.md)
   break-exit list        the exit breakpoints, with their hit counts
   break-exit delete ID   remove one
   trace on|off           log every exit that reaches Python (pyhv's log, and `trace show`)
