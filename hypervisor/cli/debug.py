@@ -55,6 +55,8 @@ def _make_console(spec: str) -> ConsoleBase:
 
 def _read_script(path: Path) -> list[str]:
     try:
+        if not path.exists():
+            raise ConfigError(f"--batch {path} does not exist")
         if not path.is_file():
             raise ConfigError(f"--batch {path} is not a regular file")
         if path.stat().st_size > MAX_SCRIPT_BYTES:
