@@ -206,6 +206,7 @@ class Machine:
     def _create_platform_devices(self, debug_exit_port: int, debug_exit_qemu: bool, machine_type: str,
                                  cpus: int) -> None:  # fmt: skip
         assert self.vm is not None and self.memory is not None
+        from hypervisor.boot.firmware_pic import MASTER_VECTOR_BASE, SLAVE_VECTOR_BASE, with_vector_base
         from hypervisor.devices import pm
         from hypervisor.devices.fw_cfg import FW_CFG_PORT, FW_CFG_PORT_COUNT, FwCfg, e820_file
         from hypervisor.devices.i8042 import I8042Controller
@@ -238,6 +239,11 @@ class Machine:
         self.add_port_device(pm.PmTimer(), pm.PM_TIMER_PORT, pm.PM_TIMER_LENGTH, "ACPI PM timer")
         self.add_port_device(pm.ResetRegister(lambda: self.control.request_stop(reset)), pm.RESET_PORT, 1,
                              "ACPI reset register")  # fmt: skip
+        # The PIC vector bases a PC BIOS programs (IRQ 0-7 at 0x08, 8-15 at 0x70), which real-mode
+        # guests expect; KVM's in-kernel PIC starts at base 0 (hypervisor/boot/firmware_pic.py).
+        bios_bases = (("KVM_IRQCHIP_PIC_MASTER", MASTER_VECTOR_BASE), ("KVM_IRQCHIP_PIC_SLAVE", SLAVE_VECTOR_BASE))
+        for chip, base in bios_bases:
+            self.vm.set_irqchip(chip, with_vector_base(self.vm.get_irqchip(chip), base))
         if machine_type == "qemu-test":
             self._create_qemu_test_devices(debug_exit_port)
 

@@ -58,3 +58,18 @@ def test_host_page_flush_keeps_the_contents() -> None:
         memory.write(mmap.PAGESIZE, b"rw")  # still writable after the remap
     finally:
         memory.close()
+
+
+def test_firmware_pic_vector_bases() -> None:
+    import pytest
+
+    from hypervisor.boot.firmware_pic import IRQ_BASE_OFFSET, with_vector_base
+    from hypervisor.errors import HypervisorError
+
+    state = bytes(8) + bytes([0, 0, 0xF8, 0, 0, 0]) + bytes(506)
+    changed = with_vector_base(state, 0x70)
+    assert changed[IRQ_BASE_OFFSET] == 0x70 and changed[10] == 0xF8 and len(changed) == len(state)
+    with pytest.raises(ValueError):
+        with_vector_base(state, 0x71)
+    with pytest.raises(HypervisorError):
+        with_vector_base(b"\0" * 8, 0x08)
