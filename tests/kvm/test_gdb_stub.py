@@ -223,7 +223,8 @@ def test_bad_packets_do_not_disturb_the_guest(make_machine) -> None:  # type: ig
         client.sock.sendall(junk)
     assert client.request(b"m%x,4" % COUNTER) == b"00000000"
     assert client.request(b"mffffffffffff0000,4") == b"E0e"  # not mapped
-    assert client.request(b"vCont;c") == b"W%02x" % EXIT_CODE
+    client.sock.sendall(encode_packet(b"vCont;c"))
+    assert until_stop(client) == ([f"pyhv: debug-exit {EXIT_CODE}\n"], b"W%02x" % EXIT_CODE)
     assert machine.wait(10).outcome.code == EXIT_CODE
 
 
@@ -260,3 +261,50 @@ def test_pyhv_run_rejects_a_bad_gdb_address(guest_binary, tmp_path: Path) -> Non
         result = subprocess.run(command, capture_output=True, text=True, timeout=60)
         assert result.returncode == 3
         assert result.stderr.count("\n") == 1 and "pyhv: error: --gdb" in result.stderr
+
+
+def monitor(client: RspClient, command: str) -> str:
+    reply = client.request(b"qRcmd," + command.encode().hex().encode())
+    return "" if reply == b"OK" else bytes.fromhex(reply.decode()).decode()
+
+
+def until_stop(client: RspClient) -> tuple[list[str], bytes]:
+    """Console output (`O` packets) and then the stop reply."""
+    output = []
+    while True:
+        reply = client.reply()
+        if reply.startswith(b"O") and reply != b"OK":
+            output.append(bytes.fromhex(reply[1:].decode()).decode())
+        else:
+            return output, reply
+
+
+def test_monitor_commands_reach_the_exit_debugger(guest_binary) -> None:  # type: ignore[no-untyped-def]
+    machine = Machine(16, console=MemoryConsole())
+    machine.load_raw_bytes(guest_binary("long_mode").read_bytes(), GUEST_BASE, "long_mode")
+    server = serve_machine(machine, "tcp:127.0.0.1:0")
+    try:
+        machine.start(paused=True)
+        client = RspClient(server.port)
+        assert "COM1" in monitor(client, "devices") and "debug-exit" in monitor(client, "devices")
+        assert "exits by KVM reason" in monitor(client, "exits")
+        assert monitor(client, "break-exit io port=0x3f8 write count>2").startswith("exit breakpoint 1")
+        assert monitor(client, "trace on") == "tracing exits\n"
+        client.sock.sendall(encode_packet(b"vCont;c"))
+        output, reply = until_stop(client)
+        assert reply == b"T05thread:1;"
+        assert any("breakpoint 1" in line and "port=0x3f8" in line for line in output)
+        assert "io out port=0x3f8" in monitor(client, "trace show")
+        assert "(hits 3)" in monitor(client, "break-exit list")  # the third write stopped it
+        assert monitor(client, "break-exit delete 1") == "deleted exit breakpoint 1\n"
+        assert monitor(client, "trace off") == "exit trace off\n"
+        assert monitor(client, "frobnicate").startswith("error: unknown monitor command")
+        assert monitor(client, "break-exit io port=banana").startswith("error: break-exit")
+        assert monitor(client, "help").startswith("pyhv monitor commands")
+        client.sock.sendall(encode_packet(b"vCont;c"))
+        output, reply = until_stop(client)
+        assert reply == b"W00" and output == ["pyhv: debug-exit 0\n"]
+        assert machine.wait(10).outcome.kind is OutcomeKind.DEBUG_EXIT
+    finally:
+        server.close(grace=0)
+        machine.close()

@@ -243,9 +243,10 @@ def test_interrupt_stops_with_sigint(stub: GdbStub, target: FakeTarget) -> None:
 
 
 def test_the_end_of_the_run_is_an_exit_reply(stub: GdbStub, target: FakeTarget) -> None:
-    target.next_stop = StopEvent(exit_code=42)
+    target.next_stop = StopEvent(exit_code=42, notice="pyhv: debug-exit 42")
     stub.handle(b"c")
     assert stub.poll_stop(1.0) == b"W2a"
+    assert stub.pending_output == [b"O" + b"pyhv: debug-exit 42\n".hex().encode()]
     assert stub.handle(b"c") == b"W2a"  # nothing left to run
     assert len(target.resumes) == 1
 

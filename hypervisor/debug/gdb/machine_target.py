@@ -325,7 +325,7 @@ class MachineTarget:
         vcpu = stop.vcpu if stop.vcpu is not None else 0
         if stop.reason == "debug" and isinstance(stop.event, DebugTrap):
             return self._debug_stop(stop.event)
-        return StopEvent(vcpu=vcpu, signal=SIGTRAP, description=stop.describe())
+        return StopEvent(vcpu=vcpu, signal=SIGTRAP, description=stop.describe(), notice=f"pyhv: {stop.describe()}")
 
     def _snapshot_read_watches(self) -> None:
         """The watched bytes of every read watchpoint, to tell its reads from its writes."""
@@ -379,7 +379,8 @@ class MachineTarget:
         outcome = self.machine.control.outcome
         if outcome is None:
             return None
-        return StopEvent(exit_code=outcome.exit_status, description=outcome.describe())
+        return StopEvent(exit_code=outcome.exit_status, description=outcome.describe(),
+                         notice=f"pyhv: {outcome.describe()}")  # fmt: skip
 
     def _pause(self) -> None:
         if not self.machine.pause(wait=True, timeout=PAUSE_TIMEOUT):

@@ -277,7 +277,10 @@ class _Session:
                     return
             if self.stub.running:
                 reply = self.stub.poll_stop(STOP_POLL_SECONDS)
-                if reply is not None and not self._send_packet(reply):
+                if reply is None:
+                    continue
+                output, self.stub.pending_output = self.stub.pending_output, []
+                if not all(self._send_packet(packet) for packet in [*output, reply]):
                     return
 
     def _receive(self, data: bytes) -> bool:

@@ -85,6 +85,9 @@ class GdbStub:
         self.resume_vcpu: int | None = None  # Hc: None means "all" / the stopped one
         self.last_stop = StopEvent(vcpu=0, signal=SIGTRAP)
         self._interrupt_pending = False
+        # `O` packets (console output) to send before the next stop reply (gdb docs, "Stop Reply
+        # Packets": O is allowed while the target runs).
+        self.pending_output: list[bytes] = []
         self._handlers: dict[int, Callable[[bytes], bytes | None]] = {
             ord("?"): lambda _: self.stop_reply(self.last_stop),
             ord("g"): self._read_all_registers,
@@ -154,6 +157,8 @@ class GdbStub:
             if not (stop.software_breakpoint or stop.hardware_breakpoint):
                 stop = StopEvent(vcpu=stop.vcpu, signal=SIGINT, description="interrupted by gdb")
         self._interrupt_pending = False
+        if stop.notice:
+            self.pending_output.append(b"O" + (stop.notice.rstrip("\n") + "\n").encode("utf-8").hex().encode())
         self.last_stop = stop
         self.general_vcpu = stop.vcpu
         return self.stop_reply(stop)

@@ -57,6 +57,7 @@ class StopEvent:
     hardware_breakpoint: bool = False
     exit_code: int | None = None
     description: str = ""
+    notice: str = ""  # shown on gdb's console before the stop (an `O` packet): exit breakpoints, the outcome
 
 
 class GdbTarget(Protocol):
