@@ -152,7 +152,9 @@ def test_snapshot_killed_at_any_point(tmp_path: Path, monkeypatch: pytest.Monkey
     sweep(tmp_path, monkeypatch, _snapshot_image, _snapshot_op(action, name), _qcow2_state("img.qcow2"), ("img.qcow2",))
 
 
-@pytest.mark.parametrize(("action", "name"), [("create_snapshot", "new"), ("delete_snapshot", "old")])
+@pytest.mark.parametrize(
+    ("action", "name"), [("create_snapshot", "new"), ("delete_snapshot", "old"), ("apply_snapshot", "old")]
+)
 def test_snapshot_power_loss_in_any_write_order(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, action: str, name: str
 ) -> None:

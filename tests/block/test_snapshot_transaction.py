@@ -95,3 +95,26 @@ def test_write_error_before_the_switch_leaves_the_old_image(tmp_path: Path, monk
     image.close()
     check_clean(path)
     assert to_raw(path, tmp_path / "after.raw")[: 200 * KIB] == expected[: 200 * KIB]
+
+
+def test_error_while_building_forgets_the_allocations(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = create(tmp_path / "img.qcow2", 1 * MIB, "cluster_size=512")
+    qemu_io(path, "write -P 0x31 0 100k")  # several L2 tables, each copied by the snapshot
+    image = Qcow2Image.open(str(path))
+    real_walk = Qcow2Image._l2_for_walk
+    walks = []
+
+    def failing_walk(self: Qcow2Image, l1: object, l1_index: int) -> object:
+        walks.append(l1_index)
+        if len(walks) == 2 * sum(1 for e in image.l1_table if e) - 1:  # counted, and all but one copied
+            raise ImageFormatError("simulated bad L2 table")
+        return real_walk(self, l1, l1_index)  # type: ignore[arg-type]
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Qcow2Image, "_l2_for_walk", failing_walk)
+        with pytest.raises(ImageFormatError, match="simulated"):
+            image.create_snapshot("s")
+    image.write(200 * KIB, [b"\x32" * 4 * KIB])
+    image.close()
+    check_clean(path)  # no leaked clusters from the abandoned copies
+    assert qemu_img("snapshot", "-l", path).stdout == ""

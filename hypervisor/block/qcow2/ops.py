@@ -105,7 +105,12 @@ class OpsMixin:
         self._refs.free_later(offset, clusters)
 
     def _commit_tree(
-        self: Qcow2Image, txn: MetadataTransaction, logical_l1: array, snapshots: list[SnapshotEntry], move_l1: bool
+        self: Qcow2Image,
+        txn: MetadataTransaction,
+        logical_l1: array,
+        snapshots: list[SnapshotEntry],
+        move_l1: bool,
+        size: int | None = None,
     ) -> tuple[array, int]:
         """Shared tail of the snapshot operations: the new active L1 (exact COPIED flags), a new
         snapshot table, and the transaction's commit. Returns the new L1 and its offset."""
@@ -129,6 +134,8 @@ class OpsMixin:
             header.l1_size = len(new_l1)
             header.nb_snapshots = len(snapshots)
             header.snapshots_offset = table_offset
+            if size is not None:
+                header.size = size
 
         txn.commit(switch)
         self._l1, self._l1_offset, self._l1_dirty = new_l1, l1_offset, False
@@ -136,6 +143,8 @@ class OpsMixin:
         self._l2.clear()
         self._compressed_cursor = 0
         self._metadata = self._collect_metadata_clusters()
+        if size is not None:
+            self._size = size
         return new_l1, l1_offset
 
     # -- snapshots ---------------------------------------------------------------------------
@@ -153,10 +162,6 @@ class OpsMixin:
             if any(s.name == name or s.id == name for s in self._snapshots):
                 raise ImageError(f"{self.path}: a snapshot named {name!r} already exists")
             self._flush_metadata()
-            txn = MetadataTransaction(self)
-            # The snapshot keeps the current L1 table and L2 tables; the new active L1 references
-            # them (or flag-exact copies) once more, and every data cluster once more.
-            txn.net.update(self._tree_references(self._l1))
             now = time.time_ns()
             numeric_ids = [int(s.id) for s in self._snapshots if s.id.isdigit()]
             entry = SnapshotEntry(
@@ -171,10 +176,14 @@ class OpsMixin:
                 disk_size=self._size,
                 icount=None,
             )
-            logical = array("Q", (e & fmt.L1E_OFFSET_MASK for e in self._l1))
-            if len(self._l1):
-                txn.add_area(self._l1_offset, len(self._l1) * 8, +1)  # now the snapshot's L1
-            self._commit_tree(txn, logical, [*self._snapshots, entry], move_l1=True)
+            with MetadataTransaction(self) as txn:
+                # The snapshot keeps the current L1 and L2 tables; the new active L1 references
+                # them (or flag-exact copies) once more, and every data cluster once more.
+                txn.net.update(self._tree_references(self._l1))
+                if len(self._l1):
+                    txn.add_area(self._l1_offset, len(self._l1) * 8, +1)  # now the snapshot's L1
+                logical = array("Q", (e & fmt.L1E_OFFSET_MASK for e in self._l1))
+                self._commit_tree(txn, logical, [*self._snapshots, entry], move_l1=True)
             return entry.info()
 
     def delete_snapshot(self: Qcow2Image, name_or_id: str) -> None:
@@ -182,37 +191,30 @@ class OpsMixin:
             self._check_writable_image()
             target = self._find_snapshot(name_or_id)
             self._flush_metadata()
-            txn = MetadataTransaction(self)
-            snap_l1 = self._load_l1(target.l1_table_offset, target.l1_size)
-            for cluster, count in self._tree_references(snap_l1).items():
-                txn.net[cluster] -= count
-            if target.l1_size:
-                txn.add_area(target.l1_table_offset, target.l1_size * 8, -1)
-            logical = array("Q", (e & fmt.L1E_OFFSET_MASK for e in self._l1))
-            self._commit_tree(txn, logical, [s for s in self._snapshots if s is not target], move_l1=False)
+            with MetadataTransaction(self) as txn:
+                snap_l1 = self._load_l1(target.l1_table_offset, target.l1_size)
+                for cluster, count in self._tree_references(snap_l1).items():
+                    txn.net[cluster] -= count
+                if target.l1_size:
+                    txn.add_area(target.l1_table_offset, target.l1_size * 8, -1)
+                logical = array("Q", (e & fmt.L1E_OFFSET_MASK for e in self._l1))
+                self._commit_tree(txn, logical, [s for s in self._snapshots if s is not target], move_l1=False)
 
     def apply_snapshot(self: Qcow2Image, name_or_id: str) -> None:
         with self._lock:
             self._check_writable_image()
             target = self._find_snapshot(name_or_id)
             self._flush_metadata()
-            txn = MetadataTransaction(self)
-            snap_l1 = self._load_l1(target.l1_table_offset, target.l1_size)
-            txn.net.update(self._tree_references(snap_l1))
-            for cluster, count in self._tree_references(self._l1).items():
-                txn.net[cluster] -= count
-            size = target.disk_size or self._header.size
-            entries = max(len(self._l1), target.l1_size, self._header.l1_entries_needed(size))
-            logical = array("Q", (e & fmt.L1E_OFFSET_MASK for e in snap_l1))
-            logical.extend([0] * (entries - len(logical)))
-            saved_size = self._header.size
-            self._header.size = size  # switched with the rest by the header write
-            try:
-                self._commit_tree(txn, logical, list(self._snapshots), move_l1=True)
-            except BaseException:
-                self._header.size = saved_size
-                raise
-            self._size = size
+            with MetadataTransaction(self) as txn:
+                snap_l1 = self._load_l1(target.l1_table_offset, target.l1_size)
+                txn.net.update(self._tree_references(snap_l1))
+                for cluster, count in self._tree_references(self._l1).items():
+                    txn.net[cluster] -= count
+                size = target.disk_size or self._header.size
+                entries = max(len(self._l1), target.l1_size, self._header.l1_entries_needed(size))
+                logical = array("Q", (e & fmt.L1E_OFFSET_MASK for e in snap_l1))
+                logical.extend([0] * (entries - len(logical)))
+                self._commit_tree(txn, logical, list(self._snapshots), move_l1=True, size=size)
 
     # -- resize ------------------------------------------------------------------------------
     def _relocate_l1(self: Qcow2Image, new_l1: array) -> None:

@@ -61,6 +61,16 @@ class MetadataTransaction:
         self._writes: list[tuple[int, bytes]] = []
         self._old_blocks = {index: offset for index, offset in enumerate(self.refs.table) if offset}
         self._old_table = (self.refs.table_offset, self.refs.table_clusters)
+        header: Qcow2Header = image._header  # type: ignore[has-type]  # (as above)
+        self._saved_header = {name: getattr(header, name) for name in _SWITCHED_FIELDS}
+        self.committed = False
+
+    def __enter__(self) -> MetadataTransaction:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, traceback: object) -> None:
+        if exc_type is not None and not self.committed:
+            self.abandon()
 
     # -- building the new state ---------------------------------------------------------------
     def after(self, cluster: int) -> int:
@@ -115,10 +125,10 @@ class MetadataTransaction:
 
     # -- commit -------------------------------------------------------------------------------
     def commit(self, update_header: Callable[[Qcow2Header], None]) -> None:
-        """Write the new state, sync, switch the header (the commit point), sync."""
+        """Write the new state, sync, switch the header (the commit point), sync. On any failure
+        the in-memory state goes back to the old image (`abandon`) and the error propagates."""
         image, refs = self.image, self.refs
         header = image._header
-        saved = {name: getattr(header, name) for name in _SWITCHED_FIELDS}
         try:
             self._apply_increments()
             table_offset, table_clusters = self._shadow_refcounts()
@@ -129,11 +139,12 @@ class MetadataTransaction:
             update_header(header)
             header.refcount_table_offset = table_offset
             header.refcount_table_clusters = table_clusters
+            image._write_header()  # the commit point
+            image._hf.sync()
         except BaseException:
-            self._abandon(saved)
+            self.abandon()
             raise
-        image._write_header()  # the commit point
-        image._hf.sync()
+        self.committed = True
         log.debug("%s: metadata committed (refcount table at 0x%x)", image.path, table_offset)
 
     def _apply_increments(self) -> None:
@@ -193,16 +204,18 @@ class MetadataTransaction:
         for cluster in range(first, first + clusters):
             frees[cluster] += 1
 
-    def _abandon(self, saved: dict[str, int]) -> None:
-        """Nothing live was overwritten: forget the in-memory changes and reload the old state."""
+    def abandon(self) -> None:
+        """Forget the in-memory changes and reload the old state from disk (nothing live was
+        overwritten before the commit point). Called on any failure; safe to call twice."""
         image = self.image
         header = image._header
-        for name, value in saved.items():
+        for name, value in self._saved_header.items():
             setattr(header, name, value)
         offset, clusters = self._old_table
         image._refs = Refcounts(
             image._hf, image._cb, header.refcount_order, offset, clusters, image._on_refcount_table_moved
         )
+        self.refs = image._refs
         image._l2.clear()
 
 
