@@ -308,3 +308,24 @@ def test_monitor_commands_reach_the_exit_debugger(guest_binary) -> None:  # type
     finally:
         server.close(grace=0)
         machine.close()
+
+
+@needs_gdb
+def test_every_vcpu_is_a_thread(guest_binary) -> None:  # type: ignore[no-untyped-def]
+    machine = Machine(16, cpus=2, console=MemoryConsole())
+    image = with_parameters(guest_binary("gdb_target").read_bytes(), exit_code=EXIT_CODE, mode=MODE_KERNEL, count=3)
+    machine.load_raw_bytes(image, GUEST_BASE, "gdb_target")
+    server = serve_machine(machine, "tcp:127.0.0.1:0")
+    server.target.step_idle_seconds = 0.5  # type: ignore[attr-defined]
+    try:
+        machine.start(paused=True)
+        output = run_gdb(server, "info threads", "thread 2", "info registers rip cs", "stepi", "thread 1",
+                         f"break *{LOOP_TOP:#x}", "continue", "delete", "continue")  # fmt: skip
+    finally:
+        server.close(grace=0)
+        machine.close()
+    assert "Thread 1 (vCPU 0)" in output and "Thread 2 (vCPU 1)" in output
+    # vCPU 1 waits for the SIPI nobody sends, at the reset vector: its step ends with a notice.
+    assert "rip            0xfff0" in output and "cs             0xf000" in output
+    assert "pyhv: vCPU 1 did not finish the instruction in 0.5 s" in output
+    assert "Thread 1 hit Breakpoint 1" in output and f"exited with code {EXIT_CODE:02o}" in output

@@ -50,6 +50,9 @@ RFLAGS_RF = 1 << 16  # resume flag: suppresses instruction breakpoints for one i
 PAUSE_TIMEOUT = 5.0
 STEP_SLICE = 0.25  # step_exit waits this long at a time, so Ctrl-C can end a long step
 STEP_EXITS_LIMIT = 100_000  # device exits one instruction may cause (rep outs) before we give up
+# A vCPU that makes no exit for this long while stepped is halted or waits for a SIPI: the step
+# ends with a stop instead of hanging gdb (Ctrl-C ends it sooner).
+STEP_IDLE_SECONDS = 5.0
 WRITE_UNDER_READ_WATCH = "write under a read watchpoint"
 
 
@@ -66,6 +69,7 @@ class MachineTarget:
         self._interrupted = threading.Event()
         self._worker: threading.Thread | None = None
         self._first_attach = True
+        self.step_idle_seconds = STEP_IDLE_SECONDS
         self._read_watch_values: dict[tuple[int, int], bytes] = {}
         self._last_vcpu = 0
 
@@ -225,6 +229,7 @@ class MachineTarget:
             self.software.remove(under)
         try:
             self._apply_guest_debug(step_vcpu=vcpu)
+            idle_since = time.monotonic()
             for _ in range(STEP_EXITS_LIMIT):
                 event = self.machine.step_exit(vcpu, timeout=STEP_SLICE)
                 finished = self._finished_stop()
@@ -233,7 +238,11 @@ class MachineTarget:
                 if event is None:
                     if self._interrupted.is_set():
                         return StopEvent(vcpu=vcpu, signal=SIGINT, description="step interrupted")
+                    if time.monotonic() - idle_since >= self.step_idle_seconds:
+                        notice = f"pyhv: vCPU {vcpu} did not finish the instruction in {self.step_idle_seconds:g} s"
+                        return StopEvent(vcpu=vcpu, description="step timed out", notice=notice + " (halted?)")
                     continue
+                idle_since = time.monotonic()
                 met = self.machine.last_step_stop
                 if isinstance(event, DebugTrap):
                     stop = self._debug_stop(event)
