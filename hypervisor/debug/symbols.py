@@ -39,9 +39,10 @@ class SymbolTable:
     """Sorted symbols with address lookup."""
 
     def __init__(self, symbols: list[Symbol], source: str = "") -> None:
-        # Several names often share an address (aliases); the first one kept wins.
+        # Several names often share an address (aliases, `_text` and `startup_64`): code before data,
+        # and a name without a leading underscore (a function, not a linker marker) wins.
         unique: dict[int, Symbol] = {}
-        for symbol in sorted(symbols, key=lambda s: (s.address, not s.is_text, s.name.startswith("__"))):
+        for symbol in sorted(symbols, key=lambda s: (s.address, not s.is_text, s.name.startswith("_"))):
             unique.setdefault(symbol.address, symbol)
         self._symbols = list(unique.values())
         self._addresses = [symbol.address for symbol in self._symbols]
