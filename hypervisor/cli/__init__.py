@@ -18,6 +18,7 @@ SUBCOMMANDS = {
     "run": "hypervisor.cli.run:run",
     "debug": "hypervisor.cli.debug:debug",
     "image": "hypervisor.cli.image:image",
+    "trace": "hypervisor.cli.trace:trace",
     "kvm-unit-tests": "hypervisor.cli.kvm_unit_tests:kvm_unit_tests",
 }
 

@@ -10,6 +10,7 @@ from typing import IO, TYPE_CHECKING
 
 import click
 
+from hypervisor.cli.run_debug_outputs import DebugOutputs, debug_output_options
 from hypervisor.console import FileConsole, NullConsole, StdioConsole
 from hypervisor.debug.trace import ExitTracer
 from hypervisor.errors import ConfigError, HypervisorError
@@ -98,6 +99,7 @@ def _make_console(spec: str) -> object:
 @click.option("--save-on", metavar="PATTERN", help="Save (see --save) the first time the console prints PATTERN.")
 @click.option("--restore", type=click.Path(path_type=Path, file_okay=False),
               help="Continue a machine saved with --save instead of booting (docs/snapshots.md).")
+@debug_output_options
 def run(**options: object) -> None:
     """Boot a guest and run it until it stops.
 
@@ -147,6 +149,8 @@ def _run(options: dict[str, object]) -> int:
         from hypervisor.cli import snapshot_options
 
         snapshot_options.check_save_options(options["save"], options["save_on"])  # type: ignore[arg-type]
+        debug_outputs = DebugOutputs(options)  # --trace, --post-mortem, --kernel-symbols: checked before the run
+        run_options.exit_history = debug_outputs.exit_history
         console = _make_console(str(options["console_spec"]))
         if options["restore"] is not None:
             if options["kernel"] or options["initrd"] or options["raw"] or options["disks"] or options["append"]:
@@ -163,6 +167,7 @@ def _run(options: dict[str, object]) -> int:
         trace = _open_trace(options["trace_exits"])  # type: ignore[arg-type]
         if trace is not None:
             machine.exit_hooks.append(ExitTracer(trace))
+        debug_outputs.attach(machine)
         gdb = _start_gdb(options["gdb_spec"], machine)  # type: ignore[arg-type]
         previous = signal.signal(signal.SIGTERM, _raise_interrupt)
         try:
@@ -171,6 +176,7 @@ def _run(options: dict[str, object]) -> int:
                 result = machine.wait(run_options.timeout)
             else:
                 result = machine.run(run_options.timeout)
+            debug_outputs.collect(machine, result)  # vCPUs stopped, fds still open
         finally:
             signal.signal(signal.SIGTERM, previous)
             if gdb is not None:
@@ -178,10 +184,13 @@ def _run(options: dict[str, object]) -> int:
             machine.close()
             if trace is not None:
                 trace.close()
+            debug_outputs.close()
         click.echo(f"\npyhv: {result.outcome.describe()} (exit status {result.exit_status})", err=True)
+        debug_outputs.finish(result, info, machine.observer.timeline())
         if options["report"]:
             try:
-                write_report(options["report"], build_report(result, info, machine.observer.timeline()))  # type: ignore[arg-type]
+                report = build_report(result, info, machine.observer.timeline(), debug_outputs.report_section())
+                write_report(options["report"], report)  # type: ignore[arg-type]
             except OSError as error:
                 # The outcome is already said and stays the exit status: the report is extra.
                 click.echo(f"pyhv: error: cannot write the report {options['report']}: {error.strerror}", err=True)
