@@ -325,7 +325,12 @@ class ExitDebugger(cmd.Cmd):
             event = self.machine.step_exit(self.vcpu_index, timeout=self.step_timeout)
             if event is not None:
                 self.out(describe_event(event))
-            stop = self.machine.last_step_stop
+            # A breakpoint the step met answers the step (last_step_stop); the runner may also
+            # queue it as an ordinary stop, as it does for one met by another vCPU meanwhile. Either
+            # way `next` ends there, and a queued one must not make the next `continue` stop at once.
+            stops = [stop for stop in self.machine.control.pending_stops() if stop.reason != "finished"]
+            if self.machine.last_step_stop is not None and self.machine.last_step_stop.breakpoint is not None:
+                stops.insert(0, self.machine.last_step_stop)
             if not self._running():
                 self._report_end()
                 return
@@ -334,8 +339,9 @@ class ExitDebugger(cmd.Cmd):
                     f"vcpu{self.vcpu_index} made no exit that reaches Python within {self.step_timeout:g} s "
                     "(it runs guest code without exits; `continue` and Ctrl-C, or a breakpoint, stop it)"
                 )
-            if stop is not None and stop.breakpoint is not None:
-                self.out(f"stopped: {stop.describe()}")
+            if stops:
+                for stop in dict.fromkeys(stops):
+                    self.out(f"stopped: {stop.describe()}")
                 return
 
     def do_continue(self, argument: str) -> None:
@@ -513,9 +519,9 @@ class ExitDebugger(cmd.Cmd):
     # -- changing ------------------------------------------------------------------------------
 
     def do_set(self, argument: str) -> None:
-        """set reg NAME VALUE | set mem[/bhwg][v] ADDR VALUE: change a register of the current
-        vCPU, or guest memory (physical; v or -v: virtual). VALUE: 42, 0x2a, $rsi+3, or
-        hex:4142 for raw bytes (mem only)."""
+        """set reg NAME VALUE | set mem[/bhwg][v] ADDR VALUE | set data VALUE: change a register
+        of the current vCPU, guest memory (physical; v or -v: virtual), or what the read the vCPU
+        stopped at returns to the guest. VALUE: 42, 0x2a, $rsi+3, or hex:4142 for raw bytes."""
         words = argument.split()
         if not words:
             raise DebugCommandError("set reg NAME VALUE or set mem ADDR VALUE")
@@ -552,7 +558,40 @@ class ExitDebugger(cmd.Cmd):
             self.out(f"wrote {len(data)} byte{'s' if len(data) > 1 else ''} at {address:#x}"
                      f"{' (virtual)' if virtual else ''}")  # fmt: skip
             return
-        raise DebugCommandError(f"set {words[0]}: use set reg NAME VALUE or set mem ADDR VALUE")
+        if words[0] == "data":
+            if len(words) != 2:
+                raise DebugCommandError("set data wants a value: set data 0x20 (or hex:2000 for the bytes)")
+            self._set_read_data(words[1])
+            return
+        raise DebugCommandError(f"set {words[0]}: use set reg NAME VALUE, set mem ADDR VALUE or set data VALUE")
+
+    def _set_read_data(self, text: str) -> None:
+        """Changes what the current vCPU's last exit, a port or MMIO read, gives the guest. The
+        device's answer waits in kvm_run until the vCPU's next KVM_RUN completes the instruction
+        (api.rst, KVM_EXIT_IO and KVM_EXIT_MMIO), and a stopped vCPU has not entered KVM_RUN since
+        its exit (the C loop's record of it is only reset by the next run)."""
+        from hypervisor.kvm.loop import ExitKind, exit_buffer
+
+        record = self.vcpu.exit_record
+        if int(record.kind) not in (ExitKind.PIO_IN, ExitKind.MMIO_READ):
+            raise DebugCommandError(
+                f"vcpu{self.vcpu_index} did not stop at a port or MMIO read (set data changes what a read returns)"
+            )
+        length = int(record.size) * int(record.count)
+        if text.startswith("hex:"):
+            try:
+                data = bytes.fromhex(text[4:])
+            except ValueError:
+                raise DebugCommandError(f"{text!r}: hex: wants pairs of hex digits") from None
+            if len(data) != length:
+                raise DebugCommandError(f"the read is {length} bytes, not {len(data)}")
+        else:
+            value = evaluate(text, self._registers())
+            if value >> (8 * length):
+                raise DebugCommandError(f"{value:#x} does not fit in the {length}-byte read")
+            data = value.to_bytes(length, "little")
+        exit_buffer(record.data, length)[:] = data
+        self.out(f"the read at {int(record.address):#x} now returns {data.hex()}")
 
     def do_vcpu(self, argument: str) -> None:
         """vcpu [N]: show or choose the vCPU that next, info regs/sregs, x/v, set reg and disas use."""
@@ -628,7 +667,7 @@ class ExitDebugger(cmd.Cmd):
     def complete_set(self, text: str, line: str, begin: int, end: int) -> list[str]:
         words = line[:begin].split()
         if len(words) <= 1:
-            return [word for word in ("reg", "mem") if word.startswith(text)]
+            return [word for word in ("reg", "mem", "data") if word.startswith(text)]
         if words[1] == "reg" and len(words) == 2:
             return [name for name in GPR_NAMES if name.startswith(text)]
         return []

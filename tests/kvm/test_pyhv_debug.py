@@ -98,6 +98,23 @@ def test_break_options_and_end_of_input(guest_binary, tmp_path: Path) -> None:
     assert result.stdout.endswith("the run ended: debug-exit 9 (exit status 9)\n")  # then the end of input
 
 
+def test_set_data_changes_what_the_guest_reads(guest_binary, tmp_path: Path) -> None:
+    """LSR answered 0 (transmitter busy) instead of 0x60: the guest polls again before writing."""
+    image = guest_file(guest_binary, tmp_path, exit_code=4)
+    commands = "break io port=0x3fd read\ncontinue\nset data 0\nnext\ndelete\nnext 2\ncontinue\n"
+    result = subprocess.run(debug_command(image, "--console", "none"), input=commands, capture_output=True,
+                            text=True, timeout=60)  # fmt: skip
+    assert result.returncode == 4, result.stderr
+    after = result.stdout.split("(pyhv) set data 0\n", 1)[1].splitlines()
+    transcript = [line for line in after if not line.startswith("(pyhv) ")]
+    assert transcript[:3] == [
+        "the read at 0x3fd now returns 00",
+        "vcpu0 io in port=0x3fd size=1 data=60 (COM1+0x5)",  # polled again: it read 0 the first time
+        "stopped: breakpoint 1: vcpu0 io in port=0x3fd size=1 data=60 (COM1+0x5)",  # `next` met breakpoint 1
+    ]
+    assert transcript[4] == "vcpu0 io out port=0x3f8 size=1 data=68 (COM1+0x0)"  # then 'h'
+
+
 @pytest.mark.parametrize(
     ("arguments", "stdin", "message"),
     [
@@ -242,6 +259,49 @@ def test_ctrl_c_pauses_a_running_guest(guest_binary, tmp_path: Path) -> None:
         listing = terminal.expect(PROMPT)
         assert b"jmp" in listing or b"pip install" in listing  # capstone is optional: hex and a hint without it
         terminal.send("\x04")  # Ctrl-D: quit
+        assert terminal.wait() == 0
+    finally:
+        try:
+            os.kill(terminal.pid, signal.SIGKILL)
+            os.waitpid(terminal.pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
+
+
+PDB_SCRIPT = """
+import sys
+from hypervisor.console import MemoryConsole
+from hypervisor.debug.pdb_break import pdb_action
+from hypervisor.machine import Machine
+
+with Machine(16, console=MemoryConsole()) as machine:
+    machine.load_raw_bytes(open(sys.argv[1], "rb").read(), 0x1000)
+    hit = machine.break_on("io", port=0x3F8, is_write=True, data=0x68, action=pdb_action)
+    result = machine.run(60)
+    stops = [stop.reason for stop in machine.control.pending_stops()]
+    print("RESULT", result.exit_status, hit.hits, stops)
+"""
+
+
+def test_pdb_at_an_exit_with_event_and_ctx_in_scope(guest_binary, tmp_path: Path) -> None:
+    """The Python API's pdb option: pdb in the hypervisor process at the write of 'h', where the
+    user reads the event and the registers, changes the exit code and lets the guest go on."""
+    image = guest_file(guest_binary, tmp_path, exit_code=1)
+    script = tmp_path / "pdb_script.py"
+    script.write_text(PDB_SCRIPT)
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]), TERM="dumb")
+    terminal = Terminal([sys.executable, str(script), str(image)], env)
+    try:
+        assert b"pyhv: exit: vcpu0 io out port=0x3f8 size=1 data=68" in terminal.expect(b"(Pdb) ")
+        terminal.send("p event.data, ctx.regs()['rax'] & 0xff, type(machine).__name__\n")
+        assert b"(b'h', 104, 'Machine')" in terminal.expect(b"(Pdb) ")
+        terminal.send(f"ctx.write_physical({PARAM_EXIT_CODE}, bytes([33]))\n")
+        terminal.expect(b"(Pdb) ")
+        terminal.send("resume = True\n")
+        terminal.expect(b"(Pdb) ")
+        terminal.send("c\n")
+        # resume = True: the action returned False, so the breakpoint did not stop the machine.
+        assert b"RESULT 33 1 ['finished']" in terminal.expect(b"]\r\n") + b"]\r\n"
         assert terminal.wait() == 0
     finally:
         try:

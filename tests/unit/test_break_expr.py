@@ -231,3 +231,12 @@ def test_generated_expressions_mean_what_they_say(
     assert keywords["kind"] == kind
     assert keywords["port" if kind == "io" else "address"] == ((low, high) if high != low else low)
     assert keywords.get("is_write") == is_write and keywords.get("size") == size and keywords.get("count") == count
+
+
+def test_pdb_without_a_terminal_stops_instead_of_hanging(monkeypatch: pytest.MonkeyPatch, caplog) -> None:
+    import io
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("c\n"))
+    with caplog.at_level("WARNING"):
+        assert pdb_action(port_io(), FakeContext()) is None  # type: ignore[arg-type]
+    assert "stdin is not a terminal" in caplog.text

@@ -154,6 +154,7 @@ class FakeVcpu:
         self.id = index
         self.registers = {name: 0 for name in GPR_NAMES} | {"rip": 0x1000, "rsp": 0x7000}
         self.sregs = ffi.new("struct kvm_sregs *")
+        self.exit_record = ffi.new("struct pyhv_exit *")
 
     def get_regs(self) -> dict[str, int]:
         return dict(self.registers)
@@ -175,6 +176,11 @@ class FakeControl:
     def __init__(self) -> None:
         self.finished = threading.Event()
         self.outcome: Outcome | None = None
+        self.queued: list[Stop] = []
+
+    def pending_stops(self) -> list[Stop]:
+        stops, self.queued = self.queued, []
+        return stops
 
     def end(self, outcome: Outcome) -> None:
         self.outcome = outcome
@@ -287,6 +293,11 @@ def test_next_prints_each_exit_and_stops_at_a_breakpoint(session: Any) -> None:
     text = run("n 5")
     assert text.splitlines()[-1].startswith(f"stopped: breakpoint {breakpoint.id}: vcpu0 io out port=0x3f8")
     machine.last_step_stop = None
+    # A stop queued during the step (the runner's order, or another vCPU) ends `next` too.
+    machine.steps = [write(0x3F8, b"l")]
+    machine.control.queued = [Stop("breakpoint", 1, write(0x3F8, b"x", vcpu=1), breakpoint)]
+    assert run("next 4").splitlines()[-1].startswith(f"stopped: breakpoint {breakpoint.id}: vcpu1")
+    assert machine.control.queued == []
     assert "made no exit" in run("next")  # nothing left: as if the guest spun without exits
     machine.control.end(Outcome(OutcomeKind.DEBUG_EXIT, code=7))
     assert "the run is over (debug-exit 7)" in run("next")
@@ -411,3 +422,22 @@ def test_disas_reads_at_the_current_instruction(session: Any) -> None:
     text = run("disas")
     assert text.startswith("0x1000:")
     assert "disas [ADDR] [N]" in run("disas 0x1000 0")
+
+
+def test_set_data_changes_what_the_stopped_read_returns(session: Any) -> None:
+    from hypervisor.kvm.loop import ExitKind
+
+    machine, debugger, run = session
+    record = machine.vcpus[0].exit_record
+    assert "did not stop at a port or MMIO read" in run("set data 0")  # a fresh record: no exit
+    buffer = ffi.new("uint8_t[4]", [0x60, 0, 0, 0])
+    record.kind, record.address, record.size, record.count, record.data = ExitKind.PIO_IN, 0x3FD, 1, 1, buffer
+    assert run("set data 0x21") == "the read at 0x3fd now returns 21\n" and buffer[0] == 0x21
+    assert "does not fit in the 1-byte read" in run("set data 0x100")
+    record.size = 4
+    assert run("set data hex:01020304") == "the read at 0x3fd now returns 01020304\n"
+    assert list(buffer) == [1, 2, 3, 4]
+    assert "the read is 4 bytes, not 2" in run("set data hex:0102")
+    assert "set data wants a value" in run("set data")
+    record.kind = ExitKind.PIO_OUT
+    assert "did not stop at a port or MMIO read" in run("set data 1")
