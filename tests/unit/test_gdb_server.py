@@ -202,3 +202,23 @@ def test_real_gdb_against_the_fake_target(server: GdbServer, target: FakeTarget)
     assert "detached" in output
     assert target.memory[0] == 0x55
     assert wait_until(lambda: target.detached == 1)
+
+
+@pytest.mark.skipif(shutil.which("gdb") is None, reason="gdb is not installed (Debian package gdb)")
+def test_real_gdb_accepts_the_i386_description(target: FakeTarget) -> None:
+    from hypervisor.debug.gdb.target_xml import ARCH_I386
+
+    target.registers[0].update(rax=0xAABBCCDD11223344, rip=0x1234, cr0=0x11)
+    server = GdbServer(target, GdbAddress("tcp", host="127.0.0.1", port=0), ARCH_I386)
+    server.start()
+    try:
+        commands = [f"target remote 127.0.0.1:{server.port}", "show architecture",
+                    "info registers eax eip cr0 efer fs_base", "p $xmm7", "detach"]  # fmt: skip
+        arguments = ["gdb", "-batch", "-nx"] + [item for command in commands for item in ("-ex", command)]
+        output = subprocess.run(arguments, capture_output=True, text=True, timeout=30).stdout
+    finally:
+        server.close()
+    assert "i386" in output and "x86-64" not in output
+    assert "eax            0x11223344" in output and "eip            0x1234" in output
+    assert "cr0            0x11" in output and "efer           0x500" in output
+    assert "v4_float" in output

@@ -335,4 +335,5 @@ def test_target_descriptions_name_what_gdb_requires() -> None:
         for name in (pc, b"eflags", b"cs", b"gs", b"st7", b"fop", b"xmm0", b"mxcsr", b"fs_base", b"cr0", b"cr3",
                      b"cr4", b"cr8", b"efer", b"cs_base"):  # fmt: skip
             assert b'name="%s"' % name in document
-        assert b"org.gnu.gdb.i386.core" in document and b"org.gnu.gdb.i386.segments" in document
+        assert b"org.gnu.gdb.i386.core" in document and b"org.pyhv.gdb.x86.sys" in document
+    assert b"org.gnu.gdb.i386.segments" in target_xml(ARCH_X86_64)

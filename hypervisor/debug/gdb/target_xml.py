@@ -4,7 +4,7 @@ gdb docs, "Target Descriptions" and "i386 Features": `org.gnu.gdb.i386.core` mus
 general registers, rip/eip, eflags, the six segment selectors and the x87 registers, in that
 order (gdb checks them by name, and amd64/i386 tdep count 40/32 core registers);
 `org.gnu.gdb.i386.sse` adds xmm0-15 (xmm0-7 for i386) and mxcsr; `org.gnu.gdb.i386.segments`
-holds fs_base and gs_base, which gdb then knows as $fs_base/$gs_base. What QEMU shows beyond that
+holds fs_base and gs_base for x86-64, which gdb then knows as $fs_base/$gs_base. What QEMU shows beyond that
 (its i386-64bit.xml: the other segment bases, k_gs_base, cr0/cr2/cr3/cr4/cr8, efer) goes in a pyhv
 system feature, `org.pyhv.gdb.x86.sys`; gdb shows such registers in `info registers` by name.
 
@@ -91,8 +91,11 @@ def _layout_i386() -> tuple[RegisterSpec, ...]:
     specs += _x87()
     specs += [RegisterSpec(f"xmm{i}", 128, "vec128", SSE, f"xmm{i}", "vector") for i in range(8)]
     specs.append(RegisterSpec("mxcsr", 32, "i386_mxcsr", SSE, "mxcsr", "vector"))
-    specs.append(RegisterSpec("fs_base", 32, "int", SEGMENTS, "fs_base"))
-    specs.append(RegisterSpec("gs_base", 32, "int", SEGMENTS, "gs_base"))
+    # Not in org.gnu.gdb.i386.segments: gdb 13's i386 numbering of that feature fails an
+    # internal assertion (tdesc_use_registers) with this register set; as plain registers of
+    # our feature they still show as $fs_base/$gs_base.
+    specs.append(RegisterSpec("fs_base", 32, "int", SYSTEM, "fs_base"))
+    specs.append(RegisterSpec("gs_base", 32, "int", SYSTEM, "gs_base"))
     specs += [RegisterSpec(name, 32, "int", SYSTEM, name) for name in SYSTEM_REGISTERS]
     return tuple(specs)
 
