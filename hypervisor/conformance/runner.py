@@ -44,6 +44,9 @@ QEMU_BASE = ["--no-reboot", "-nodefaults", "-device", "pc-testdev", "-device", "
 SUMMARY = re.compile(r"^SUMMARY: (.*?)\r?$", re.MULTILINE)
 FIRST_FAIL = re.compile(r"^FAIL: (.*?)\r?$", re.MULTILINE)
 LAST_SKIP = re.compile(r"^SKIP: (.*?)\r?$", re.MULTILINE)
+# How a test dies: an exception with no handler (lib/x86/desc.c) or a failed assert (lib/libcflat.h).
+UNHANDLED = re.compile(r"^(Unhandled exception .*?|\S+:\d+: assert failed: .*?)\r?$", re.MULTILINE)
+STATUS_ABORT = 127  # (63 << 1) | 1: the test called abort() (scripts/vmm.bash table 3)
 PYHV_OUTCOME = re.compile(r"^pyhv: (.*) \(exit status \d+\)$", re.MULTILINE)
 PYHV_ERROR = re.compile(r"^pyhv: (?:internal )?error: (.*)$", re.MULTILINE)
 
@@ -132,13 +135,23 @@ def _excerpt(pattern: re.Pattern[str], text: str, last: bool = False) -> str:
     return str(found[-1] if last else found[0]).strip()
 
 
+def _line_before_summary(console: str) -> str:
+    """The message a test printed last before its summary: why it tested nothing, typically
+    ("SVM not available", "WARNING: vmx not supported, add '-cpu host'")."""
+    lines = [line.strip() for line in console.splitlines() if line.strip()]
+    for index in range(len(lines) - 1, 0, -1):
+        if lines[index].startswith("SUMMARY: "):
+            return lines[index - 1].removeprefix("WARNING: ")
+    return ""
+
+
 def classify(engine: Engine, exit_status: int | None, console: str, stderr: str, timeout: float) -> tuple[Status, str]:
     """The result of one finished run, and the reason to print with it."""
     summary = _excerpt(SUMMARY, console, last=True)
     if exit_status == STATUS_PASS:
         return Status.PASS, summary
     if exit_status == STATUS_SKIP:
-        return Status.SKIP, _excerpt(LAST_SKIP, console, last=True) or summary
+        return Status.SKIP, _excerpt(LAST_SKIP, console, last=True) or _line_before_summary(console) or summary
     if exit_status is None or exit_status == STATUS_TIMEOUT:
         return Status.TIMEOUT, f"no result within {timeout:g} s" + (f"; last: {summary}" if summary else "")
     if engine is Engine.PYHV:
@@ -150,7 +163,9 @@ def classify(engine: Engine, exit_status: int | None, console: str, stderr: str,
         if exit_status == 0 and not outcome:
             outcome = "QEMU exited without the test's status (no isa-debug-exit write)"
     failure = _excerpt(FIRST_FAIL, console)
-    parts = [part for part in (summary, f"first: {failure}" if failure else "", outcome) if part]
+    crash = _excerpt(UNHANDLED, console)
+    aborted = "the test called abort()" if exit_status == STATUS_ABORT else ""
+    parts = [part for part in (summary, f"first: {failure}" if failure else "", crash, aborted, outcome) if part]
     return Status.FAIL, "; ".join(parts) or f"exit status {exit_status}"
 
 
@@ -200,6 +215,8 @@ def run_test(test: TestConfig, directory: Path, engine: Engine, workdir: Path, *
         status, stderr, seconds = _run_process(command, log_path, test.timeout, niceness)
         notes = []
     console = log_path.read_text(errors="replace") if log_path.exists() else ""
+    if stderr:
+        log_path.with_suffix(".stderr").write_text(stderr)  # kept beside the console for a post-mortem
     if engine is Engine.QEMU_TCG and status == 1 and not console.strip() and stderr.strip():
         # scripts/runtime.bash premature_failure(): QEMU refused the options before the test ran.
         return TestResult(test.name, engine, Status.SKIP, stderr.strip().splitlines()[-1], seconds, status, log_path)

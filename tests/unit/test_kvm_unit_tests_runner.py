@@ -122,6 +122,24 @@ def test_classify_names_the_pyhv_outcome() -> None:
     assert result is Status.FAIL and "no isa-debug-exit" in reason
 
 
+def test_a_skip_without_skip_lines_gives_the_last_message() -> None:
+    console = "enabling apic\nWARNING: vmx not supported, add '-cpu host'\nSUMMARY: 0 tests\n"
+    assert classify(Engine.PYHV, 77, console, "", 9) == (Status.SKIP, "vmx not supported, add '-cpu host'")
+
+
+def test_classify_names_an_unhandled_exception_and_abort() -> None:
+    console = "PASS: a\nUnhandled exception 13 #GP(1e4) at ip 0000000000400264\nerror_code=01e4\n"
+    result, reason = classify(Engine.PYHV, 127, console, "pyhv: debug-exit 127 (exit status 127)\n", 9)
+    assert result is Status.FAIL
+    assert reason == "Unhandled exception 13 #GP(1e4) at ip 0000000000400264; the test called abort()"
+
+
+def test_classify_names_a_failed_assert() -> None:
+    console = "x86/apic.c:942: assert failed: is_apic_hw_enabled(): APIC should be enabled.\n\tSTACK: 401fb1\n"
+    result, reason = classify(Engine.QEMU_TCG, 127, console, "", 9)
+    assert result is Status.FAIL and reason.startswith("x86/apic.c:942: assert failed")
+
+
 def test_pyhv_command_uses_the_qemu_test_machine(tmp_path: Path) -> None:
     command = pyhv_command(TestConfig("t", "a.flat", timeout=5), tmp_path, tmp_path / "t.log", 2, 128, "x y")
     assert command[:4] == [sys.executable, "-m", "hypervisor", "run"]
