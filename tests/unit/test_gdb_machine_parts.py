@@ -145,6 +145,7 @@ class FakeMachine:
 
         self.memory = memory
         self.vcpus = [FakeVcpu()]
+        self.runners = [object()]  # started
         self.control = RunControl()
 
 

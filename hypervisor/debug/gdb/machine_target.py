@@ -53,6 +53,7 @@ STEP_EXITS_LIMIT = 100_000  # device exits one instruction may cause (rep outs) 
 # A vCPU that makes no exit for this long while stepped is halted or waits for a SIPI: the step
 # ends with a stop instead of hanging gdb (Ctrl-C ends it sooner).
 STEP_IDLE_SECONDS = 5.0
+START_WAIT_SECONDS = 5.0  # how long a client that connects early waits for the machine to start
 WRITE_UNDER_READ_WATCH = "write under a read watchpoint"
 
 
@@ -82,6 +83,7 @@ class MachineTarget:
         finished = self._finished_stop()
         if finished is not None:
             return finished
+        self._wait_for_start()
         self._pause()
         signal = SIGTRAP if self._first_attach else SIGINT  # before the first instruction: a trap
         self._first_attach = False
@@ -390,6 +392,13 @@ class MachineTarget:
             return None
         return StopEvent(exit_code=outcome.exit_status, description=outcome.describe(),
                          notice=f"pyhv: {outcome.describe()}")  # fmt: skip
+
+    def _wait_for_start(self) -> None:
+        """The server listens before `machine.start(paused=True)` runs: a gdb that connects in
+        between must not pause and resume a machine whose start would then pause it again."""
+        deadline = time.monotonic() + START_WAIT_SECONDS
+        while len(self.machine.runners) < len(self.machine.vcpus) and time.monotonic() < deadline:
+            time.sleep(0.01)
 
     def _pause(self) -> None:
         if not self.machine.pause(wait=True, timeout=PAUSE_TIMEOUT):
