@@ -273,21 +273,58 @@ def guest_reader(translate: Callable[[int], int | None], read_physical: Callable
     return read_guest
 
 
+class NotEmulated(Exception):
+    """An instruction the emulator knows but cannot run faithfully in this state; says why."""
+
+
+_UNKNOWN_CPUID = "the guest's CPUID is not known (KVM_GET_CPUID2 failed)"
+_UNKNOWN_BASE = "the operand's segment base is not known"
+# With CR0.NE clear a PC reports a pending x87 error through FERR# and IRQ 13 (SDM Vol. 1 §8.7).
+_X87_ERROR_WITHOUT_NE = "a pending x87 error with CR0.NE = 0 goes to FERR#/IRQ 13, which is not modelled"
+
+
+def _unreadable(linear: int) -> str:
+    return f"guest memory at {linear:#x} cannot be read (a page fault, or not guest RAM), which is not modelled"
+
+
 def emulate(
-    insn: bytes, regs: RegisterFile, cpu: CpuState, read_guest: ReadGuest, exchange_guest: ExchangeGuest | None = None
+    insn: bytes,
+    regs: RegisterFile,
+    cpu: CpuState,
+    read_guest: ReadGuest,
+    exchange_guest: ExchangeGuest | None = None,
 ) -> EmulationResult | None:
     """Emulate the instruction at the start of `insn`, or return None if it is not handled.
 
     `read_guest(linear_address, size)` returns the bytes, or None when they cannot be read.
     `exchange_guest` does CMPXCHG16B's atomic exchange; without it CMPXCHG16B is not emulated.
     """
-    if regs.rflags & (RFLAGS_TF | RFLAGS_VM) or cpu.code_bits not in (16, 32, 64):
-        return None
+    result = emulate_or_reason(insn, regs, cpu, read_guest, exchange_guest)
+    return result if isinstance(result, EmulationResult) else None
+
+
+def emulate_or_reason(
+    insn: bytes,
+    regs: RegisterFile,
+    cpu: CpuState,
+    read_guest: ReadGuest,
+    exchange_guest: ExchangeGuest | None = None,
+) -> EmulationResult | str:
+    """As `emulate`, but when the instruction is not emulated, the reason (one line)."""
+    if regs.rflags & RFLAGS_TF:
+        return "RFLAGS.TF is set: the single-step trap after the instruction is not reproduced"
+    if regs.rflags & RFLAGS_VM:
+        return "virtual-8086 mode is not emulated"
+    if cpu.code_bits not in (16, 32, 64):
+        return f"unknown code size {cpu.code_bits}"
     try:
         prefixes = decode_prefixes(insn, cpu.code_bits)
-        return _dispatch(insn, prefixes, regs, cpu, read_guest, exchange_guest)
-    except DecodeError:
-        return None
+        result = _dispatch(insn, prefixes, regs, cpu, read_guest, exchange_guest)
+    except DecodeError as error:
+        return f"the bytes cannot be decoded: {error}"
+    except NotEmulated as refusal:
+        return str(refusal)
+    return "pyhv's emulator does not handle this instruction" if result is None else result
 
 
 def _dispatch(
@@ -347,7 +384,7 @@ def _int3(prefixes: Prefixes, regs: RegisterFile, cpu: CpuState) -> EmulationRes
     if prefixes.lock:
         return _fault("int3", length, regs, VECTOR_UD)
     if cpu.cpl != 0:
-        return None  # the IDT gate's DPL decides between #BP and #GP; not known here
+        raise NotEmulated("int3 above CPL0: the gate DPL decides between #BP and #GP")
     return EmulationResult("int3", length, _advance(regs, length, cpu), InjectedException(VECTOR_BP, software=True))
 
 
@@ -367,10 +404,11 @@ def _fwait(prefixes: Prefixes, regs: RegisterFile, cpu: CpuState) -> EmulationRe
     if cpu.cr0 & CR0_MP and cpu.cr0 & CR0_TS:
         return _fault("fwait", length, regs, VECTOR_NM)
     if cpu.x87 is None:
-        return None
+        raise NotEmulated("the x87 state is not known")
     if cpu.x87.fsw & FSW_ERROR_SUMMARY:
-        # With CR0.NE clear the PC reports the error through FERR#/IRQ 13 instead: not modelled.
-        return _fault("fwait", length, regs, VECTOR_MF) if cpu.cr0 & CR0_NE else None
+        if not cpu.cr0 & CR0_NE:
+            raise NotEmulated(_X87_ERROR_WITHOUT_NE)
+        return _fault("fwait", length, regs, VECTOR_MF)
     return EmulationResult("fwait", length, _advance(regs, length, cpu))
 
 
@@ -381,7 +419,7 @@ def _fnclex(prefixes: Prefixes, regs: RegisterFile, cpu: CpuState) -> EmulationR
     if cpu.cr0 & (CR0_EM | CR0_TS):
         return _fault("fnclex", length, regs, VECTOR_NM)
     if cpu.x87 is None:
-        return None
+        raise NotEmulated("the x87 state is not known")
     cleared = dataclasses.replace(cpu.x87, fsw=cpu.x87.fsw & ~FSW_CLEARED_BY_FNCLEX)
     return EmulationResult("fnclex", length, _advance(regs, length, cpu), x87=cleared)
 
@@ -393,9 +431,11 @@ def _emms(prefixes: Prefixes, regs: RegisterFile, cpu: CpuState) -> EmulationRes
     if cpu.cr0 & CR0_TS:
         return _fault("emms", length, regs, VECTOR_NM)
     if cpu.x87 is None:
-        return None
+        raise NotEmulated("the x87 state is not known")
     if cpu.x87.fsw & FSW_ERROR_SUMMARY:
-        return _fault("emms", length, regs, VECTOR_MF) if cpu.cr0 & CR0_NE else None
+        if not cpu.cr0 & CR0_NE:
+            raise NotEmulated(_X87_ERROR_WITHOUT_NE)
+        return _fault("emms", length, regs, VECTOR_MF)
     return EmulationResult("emms", length, _advance(regs, length, cpu), x87=dataclasses.replace(cpu.x87, ftw=0))
 
 
@@ -407,7 +447,7 @@ def _popcnt(
     modrm = decode_modrm(insn, prefixes.length + 2, addressing, prefixes.rex, cpu.code_bits)
     length = prefixes.length + 2 + modrm.length
     if length > 15:
-        return None  # #GP on the CPU; not worth modelling
+        raise NotEmulated("longer than 15 bytes (#GP on the CPU)")
     if prefixes.lock:
         return _fault("popcnt", length, regs, VECTOR_UD)
     mask = (1 << size) - 1
@@ -417,10 +457,10 @@ def _popcnt(
     else:
         linear = _linear_address(modrm.memory, prefixes, regs, cpu, addressing, length)
         if linear is None:
-            return None
+            raise NotEmulated(_UNKNOWN_BASE)
         data = read_guest(linear, size // 8)
         if data is None or len(data) != size // 8:
-            return None
+            raise NotEmulated(_unreadable(linear))
         source = int.from_bytes(data, "little")
     count = bin(source).count("1")
     new = _advance(regs, length, cpu)
@@ -517,12 +557,12 @@ def _int_n(
     interrupt gates) is KVM's, so it is exactly what the hardware path does."""
     length = prefixes.length + 2
     if len(insn) < length:
-        return None
+        raise NotEmulated("the bytes end before the vector")
     vector = insn[length - 1]
     if prefixes.lock:
         return _fault("int", length, regs, VECTOR_UD)
     if cpu.idt_base is None:
-        return None
+        raise NotEmulated("the IDT base is not known")
     if not cpu.cr0 & CR0_PE:  # real mode: "IF ((vector_number « 2) + 3) is not within IDT limit"
         if vector * REAL_MODE_VECTOR_SIZE + REAL_MODE_VECTOR_SIZE - 1 > cpu.idt_limit:
             return _fault("int", length, regs, VECTOR_GP)
@@ -533,7 +573,7 @@ def _int_n(
         return _fault_with_code("int", length, regs, cpu, VECTOR_GP, idt_error)
     gate_bytes = read_guest((cpu.idt_base + vector * entry_size) & (1 << 64) - 1, 8)
     if gate_bytes is None or len(gate_bytes) != 8:
-        return None  # the IDT is not readable: a #PF during delivery, not modelled
+        raise NotEmulated(_unreadable(cpu.idt_base + vector * entry_size) + " (the IDT entry)")
     gate = int.from_bytes(gate_bytes, "little")
     gate_type, system, dpl, present = gate >> 40 & 0xF, gate >> 44 & 1, gate >> 45 & 3, gate >> 47 & 1
     valid = LONG_MODE_GATE_TYPES if _ia32e(cpu) else LEGACY_GATE_TYPES
@@ -545,8 +585,6 @@ def _int_n(
         return _fault_with_code("int", length, regs, cpu, VECTOR_NP, idt_error)
     if gate_type != GATE_TASK:
         code_segment_fault = _gate_code_segment_fault(gate >> 16 & 0xFFFF, cpu, read_guest)
-        if code_segment_fault is None:
-            return None
         if code_segment_fault != _NO_FAULT:
             fault_vector, error_code = code_segment_fault
             return _fault_with_code("int", length, regs, cpu, fault_vector, error_code)
@@ -559,10 +597,10 @@ SELECTOR_TABLE_LOCAL = 1 << 2  # TI: the selector indexes the LDT (SDM Vol. 3 §
 DESCRIPTOR_CODE = 1 << 43  # type bit 3 of a code/data descriptor: code (SDM Vol. 3 §3.4.5.1)
 
 
-def _gate_code_segment_fault(selector: int, cpu: CpuState, read_guest: ReadGuest) -> tuple[int, int] | None:
+def _gate_code_segment_fault(selector: int, cpu: CpuState, read_guest: ReadGuest) -> tuple[int, int]:
     """The checks of the code segment an interrupt or trap gate names ("INT n", Operation,
     TRAP-OR-INTERRUPT-GATE): (vector, error code) of the fault, _NO_FAULT when delivery may go
-    on, None when the descriptor cannot be read. Error codes carry the selector without its RPL
+    on; NotEmulated when the descriptor cannot be read. Error codes carry the selector without its RPL
     and EXT = 0."""
     error = selector & 0xFFFC
     if selector & 0xFFFC == 0:
@@ -574,13 +612,13 @@ def _gate_code_segment_fault(selector: int, cpu: CpuState, read_guest: ReadGuest
     else:
         base, limit = cpu.gdt_base, cpu.gdt_limit
         if base is None:
-            return None
+            raise NotEmulated("the GDT base is not known")
     index = selector >> 3
     if index * 8 + 7 > limit:
         return VECTOR_GP, error
     raw = read_guest((base + index * 8) & (1 << 64) - 1, 8)
     if raw is None or len(raw) != 8:
-        return None
+        raise NotEmulated(_unreadable(base + index * 8) + " (the gate's code segment descriptor)")
     descriptor = int.from_bytes(raw, "little")
     is_code = bool(descriptor >> 44 & 1) and bool(descriptor & DESCRIPTOR_CODE)
     dpl, present = descriptor >> 45 & 3, descriptor >> 47 & 1
@@ -608,10 +646,10 @@ def _rdpru(prefixes: Prefixes, regs: RegisterFile, cpu: CpuState) -> EmulationRe
         return _fault("rdpru", length, regs, VECTOR_UD)
     offered = _cpuid_bit(cpu, 0x80000008, 0, EBX_OUT, 4)
     if offered is None:
-        return None
+        raise NotEmulated(_UNKNOWN_CPUID)
     if not offered:
         return _fault("rdpru", length, regs, VECTOR_UD)
-    return None  # offered: MPERF/APERF would be the host's counters; not emulated
+    raise NotEmulated("the guest's CPUID offers RDPRU, and MPERF/APERF would be the host's counters")
 
 
 def _xgetbv(prefixes: Prefixes, regs: RegisterFile, cpu: CpuState) -> EmulationResult | None:
@@ -620,16 +658,16 @@ def _xgetbv(prefixes: Prefixes, regs: RegisterFile, cpu: CpuState) -> EmulationR
         return _fault("xgetbv", length, regs, VECTOR_UD)
     xsave = _cpuid_bit(cpu, 0x1, 0, ECX_OUT, 26)
     if xsave is None:
-        return None
+        raise NotEmulated(_UNKNOWN_CPUID)
     if not xsave or not cpu.cr4 & CR4_OSXSAVE:
         return _fault("xgetbv", length, regs, VECTOR_UD)
     register = regs.rcx & 0xFFFFFFFF
     if register == 1 and _cpuid_bit(cpu, 0xD, 1, EAX_OUT, 2):
-        return None  # XINUSE (XGETBV with ECX = 1) reports the host's init optimisation: not emulated
+        raise NotEmulated("XGETBV with ECX = 1 (XINUSE) reports the host's init optimisation")
     if register != 0:
         return _fault_with_code("xgetbv", length, regs, cpu, VECTOR_GP)
     if cpu.xcr0 is None:
-        return None
+        raise NotEmulated("XCR0 is not known (KVM_GET_XCRS gave nothing)")
     new = _advance(regs, length, cpu)
     new.rax, new.rdx = cpu.xcr0 & 0xFFFFFFFF, cpu.xcr0 >> 32 & 0xFFFFFFFF  # 32-bit writes zero-extend
     return EmulationResult("xgetbv", length, new)
@@ -647,22 +685,22 @@ def _cache_line_write_back(
     mnemonic, feature_bit = ("clwb", 24) if extension == 6 else ("clflushopt", 23)
     length = prefixes.length + 2 + modrm.length
     if length > MAX_INSTRUCTION_LENGTH:
-        return None
+        raise NotEmulated("longer than 15 bytes (#GP on the CPU)")
     if prefixes.lock:
         return _fault(mnemonic, length, regs, VECTOR_UD)
     offered = _cpuid_bit(cpu, 0x7, 0, EBX_OUT, feature_bit)
     if offered is None:
-        return None
+        raise NotEmulated(_UNKNOWN_CPUID)
     if not offered:
         return _fault(mnemonic, length, regs, VECTOR_UD)
     linear = _linear_address(modrm.memory, prefixes, regs, cpu, addressing, length)
     if linear is None:
-        return None
+        raise NotEmulated(_UNKNOWN_BASE)
     fault = _address_fault(linear, modrm.memory, prefixes, cpu)
     if fault is not None:
         return _fault_with_code(mnemonic, length, regs, cpu, fault)
     if read_guest(linear, 1) is None:
-        return None  # the CPU would raise #PF (or the line is not RAM): not modelled
+        raise NotEmulated(_unreadable(linear))
     return EmulationResult(mnemonic, length, _advance(regs, length, cpu))
 
 
@@ -673,12 +711,12 @@ def _invpcid(
     modrm = decode_modrm(insn, prefixes.length + 3, addressing, prefixes.rex, cpu.code_bits)
     length = prefixes.length + 3 + modrm.length
     if length > MAX_INSTRUCTION_LENGTH:
-        return None
+        raise NotEmulated("longer than 15 bytes (#GP on the CPU)")
     if prefixes.lock or modrm.memory is None:
         return _fault("invpcid", length, regs, VECTOR_UD)
     offered = _cpuid_bit(cpu, 0x7, 0, EBX_OUT, 10)
     if offered is None:
-        return None
+        raise NotEmulated(_UNKNOWN_CPUID)
     if not offered:
         return _fault("invpcid", length, regs, VECTOR_UD)
     if cpu.cr0 & CR0_PE and cpu.cpl > 0:
@@ -687,7 +725,7 @@ def _invpcid(
     invalidation_type = regs.gpr(modrm.reg) if cpu.code_bits == 64 else regs.gpr(modrm.reg) & 0xFFFFFFFF
     linear = _linear_address(modrm.memory, prefixes, regs, cpu, addressing, length)
     if linear is None:
-        return None
+        raise NotEmulated(_UNKNOWN_BASE)
     fault = _address_fault(linear, modrm.memory, prefixes, cpu)
     if fault is not None:
         return _fault_with_code("invpcid", length, regs, cpu, fault)
@@ -695,7 +733,7 @@ def _invpcid(
         return _fault_with_code("invpcid", length, regs, cpu, VECTOR_GP)
     descriptor = read_guest(linear, 16)
     if descriptor is None or len(descriptor) != 16:
-        return None  # #PF on the descriptor: not modelled
+        raise NotEmulated(_unreadable(linear) + " (the INVPCID descriptor)")
     low, address = int.from_bytes(descriptor[:8], "little"), int.from_bytes(descriptor[8:], "little")
     pcid = low & 0xFFF
     invalid = (
@@ -722,27 +760,27 @@ def _cmpxchg16b(
         return None  # 0F C7 /6 /7 are RDRAND, RDSEED, ...: not emulated
     length = prefixes.length + 2 + modrm.length
     if length > MAX_INSTRUCTION_LENGTH:
-        return None
+        raise NotEmulated("longer than 15 bytes (#GP on the CPU)")
     if modrm.memory is None:
         return _fault("cmpxchg16b", length, regs, VECTOR_UD)
     offered = _cpuid_bit(cpu, 0x1, 0, ECX_OUT, 13)
     if offered is None:
-        return None
+        raise NotEmulated(_UNKNOWN_CPUID)
     if not offered:
         return _fault("cmpxchg16b", length, regs, VECTOR_UD)
     linear = _linear_address(modrm.memory, prefixes, regs, cpu, addressing, length)
     if linear is None:
-        return None
+        raise NotEmulated(_UNKNOWN_BASE)
     fault = _address_fault(linear, modrm.memory, prefixes, cpu)
     if fault is not None:
         return _fault_with_code("cmpxchg16b", length, regs, cpu, fault)
     if linear % 16:
         return _fault_with_code("cmpxchg16b", length, regs, cpu, VECTOR_GP)
     if exchange_guest is None:
-        return None
+        raise NotEmulated("no atomic exchange on guest memory is available (the fast path lacks pyhv_cmpxchg16b)")
     outcome = exchange_guest(linear, regs.rax, regs.rdx, regs.rbx, regs.rcx)
     if outcome is None:
-        return None  # not guest RAM, or the page is not mapped (#PF): not modelled
+        raise NotEmulated(f"the operand at {linear:#x} is not mapped guest RAM (a page fault is not modelled)")
     swapped, memory_low, memory_high = outcome
     new = _advance(regs, length, cpu)
     if swapped:

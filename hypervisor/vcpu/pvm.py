@@ -114,6 +114,12 @@ class PvmEmulator:
         self.memory = memory
         self.counts: dict[str, int] = {}
         self._cpuid: dict[int, GuestCpuid | None] = {}  # per vCPU id: CPUID is fixed once set
+        # Per vCPU id: why the last instruction handed in was not emulated (for the outcome).
+        self.refusals: dict[int, str] = {}
+
+    def refusal(self, vcpu_id: int) -> str | None:
+        """Why the last instruction vCPU `vcpu_id` handed in was not emulated, or None."""
+        return self.refusals.get(vcpu_id)
 
     def _exchange_guest(self, vcpu: Vcpu) -> ExchangeGuest:
         """CMPXCHG16B's atomic exchange on the host mapping of guest RAM, through the C helper
@@ -137,7 +143,15 @@ class PvmEmulator:
 
     def __call__(self, vcpu: Vcpu, instruction: bytes) -> bool:
         # The decoder is loaded on the first emulation only: most guests never need it.
-        from hypervisor.vcpu.emulate import CpuState, RegisterFile, X87Status, code_bits_from_cs, emulate, guest_reader
+        from hypervisor.vcpu.emulate import (
+            CpuState,
+            EmulationResult,
+            RegisterFile,
+            X87Status,
+            code_bits_from_cs,
+            emulate_or_reason,
+            guest_reader,
+        )
 
         if vcpu.id not in self._cpuid:
             self._cpuid[vcpu.id] = read_guest_cpuid(vcpu)
@@ -160,15 +174,18 @@ class PvmEmulator:
             cpuid=self._cpuid[vcpu.id],
             xcr0=read_xcr0(vcpu),
         )
-        result = emulate(
+        result = emulate_or_reason(
             instruction,
             RegisterFile.from_mapping(vcpu.get_regs()),
             cpu,
             guest_reader(vcpu.translate, self.memory.read),
             self._exchange_guest(vcpu),
         )
-        if result is None:
+        if not isinstance(result, EmulationResult):
+            self.refusals[vcpu.id] = result
+            log.debug("not emulated on vCPU %d: %s", vcpu.id, result)
             return False
+        self.refusals.pop(vcpu.id, None)
         if result.x87 is not None:
             fpu.fsw, fpu.ftwx = result.x87.fsw, result.x87.ftw
             vcpu.set_fpu_state(fpu)

@@ -158,3 +158,18 @@ def test_unknown_cpuid_is_not_guessed(memory: GuestMemory) -> None:
     assert not emulator(vcpu, bytes.fromhex("0f01fd"))  # type: ignore[arg-type]
     assert emulator._cpuid == {0: None}
     assert vcpu.exceptions == [] and vcpu.registers["rip"] == 0x1000
+    assert emulator.refusal(0) == "the guest's CPUID is not known (KVM_GET_CPUID2 failed)"
+
+
+def test_refusal_names_the_reason_and_clears_on_success(memory: GuestMemory) -> None:
+    emulator = PvmEmulator(memory)
+    vcpu = FakeVcpu(rax=0x20_0000)  # above the fake's identity mapping
+    with_cpuid(emulator, vcpu, {(0x7, 0): (0, 1 << 24, 0, 0)})
+    assert not emulator(vcpu, bytes.fromhex("660fae30"))  # type: ignore[arg-type]  # clwb (%rax)
+    refusal = emulator.refusal(0)
+    assert refusal is not None and "0x200000" in refusal and "page fault" in refusal
+    assert not emulator(vcpu, bytes.fromhex("0f0b"))  # type: ignore[arg-type]  # ud2
+    assert emulator.refusal(0) == "pyhv's emulator does not handle this instruction"
+    vcpu.registers["rax"] = 0x5000
+    assert emulator(vcpu, bytes.fromhex("660fae30"))  # type: ignore[arg-type]
+    assert emulator.refusal(0) is None

@@ -448,3 +448,27 @@ def test_invpcid_undefined_cases() -> None:
     # #UD comes before the privilege check
     assert fault(emulate(bytes.fromhex("660f388208"), regs(), cpu(cpl=3, cpuid=NOTHING), no_memory)) == (6, None)
     assert emulate(bytes.fromhex("660f388208"), regs(), cpu(cpuid=None), no_memory) is None
+
+
+# ----------------------------------------------------------------------------- reasons
+
+
+def test_reasons_for_what_is_not_emulated() -> None:
+    from hypervisor.vcpu.emulate import RFLAGS_TF, emulate_or_reason
+
+    def reason(insn: str, registers: RegisterFile, state: CpuState, memory=no_memory) -> str:
+        result = emulate_or_reason(bytes.fromhex(insn), registers, state, memory)
+        assert isinstance(result, str), result
+        return result
+
+    stepping = regs()
+    stepping.rflags |= RFLAGS_TF
+    assert "single-step" in reason("cd80", stepping, cpu())
+    assert reason("0f01fd", regs(), cpu(cpuid=None)) == "the guest's CPUID is not known (KVM_GET_CPUID2 failed)"
+    assert "MPERF/APERF" in reason("0f01fd", regs(), cpu())
+    assert "XCR0" in reason("0f01d0", regs(), cpu(cr4=CR4_OSXSAVE))
+    assert f"{IDT + 0x80 * 16:#x}" in reason("cd80", regs(), cpu(), FakeMemory())
+    assert "0x6000" in reason("660f388208", regs(rax=0x6000, rcx=2), cpu(), FakeMemory())
+    assert reason("0f0b", regs(), cpu()) == "pyhv's emulator does not handle this instruction"
+    assert reason("f0", regs(), cpu()).startswith("the bytes cannot be decoded")  # ends inside the prefixes
+    assert reason("660f3882", regs(), cpu()).startswith("the bytes cannot be decoded")  # no ModRM
