@@ -66,6 +66,7 @@ QEMU_DEBUG_EXIT_PORT = 0xF4
 QEMU_DEBUG_EXIT_SIZE = 4
 # A run whose vCPUs made no exit for this long is probed for a halt nothing can end (below).
 HALT_PROBE_SECONDS = 1.0
+HALT_PROBE_MAX_SECONDS = 8.0
 RFLAGS_IF = 1 << 9  # SDM Vol. 1 §3.4.3.3
 
 
@@ -424,6 +425,7 @@ class Machine:
     def wait(self, timeout: float | None = None) -> RunResult:
         deadline = None if timeout is None else self._started_at + timeout
         exits_seen, quiet_since = self._exit_count(), time.monotonic()
+        probe_after = HALT_PROBE_SECONDS
         try:
             while not self.control.finished.is_set():
                 now = time.monotonic()
@@ -435,9 +437,12 @@ class Machine:
                 self._run_main_thread_calls()
                 exits = self._exit_count()
                 if exits != exits_seen or self.control.paused:
-                    exits_seen, quiet_since = exits, time.monotonic()
-                elif time.monotonic() - quiet_since >= HALT_PROBE_SECONDS:
+                    exits_seen, quiet_since, probe_after = exits, time.monotonic(), HALT_PROBE_SECONDS
+                elif time.monotonic() - quiet_since >= probe_after:
                     self._probe_for_final_halt()
+                    # A guest that computes for long without exits (a kernel unpacking its
+                    # initramfs) is probed less and less often: each probe kicks its vCPUs.
+                    probe_after = min(probe_after * 2, HALT_PROBE_MAX_SECONDS)
                     exits_seen, quiet_since = self._exit_count(), time.monotonic()
         except KeyboardInterrupt:
             self.control.request_stop(Outcome(OutcomeKind.INTERRUPTED, "interrupted on the host"))
