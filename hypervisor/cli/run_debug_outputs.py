@@ -30,15 +30,15 @@ MAX_EXIT_HISTORY = 100_000
 
 def debug_output_options(command: F) -> F:
     options = [
-        click.option("--trace", "trace_path", type=click.Path(path_type=Path, dir_okay=False),
+        click.option("--trace", "trace_path", type=click.Path(path_type=Path),
                      help="Write every exit that reaches Python to this file as JSON lines, with what the device "
                           "made of it, and the C fast path's counts at the end (pyhv trace summarize|plot)."),
         click.option("--trace-no-rip", is_flag=True,
                      help="Leave RIP out of --trace lines (saves one KVM_GET_REGS per exit)."),
-        click.option("--post-mortem", "post_mortem_dir", type=click.Path(path_type=Path, file_okay=False),
+        click.option("--post-mortem", "post_mortem_dir", type=click.Path(path_type=Path),
                      help="When the guest crashes or times out, write report.json, regs.txt, exits.jsonl and "
                           "console.txt into this folder."),
-        click.option("--kernel-symbols", type=click.Path(path_type=Path, dir_okay=False),
+        click.option("--kernel-symbols", type=click.Path(path_type=Path),
                      help="System.map or an ELF vmlinux with symbols: post-mortems show RIP and stack return "
                           "addresses as symbol+offset."),
         click.option("--exit-history", type=click.IntRange(0, MAX_EXIT_HISTORY), default=None,
