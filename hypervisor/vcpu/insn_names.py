@@ -117,6 +117,21 @@ def known_host_limit(data: bytes, code_bits: int = 64) -> str | None:
     return None
 
 
+def describe_failure(
+    data: bytes, rip: int, *, code_bits: int = 64, refusal: str | None = None, pvm_host: bool = False
+) -> str:
+    """The one line an emulation-failure outcome shows: the instruction by name and bytes, why
+    pyhv's own emulator did not run it (`refusal`, from `PvmEmulator.refusal`), and on a kvm_pvm
+    host (`pvm_host`, from `hypervisor.kvm.kvm_is_pvm()`) the known limit it is."""
+    line = f"KVM could not emulate {describe_instruction(data, code_bits)} ({data.hex(' ')}) at rip {rip:#x}"
+    if refusal:
+        line += f"; pyhv's emulator did not either: {refusal}"
+    limit = known_host_limit(data, code_bits) if pvm_host else None
+    if limit:
+        line += f"; {limit}"
+    return line
+
+
 def _capstone_text(data: bytes, code_bits: int) -> str | None:
     """capstone's reading, or None when it is not installed or does not know the bytes."""
     try:

@@ -129,3 +129,21 @@ def test_x87_arithmetic_is_a_known_limit() -> None:
 @pytest.mark.parametrize("encoding", ["0f01f8", "0f0b", "0fa2", "90"])
 def test_other_instructions_are_not_claimed_as_host_limits(encoding: str) -> None:
     assert known_host_limit(bytes.fromhex(encoding)) is None
+
+
+def test_failure_line_on_a_kvm_pvm_host(builtin_only: None) -> None:
+    from hypervisor.vcpu.insn_names import describe_failure
+
+    data = bytes.fromhex("f0480fc70f")
+    line = describe_failure(data, 0xFFFF_FFFF_8100_0000, refusal="the operand is not mapped", pvm_host=True)
+    assert line.startswith("KVM could not emulate lock cmpxchg16b [rdi] (f0 48 0f c7 0f) at rip 0xffffffff81000000")
+    assert "pyhv's emulator did not either: the operand is not mapped" in line
+    assert "kvm_pvm's KVM cannot emulate cmpxchg16b at CPL0" in line
+    assert "\n" not in line
+
+
+def test_failure_line_on_hardware_virtualization_names_no_host_limit(builtin_only: None) -> None:
+    from hypervisor.vcpu.insn_names import describe_failure
+
+    line = describe_failure(bytes.fromhex("0faeac2440010000"), 0x1000)
+    assert line == "KVM could not emulate xrstor [rsp + 0x140] (0f ae ac 24 40 01 00 00) at rip 0x1000"
