@@ -132,11 +132,13 @@ def debug(**options: object) -> None:
     """Boot a guest paused before its first instruction and debug its VM exits.
 
     \b
-    Commands: next [N], continue, break EXPR, delete [ID], info exits|regs|sregs|devices|
-    breakpoints, x/<n><fmt> ADDR, set reg NAME VALUE, set mem ADDR VALUE, disas [ADDR] [N],
-    trace on|off, vcpu N, help, quit. Commands come from the terminal, --batch FILE, or stdin
-    when it is not a terminal. Exit status: the guest's outcome, as with `pyhv run` (0 after
-    quit while it still ran); 3 when a command of a script failed. See docs/debugging.md.
+    Commands: next [N], continue, break EXPR, delete [ID], info exits|regs|sregs|
+    devices|breakpoints, x/<n><fmt> ADDR, set reg NAME VALUE, set mem ADDR VALUE,
+    set data VALUE, disas [ADDR] [N], trace on|off, vcpu N, help, quit.
+
+    Commands come from the terminal, --batch FILE, or stdin when it is not a terminal. Exit
+    status: the guest's outcome, as with `pyhv run` (0 after quit while it still ran); 3 when a
+    command of a script failed. See docs/debugging.md.
     """
     sys.exit(_debug(options))
 
@@ -215,6 +217,8 @@ def _debug(options: dict[str, object]) -> int:
                 failure = debugger.run_script(sys.stdin, "<stdin>")
         except _Terminated:
             machine.request_stop(Outcome(OutcomeKind.INTERRUPTED, "terminated on the host"))
+        except KeyboardInterrupt:  # Ctrl-C in a script between commands: end the session
+            machine.request_stop(Outcome(OutcomeKind.INTERRUPTED, "interrupted on the host"))
         debugger.stop_tracing()
         machine.request_stop(Outcome(OutcomeKind.QUIT, "quit from the debugger"))
         result = machine.wait()

@@ -322,7 +322,13 @@ class ExitDebugger(cmd.Cmd):
             raise DebugCommandError(f"next: N must be 1 to {MAX_STEPS}")
         self._require_running()
         for _ in range(count):
-            event = self.machine.step_exit(self.vcpu_index, timeout=self.step_timeout)
+            try:
+                event = self.machine.step_exit(self.vcpu_index, timeout=self.step_timeout)
+            except KeyboardInterrupt:
+                # The step may still be under way: the pause kicks the vCPU back to its park.
+                self.machine.pause(wait=True, timeout=PAUSE_TIMEOUT)
+                self.out("interrupted (Ctrl-C); the guest is paused")
+                return
             if event is not None:
                 self.out(describe_event(event))
             # A breakpoint the step met answers the step (last_step_stop); the runner may also

@@ -156,6 +156,30 @@ def test_timeout_ends_a_spinning_guest(guest_binary, tmp_path: Path) -> None:
     assert "the run ended: timeout" in result.stdout
 
 
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_during_continue_ends_the_session(guest_binary, tmp_path: Path, signum: int) -> None:
+    image = guest_file(guest_binary, tmp_path, mode=MODE_SPIN)
+    process = subprocess.Popen(debug_command(image, "--console", "none"), stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert process.stdin is not None and process.stdout is not None
+        process.stdin.write("continue\n")
+        process.stdin.flush()
+        assert process.stdout.readline() == "(pyhv) continue\n"
+        time.sleep(0.5)
+        process.send_signal(signum)
+        # SIGINT (Ctrl-C) pauses; the end of the script (communicate closes stdin) ends the session.
+        stdout, stderr = process.communicate(timeout=30)
+    finally:
+        process.kill()
+        process.wait()
+    if signum == signal.SIGTERM:
+        assert process.returncode == 130 and "interrupted: terminated on the host" in stderr
+    else:
+        assert "paused (Ctrl-C) with vcpu0 at rip" in stdout and process.returncode == 0
+    assert "Traceback" not in stderr
+
+
 class Terminal:
     """A child process on a pseudo-terminal, read with deadlines (never a hang)."""
 
