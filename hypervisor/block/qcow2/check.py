@@ -195,7 +195,7 @@ def _scan(image: ImageFile, messages: list[str]) -> _Scan:
 def _copied_flag_errors(image: ImageFile, scan: _Scan, messages: list[str], fix: bool) -> int:
     """Active L1/L2 entries whose COPIED bit disagrees with the stored refcount being 1."""
     errors = 0
-    for item in scan.counter.copied_flag_entries():
+    for item, weight in scan.counter.copied_flag_entries():
         refcount = scan.stored.get(item.cluster_index)
         want = refcount == 1
         if bool(item.entry & fmt.OFLAG_COPIED) == want:
@@ -207,7 +207,7 @@ def _copied_flag_errors(image: ImageFile, scan: _Scan, messages: list[str], fix:
             line = f"ERROR OFLAG_COPIED data cluster: l2_entry={item.entry:x} refcount={refcount}"
         if errors < MAX_CLUSTER_MESSAGES:
             messages.append(line)
-        errors += 1
+        errors += weight
         if fix:
             fixed = item.entry | fmt.OFLAG_COPIED if want else item.entry & ~fmt.OFLAG_COPIED
             os.pwrite(image.fd, struct.pack(">Q", fixed), item.file_offset)
@@ -276,7 +276,8 @@ def _check_open_image(image: ImageFile, repair: str | None) -> CheckResult:
     result = CheckResult(filename=image.path)
     messages = result.messages
     scan = _scan(image, messages)
-    copied_errors = _copied_flag_errors(image, scan, [], fix=False)
+    copied_messages: list[str] = []
+    copied_errors = _copied_flag_errors(image, scan, copied_messages, fix=False)
     if repair is not None and (scan.leaks or scan.too_low or copied_errors or scan.corruptions):
         leaks_found = scan.leaks
         corruptions_found = scan.corruptions + copied_errors
@@ -297,8 +298,12 @@ def _check_open_image(image: ImageFile, repair: str | None) -> CheckResult:
             result.corruptions_fixed,
             corruptions_found,
         )
-    final = _scan(image, messages if result.repaired else [])
-    final_copied = _copied_flag_errors(image, final, messages, fix=False)
+    if result.repaired:  # the result reported is the one of a second check after the repair
+        final = _scan(image, messages)
+        final_copied = _copied_flag_errors(image, final, messages, fix=False)
+    else:
+        messages.extend(copied_messages)
+        final, final_copied = scan, copied_errors
     result.corruptions = final.corruptions + final_copied
     result.leaks = final.leaks
     result.check_errors = final.counter.check_errors

@@ -9,9 +9,11 @@ has them, and not followed. Reads only; the header is parsed by the engine's `pa
 
 from __future__ import annotations
 
+import errno
 import os
 import struct
 from array import array
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -22,6 +24,7 @@ from hypervisor.block.qcow2.header import Qcow2Header, parse_header
 MAX_HEADER_READ = 1 << fmt.MAX_CLUSTER_BITS
 SNAPSHOT_TABLE_MAX_BYTES = 64 << 20  # QEMU QCOW_MAX_SNAPSHOTS_SIZE
 BITMAP_DIRECTORY_MAX_BYTES = 64 << 20  # QEMU QCOW2_MAX_BITMAP_DIRECTORY_SIZE
+BITMAP_MAX_DATA_BYTES = 512 << 20  # QEMU qcow2-bitmap.c BME_MAX_PHYS_SIZE: the clusters a table maps
 
 
 @dataclass
@@ -74,6 +77,24 @@ class ImageFile:
         data = os.pread(self.fd, length, offset)
         return data if len(data) == length else data.ljust(length, b"\0")
 
+    def is_hole(self, offset: int, length: int) -> bool:
+        """True if [offset, offset+length) holds no data (lseek(2) SEEK_DATA), so a table there
+        reads as zeros without reading it: a hostile image can put 32 MiB tables in a hole."""
+        try:
+            data = os.lseek(self.fd, offset, os.SEEK_DATA)
+        except OSError as error:
+            return error.errno == errno.ENXIO  # no data after offset; other errors: cannot tell
+        return data >= offset + length
+
+    def read_words(self, offset: int, count: int) -> tuple[int, ...]:
+        """`count` big-endian 64-bit words at `offset`; () if they are all zero."""
+        if not count or self.is_hole(offset, count * 8):
+            return ()
+        raw = self.pread(count * 8, offset)
+        if raw.count(0) == len(raw):
+            return ()
+        return struct.unpack(f">{count}Q", raw)
+
 
 def read_image_file(fd: int, path: str) -> ImageFile:
     """Parse and validate the header of the qcow2 file open on `fd` (ImageError subclasses)."""
@@ -81,6 +102,17 @@ def read_image_file(fd: int, path: str) -> ImageFile:
     buf = os.pread(fd, min(MAX_HEADER_READ, file_size), 0)
     header = parse_header(buf, file_size, path)
     return ImageFile(fd, path, header, file_size)
+
+
+# qcow2.rst "Snapshot table" fixed part: l1_table_offset, l1_size, id_str_size, name_size,
+# date_sec, date_nsec, vm_clock_nsec, vm_state_size, extra_data_size.
+_SNAPSHOT_FIXED = struct.Struct(">QIHHIIQII")
+
+
+def _snapshot_fixed(table: bytes, position: int) -> tuple[int, int, int, int, int]:
+    """(L1 offset, L1 size, id size, name size, extra data size) of the entry at `position`."""
+    fields = _SNAPSHOT_FIXED.unpack_from(table, position)
+    return fields[0], fields[1], fields[2], fields[3], fields[8]
 
 
 @dataclass
@@ -135,18 +167,18 @@ class ExpectedCounts:
         span = self.spans.get(cluster_index // self.per_block)
         return span[cluster_index % self.per_block] if span is not None else 0
 
-    def add(self, cluster_index: int) -> bool:
-        """One more reference; False (and no change) if the refcount width cannot hold it."""
+    def add(self, cluster_index: int, weight: int = 1) -> bool:
+        """`weight` more references; False if the refcount width cannot hold them (the count
+        then stays at the width's maximum)."""
         block_index, slot = divmod(cluster_index, self.per_block)
         span = self.spans.get(block_index)
         if span is None:
             span = self.spans[block_index] = array(self.typecode, bytes(self.per_block * self.itemsize))
-        if span[slot] >= self.maximum:
-            return False
-        span[slot] += 1
+        fits = span[slot] + weight <= self.maximum
+        span[slot] = span[slot] + weight if fits else self.maximum
         if cluster_index >= self.end:
             self.end = cluster_index + 1
-        return True
+        return fits
 
     def items(self) -> Iterator[tuple[int, int]]:
         """(cluster index, expected refcount) of every referenced cluster, in order."""
@@ -175,6 +207,10 @@ class ReferenceCounter:
         self.check_errors = 0
         self.stats = FragmentationStats()
         self._next_contiguous = 0
+        # How many times the table being walked is named. Tables named repeatedly (one L2 table
+        # in a million L1 entries, one L1 table in every snapshot) are walked once with a weight,
+        # so a hostile image cannot multiply the work; QEMU walks them each time.
+        self._weight = 1
 
     @property
     def size(self) -> int:
@@ -185,17 +221,19 @@ class ReferenceCounter:
         return self.counts.get(index)
 
     def corrupt(self, message: str) -> None:
+        """One corruption, or `self._weight` of them when a table named that many times is
+        walked once (the line is printed once)."""
         self.messages.append(message)
-        self.corruptions += 1
+        self.corruptions += self._weight
 
     def add_range(self, offset: int, length: int) -> None:
-        """One more reference to every host cluster touched by [offset, offset+length)."""
+        """`self._weight` more references to every host cluster touched by [offset, offset+length)."""
         if length <= 0:
             return
         bits = self.image.cluster_bits
         first, last = offset >> bits, (offset + length - 1) >> bits
         for index in range(first, last + 1):
-            if not self.counts.add(index):
+            if not self.counts.add(index, self._weight):
                 # QEMU's inc_refcounts words: the count no longer fits the refcount width.
                 self.corrupt(f"ERROR: overflow cluster offset=0x{index << bits:x}")
 
@@ -247,7 +285,7 @@ class ReferenceCounter:
             # Unaligned or out-of-file blocks are reported by the RefcountReader.
 
     def _read_l1(self, l1_offset: int, l1_size: int) -> tuple[int, ...]:
-        return struct.unpack(f">{l1_size}Q", self.image.pread(l1_size * 8, l1_offset))
+        return self.image.read_words(l1_offset, l1_size)
 
     def _l2_offset(self, index: int, entry: int, report: bool) -> int:
         """The L2 table an L1 entry names, 0 if none or not followable (qcow2.rst "L1 table entry")."""
@@ -263,16 +301,26 @@ class ReferenceCounter:
             return 0
         return l2_offset
 
-    def _count_l1(self, l1_offset: int, l1_size: int, active: bool, what: str = "L1 table") -> None:
+    def _count_l1(self, l1_offset: int, l1_size: int, active: bool, what: str = "L1 table", weight: int = 1) -> None:
         if l1_size == 0:
             return
+        self._weight = weight
         if not self._table_ok(what, l1_offset, l1_size * 8):
             return
         self.add_range(l1_offset, l1_size * 8)
+        tables: Counter[int] = Counter()
+        first_index: dict[int, int] = {}
         for index, entry in enumerate(self._read_l1(l1_offset, l1_size)):
+            if not entry:
+                continue
             l2_offset = self._l2_offset(index, entry, report=True)
             if not l2_offset:
                 continue
+            tables[l2_offset] += 1
+            first_index.setdefault(l2_offset, index)
+        for l2_offset, count in tables.items():
+            self._weight = weight * count
+            index = first_index[l2_offset]
             if not self._inside_file(l2_offset, self.image.cluster_size):
                 continue
             # Stricter than QEMU, which reads a table cut short by the end of the file as zeros:
@@ -281,10 +329,10 @@ class ReferenceCounter:
                 continue
             self.add_range(l2_offset, self.image.cluster_size)
             self._count_l2(l2_offset, active)
+        self._weight = 1
 
     def _read_l2(self, l2_offset: int) -> tuple[int, ...]:
-        cs = self.image.cluster_size
-        return struct.unpack(f">{cs // 8}Q", self.image.pread(cs, l2_offset))
+        return self.image.read_words(l2_offset, self.image.cluster_size // 8)
 
     def _count_l2(self, l2_offset: int, active: bool) -> None:
         header = self.image.header
@@ -296,6 +344,7 @@ class ReferenceCounter:
         # "Extended L2 Entries"); QEMU does not check it there: pyhv is stricter.
         reserved = fmt.L2E_STD_RESERVED_MASK | (fmt.OFLAG_ZERO if step == 2 else 0)
         self._next_contiguous = 0  # QEMU measures fragmentation within each L2 table
+        weight = self._weight
         for index in range(0, len(words), step):
             entry = words[index]
             bitmap = words[index + 1] if step == 2 else 0
@@ -322,9 +371,9 @@ class ReferenceCounter:
                 self.corrupt(f"ERROR offset={offset:x}: Data cluster is not properly aligned; L2 entry corrupted.")
                 continue
             if active:
-                self.stats.allocated_clusters += 1
+                self.stats.allocated_clusters += weight
                 if self._next_contiguous and offset != self._next_contiguous:
-                    self.stats.fragmented_clusters += 1
+                    self.stats.fragmented_clusters += weight
                 self._next_contiguous = offset + cs
             if external_data:
                 continue  # the data cluster lives in the external data file, not refcounted here
@@ -342,10 +391,10 @@ class ReferenceCounter:
             self.corrupt("ERROR compressed cluster in an image with an external data file")
             return
         if active:  # QEMU counts these before checking where the data is
-            self.stats.allocated_clusters += 1
-            self.stats.compressed_clusters += 1
+            self.stats.allocated_clusters += self._weight
+            self.stats.compressed_clusters += self._weight
             # QEMU counts compressed clusters as fragmented by nature (sector-granular re-reads).
-            self.stats.fragmented_clusters += 1
+            self.stats.fragmented_clusters += self._weight
         # QEMU counts the whole 512-byte sectors the descriptor names (qcow2.rst "Compressed
         # Clusters Descriptor") and accepts them ending less than a cluster past the end of the file.
         first_sector = host_offset & ~(fmt.COMPRESSED_SECTOR_SIZE - 1)
@@ -369,18 +418,30 @@ class ReferenceCounter:
         if not self._table_ok("snapshot table", offset, fmt.SNAPSHOT_ENTRY_FIXED):
             return
         table_start = entry_end = offset
+        # One read of at most QEMU's table limit (plus one fixed part, to report the entry that
+        # crosses it); 65536 small reads, or construct's parser, take a minute on a full table.
+        table = self.image.pread(
+            min(SNAPSHOT_TABLE_MAX_BYTES + fmt.SNAPSHOT_ENTRY_FIXED, self.image.file_size - table_start), table_start
+        )
+        l1_tables: dict[tuple[int, int], list[int]] = {}  # (offset, size) -> snapshot numbers
         for number in range(header.nb_snapshots):
-            fixed = fmt.SnapshotEntryFixed.parse(self.image.pread(fmt.SNAPSHOT_ENTRY_FIXED, offset))
-            entry_length = fmt.SNAPSHOT_ENTRY_FIXED + fixed.extra_data_size + fixed.id_str_size + fixed.name_size
-            entry_end = offset + entry_length  # QEMU does not write the last entry's padding
-            offset = fmt.align_up(entry_end, 8)
+            position = offset - table_start
+            if position + fmt.SNAPSHOT_ENTRY_FIXED > len(table):
+                self.corrupt(f"ERROR snapshot table runs past the end of the image (entry {number})")
+                break
+            l1_offset, l1_size, id_size, name_size, extra_size = _snapshot_fixed(table, position)
+            entry_end = offset + fmt.SNAPSHOT_ENTRY_FIXED + extra_size + id_size + name_size
+            offset = fmt.align_up(entry_end, 8)  # QEMU does not write the last entry's padding
             if entry_end - table_start > SNAPSHOT_TABLE_MAX_BYTES or entry_end > self.image.file_size:
                 self.corrupt(f"ERROR snapshot table runs past the end of the image (entry {number})")
                 break
-            if fixed.l1_size * 8 > fmt.MAX_L1_BYTES:
-                self.corrupt(f"ERROR snapshot {number}: L1 table too large ({fixed.l1_size} entries)")
+            if l1_size * 8 > fmt.MAX_L1_BYTES:
+                self.corrupt(f"ERROR snapshot {number}: L1 table too large ({l1_size} entries)")
                 continue
-            self._count_l1(fixed.l1_table_offset, fixed.l1_size, active=False, what=f"snapshot {number} L1 table")
+            l1_tables.setdefault((l1_offset, l1_size), []).append(number)
+        for (l1_offset, l1_size), numbers in l1_tables.items():
+            what = f"snapshot {numbers[0]} L1 table"
+            self._count_l1(l1_offset, l1_size, active=False, what=what, weight=len(numbers))
         self.add_range(table_start, entry_end - table_start)
 
     def _count_bitmaps(self) -> None:
@@ -408,6 +469,9 @@ class ReferenceCounter:
                 position + fmt.BITMAP_DIRECTORY_ENTRY_FIXED + entry.extra_data_size + entry.name_size, 8
             )
             table_bytes = entry.bitmap_table_size * 8
+            if entry.bitmap_table_size * self.image.cluster_size > BITMAP_MAX_DATA_BYTES:
+                self.corrupt(f"ERROR bitmap table too large ({entry.bitmap_table_size} entries)")
+                continue
             if not self._table_ok("bitmap table", entry.bitmap_table_offset, table_bytes):
                 continue
             self.add_range(entry.bitmap_table_offset, table_bytes)
@@ -422,27 +486,31 @@ class ReferenceCounter:
                 if data_offset and self._table_ok("bitmap data cluster", data_offset, self.image.cluster_size):
                     self.add_range(data_offset, self.image.cluster_size)
 
-    def copied_flag_entries(self) -> Iterator[CopiedFlagEntry]:
-        """Active L1 and standard L2 entries with the host cluster whose refcount decides COPIED.
+    def copied_flag_entries(self) -> Iterator[tuple[CopiedFlagEntry, int]]:
+        """(entry, weight): active L1 and standard L2 entries with the host cluster whose refcount
+        decides COPIED; `weight` is how many L1 entries name the L2 table the entry is in.
 
         A second walk of the active L1 (as QEMU's check_oflag_copied does) rather than a list kept
-        from the first one, so memory stays independent of the number of allocated clusters.
-        Entries pointing past the end of the file are included: their refcount reads as 0, and
-        QEMU reports the COPIED mismatch too.
+        from the first one, so memory stays independent of the number of allocated clusters; each
+        distinct L2 table is read once. Entries pointing past the end of the file are included:
+        their refcount reads as 0, and QEMU reports the COPIED mismatch too.
         """
         header = self.image.header
         cs = self.image.cluster_size
         bits = self.image.cluster_bits
         if not header.l1_size or header.incompatible_features & fmt.INCOMPAT_DATA_FILE:
-            l1_entries: tuple[int, ...] = ()
-        else:
-            l1_entries = self._read_l1(header.l1_table_offset, header.l1_size)
-        step = header.l2_entry_size // 8
-        for l1_index, l1_entry in enumerate(l1_entries):
-            l2_offset = self._l2_offset(l1_index, l1_entry, report=False)
+            return
+        tables: Counter[int] = Counter()
+        first_index: dict[int, int] = {}
+        for l1_index, l1_entry in enumerate(self._read_l1(header.l1_table_offset, header.l1_size)):
+            l2_offset = self._l2_offset(l1_index, l1_entry, report=False) if l1_entry else 0
             if not l2_offset:
                 continue
-            yield CopiedFlagEntry(header.l1_table_offset + l1_index * 8, l1_entry, True, l1_index, l2_offset >> bits)
+            yield CopiedFlagEntry(header.l1_table_offset + l1_index * 8, l1_entry, True, l1_index, l2_offset >> bits), 1
+            tables[l2_offset] += 1
+            first_index.setdefault(l2_offset, l1_index)
+        step = header.l2_entry_size // 8
+        for l2_offset, weight in tables.items():
             if l2_offset + cs > self.image.file_size:
                 continue
             words = self._read_l2(l2_offset)
@@ -453,4 +521,5 @@ class ReferenceCounter:
                 offset = entry & fmt.L2E_OFFSET_MASK
                 if not offset or offset & (cs - 1):
                     continue
-                yield CopiedFlagEntry(l2_offset + index * 8, entry, False, l1_index, offset >> bits)
+                item = CopiedFlagEntry(l2_offset + index * 8, entry, False, first_index[l2_offset], offset >> bits)
+                yield item, weight

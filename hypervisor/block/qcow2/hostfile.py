@@ -22,10 +22,18 @@ class HostFile:
         self.size = os.fstat(fd).st_size
 
     def pread(self, offset: int, length: int) -> bytes:
-        """`length` bytes at `offset`; zeros past the end of the file."""
-        buf = bytearray(length)
-        fileio.preadv_full(self.fd, [memoryview(buf)], offset)
-        return bytes(buf)
+        """`length` bytes at `offset`; zeros past the end of the file.
+
+        One allocation of `length` (os.pread's own buffer), not a bytearray plus its bytes copy,
+        so a large table read costs its size once.
+        """
+        data = os.pread(self.fd, length, offset)
+        while len(data) < length:
+            more = os.pread(self.fd, length - len(data), offset + len(data))
+            if not more:
+                return data + bytes(length - len(data))
+            data += more
+        return data
 
     def preadv(self, offset: int, views: Sequence[memoryview]) -> None:
         fileio.preadv_full(self.fd, views, offset)
