@@ -107,6 +107,17 @@ def flush_guest_tlb(vcpu: Vcpu) -> None:
     vcpu.set_sregs(sregs)
 
 
+def _is_xgetbv(instruction: bytes, code_bits: int) -> bool:
+    """Whether the bytes are XGETBV (0F 01 D0), the one instruction that needs XCR0."""
+    from hypervisor.vcpu.x86_decode import DecodeError, decode_prefixes
+
+    try:
+        at = decode_prefixes(instruction, code_bits).length
+    except DecodeError:
+        return False
+    return instruction[at : at + 3] == b"\x0f\x01\xd0"
+
+
 class PvmEmulator:
     """The runner's `Emulator`: True when the instruction was emulated and the vCPU updated."""
 
@@ -157,8 +168,9 @@ class PvmEmulator:
             self._cpuid[vcpu.id] = read_guest_cpuid(vcpu)
         sregs = vcpu.get_sregs()
         fpu = vcpu.get_fpu()
+        code_bits = code_bits_from_cs(bool(sregs.efer & EFER_LMA), bool(sregs.cs.l), bool(sregs.cs.db))
         cpu = CpuState(
-            code_bits=code_bits_from_cs(bool(sregs.efer & EFER_LMA), bool(sregs.cs.l), bool(sregs.cs.db)),
+            code_bits=code_bits,
             cpl=sregs.ss.dpl if sregs.cr0 & CR0_PE else 0,
             cr0=sregs.cr0,
             segment_bases={name: getattr(sregs, name).base for name in ("cs", "ds", "es", "ss", "fs", "gs")},
@@ -172,7 +184,7 @@ class PvmEmulator:
             ldt_limit=sregs.ldt.limit,
             efer_lma=bool(sregs.efer & EFER_LMA),
             cpuid=self._cpuid[vcpu.id],
-            xcr0=read_xcr0(vcpu),
+            xcr0=read_xcr0(vcpu) if _is_xgetbv(instruction, code_bits) else None,  # an ioctl saved
         )
         result = emulate_or_reason(
             instruction,

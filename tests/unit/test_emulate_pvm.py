@@ -173,3 +173,22 @@ def test_refusal_names_the_reason_and_clears_on_success(memory: GuestMemory) -> 
     vcpu.registers["rax"] = 0x5000
     assert emulator(vcpu, bytes.fromhex("660fae30"))  # type: ignore[arg-type]
     assert emulator.refusal(0) is None
+
+
+def test_xcr0_is_read_for_xgetbv_only(memory: GuestMemory, monkeypatch: pytest.MonkeyPatch) -> None:
+    reads: list[int] = []
+
+    def fake_xcr0(vcpu: object) -> int:
+        reads.append(1)
+        return 0x7
+
+    monkeypatch.setattr(pvm, "read_xcr0", fake_xcr0)
+    emulator = PvmEmulator(memory)
+    vcpu = FakeVcpu(rcx=0)
+    vcpu.sregs.cr4 |= 1 << 18  # OSXSAVE
+    with_cpuid(emulator, vcpu, {(0x1, 0): (0, 0, 1 << 26, 0), (0x7, 0): (0, 1 << 24, 0, 0)})
+    assert emulator(vcpu, bytes.fromhex("0f01d0"))  # type: ignore[arg-type]  # xgetbv
+    assert (vcpu.registers["rax"], vcpu.registers["rdx"], reads) == (7, 0, [1])
+    vcpu.registers["rax"] = 0x5000
+    assert emulator(vcpu, bytes.fromhex("660fae30"))  # type: ignore[arg-type]  # clwb: no XCR0 needed
+    assert reads == [1]
