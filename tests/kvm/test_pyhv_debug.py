@@ -274,6 +274,12 @@ def test_ctrl_c_pauses_a_running_guest(guest_binary, tmp_path: Path) -> None:
     terminal = Terminal(debug_command(image, "--console", "none"), env)
     try:
         terminal.expect(PROMPT)
+        terminal.send("info br\t\n")  # tab completes the topic
+        assert b"info breakpoints\r\nno breakpoints" in terminal.expect(PROMPT)
+        terminal.send("n\n")
+        assert b"vcpu0 io in port=0x3fd" in terminal.expect(PROMPT)
+        terminal.send("\n")  # Enter repeats the last command, as in gdb
+        assert b"vcpu0 io out port=0x3f8 size=1 data=68" in terminal.expect(PROMPT)
         terminal.send("continue\n")
         terminal.expect(b"continue")
         time.sleep(0.5)  # it spins in `jmp spin`

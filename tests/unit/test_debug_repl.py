@@ -12,6 +12,8 @@ from collections import deque
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from hypervisor.debug.repl import (
     DebugCommandError,
@@ -441,3 +443,28 @@ def test_set_data_changes_what_the_stopped_read_returns(session: Any) -> None:
     assert "set data wants a value" in run("set data")
     record.kind = ExitKind.PIO_OUT
     assert "did not stop at a port or MMIO read" in run("set data 1")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=st.sampled_from(list("/0123456789xduotcsibhwgvq -$rspa+x")), max_size=30))
+def test_examine_and_address_text_parse_or_fail_with_one_line(text: str) -> None:
+    for parse in (parse_examine, lambda value: evaluate(value, {"rsp": 0x7000, "rax": 1})):
+        try:
+            parse(text)
+        except DebugCommandError as error:
+            assert str(error) and "\n" not in str(error)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=40))
+def test_any_command_line_is_answered_in_one_line_or_runs(text: str) -> None:
+    machine = FakeMachine()
+    try:
+        debugger = ExitDebugger(machine, io.StringIO())  # type: ignore[arg-type]
+        if text.strip().split(" ", 1)[0] in ("quit", "q", "exit", "EOF", "continue", "c", "cont"):
+            return  # these leave or wait for a stop
+        debugger.onecmd(text)
+        if debugger.failure is not None:
+            assert "\n" not in debugger.failure
+    finally:
+        machine.memory.close()
