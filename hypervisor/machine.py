@@ -396,7 +396,7 @@ class Machine:
         """Starts the vCPU threads (and the console); `wait` collects the outcome. With `paused`,
         every vCPU parks before its first instruction until `resume()` (a debugger attaches)."""
         if paused:
-            self.control.pause_requested = True
+            self.control.pause(wait=False)  # held by "user" until resume()
         self.install_range_tables()
         for disk in self.disks:
             disk.transport.start()
@@ -503,8 +503,11 @@ class Machine:
         whose every vCPU is in that state is finished. The probe pauses the vCPUs (a kick each),
         reads their state, and resumes them when any can still run.
         """
-        if not self.control.pause(wait=True, timeout=1.0):
-            self.control.resume()
+        if self.control.paused:
+            return  # somebody (a debugger) holds the machine: nothing to probe
+        owner = "internal:halt-probe"
+        if not self.control.pause(wait=True, timeout=1.0, owner=owner):
+            self.control.resume(owner)
             return
         try:
             halted = []
@@ -521,7 +524,7 @@ class Machine:
         except HypervisorError as error:
             log.debug("halt probe failed: %s", error)
         finally:
-            self.control.resume()
+            self.control.resume(owner)
 
     # -- the debugging contract (docs/debugging.md) -----------------------------------------
 

@@ -67,6 +67,11 @@ class RunControl:
         self.finished = threading.Event()
         # Read by vCPU threads without the lock (a stale read is corrected by the sticky kick).
         self.pause_requested = False
+        # Who holds the pause: "user" (pause()), "stop" (a breakpoint, trap or hook) or an
+        # internal prober; the machine runs again only when nobody holds it. An internal pause
+        # (the final-halt probe) is released by its owner alone, so it can never resume a
+        # machine a debugger paused meanwhile.
+        self._holds: set[str] = set()
         self._live: set[int] = set()  # vCPU ids whose threads are running their loop
         self._parked: set[int] = set()  # vCPU ids waiting in park()
         self._step_vcpu: int | None = None  # may run one exit while the machine is paused
@@ -112,6 +117,7 @@ class RunControl:
             self._outcome = None
             self.finished.clear()
             self.pause_requested = False
+            self._holds.clear()
             self._step_vcpu = None
 
     # -- the vCPU side ------------------------------------------------------------------------
@@ -166,6 +172,7 @@ class RunControl:
         A stop met by the vCPU being stepped answers the step instead (`last_step_stop`): the
         stepping caller is the one waiting for it."""
         with self._lock:
+            self._holds.add("stop")
             self.pause_requested = True
             if self._step_vcpu is not None and self._step_vcpu == stop.vcpu:
                 self.last_step_stop = stop
@@ -177,10 +184,11 @@ class RunControl:
 
     # -- the driver's side: pause, resume, step, stops ----------------------------------------------
 
-    def pause(self, wait: bool = True, timeout: float | None = None) -> bool:
+    def pause(self, wait: bool = True, timeout: float | None = None, owner: str = "user") -> bool:
         """Parks every vCPU outside KVM_RUN. With `wait`, returns True once every live vCPU
         thread has acknowledged (or the run is over); False if `timeout` passed first."""
         with self._lock:
+            self._holds.add(owner)
             self.pause_requested = True
         self._kick_all()
         if not wait:
@@ -199,9 +207,14 @@ class RunControl:
                 self._lock.wait(remaining)
             return True
 
-    def resume(self) -> None:
+    def resume(self, owner: str | None = None) -> None:
+        """Releases `owner`'s pause, or with no owner every pause but internal probes'."""
         with self._lock:
-            self.pause_requested = False
+            if owner is None:
+                self._holds &= {hold for hold in self._holds if hold.startswith("internal:")}
+            else:
+                self._holds.discard(owner)
+            self.pause_requested = bool(self._holds)
             self._lock.notify_all()
 
     @property
