@@ -311,8 +311,20 @@ _BY_TYPE: dict[str, Describer] = {
 }
 
 
+_CACHE: dict[tuple[str | None, type], Describer] = {}
+
+
 def describer_for(name: str | None, device: object = None) -> Describer:
-    """The family function for a bus range name, or for the device's type."""
+    """The family function for a bus range name, or for the device's type (cached: a trace asks
+    at every exit)."""
+    key = (name, type(device))
+    describer = _CACHE.get(key)
+    if describer is None:
+        describer = _CACHE[key] = _find_describer(name, device)
+    return describer
+
+
+def _find_describer(name: str | None, device: object) -> Describer:
     if device is not None:
         by_type = _BY_TYPE.get(type(device).__name__)
         if by_type is not None:

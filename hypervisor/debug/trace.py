@@ -49,6 +49,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# One encoder for every line: json.dumps would build one per call with these separators.
+_ENCODE = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True).encode
 TRACE_FORMAT = "pyhv-exit-trace"
 TRACE_VERSION = 1
 # The C loop's counters of exits it completed without Python (hypervisor/vcpu/stats.py), with the
@@ -158,7 +160,7 @@ class JsonTracer:
                     self._fail(error)
 
     def _write(self, record: dict[str, object]) -> None:
-        line = json.dumps(record, separators=(",", ":")) + "\n"
+        line = _ENCODE(record) + "\n"
         with self._lock:
             if self.failed is not None:
                 return
