@@ -101,12 +101,29 @@ def run_killed(monkeypatch: pytest.MonkeyPatch, operation: Callable[[], object],
     return switch
 
 
-def sample_points(total: int, limit: int) -> list[int]:
-    """Every point if there are at most `limit`, else an even deterministic sample with both ends."""
+def sample_points(total: int, limit: int, always: set[int] | None = None) -> list[int]:
+    """Every point if there are at most `limit`, else the points in `always` and an even
+    deterministic sample of the rest (both ends included) up to `limit`."""
     if total <= limit:
         return list(range(total))
-    step = (total - 1) / (limit - 1)
-    return sorted({round(i * step) for i in range(limit)})
+    chosen = set(always or ()) | {0, total - 1}
+    spare = max(2, limit - len(chosen))
+    step = (total - 1) / (spare - 1)
+    chosen |= {round(i * step) for i in range(spare)}
+    return sorted(point for point in chosen if 0 <= point < total)
+
+
+_DATA_CALLS = ("pwrite", "pwritev", "start_writeback", "fallocate")
+
+
+def epoch_edges(calls: list[str]) -> set[int]:
+    """Every sync, truncate and rename, and the writes next to each: killing there covers every
+    metadata epoch (what was synced before, the first and the last write of the next one)."""
+    edges: set[int] = set()
+    for index, name in enumerate(calls):
+        if name not in _DATA_CALLS:
+            edges.update((index - 1, index, index + 1))
+    return {index for index in edges if 0 <= index < len(calls)}
 
 
 # -- power loss -------------------------------------------------------------------------------

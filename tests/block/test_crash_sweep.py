@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from crash_points import apply_writes, power_loss_states, record_hostfile, run_killed, sample_points
+from crash_points import apply_writes, epoch_edges, power_loss_states, record_hostfile, run_killed, sample_points
 from qcow2_oracle import KIB, MIB, check_no_corruption, create, needs_qemu, qemu_img, qemu_io
 
 from hypervisor.block.qcow2 import Qcow2Image
@@ -26,7 +26,9 @@ from hypervisor.cli import image_copy, image_ops
 
 pytestmark = needs_qemu
 
-POINTS = 30  # kill points per operation: all of them when there are fewer, else an even sample
+# Kill points per operation: all of them when there are fewer, else every sync, truncate and
+# rename with the writes on either side (each metadata epoch's edges) and an even sample of the rest.
+POINTS = 24
 Observer = Callable[[Path], Any]
 
 
@@ -100,7 +102,7 @@ def sweep(
     assert _temporaries(work) == []
     total = len(clean.calls)
     assert total > 2, clean.calls
-    for point in sample_points(total, POINTS):
+    for point in sample_points(total, POINTS, epoch_edges(clean.calls)):
         fresh()
         run_killed(monkeypatch, lambda: operation(work), point)
         where = f"killed at call {point} of {total} ({clean.calls[point]})"
@@ -216,8 +218,8 @@ def test_create_raw_killed_at_any_point(tmp_path: Path, monkeypatch: pytest.Monk
 
 def _convert_source(folder: Path) -> None:
     _old_target(folder)
-    path = create(folder / "src.qcow2", 5 * MIB, "cluster_size=4096")
-    qemu_io(path, "write -P 0x77 0 1M", "write -P 0x78 2M 1M", "write -z 3M 1M", "write -P 0x79 4M 4k")
+    path = create(folder / "src.qcow2", 3 * MIB, "cluster_size=4096")
+    qemu_io(path, "write -P 0x77 0 512k", "write -P 0x78 1M 512k", "write -z 2M 512k", "write -P 0x79 3068k 4k")
 
 
 @pytest.mark.parametrize(
