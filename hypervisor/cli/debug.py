@@ -13,6 +13,7 @@ import signal
 import sys
 import threading
 from collections import deque
+from collections.abc import Iterator
 from pathlib import Path
 
 import click
@@ -22,6 +23,7 @@ from hypervisor.errors import ConfigError, HypervisorError
 from hypervisor.outcome import Outcome, OutcomeKind
 
 MAX_SCRIPT_BYTES = 1 << 20  # a command file is typed by hand: a larger one is a wrong path
+MAX_LINE_BYTES = 64 * 1024
 EXIT_HISTORY = 256  # exits `info exits` can show
 SCRIPT_FAILED_STATUS = 3  # a bad command in a script is bad input (docs/exit-status.md)
 CONSOLE_HELP = "stderr|file:PATH|none"
@@ -51,6 +53,23 @@ def _make_console(spec: str) -> ConsoleBase:
     if spec == "stdio":
         raise ConfigError("--console stdio: the debugger reads stdin and writes stdout; use stderr, file:PATH or none")
     raise ConfigError(f"--console {spec!r}: use {CONSOLE_HELP.replace('|', ', ')}")
+
+
+def _stdin_lines() -> Iterator[str]:
+    """Commands from a stdin that is not a terminal, line by line as they come (a pipe may be
+    fed by another program), each checked to be UTF-8 and of a sane length."""
+    number = 0
+    while True:
+        line = sys.stdin.buffer.readline(MAX_LINE_BYTES + 1)
+        if not line:
+            return
+        number += 1
+        if len(line) > MAX_LINE_BYTES:
+            raise ConfigError(f"<stdin>:{number}: a command line longer than {MAX_LINE_BYTES} bytes")
+        try:
+            yield line.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise ConfigError(f"<stdin>:{number}: not UTF-8 text (byte {error.start})") from error
 
 
 def _read_script(path: Path) -> list[str]:
@@ -214,7 +233,7 @@ def _debug(options: dict[str, object]) -> int:
             elif interactive:
                 debugger.run_interactive()
             else:
-                failure = debugger.run_script(sys.stdin, "<stdin>")
+                failure = debugger.run_script(_stdin_lines(), "<stdin>")
         except _Terminated:
             machine.request_stop(Outcome(OutcomeKind.INTERRUPTED, "terminated on the host"))
         except KeyboardInterrupt:  # Ctrl-C in a script between commands: end the session

@@ -339,3 +339,17 @@ def test_pdb_at_an_exit_with_event_and_ctx_in_scope(guest_binary, tmp_path: Path
             os.waitpid(terminal.pid, 0)
         except (ProcessLookupError, ChildProcessError):
             pass
+
+
+@pytest.mark.parametrize(
+    ("stdin", "message"),
+    [
+        (b"next\n\xff\xfe\n", b"<stdin>:2: not UTF-8 text (byte 0)"),
+        (b"a" * 100_000, b"<stdin>:1: a command line longer than 65536 bytes"),
+        (b"x/4xb \x1b[2J\n", b"<stdin>:1: cannot read"),
+    ],
+)
+def test_bad_stdin_is_one_line(guest_binary, tmp_path: Path, stdin: bytes, message: bytes) -> None:
+    image = guest_file(guest_binary, tmp_path)
+    result = subprocess.run(debug_command(image, "--console", "none"), input=stdin, capture_output=True, timeout=60)
+    assert result.returncode == 3 and message in result.stderr and b"Traceback" not in result.stderr
