@@ -353,3 +353,27 @@ def test_bad_stdin_is_one_line(guest_binary, tmp_path: Path, stdin: bytes, messa
     image = guest_file(guest_binary, tmp_path)
     result = subprocess.run(debug_command(image, "--console", "none"), input=stdin, capture_output=True, timeout=60)
     assert result.returncode == 3 and message in result.stderr and b"Traceback" not in result.stderr
+
+
+def test_the_pdb_word_in_pyhv_debug(guest_binary, tmp_path: Path) -> None:
+    image = guest_file(guest_binary, tmp_path)
+    env = dict(os.environ, HOME=str(tmp_path), TERM="dumb")
+    terminal = Terminal(debug_command(image, "--console", "none"), env)
+    try:
+        terminal.expect(PROMPT)
+        terminal.send("break io port=0x3f8 write pdb\n")
+        terminal.expect(PROMPT)
+        terminal.send("continue\n")
+        assert b"pyhv: exit: vcpu0 io out port=0x3f8 size=1 data=68" in terminal.expect(b"(Pdb) ")
+        terminal.send("p event.data\n")
+        assert b"b'h'" in terminal.expect(b"(Pdb) ")
+        terminal.send("c\n")  # leaves pdb: the breakpoint stops the machine, the prompt comes back
+        assert b"stopped: breakpoint 1: vcpu0 io out port=0x3f8 size=1 data=68" in terminal.expect(PROMPT)
+        terminal.send("quit\n")
+        assert terminal.wait() == 0
+    finally:
+        try:
+            os.kill(terminal.pid, signal.SIGKILL)
+            os.waitpid(terminal.pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
