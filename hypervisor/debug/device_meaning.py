@@ -80,9 +80,10 @@ def describe_uart(event: Access, device: object) -> Meaning:
         dlab = _uart_dlab(device)
         if dlab:
             return _rw(event, ("DLL", "DLM")[offset], "serial")
-        if dlab is None:  # no device to ask: both names
+        if dlab is None:  # no device to ask (an exit history): both names, and the byte as text
             name = ("THR/DLL" if event.is_write else "RBR/DLL") if offset == 0 else "IER/DLM"
-            return _rw(event, name, "serial")
+            meaning = _rw(event, name, "serial")
+            return meaning._replace(detail=f"{meaning.detail} ({_char(event.data)})") if offset == 0 else meaning
     if offset == 0 and event.is_write:
         return Meaning("serial", "THR", _char(event.data))
     if offset == 0 and event.data:

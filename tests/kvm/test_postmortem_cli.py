@@ -99,7 +99,7 @@ def test_timeout_post_mortem_has_the_console_tail(guest_binary, tmp_path: Path) 
     exits = [json.loads(line) for line in (tmp_path / "pm" / "exits.jsonl").read_text().splitlines()]
     assert exits[-1]["meaning"] == "serial LSR -> 0x60"  # puts64 polls THRE once more before its NUL
     # The history keeps events, not devices: without the UART to ask for DLAB, both names.
-    assert [e for e in exits if e.get("register") == "THR/DLL"][-1]["meaning"] == "serial THR/DLL 0x0a"
+    assert [e for e in exits if e.get("register") == "THR/DLL"][-1]["meaning"] == "serial THR/DLL 0x0a ('\\n')"
 
 
 def test_a_clean_exit_writes_no_post_mortem(guest_binary, tmp_path: Path) -> None:

@@ -58,7 +58,7 @@ def test_uart_divisor_latch_follows_the_devices_dlab() -> None:
 
 
 def test_uart_without_the_device_names_both_registers() -> None:
-    assert text(io("COM1", 0, b"A")) == "serial THR/DLL 0x41"
+    assert text(io("COM1", 0, b"A")) == "serial THR/DLL 0x41 ('A')"
     assert text(io("COM1", 1, b"\x00")) == "serial IER/DLM 0x00"
 
 

@@ -143,7 +143,7 @@ def test_collect_a_machine_and_write_the_files(memory: GuestMemory, tmp_path: Pa
     text = format_summary(post_mortem)
     assert "post-mortem (panic: guest kernel panic: VFS)" in text
     assert "vcpu1 (long mode, CPL 0)" in text and "<do_one_initcall+0x0/0x300>" in text
-    assert "(serial THR/DLL 0x6c)" in text and "| Kernel panic - not syncing: VFS" in text
+    assert "(serial THR/DLL 0x6c ('l'))" in text and "| Kernel panic - not syncing: VFS" in text
     directory = check_post_mortem_dir(tmp_path / "pm")
     write_post_mortem(directory, post_mortem, {"outcome": "panic", "post_mortem": post_mortem.to_dict()})
     assert sorted(path.name for path in directory.iterdir()) == sorted(POST_MORTEM_FILES)
