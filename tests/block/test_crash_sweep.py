@@ -11,7 +11,11 @@ every prefix of their writes and random subsets of each sync epoch (a disk reord
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -300,3 +304,48 @@ def test_rebase_killed_at_any_point(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         observe,
         ("top.qcow2",),
     )
+
+
+# -- a real SIGKILL, for a few points (strace fault injection) -------------------------------
+ROOT = Path(__file__).resolve().parents[2]
+STRACE = shutil.which("strace")
+
+
+def _pyhv_killed(folder: Path, syscall: str, nth: int, *arguments: str) -> None:
+    """Run `pyhv image ...` and have strace SIGKILL it at its `nth` `syscall` (strace(1) -e inject)."""
+    assert STRACE is not None
+    command = [STRACE, "-f", "-qq", "-o", "/dev/null", "-e", f"trace={syscall}"]
+    command += ["-e", f"inject={syscall}:signal=KILL:when={nth}", sys.executable, "-m", "hypervisor", "image"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONDONTWRITEBYTECODE": "1"}
+    result = subprocess.run([*command, *arguments], cwd=folder, env=env, capture_output=True, text=True, timeout=120)
+    if "ptrace" in result.stderr and result.returncode != -signal.SIGKILL:
+        pytest.skip(f"strace cannot trace here: {result.stderr.strip()}")
+    assert result.returncode == -signal.SIGKILL, result.stderr  # the point was reached
+
+
+@pytest.mark.skipif(STRACE is None, reason="strace is not installed")
+@pytest.mark.parametrize(("syscall", "nth", "committed"), [("pwritev2", 4, False), ("fdatasync", 3, True)])
+def test_snapshot_create_survives_sigkill(tmp_path: Path, syscall: str, nth: int, committed: bool) -> None:
+    # Order of calls: flush (fdatasync 1), the new structures (pwritev2 1-5), fdatasync 2, the
+    # header (pwritev2 6, the commit point), fdatasync 3, ...
+    _snapshot_image(tmp_path)
+    path = tmp_path / "img.qcow2"
+    before = image_state(path)
+    _pyhv_killed(tmp_path, syscall, nth, "snapshot", "-c", "new", "img.qcow2")
+    check_no_corruption(path)
+    state = image_state(path)
+    names = [name for name, _ in state[4]]
+    assert names == (["old", "new"] if committed else ["old"])
+    assert state[:4] == before[:4]
+
+
+@pytest.mark.skipif(STRACE is None, reason="strace is not installed")
+def test_create_killed_at_rename_keeps_old_target(tmp_path: Path) -> None:
+    _old_target(tmp_path)
+    before = image_state(tmp_path / "out.img")
+    _pyhv_killed(tmp_path, "/^rename", 1, "create", "-f", "qcow2", "out.img", "2M")
+    assert image_state(tmp_path / "out.img") == before
+    assert len(_temporaries(tmp_path)) == 1
+    create_qcow2(str(tmp_path / "out.img"), Qcow2CreateOptions(size=2 * MIB))
+    assert _temporaries(tmp_path) == []
+    check_no_corruption(tmp_path / "out.img")
