@@ -58,7 +58,6 @@ class MetadataTransaction:
         self.image = image
         self.refs: Refcounts = image._refs  # type: ignore[has-type]  # (image.py mixins defeat inference)
         self.net: Counter[int] = Counter()
-        self._writes: list[tuple[int, bytes]] = []
         self._old_blocks = {index: offset for index, offset in enumerate(self.refs.table) if offset}
         self._old_table = (self.refs.table_offset, self.refs.table_clusters)
         header: Qcow2Header = image._header  # type: ignore[has-type]  # (as above)
@@ -88,7 +87,9 @@ class MetadataTransaction:
             self.net[cluster] += sign
 
     def write(self, offset: int, data: bytes) -> None:
-        self._writes.append((offset, data))
+        """Write part of the new state now (memory stays bounded): `offset` came from `allocate`,
+        so no reference of the old state reaches it."""
+        self.image._hf.pwrite(offset, data)
 
     def exact_l2(self, table: array) -> array:
         """`table` with every COPIED flag equal to (refcount after commit == 1)."""
@@ -133,8 +134,6 @@ class MetadataTransaction:
             self._apply_increments()
             table_offset, table_clusters = self._shadow_refcounts()
             refs.table_offset, refs.table_clusters = table_offset, table_clusters
-            for offset, data in self._writes:
-                image._hf.pwrite(offset, data)
             image._hf.sync()
             update_header(header)
             header.refcount_table_offset = table_offset
