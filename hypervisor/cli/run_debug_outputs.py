@@ -93,7 +93,7 @@ class DebugOutputs:
     def collect(self, machine: Machine, result: RunResult) -> None:
         """After `wait()` returned, before `close()`: the trace's aggregates and the post-mortem."""
         if self.tracer is not None:
-            self.tracer.finish(result)
+            self.tracer.finish(result, machine.runners)
         from hypervisor.debug.postmortem import collect, is_crash
 
         if is_crash(result.outcome):

@@ -24,7 +24,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import IO, TYPE_CHECKING
 
 from hypervisor.debug.device_meaning import device_meaning
@@ -138,8 +138,16 @@ class JsonTracer:
         """Times from now on (the machine's start), not from when the tracer was made."""
         self.started = self._clock()
 
-    def finish(self, result: RunResult) -> None:
-        """One aggregate object per non-zero C-path counter and vCPU, then the end object."""
+    def finish(self, result: RunResult, runners: Sequence[object] = ()) -> None:
+        """One aggregate object per non-zero C-path counter and vCPU, the instructions pyhv's
+        emulator ran for KVM (exits that reach Python but are no hook event: `runners` are the
+        machine's VcpuRunners), then the end object."""
+        for index, runner in enumerate(runners):
+            emulated = int(getattr(runner, "emulated_instructions", 0) or 0)
+            if emulated:
+                self._write({"type": "aggregate", "vcpu": index, "counter": "emulated_instructions",
+                             "kind": "emulation", "device": "pyhv emulator", "register": "instruction",
+                             "count": emulated})  # fmt: skip
         for index, stats in enumerate(result.per_vcpu):
             for counter, (kind, device, register) in C_PATH_COUNTERS.items():
                 count = int(stats.get(counter, 0) or 0)  # type: ignore[call-overload]

@@ -2,8 +2,8 @@
 
 matplotlib is an optional extra (`pip install 'pyhv[plot]'`); without it the command says how to
 install it (ConfigError, exit 3). The figure is drawn with the non-interactive Agg backend, so no
-display is needed. Exits the C fast path completed are counted, not timed: the title gives their
-total instead of a line.
+display is needed. Exits that are only counted (C fast path, emulated instructions) have no
+time: the title gives their total instead of a line.
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def plot_trace(trace: TraceFile, output: Path, by: str = "reason", title: str | 
         axes.set_yscale("symlog", linthresh=10)
         heading = title or "VM exits that reached Python, by " + by
         if counted:
-            heading += f"\n(+{counted} exits completed in the C fast path, not timed)"
+            heading += f"\n(+{counted} exits only counted: C fast path, pyhv's emulator)"
         axes.set_title(heading, fontsize=10)
         axes.grid(True, alpha=0.3)
         axes.legend(fontsize=8, loc="upper right")

@@ -2,7 +2,8 @@
 
 The table follows `perf kvm stat report`: samples, samples%, time%, then min/max/avg host time
 per exit (here: the time pyhv spent handling the exit after KVM returned, the trace's host_ns).
-Aggregates of the C fast path (sink ports, unmapped accesses) add samples without times.
+Aggregates (the C fast path's sink ports and unmapped accesses, the instructions pyhv's emulator
+ran) add samples without times, as "io (counted)" and the like.
 
 A trace is untrusted input: lines that are not JSON objects of the format (a truncated last line
 after a crash, a hand-edited file) are counted and reported in one line, never a traceback.
@@ -134,7 +135,7 @@ def group_key(record: dict[str, object], by: str) -> str:
     kind = str(record["kind"])
     direction = record.get("dir")
     if record["type"] == "aggregate":
-        direction = "c-path"
+        direction = "(counted)"
     reason = f"{kind} {direction}" if direction else kind
     if by == "reason":
         return reason
@@ -195,7 +196,7 @@ def describe_trace(trace: TraceFile) -> str:
     """One line on what the trace holds: exits, aggregates, outcome and skipped lines."""
     exits = sum(1 for record in trace.records if record["type"] == "exit")
     counted = sum(int(record["count"]) for record in trace.records if record["type"] == "aggregate")  # type: ignore[call-overload]
-    text = f"{exits} traced exits, {counted} counted in the C fast path"
+    text = f"{exits} traced exits, {counted} only counted (C fast path, pyhv's instruction emulator)"
     if trace.end is not None:
         text += f"; run ended with {trace.end.get('outcome')} after {trace.end.get('wall_seconds')} s"
     else:

@@ -63,8 +63,8 @@ def test_by_reason_counts_times_and_c_path(trace_file: Path) -> None:
     out = table["io out"]
     assert (out.samples, out.min_ns, out.max_ns, out.total_ns) == (4, 1000, 4000, 10_000)
     assert table["io in"].samples == 1 and table["mmio read"].samples == 1 and table["shutdown"].samples == 1
-    assert table["io c-path"].samples == 5 and table["io c-path"].timed == 0
-    assert [row.key for row in summary.rows][0] == "io c-path"  # sorted by samples
+    assert table["io (counted)"].samples == 5 and table["io (counted)"].timed == 0
+    assert [row.key for row in summary.rows][0] == "io (counted)"  # sorted by samples
 
 
 def test_by_device_and_register(trace_file: Path) -> None:
@@ -132,7 +132,10 @@ def test_binary_garbage_is_bad_lines_not_a_traceback() -> None:
 def test_cli_summarize(trace_file: Path) -> None:
     result = CliRunner().invoke(main, ["trace", "summarize", str(trace_file), "--by", "register"])
     assert result.exit_code == 0, result.output
-    assert "7 traced exits, 5 counted in the C fast path; run ended with triple-fault" in result.output
+    assert (
+        "7 traced exits, 5 only counted (C fast path, pyhv's instruction emulator); run ended with triple-fault"
+        in result.output
+    )
     assert "COM1 THR" in result.output and "reason" not in result.output.split("\n", 2)[2]
 
 
