@@ -187,6 +187,8 @@ def create_machine(options: RunOptions, console: Console | None) -> tuple[Machin
         info = LaunchInfo("multiboot" if kind == "multiboot" else "linux", str(kernel_path), image.cmdline,
                           image.protocol, pvm, image.source)  # fmt: skip
         machine.set_entry_state(image.entry)
+        # A Linux console's panic line and init's status lines explain outcomes; others' never do.
+        machine.observer.linux_rules = info.kind == "linux"
     except BaseException:
         machine.close()
         raise

@@ -28,7 +28,7 @@ from hypervisor.devices.debug_exit import DEBUG_EXIT_PORT_SIZE, DEFAULT_DEBUG_EX
 from hypervisor.devices.irq import IrqFdLine, KvmIrqLine
 from hypervisor.disk_spec import DiskSpec
 from hypervisor.errors import ConfigError, HypervisorError
-from hypervisor.kvm import Kvm, Vcpu, Vm
+from hypervisor.kvm import Kvm, Vcpu, Vm, kvm_is_pvm
 from hypervisor.kvm.vcpu import MP_STATE_HALTED, TableRange
 from hypervisor.memory import GuestMemory
 from hypervisor.outcome import Outcome, OutcomeKind
@@ -106,6 +106,8 @@ class RunResult:
     wall_seconds: float
     statistics: dict[str, object]
     per_vcpu: list[dict[str, object]] = field(default_factory=list)
+    # Linux guests: the kernel's trouble reports seen on the console (hypervisor.debug.kernel_log).
+    kernel_reports: dict[str, object] | None = None
 
     @property
     def exit_status(self) -> int:
@@ -270,9 +272,12 @@ class Machine:
     def _create_vcpus(self, count: int) -> None:
         assert self.vm is not None and self.kvm is not None
         cpuid = self.kvm.supported_cpuid()
+        on_pvm = kvm_is_pvm()
         for index in range(count):
             vcpu = self.vm.create_vcpu(index)
-            vcpu.set_cpuid(guest_cpuid(cpuid, index, count))
+            # On kvm_pvm a hypercall from emulated CPL0 hangs the vCPU: offer no PV feature that
+            # makes the guest issue one (docs/booting.md).
+            vcpu.set_cpuid(guest_cpuid(cpuid, index, count, hide_hypercall_features=on_pvm))
             configure_boot_msrs(vcpu)
             configure_lapic(vcpu)
             vcpu.set_fpu()
@@ -454,7 +459,8 @@ class Machine:
         per_vcpu = [vcpu_statistics(vcpu) for vcpu in self.vcpus]
         statistics = merge_statistics(per_vcpu)
         self._warn_about_unmapped(statistics)
-        return RunResult(outcome, wall, statistics, per_vcpu)
+        reports = self.observer.kernel_log.reports.to_dict() if self.observer.linux_rules else None
+        return RunResult(outcome, wall, statistics, per_vcpu, reports)
 
     def run(self, timeout: float | None = None) -> RunResult:
         """Runs the guest until it stops (or `timeout` seconds pass) and returns the result."""
@@ -483,12 +489,15 @@ class Machine:
         save_machine(self, path)
 
     @classmethod
-    def restore(cls, path: str, console: Console | None = None, *, verify_memory: bool = True) -> Machine:
+    def restore(cls, path: str, console: Console | None = None, *, verify_memory: bool = True,
+                disk_overlay: str | None = None) -> Machine:  # fmt: skip
         """A machine rebuilt from the snapshot folder `path`, ready to `run()` on from where it
-        was saved. Refuses (ConfigError, exit 3) a damaged, foreign or incompatible snapshot."""
+        was saved. Refuses (ConfigError, exit 3) a damaged, foreign or incompatible snapshot.
+        Each disk gets a fresh overlay on its frozen image in the folder `disk_overlay` (None: a
+        temporary folder removed at close)."""
         from hypervisor.snapshot.machine_state import restore_machine
 
-        return restore_machine(path, console, verify_memory=verify_memory)
+        return restore_machine(path, console, verify_memory=verify_memory, disk_overlay=disk_overlay)
 
     def _exit_count(self) -> int:
         return sum(int(vcpu.stats.kvm_run_calls) for vcpu in self.vcpus)

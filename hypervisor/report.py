@@ -56,6 +56,9 @@ def build_report(
             "loaded_as": info.source,
         }
         report["host"] = {"kvm_pvm": info.pvm_host}
+    if result.kernel_reports is not None:
+        # Oopses, WARNINGs, BUGs, KASAN/UBSAN, lockdep... the Linux console printed: {} is none.
+        report["kernel_reports"] = result.kernel_reports
     if post_mortem is not None:
         report["post_mortem"] = post_mortem
     return report

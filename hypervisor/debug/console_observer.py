@@ -11,6 +11,7 @@ import threading
 import time
 
 from hypervisor.console import PhaseWatcher
+from hypervisor.debug.kernel_log import KernelLogScanner
 from hypervisor.outcome import Outcome, OutcomeKind
 
 # Console lines that mark the phases of a Linux boot (printed by init/main.c and by the
@@ -34,12 +35,19 @@ PANIC_EXPLAINS = (OutcomeKind.RESET, OutcomeKind.TRIPLE_FAULT, OutcomeKind.TIMEO
 
 
 class ConsoleObserver:
-    def __init__(self, started_at: float | None = None) -> None:
+    """`linux_rules`: the console is a Linux kernel's, so its panic line and the bundled init's
+    command status explain how the run ended, and its oops/WARNING/... reports are counted. For
+    other guests (raw binaries, multiboot kernels) console text never changes an outcome: a raw
+    guest that prints "Kernel panic - not syncing" and resets has reset."""
+
+    def __init__(self, started_at: float | None = None, linux_rules: bool = False) -> None:
         self.started_at = started_at if started_at is not None else time.monotonic()
         self.first_byte_at: float | None = None
+        self.linux_rules = linux_rules
         self._lock = threading.Lock()
         self._tail = bytearray()
         self.phases = PhaseWatcher({**LINUX_PHASES, "panic": PANIC_MARKER})
+        self.kernel_log = KernelLogScanner()
 
     def restart_clock(self) -> None:
         self.started_at = time.monotonic()
@@ -52,6 +60,13 @@ class ConsoleObserver:
             if len(self._tail) > TAIL_BYTES:
                 del self._tail[:-TAIL_BYTES]
         self.phases(data)
+        if self.linux_rules:
+            self.kernel_log.feed(data)
+
+    def tail(self) -> bytes:
+        """The last TAIL_BYTES of console output."""
+        with self._lock:
+            return bytes(self._tail)
 
     @property
     def panicked(self) -> bool:
@@ -70,7 +85,9 @@ class ConsoleObserver:
 
     def explain(self, outcome: Outcome) -> Outcome:
         """`outcome`, or what the console says really happened: a kernel panic, or the status
-        of the command the bundled guest ran before it reset the machine."""
+        of the command the bundled guest ran before it reset the machine (Linux guests only)."""
+        if not self.linux_rules:
+            return outcome
         if self.panicked and outcome.kind in PANIC_EXPLAINS:
             reason = self.panic_reason()
             return Outcome(OutcomeKind.PANIC, f"guest kernel panic: {reason}" if reason else "guest kernel panic")

@@ -11,7 +11,7 @@ import logging
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from hypervisor.errors import KvmError
 from hypervisor.kvm.ffi import ffi, ioctl, lib
@@ -31,6 +31,24 @@ SEGMENT_FIELDS = ("base", "limit", "selector", "type", "present", "dpl", "db", "
 
 MP_STATE_HALTED: int = lib.KVM_MP_STATE_HALTED  # api.rst KVM_GET_MP_STATE
 _kick_handler_installed = False
+
+
+class CpuidRecord(NamedTuple):
+    """One entry of the vCPU's CPUID (struct kvm_cpuid_entry2), as KVM_GET_CPUID2 gives it."""
+
+    function: int
+    index: int
+    flags: int
+    eax: int
+    ebx: int
+    ecx: int
+    edx: int
+
+
+# KVM_GET_CPUID2 fails with E2BIG below the vCPU's entry count; KVM allows at most 256 entries
+# (KVM_MAX_CPUID_ENTRIES in arch/x86/include/asm/kvm_host.h).
+MAX_CPUID_ENTRIES = 256
+XCR0 = 0  # XCR_XFEATURE_ENABLED_MASK (SDM Vol. 1 §13.3)
 
 
 @dataclass(frozen=True)
@@ -187,6 +205,38 @@ class Vcpu:
             debug.arch.debugreg[index] = value
         ioctl(self.fd, "KVM_SET_GUEST_DEBUG", debug)
         self.guest_debug_control = control
+
+    def get_cpuid(self) -> list[CpuidRecord]:
+        """The CPUID this vCPU's guest sees (KVM_GET_CPUID2, api.rst 4.47)."""
+        cpuid = ffi.new("struct kvm_cpuid2 *", {"nent": MAX_CPUID_ENTRIES, "entries": MAX_CPUID_ENTRIES})
+        ioctl(self.fd, "KVM_GET_CPUID2", cpuid)
+        return [
+            CpuidRecord(int(e.function), int(e.index), int(e.flags), int(e.eax), int(e.ebx), int(e.ecx), int(e.edx))
+            for e in cpuid.entries[0 : cpuid.nent]
+        ]
+
+    def get_xcr0(self) -> int | None:
+        """XCR0 (KVM_GET_XCRS), or None where KVM has no XCRs (api.rst: needs KVM_CAP_XCRS)."""
+        xcrs = ffi.new("struct kvm_xcrs *")
+        try:
+            ioctl(self.fd, "KVM_GET_XCRS", xcrs)
+        except KvmError:
+            return None
+        for slot in range(int(xcrs.nr_xcrs)):
+            if xcrs.xcrs[slot].xcr == XCR0:
+                return int(xcrs.xcrs[slot].value)
+        return None
+
+    def inject_interrupt(self, vector: int) -> None:
+        """Delivers `vector` as an interrupt at the next entry (api.rst KVM_SET_VCPU_EVENTS,
+        `interrupt.injected`, not `soft`: see hypervisor/vcpu/pvm.py for why)."""
+        events = ffi.new("struct kvm_vcpu_events *")
+        ioctl(self.fd, "KVM_GET_VCPU_EVENTS", events)
+        events.interrupt.injected = 1
+        events.interrupt.nr = vector
+        events.interrupt.soft = 0
+        events.flags = 0
+        ioctl(self.fd, "KVM_SET_VCPU_EVENTS", events)
 
     def get_vcpu_events(self) -> VcpuEvents:
         """Pending and injected exceptions, interrupts and NMIs (api.rst KVM_GET_VCPU_EVENTS)."""

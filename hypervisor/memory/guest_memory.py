@@ -138,6 +138,12 @@ class GuestMemory:
         region = self._region_for(gpa, length)
         return region.view(gpa - region.gpa, length)
 
+    def host_address(self, gpa: int, length: int) -> int:
+        """The host virtual address of [gpa, gpa+length), which must lie in one region (for C
+        helpers that act on guest RAM in place, such as an atomic compare-exchange)."""
+        region = self._region_for(gpa, length)
+        return region.host_address + (gpa - region.gpa)
+
     def read(self, gpa: int, length: int) -> bytes:
         return bytes(self.view(gpa, length))
 

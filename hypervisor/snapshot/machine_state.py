@@ -6,7 +6,11 @@ A snapshot is a folder (docs/snapshots.md):
   kvm_pvm or not), the machine's configuration, and every other part with its size and sha256;
 * `memory.raw`: guest RAM, the regions one after the other, sparse (zero chunks are holes);
 * `state.json`: per vCPU the raw KVM state structs (hex), the MSRs, LAPIC, events and MP state;
-  the in-kernel PIC/IOAPIC, PIT and KVM clock; every device's state (hypervisor.devices.state).
+  the in-kernel PIC/IOAPIC, PIT and KVM clock; every device's state (hypervisor.devices.state),
+  the virtio-mmio transports of the disks with their queues among them.
+
+Disks are not copied: each is frozen at the save and referred to by the header's `disks`
+(hypervisor.snapshot.disks); a restore gives each a fresh overlay on its frozen image.
 
 Saving pauses every vCPU with the acknowledged pause, so the state is one instant's, and resumes
 them afterwards. Restoring maps memory.raw copy-on-write (MAP_PRIVATE): its cost does not grow with
@@ -28,6 +32,13 @@ from typing import TYPE_CHECKING, Any
 
 from hypervisor import __version__
 from hypervisor.errors import ConfigError
+from hypervisor.snapshot.disks import (
+    attach_restored_disks,
+    check_disks_can_freeze,
+    check_frozen,
+    freeze_disks,
+    parse_records,
+)
 from hypervisor.snapshot.kvm_state import (
     VcpuState,
     VmState,
@@ -84,14 +95,14 @@ def _devices(machine: Machine) -> dict[str, Any]:
         device = getattr(machine, name, None)
         if device is not None and hasattr(device, "state"):
             devices[name] = device
+    for disk in machine.disks:
+        devices[disk.name] = disk.transport
     return devices
 
 
 def save_machine(machine: Machine, path: str | os.PathLike[str]) -> Path:
     """Writes the snapshot folder `path` (which must not exist yet) and returns it."""
     target = Path(path)
-    if machine.disks:
-        raise ConfigError("saving a machine with virtio disks is not supported yet (docs/snapshots.md)")
     if target.exists():
         raise ConfigError(f"snapshot {target} already exists")
     if not target.parent.is_dir():
@@ -99,6 +110,7 @@ def save_machine(machine: Machine, path: str | os.PathLike[str]) -> Path:
     assert machine.kvm is not None and machine.vm is not None and machine.memory is not None
     if machine.control.stop_requested:
         raise ConfigError("the machine has stopped; there is nothing left to save")
+    check_disks_can_freeze(machine, target.resolve())
     started = time.monotonic()
     was_paused = machine.paused
     # Built in a temporary folder beside the target and renamed into place at the end, so a
@@ -107,11 +119,18 @@ def save_machine(machine: Machine, path: str | os.PathLike[str]) -> Path:
     try:
         if not machine.pause(wait=True, timeout=10):
             raise ConfigError("the vCPUs did not stop within 10 s; nothing was saved")
+        # Drain: with the vCPUs parked nothing new arrives; each disk's I/O thread finishes the
+        # requests it took and stops, so no request is half done in the saved state.
+        draining = [disk.transport for disk in machine.disks if disk.transport.io_running]
         try:
+            for transport in draining:
+                if not transport.stop():
+                    raise ConfigError(f"{transport.name}: a disk request did not finish; nothing was saved")
             msr_indices = saved_msr_indices(machine.kvm)
             vcpus = [capture_vcpu(vcpu, msr_indices) for vcpu in machine.vcpus]
             vm_state = capture_vm(machine.vm)
             devices = {name: device.state() for name, device in _devices(machine).items()}
+            frozen = freeze_disks(machine, target.resolve())
             descriptor = os.open(building / MEMORY, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
                 data_bytes = machine.memory.save_sparse(descriptor)
@@ -119,6 +138,8 @@ def save_machine(machine: Machine, path: str | os.PathLike[str]) -> Path:
             finally:
                 os.close(descriptor)
         finally:
+            for transport in draining:
+                transport.start()
             if not was_paused:
                 machine.resume()
         state = {
@@ -136,9 +157,10 @@ def save_machine(machine: Machine, path: str | os.PathLike[str]) -> Path:
             "pyhv_version": __version__,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "host": host_identity(),
-            "machine": machine.config,
+            "machine": {**machine.config, "linux_console_rules": machine.observer.linux_rules},
             "memory_data_bytes": data_bytes,
             "parts": parts,
+            "disks": [disk.to_json() for disk in frozen],
         }
         (building / HEADER).write_text(json.dumps(header, indent=2) + "\n")
         os.rename(building, target)
@@ -220,11 +242,17 @@ def _check_part(folder: Path, header: dict[str, Any], name: str, verify_hash: bo
     return path
 
 
-def restore_machine(path: str | os.PathLike[str], console: Console | None, verify_memory: bool = True) -> Machine:
+def restore_machine(
+    path: str | os.PathLike[str], console: Console | None, verify_memory: bool = True, disk_overlay: str | None = None
+) -> Machine:
+    """`disk_overlay`: the folder for each disk's fresh overlay (None: a temporary folder that
+    is removed when the machine closes)."""
     from hypervisor.machine import Machine
 
     folder = Path(path)
     header = read_header(folder)
+    disks = parse_records(header.get("disks", []), folder)
+    check_frozen(disks, folder)
     state_path = _check_part(folder, header, STATE, verify_hash=True)
     memory_path = _check_part(folder, header, MEMORY, verify_hash=verify_memory)
     if state_path.stat().st_size > STATE_LIMIT:
@@ -245,6 +273,8 @@ def restore_machine(path: str | os.PathLike[str], console: Console | None, verif
         raise ConfigError(f"snapshot {folder}: {STATE} or the header is damaged ({error!r})") from error
     if len(vcpus) != cpus or sum(size for _, size in regions) != header["parts"][MEMORY]["size"]:
         raise ConfigError(f"snapshot {folder}: the header's machine does not match its state")
+    if not isinstance(devices, dict) or any(disk.name not in devices for disk in disks):
+        raise ConfigError(f"snapshot {folder}: the header's disks have no saved device state")
     descriptor = os.open(memory_path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         machine = Machine(
@@ -255,11 +285,14 @@ def restore_machine(path: str | os.PathLike[str], console: Console | None, verif
         )  # fmt: skip
     finally:
         os.close(descriptor)  # the mappings keep the file
+    overlays: list[Path] = []
     try:
         assert machine.vm is not None
+        overlays = attach_restored_disks(machine, disks, disk_overlay)
         restore_vm(machine.vm, vm_state)
         for vcpu, vcpu_state in zip(machine.vcpus, vcpus, strict=True):
             restore_vcpu(vcpu, vcpu_state)
+        machine.observer.linux_rules = bool(config.get("linux_console_rules", False))
         known = _devices(machine)
         for name, device_state in devices.items():
             if name not in known:
@@ -267,5 +300,7 @@ def restore_machine(path: str | os.PathLike[str], console: Console | None, verif
             known[name].restore_state(device_state)
     except BaseException:
         machine.close()
+        for overlay in overlays:  # nothing of a failed restore stays behind
+            overlay.unlink(missing_ok=True)
         raise
     return machine

@@ -19,7 +19,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from hypervisor.errors import HypervisorError, KvmError
-from hypervisor.kvm.ffi import ffi, ioctl, lib
+from hypervisor.kvm.loop import cmpxchg16b
 
 if TYPE_CHECKING:
     from hypervisor.kvm import Vcpu
@@ -32,10 +32,6 @@ EFER_LMA = 1 << 10  # SDM vol. 3A §2.2.1
 CR0_PE = 1 << 0
 CR4_PGE = 1 << 7
 CPUID_FLAG_SIGNIFICANT_INDEX = 1  # struct kvm_cpuid_entry2 flags (linux/kvm.h)
-# KVM_GET_CPUID2 fails with E2BIG below the vCPU's entry count; KVM allows at most 256 entries
-# (KVM_MAX_CPUID_ENTRIES in arch/x86/include/asm/kvm_host.h).
-CPUID_ENTRIES = 256
-XCR_XFEATURE_ENABLED_MASK = 0  # XCR0 (SDM Vol. 1 §13.3)
 
 
 def guest_cpuid_map(entries: Any, count: int) -> GuestCpuid:
@@ -51,30 +47,17 @@ def guest_cpuid_map(entries: Any, count: int) -> GuestCpuid:
 
 def read_guest_cpuid(vcpu: Vcpu) -> GuestCpuid | None:
     """The CPUID this vCPU's guest sees (KVM_GET_CPUID2), or None if KVM cannot say."""
-    if not hasattr(lib, "KVM_GET_CPUID2"):
-        return None
-    cpuid = ffi.new("struct kvm_cpuid2 *", {"nent": CPUID_ENTRIES, "entries": CPUID_ENTRIES})
     try:
-        ioctl(vcpu.fd, "KVM_GET_CPUID2", cpuid)
+        entries = vcpu.get_cpuid()
     except KvmError as error:
         log.debug("KVM_GET_CPUID2 failed (%s): CPUID-dependent instructions are not emulated", error)
         return None
-    return guest_cpuid_map(cpuid.entries, int(cpuid.nent))
+    return guest_cpuid_map(entries, len(entries))
 
 
 def read_xcr0(vcpu: Vcpu) -> int | None:
     """XCR0 (KVM_GET_XCRS), or None where KVM has no XCRs (api.rst: needs KVM_CAP_XCRS)."""
-    if not hasattr(lib, "KVM_GET_XCRS"):
-        return None
-    xcrs = ffi.new("struct kvm_xcrs *")
-    try:
-        ioctl(vcpu.fd, "KVM_GET_XCRS", xcrs)
-    except KvmError:
-        return None
-    for slot in range(int(xcrs.nr_xcrs)):
-        if xcrs.xcrs[slot].xcr == XCR_XFEATURE_ENABLED_MASK:
-            return int(xcrs.xcrs[slot].value)
-    return None
+    return vcpu.get_xcr0()
 
 
 def inject_interrupt(vcpu: Vcpu, vector: int) -> None:
@@ -82,13 +65,7 @@ def inject_interrupt(vcpu: Vcpu, vector: int) -> None:
     `interrupt.injected`). Not `soft`: the RIP is already past the INT n, and KVM's soft
     injection would add the instruction length again on some hosts (VMX's VM-entry instruction
     length, SVM's next_rip). Tried on kvm_pvm: the handler runs and IRET returns after the INT."""
-    events = ffi.new("struct kvm_vcpu_events *")
-    ioctl(vcpu.fd, "KVM_GET_VCPU_EVENTS", events)
-    events.interrupt.injected = 1
-    events.interrupt.nr = vector
-    events.interrupt.soft = 0
-    events.flags = 0
-    ioctl(vcpu.fd, "KVM_SET_VCPU_EVENTS", events)
+    vcpu.inject_interrupt(vector)
 
 
 def flush_guest_tlb(vcpu: Vcpu) -> None:
@@ -140,15 +117,14 @@ class PvmEmulator:
             linear: int, expected_low: int, expected_high: int, desired_low: int, desired_high: int
         ) -> tuple[bool, int, int] | None:
             physical = vcpu.translate(linear)
-            if physical is None or not hasattr(lib, "pyhv_cmpxchg16b"):
+            if physical is None:
                 return None
             try:
-                host = self.memory.view(physical, 16)  # aligned: never crosses a page or region
+                host = self.memory.host_address(physical, 16)  # aligned: never crosses a page or region
             except HypervisorError:
                 return None
-            expected = ffi.new("uint64_t[2]", [expected_low, expected_high])
-            swapped = lib.pyhv_cmpxchg16b(ffi.from_buffer(host), expected, desired_low, desired_high)
-            return bool(swapped), int(expected[0]), int(expected[1])
+            swapped, (low, high) = cmpxchg16b(host, (expected_low, expected_high), (desired_low, desired_high))
+            return swapped, low, high
 
         return exchange
 

@@ -58,6 +58,7 @@ BUDGET = ExitKind.BUDGET
 RUN_ERROR = ExitKind.ERROR
 INT3 = 0xCC
 VECTOR_BP = 3
+EFER_LMA = 1 << 10  # SDM Vol. 3A §2.2.1
 
 # An emulator gets the vCPU and the failing instruction; it returns True when it emulated it.
 Emulator = Callable[["Vcpu", bytes], bool]
@@ -332,14 +333,26 @@ class VcpuRunner:
         event = EmulationFailure(vcpu.id, insn, rip, time.perf_counter_ns() - started)
         if not self._notify(event, None, None):
             return False
-        self.control.request_stop(
-            Outcome(
-                OutcomeKind.EMULATION_FAILURE,
-                f"KVM could not emulate the instruction {insn.hex(' ')} at rip {rip:#x}",
-                data={"instruction": insn.hex(), "rip": rip, "vcpu": vcpu.id},
-            )
-        )
+        self.control.request_stop(self._emulation_failure_outcome(insn, rip))
         return False
+
+    def _emulation_failure_outcome(self, insn: bytes, rip: int) -> Outcome:
+        """Names the instruction, why pyhv's emulator did not run it, and the host limit it is
+        (issue: the bytes alone do not tell a user what stopped the guest)."""
+        from hypervisor.kvm import kvm_is_pvm
+        from hypervisor.vcpu.emulate import code_bits_from_cs
+        from hypervisor.vcpu.insn_names import describe_failure, describe_instruction
+
+        vcpu = self.vcpu
+        sregs = vcpu.get_sregs()
+        bits = code_bits_from_cs(bool(sregs.efer & EFER_LMA), bool(sregs.cs.l), bool(sregs.cs.db))
+        refusal_of = getattr(self.emulator, "refusal", None)
+        refusal = refusal_of(vcpu.id) if callable(refusal_of) else None
+        detail = describe_failure(insn, rip, code_bits=bits, refusal=refusal, pvm_host=kvm_is_pvm())
+        if vcpu.id:
+            detail = f"vCPU {vcpu.id}: {detail}"
+        data = {"instruction": insn.hex(), "name": describe_instruction(insn, bits), "rip": rip, "vcpu": vcpu.id}
+        return Outcome(OutcomeKind.EMULATION_FAILURE, detail, data=data)
 
 
 def _safe_call(function: Callable[[ExitEvent, ExitContext], object], event: ExitEvent, context: ExitContext) -> object:

@@ -3,10 +3,12 @@ that holds real `struct kvm_sregs`/`kvm_fpu` records and real guest memory."""
 
 from __future__ import annotations
 
+import errno
 from typing import Any
 
 import pytest
 
+from hypervisor.errors import KvmError
 from hypervisor.kvm.ffi import ffi
 from hypervisor.memory.guest_memory import GuestMemory
 from hypervisor.vcpu import pvm
@@ -21,6 +23,12 @@ class FakeVcpu:
 
     id = 0
     fd = -1  # every real ioctl on it fails, as it must when KVM has no answer
+
+    def get_cpuid(self) -> list[object]:
+        raise KvmError("KVM_GET_CPUID2", errno.EBADF)  # no KVM behind this vCPU
+
+    def get_xcr0(self) -> int | None:
+        return None
 
     def __init__(self, rip: int = 0x1000, **registers: int) -> None:
         self.registers = {

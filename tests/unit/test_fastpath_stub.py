@@ -52,3 +52,15 @@ int pyhv_thing(struct thing *t);
     assert "hidden" not in cdef and "    ...;\n};" in cdef and "char name[...];" in cdef
     assert "int pyhv_thing(struct thing *t);" in cdef
 
+
+
+def test_only_the_kvm_layer_imports_the_compiled_module() -> None:
+    offenders = []
+    for path in (ROOT / "hypervisor").rglob("*.py"):
+        relative = path.relative_to(ROOT / "hypervisor")
+        if relative.parts[0] == "kvm":
+            continue
+        text = path.read_text()
+        if "_fastpath" in text or "hypervisor.kvm.ffi" in text:
+            offenders.append(str(relative))
+    assert offenders == []

@@ -25,7 +25,7 @@ def feed_lines(observer: ConsoleObserver, text: str) -> None:
 
 
 def test_a_panic_explains_the_reset_that_follows() -> None:
-    observer = ConsoleObserver()
+    observer = ConsoleObserver(linux_rules=True)
     feed_lines(observer, "Linux version 6.1\nKernel panic - not syncing: VFS: Unable to mount root fs\n")
     outcome = observer.explain(Outcome(OutcomeKind.RESET))
     assert outcome.kind is OutcomeKind.PANIC and outcome.exit_status == 121
@@ -35,14 +35,14 @@ def test_a_panic_explains_the_reset_that_follows() -> None:
 
 @pytest.mark.parametrize("status", [0, 3, 127])
 def test_the_guest_commands_status_becomes_the_exit_status(status: int) -> None:
-    observer = ConsoleObserver()
+    observer = ConsoleObserver(linux_rules=True)
     feed_lines(observer, f"pyhv guest: running command: false\npyhv guest: command exited with status {status}\n")
     outcome = observer.explain(Outcome(OutcomeKind.RESET))
     assert outcome.kind is OutcomeKind.COMMAND_EXIT and outcome.exit_status == status
 
 
 def test_a_plain_reset_stays_a_reset() -> None:
-    observer = ConsoleObserver()
+    observer = ConsoleObserver(linux_rules=True)
     feed_lines(observer, "pyhv guest: shell exited with status 0\npyhv guest: rebooting\n")
     assert observer.explain(Outcome(OutcomeKind.RESET)).kind is OutcomeKind.RESET
     assert set(observer.timeline()) == {"first_console_byte", "guest_rebooting"}

@@ -30,7 +30,7 @@ from hypervisor.debug.gdb.registers import MSR_KERNEL_GS_BASE, apply_fpu, apply_
 from hypervisor.debug.gdb.software_breakpoints import SoftwareBreakpoints
 from hypervisor.debug.gdb.target import BreakKind, GdbTargetError, ResumeAction, StopEvent
 from hypervisor.errors import GuestMemoryError, HypervisorError
-from hypervisor.kvm.ffi import lib
+from hypervisor.kvm.loop import GuestDebug
 from hypervisor.outcome import Outcome, OutcomeKind
 from hypervisor.vcpu.events import DebugTrap
 
@@ -194,13 +194,13 @@ class MachineTarget:
     def _apply_guest_debug(self, step_vcpu: int | None = None) -> None:
         control = 0
         if len(self.software):
-            control |= lib.KVM_GUESTDBG_USE_SW_BP
+            control |= GuestDebug.USE_SW_BP
         if self.hardware.in_use:
-            control |= lib.KVM_GUESTDBG_USE_HW_BP
+            control |= GuestDebug.USE_HW_BP
         registers = self.hardware.values()
         for index, vcpu in enumerate(self.machine.vcpus):
-            flags = control | (lib.KVM_GUESTDBG_SINGLESTEP if index == step_vcpu else 0)
-            vcpu.set_guest_debug(lib.KVM_GUESTDBG_ENABLE | flags if flags else 0, registers)
+            flags = control | (GuestDebug.SINGLESTEP if index == step_vcpu else 0)
+            vcpu.set_guest_debug(GuestDebug.ENABLE | flags if flags else 0, registers)
 
     # -- running -------------------------------------------------------------------------------------
 
