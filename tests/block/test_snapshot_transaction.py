@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+import struct
 from pathlib import Path
 
 import pytest
@@ -118,3 +119,40 @@ def test_error_while_building_forgets_the_allocations(tmp_path: Path, monkeypatc
     image.close()
     check_clean(path)  # no leaked clusters from the abandoned copies
     assert qemu_img("snapshot", "-l", path).stdout == ""
+
+
+def test_old_table_with_short_extra_data_is_freed_by_its_stored_size(tmp_path: Path) -> None:
+    """A table written with 16 bytes of extra data per entry (QEMU before 5.0) is shorter than
+    the one pyhv would build (24): only the clusters it really takes may be freed."""
+    path = create(tmp_path / "img.qcow2", 256 * KIB, "cluster_size=512")
+    qemu_io(path, "write -P 0x41 0 8k")
+    # QEMU keeps names to 255 bytes; with 16 bytes of extra data these two entries take 312 + 200
+    # bytes, exactly one 512-byte cluster (with 24 bytes, as QEMU 7.2 and pyhv write, 528).
+    names = ["n" * 255, "m" * 143]
+    for name in names:
+        qemu_img("snapshot", "-c", name, path)
+    with open(path, "r+b") as f:
+        f.seek(60)
+        count, table = struct.unpack(">IQ", f.read(12))
+        assert count == 2
+        f.seek(table)
+        entries = []
+        for _ in names:
+            fixed = bytearray(f.read(40))
+            id_size, name_size = struct.unpack_from(">HH", fixed, 12)
+            extra = f.read(24)
+            text = f.read(id_size + name_size)
+            f.read(-(40 + 24 + id_size + name_size) % 8)
+            struct.pack_into(">I", fixed, 36, 16)  # extra_data_size
+            entry = bytes(fixed) + extra[:16] + text
+            entries.append(entry + bytes(-len(entry) % 8))
+        assert sum(len(e) for e in entries) == 512
+        f.seek(table)
+        f.write(b"".join(entries))
+    qemu_img("check", "-r", "leaks", path)  # QEMU's table took two clusters: the second now leaks
+    qemu_io(path, "write -P 0x42 64k 512")  # and is reused for data
+    check_clean(path)
+    with Qcow2Image.open(str(path)) as image:
+        image.delete_snapshot(names[0])
+    check_clean(path)
+    assert to_raw(path, tmp_path / "now.raw")[64 * KIB : 64 * KIB + 512] == b"\x42" * 512

@@ -19,7 +19,12 @@ from typing import TYPE_CHECKING
 from hypervisor.block.qcow2 import format as fmt
 from hypervisor.block.qcow2.compress import compress
 from hypervisor.block.qcow2.refcount import dump_u64_table, load_u64_table
-from hypervisor.block.qcow2.snapshot_table import SnapshotEntry, build_snapshot_table
+from hypervisor.block.qcow2.snapshot_table import (
+    SnapshotEntry,
+    build_snapshot_table,
+    stored_table_size,
+    table_size_bound,
+)
 from hypervisor.block.qcow2.transaction import MetadataTransaction
 from hypervisor.block.qcow2.types import SnapshotInfo
 from hypervisor.errors import ImageError, ImageFormatError
@@ -123,7 +128,9 @@ class OpsMixin:
             txn.write(l1_offset, dump_u64_table(new_l1))
         hdr = self._header
         if hdr.nb_snapshots:
-            txn.add_area(hdr.snapshots_offset, len(build_snapshot_table(self._snapshots)), -1)
+            bound = min(table_size_bound(hdr.nb_snapshots), max(0, self._hf.size - hdr.snapshots_offset))
+            stored = self._hf.pread(hdr.snapshots_offset, bound)
+            txn.add_area(hdr.snapshots_offset, stored_table_size(stored, hdr.nb_snapshots, self.path), -1)
         raw = build_snapshot_table(snapshots)
         table_offset = txn.allocate(len(raw)) if snapshots else 0
         if snapshots:

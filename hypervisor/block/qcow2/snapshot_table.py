@@ -91,6 +91,22 @@ def parse_snapshot_table(raw: bytes, count: int, cluster_size: int, file_size: i
     return entries
 
 
+def stored_table_size(raw: bytes, count: int, path: str) -> int:
+    """Bytes the first `count` entries take in `raw` as stored (QEMU's snapshots_size): each is
+    40 fixed bytes, its extra data, id and name, padded to 8 (qcow2.rst "Snapshot table"). This,
+    not the size of a rebuilt table, is what the old table's clusters are: extra data written by
+    other versions (16 bytes before QEMU 5.0) differs in length from what build_snapshot_table
+    writes."""
+    offset = 0
+    for index in range(count):
+        if offset + fmt.SNAPSHOT_ENTRY_FIXED > len(raw):
+            raise ImageCorruptError(f"{path}: snapshot table truncated at entry {index}")
+        fixed = fmt.SnapshotEntryFixed.parse(raw[offset : offset + fmt.SNAPSHOT_ENTRY_FIXED])
+        end = offset + fmt.SNAPSHOT_ENTRY_FIXED + fixed.extra_data_size + fixed.id_str_size + fixed.name_size
+        offset = fmt.align_up(end, 8)
+    return min(offset, len(raw)) if count else 0
+
+
 def table_size_bound(count: int) -> int:
     """Upper bound of a table's size, for reading it: ids and names are at most 64 KiB each."""
     return count * (fmt.SNAPSHOT_ENTRY_FIXED + fmt.MAX_SNAPSHOT_EXTRA + 2 * 65535 + 8)
