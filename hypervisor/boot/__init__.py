@@ -28,8 +28,10 @@ Modules:
   states, `setup_gdt`; page_tables: `setup_identity_page_tables`
 - image_format: `detect_kernel_format`, xz decompression; elf: ELF32/64 reader
 - bzimage, zero_page (struct boot_params), linux (`prepare_linux`), pvh (hvm_start_info),
-  payload (a bzImage's compressed vmlinux unpacked on the host)
+  payload (a bzImage's compressed vmlinux unpacked on the host, every codec Linux has), lzop (the
+  lzop container around LZO1X blocks)
 - multiboot (`prepare_multiboot`), raw (`prepare_raw`, `load_raw`), loader (`prepare_kernel`)
 - placement: `BootImage`, `Placement`, command line and initrd placement
-- mptable: Intel MP spec 1.4 tables; cpuid: `CpuidEntry`, `guest_cpuid`, `linux_feature_bit`
+- mptable: Intel MP spec 1.4 tables; acpi: RSDP, RSDT/XSDT, FADT, FACS, MADT, DSDT;
+  platform_tables: where they go; cpuid: `CpuidEntry`, `guest_cpuid`, `linux_feature_bit`
 """
