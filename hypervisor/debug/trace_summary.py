@@ -12,6 +12,7 @@ after a crash, a hand-edited file) are counted and reported in one line, never a
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,7 +89,9 @@ def _valid(record: dict[str, object]) -> bool:
         count = record.get("count")
         return isinstance(count, int) and count >= 0
     host_ns, t = record.get("host_ns", 0), record.get("t", 0)
-    return isinstance(host_ns, int) and host_ns >= 0 and isinstance(t, (int, float)) and not isinstance(t, bool)
+    if not isinstance(t, (int, float)) or isinstance(t, bool) or not math.isfinite(t) or t < 0:
+        return False  # json.loads accepts NaN and Infinity
+    return isinstance(host_ns, int) and not isinstance(host_ns, bool) and host_ns >= 0
 
 
 def read_trace(path: Path) -> TraceFile:

@@ -96,6 +96,18 @@ def test_bad_and_truncated_lines_are_counted(trace_file: Path) -> None:
     assert summarize(trace, "reason").samples == 12
 
 
+@pytest.mark.parametrize("t", ["NaN", "Infinity", "-1", '"soon"', "true"])
+def test_impossible_times_are_bad_lines(trace_file: Path, t: str) -> None:
+    line = '{"type":"exit","t":' + t + ',"vcpu":0,"kind":"io","host_ns":5}\n'
+    trace_file.write_text(trace_file.read_text() + line)
+    trace = read_trace(trace_file)
+    assert trace.bad_lines == 1
+    pytest.importorskip("matplotlib", reason="matplotlib (the optional extra pyhv[plot]) is not installed")
+    from hypervisor.debug.trace_plot import exit_series
+
+    assert exit_series(trace)[1]
+
+
 def test_overlong_lines_are_skipped(tmp_path: Path, trace_file: Path) -> None:
     trace_file.write_text(trace_file.read_text() + "x" * 200_000 + "\n")
     assert read_trace(trace_file).bad_lines == 1
