@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import threading
+from typing import Any
 
 from hypervisor.debug.trace import TRACE_FORMAT, TRACE_VERSION, ExitTracer, JsonTracer, exit_record
 from hypervisor.devices.serial import Serial16550A
@@ -40,7 +41,7 @@ class Clock:
         return self.now
 
 
-def lines(stream: io.StringIO) -> list[dict[str, object]]:
+def lines(stream: io.StringIO) -> list[dict[str, Any]]:
     return [json.loads(line) for line in stream.getvalue().splitlines()]
 
 
