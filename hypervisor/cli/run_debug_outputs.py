@@ -105,8 +105,6 @@ class DebugOutputs:
     def finish(self, result: RunResult, info: LaunchInfo, timeline: dict[str, float]) -> None:
         """The stderr post-mortem and the --post-mortem files (after the outcome line)."""
         self.close()
-        if self.tracer is not None and self.tracer.failed:
-            click.echo(f"pyhv: warning: the exit trace {self.trace_path} is incomplete: {self.tracer.failed}", err=True)
         if self.post_mortem is None:
             return
         from hypervisor.debug.postmortem_files import format_summary, write_post_mortem
@@ -128,6 +126,6 @@ class DebugOutputs:
         stream, self._trace_stream = self._trace_stream, None
         try:
             stream.close()
-        except OSError as error:  # the final flush of a full disk
+        except OSError as error:  # the final flush of a full disk: the tracer's one warning
             if self.tracer is not None and not self.tracer.failed:
-                self.tracer.failed = error.strerror or str(error)
+                self.tracer.stop(error)

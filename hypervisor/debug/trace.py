@@ -165,7 +165,7 @@ class JsonTracer:
                 try:
                     self.stream.flush()
                 except (OSError, ValueError) as error:
-                    self._fail(error)
+                    self.stop(error)
 
     def _write(self, record: dict[str, object]) -> None:
         line = _ENCODE(record) + "\n"
@@ -175,12 +175,13 @@ class JsonTracer:
             try:
                 self.stream.write(line)
             except (OSError, ValueError) as error:  # ValueError: the stream was closed
-                self._fail(error)
+                self.stop(error)
                 return
             if record["type"] == "exit":
                 self.records += 1
 
-    def _fail(self, error: Exception) -> None:
+    def stop(self, error: Exception) -> None:
+        """Ends the trace after a write error, with the one warning."""
         self.failed = getattr(error, "strerror", None) or str(error)
         log.warning("exit trace stopped after %d exits: %s (the guest runs on)", self.records, self.failed)
 

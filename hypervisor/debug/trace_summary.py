@@ -96,6 +96,8 @@ def _valid(record: dict[str, object]) -> bool:
 
 def read_trace(path: Path) -> TraceFile:
     try:
+        if path.exists() and not path.is_dir() and not path.is_file():  # /dev/zero or a FIFO never end
+            raise ConfigError(f"trace {path} is not a regular file")
         return parse_trace(_lines(path), str(path))
     except FileNotFoundError:
         raise ConfigError(f"trace {path} does not exist") from None

@@ -136,6 +136,12 @@ def test_missing_file_and_directory(tmp_path: Path) -> None:
         read_trace(tmp_path)
 
 
+@pytest.mark.parametrize("device", ["/dev/zero", "/dev/null"])
+def test_device_files_are_refused(device: str) -> None:
+    with pytest.raises(ConfigError, match="not a regular file"):
+        read_trace(Path(device))
+
+
 def test_binary_garbage_is_bad_lines_not_a_traceback() -> None:
     trace = parse_trace([b'{"type":"header","format":"pyhv-exit-trace","version":1}\n', b"\xff\xfe\x00\n"])
     assert trace.bad_lines == 1
