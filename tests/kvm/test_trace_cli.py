@@ -77,3 +77,14 @@ def test_unwritable_trace_is_refused_before_the_guest_runs(guest_binary, tmp_pat
                              str(tmp_path / where)], capture_output=True, text=True, timeout=60)  # fmt: skip
     assert result.returncode == 3, result.stderr
     assert "Traceback" not in result.stderr and "debug-exit" not in result.stderr
+
+
+def test_a_full_disk_stops_the_trace_not_the_guest(guest_binary, tmp_path: Path) -> None:
+    if not Path("/dev/full").exists():
+        pytest.skip("/dev/full (writes fail with ENOSPC) is not on this host")
+    image = tmp_path / "g.bin"
+    image.write_bytes(with_parameters(guest_binary("real_mode").read_bytes(), exit_code=7))
+    result = subprocess.run([*PYHV, "run", "--raw", f"{image}@0x1000", "--console", "none", "--trace", "/dev/full"],
+                            capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert result.returncode == 7
+    assert result.stderr.count("No space left on device") == 1 and "Traceback" not in result.stderr
