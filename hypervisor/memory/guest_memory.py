@@ -7,6 +7,8 @@ layer only needs `host_address` of each region to register it as a memory slot.
 from __future__ import annotations
 
 import ctypes
+import errno
+import hashlib
 import logging
 import mmap
 import os
@@ -84,9 +86,39 @@ class MemoryRegion:
     def view(self, offset: int, length: int) -> memoryview:
         return memoryview(self._map)[offset : offset + length]
 
+    def copy(self, offset: int, length: int) -> bytes:
+        """The bytes at [offset, offset+length) of this region (clipped at its end)."""
+        return self._map[offset : offset + length]
+
     def close(self) -> None:
         del self._anchor
         self._map.close()
+
+
+# Saved RAM files are written and hashed in chunks of this size; an all-zero chunk is a hole.
+SPARSE_CHUNK = 1 << 20
+_ZERO_CHUNK = bytes(SPARSE_CHUNK)
+
+
+def sparse_file_digest(fd: int, size: int, digest: hashlib._Hash) -> None:
+    """Feeds `digest` each non-zero SPARSE_CHUNK of the file with its offset, reading only the
+    file's data extents (SEEK_DATA/SEEK_HOLE), so checking a 1 GiB RAM file of which 40 MiB is
+    data reads 40 MiB. A changed byte anywhere changes the digest: in a hole it makes that chunk
+    data (and non-zero), in data it changes the chunk's bytes."""
+    position = 0
+    while position < size:
+        try:
+            data_start = os.lseek(fd, position, os.SEEK_DATA)
+        except OSError as error:
+            if error.errno == errno.ENXIO:  # no data after position
+                return
+            raise
+        chunk_start = data_start - data_start % SPARSE_CHUNK
+        part = os.pread(fd, min(SPARSE_CHUNK, size - chunk_start), chunk_start)
+        if part != (_ZERO_CHUNK if len(part) == SPARSE_CHUNK else bytes(len(part))):
+            digest.update(chunk_start.to_bytes(8, "little"))
+            digest.update(part)
+        position = chunk_start + SPARSE_CHUNK
 
 
 class GuestMemory:
@@ -171,19 +203,23 @@ class GuestMemory:
     def write_u64(self, gpa: int, value: int) -> None:
         self.write(gpa, value.to_bytes(8, "little"))
 
-    def save_sparse(self, fd: int, chunk: int = 1 << 20) -> int:
+    def save_sparse(self, fd: int, digest: hashlib._Hash | None = None) -> int:
         """Writes every region, one after the other, to `fd` with holes for zero chunks (the
         file must be new and empty); returns the bytes of data written. Zero pages of a guest
-        cost no disk, and `GuestMemory(..., backing_fd=fd)` maps the result back."""
-        zero = bytes(chunk)
+        cost no disk, and `GuestMemory(..., backing_fd=fd)` maps the result back. `digest` is
+        fed what `sparse_file_digest` reads back: each non-zero chunk's offset and bytes."""
         offset = written = 0
         for region in self.regions:
-            view = region.view(0, region.size)
-            for start in range(0, region.size, chunk):
-                part = view[start : start + chunk]
-                if part != (zero if len(part) == chunk else bytes(len(part))):
+            for start in range(0, region.size, SPARSE_CHUNK):
+                # A bytes copy compares with memcmp; a memoryview compares item by item, 60x
+                # slower (2.9 s for 256 MiB here).
+                part = region.copy(start, SPARSE_CHUNK)
+                if part != (_ZERO_CHUNK if len(part) == SPARSE_CHUNK else bytes(len(part))):
                     os.pwrite(fd, part, offset + start)
                     written += len(part)
+                    if digest is not None:
+                        digest.update((offset + start).to_bytes(8, "little"))
+                        digest.update(part)
             offset += region.size
         os.ftruncate(fd, offset)  # the holes at the end count too
         return written

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from hypervisor import __version__
 from hypervisor.errors import ConfigError
+from hypervisor.memory.guest_memory import sparse_file_digest
 from hypervisor.snapshot.disks import (
     attach_restored_disks,
     check_disks_can_freeze,
@@ -132,8 +133,9 @@ def save_machine(machine: Machine, path: str | os.PathLike[str]) -> Path:
             devices = {name: device.state() for name, device in _devices(machine).items()}
             frozen = freeze_disks(machine, target.resolve())
             descriptor = os.open(building / MEMORY, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            memory_digest = hashlib.sha256()
             try:
-                data_bytes = machine.memory.save_sparse(descriptor)
+                data_bytes = machine.memory.save_sparse(descriptor, memory_digest)
                 os.fsync(descriptor)
             finally:
                 os.close(descriptor)
@@ -149,8 +151,10 @@ def save_machine(machine: Machine, path: str | os.PathLike[str]) -> Path:
             "devices": devices,
         }  # fmt: skip
         (building / STATE).write_text(json.dumps(state))
-        parts = {name: {"size": (building / name).stat().st_size, "sha256": _sha256_of_file(building / name)}
-                 for name in (MEMORY, STATE)}  # fmt: skip
+        parts = {
+            MEMORY: {"size": (building / MEMORY).stat().st_size, "sparse_sha256": memory_digest.hexdigest()},
+            STATE: {"size": (building / STATE).stat().st_size, "sha256": _sha256_of_file(building / STATE)},
+        }
         header = {
             "format": FORMAT,
             "version": FORMAT_VERSION,
@@ -237,8 +241,16 @@ def _check_part(folder: Path, header: dict[str, Any], name: str, verify_hash: bo
         raise ConfigError(f"snapshot {folder}: {name} is missing ({error.strerror})") from error
     if size != expected.get("size"):
         raise ConfigError(f"snapshot {folder}: {name} is {size} bytes, the header says {expected.get('size')}")
-    if verify_hash and _sha256_of_file(path) != expected.get("sha256"):
-        raise ConfigError(f"snapshot {folder}: {name} does not match its sha256 in the header (damaged)")
+    if verify_hash:
+        if "sparse_sha256" in expected:
+            digest = hashlib.sha256()
+            with open(path, "rb") as stream:
+                sparse_file_digest(stream.fileno(), size, digest)
+            actual, wanted = digest.hexdigest(), expected["sparse_sha256"]
+        else:
+            actual, wanted = _sha256_of_file(path), expected.get("sha256")
+        if actual != wanted:
+            raise ConfigError(f"snapshot {folder}: {name} does not match its sha256 in the header (damaged)")
     return path
 
 

@@ -111,8 +111,8 @@ def _files(folder: Path) -> dict[str, str]:
     return {path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in sorted(folder.iterdir())}
 
 
-@pytest.mark.parametrize("damage", ["truncate-memory", "flip-state", "flip-memory", "version", "vendor", "no-header",
-                                    "garbage-header"])  # fmt: skip
+@pytest.mark.parametrize("damage", ["truncate-memory", "flip-state", "flip-memory", "fill-hole", "version", "vendor",
+                                    "no-header", "garbage-header"])  # fmt: skip
 def test_damaged_snapshots_are_refused_and_untouched(snapshot, damage: str) -> None:
     folder, _ = snapshot
     header_path = folder / "header.json"
@@ -126,6 +126,10 @@ def test_damaged_snapshots_are_refused_and_untouched(snapshot, damage: str) -> N
         where = len(data) // 2 if damage == "flip-state" else 0x1000 + 40  # inside the guest's code
         data[where] ^= 0x01
         path.write_bytes(bytes(data))
+    elif damage == "fill-hole":  # a byte written where the saved RAM had a hole (a zero chunk)
+        with open(folder / "memory.raw", "r+b") as memory:
+            memory.seek(12 << 20)
+            memory.write(b"\x01")
     elif damage == "version":
         header["version"] = 99
         header_path.write_text(json.dumps(header))
