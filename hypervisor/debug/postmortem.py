@@ -185,7 +185,7 @@ def disassemble(code: bytes, address: int, bits: int, limit: int = 4) -> list[st
     except ImportError:
         return []
     describe = getattr(insn_names, "describe_instruction", None)
-    return [f"{address:#x}: {describe(code)}"] if callable(describe) else []
+    return [f"{address:#x}: {describe(code, code_bits=bits)}"] if callable(describe) else []
 
 
 def stack_return_addresses(

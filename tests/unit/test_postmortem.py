@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import threading
 from collections import deque
 from pathlib import Path
@@ -74,6 +75,14 @@ def test_code_at_rip_through_the_page_tables(memory: GuestMemory) -> None:
     pytest.importorskip("capstone", reason="capstone (the optional extra pyhv[disasm]) decodes the bytes")
     assert result.disassembly[0] == f"{KERNEL + 0x10:#x}: ud2"
     assert result.disassembly[1].endswith("mov rax, 1")
+
+
+def test_without_capstone_pyhvs_own_names_decode_the_first_instruction(memory: GuestMemory, monkeypatch) -> None:
+    pytest.importorskip("hypervisor.vcpu.insn_names", reason="the emulator's instruction names are not in this tree")
+    monkeypatch.setitem(sys.modules, "capstone", None)
+    memory.write(PHYSICAL + 0x10, bytes.fromhex("0f0b"))
+    result = collect_vcpu(FakeVcpu(0, KERNEL + 0x10, 0x8000), memory, None)
+    assert result.disassembly == [f"{KERNEL + 0x10:#x}: ud2"]
 
 
 def test_real_mode_adds_the_cs_base(memory: GuestMemory) -> None:
