@@ -79,6 +79,9 @@ def _make_console(spec: str) -> object:
               help="Where the guest's serial console goes.")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True),
               help="End the run after this many seconds (exit status 124).")
+@click.option("--max-exits", "max_exits", metavar="N|KIND=N,...",
+              help="End the run (exit status 118) once the guest makes more VM exits than this: a total, or "
+                   "per kind (io=1000000,mmio=50000,total=...). Checked every quarter second.")
 @click.option("--report", type=click.Path(path_type=Path, dir_okay=False), help="Write a JSON summary of the run here.")
 @click.option("--disk", "disks", multiple=True, metavar="PATH[,format=raw|qcow2][,readonly=on][,serial=S]",
               help="A virtio-blk disk (repeatable: vda, vdb, ...).")
@@ -99,6 +102,8 @@ def _make_console(spec: str) -> object:
 @click.option("--save-on", metavar="PATTERN", help="Save (see --save) the first time the console prints PATTERN.")
 @click.option("--restore", type=click.Path(path_type=Path, file_okay=False),
               help="Continue a machine saved with --save instead of booting (docs/snapshots.md).")
+@click.option("--disk-overlay", type=click.Path(path_type=Path, file_okay=False),
+              help="With --restore: the folder for each disk's fresh overlay (kept); default: a temporary one.")
 @debug_output_options
 def run(**options: object) -> None:
     """Boot a guest and run it until it stops.
@@ -151,15 +156,23 @@ def _run(options: dict[str, object]) -> int:
         snapshot_options.check_save_options(options["save"], options["save_on"])  # type: ignore[arg-type]
         debug_outputs = DebugOutputs(options)  # --trace, --post-mortem, --kernel-symbols: checked before the run
         run_options.exit_history = debug_outputs.exit_history
+        if options["disk_overlay"] is not None and options["restore"] is None:
+            raise ConfigError("--disk-overlay DIR goes with --restore PATH")
+        exit_budget = None
+        if options["max_exits"] is not None:
+            from hypervisor.ci.exit_budget import ExitBudget
+
+            exit_budget = ExitBudget.parse(str(options["max_exits"]))
         console = _make_console(str(options["console_spec"]))
         if options["restore"] is not None:
             if options["kernel"] or options["initrd"] or options["raw"] or options["disks"] or options["append"]:
                 raise ConfigError("--restore continues a saved machine: it takes no --kernel, --initrd, --raw, --disk "
                                   "or --append")
-            machine = snapshot_options.restore(options["restore"], console)  # type: ignore[arg-type]
+            machine = snapshot_options.restore(options["restore"], console, options["disk_overlay"])  # type: ignore[arg-type]
             info = LaunchInfo("restored", str(options["restore"]), pvm_host=machine.emulator is not None)
         else:
             machine, info = create_machine(run_options, console)  # type: ignore[arg-type]
+        machine.exit_budget = exit_budget
         if options["save"] is not None:
             snapshot_options.arm_save(machine, options["save"], str(options["save_on"]))  # type: ignore[arg-type]
         if info.pvm_host and info.kind == "linux":

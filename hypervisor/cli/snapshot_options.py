@@ -57,7 +57,13 @@ def arm_save(machine: Machine, save: Path, save_on: str) -> None:
     machine.output_watchers.append(watcher)
 
 
-def restore(path: Path, console: Console | None) -> Machine:
+def restore(path: Path, console: Console | None, disk_overlay: Path | None = None) -> Machine:
+    """The saved machine; each disk on a fresh overlay in `disk_overlay` (a folder that need not
+    exist yet if its parent does) or in a temporary folder removed at the end of the run."""
     from hypervisor.machine import Machine
 
-    return Machine.restore(str(path), console)
+    if disk_overlay is not None and not disk_overlay.is_dir():
+        if disk_overlay.exists() or not disk_overlay.parent.is_dir():
+            raise ConfigError(f"--disk-overlay {disk_overlay} is not a folder (nor can it be made)")
+        disk_overlay.mkdir()
+    return Machine.restore(str(path), console, disk_overlay=None if disk_overlay is None else str(disk_overlay))

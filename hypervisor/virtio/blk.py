@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from hypervisor.block.backend import BlockBackend
 from hypervisor.errors import ConfigError
@@ -37,6 +37,7 @@ F_DISCARD = 13
 F_WRITE_ZEROES = 14
 
 QUEUE_SIZE = 256
+BLOCK_STATE_VERSION = 1  # of VirtioBlock.state()
 # Linux needs seg_max + 2 descriptors per request (header and status); with this the largest
 # request still fits one queue, direct or indirect.
 SEG_MAX = QUEUE_SIZE - 2
@@ -88,6 +89,7 @@ class VirtioBlock(VirtioDevice):
             )
         self._driver_features = 0
         self._executor = RequestExecutor(backend, self._limits(), name)
+        self._close_actions: list[Callable[[], None]] = []
 
     @property
     def capacity_sectors(self) -> int:
@@ -161,5 +163,55 @@ class VirtioBlock(VirtioDevice):
     def backend_errors(self) -> int:
         return self._executor.backend_errors
 
+    # ---- state as data (snapshots) ----
+
+    def state(self) -> dict[str, object]:
+        """What the driver negotiated and what identifies the disk it saw (§5.2.4 config is
+        derived from the backend, so capacity, serial and read-only are recorded to check
+        that a restore gives the guest the same disk)."""
+        fields = {"driver_features": self._driver_features, "capacity_sectors": self.capacity_sectors,
+                  "serial": self.serial.hex(), "read_only": self.backend.read_only}  # fmt: skip
+        return {"type": type(self).__name__, "version": BLOCK_STATE_VERSION, "fields": fields}
+
+    def restore_state(self, state: object) -> None:
+        """ConfigError (one line) when `state` is not a virtio-blk's or names another disk."""
+        if not isinstance(state, dict) or state.get("type") != type(self).__name__:
+            raise ConfigError(f"{self.name}: saved device state is not a virtio-blk's")
+        if state.get("version") != BLOCK_STATE_VERSION:
+            raise ConfigError(f"{self.name}: saved virtio-blk state has version {state.get('version')!r}, "
+                              f"pyhv reads {BLOCK_STATE_VERSION}")  # fmt: skip
+        fields = state.get("fields")
+        if not isinstance(fields, dict) or set(fields) != {"driver_features", "capacity_sectors", "serial",
+                                                           "read_only"}:  # fmt: skip
+            raise ConfigError(f"{self.name}: saved virtio-blk state does not have the fields of this version")
+        features = fields["driver_features"]
+        if not isinstance(features, int) or isinstance(features, bool) or not 0 <= features < 1 << 64:
+            raise ConfigError(f"{self.name}: saved driver features {features!r} are not a 64-bit value")
+        if fields["capacity_sectors"] != self.capacity_sectors:
+            raise ConfigError(f"{self.name}: the saved disk had {fields['capacity_sectors']!r} sectors, "
+                              f"this one has {self.capacity_sectors}")  # fmt: skip
+        if fields["serial"] != self.serial.hex() or fields["read_only"] != self.backend.read_only:
+            raise ConfigError(f"{self.name}: the saved disk had another serial or read-only mode")
+        self.activate(features)
+
+    def replace_backend(self, backend: BlockBackend) -> BlockBackend:
+        """Continue on `backend` (a snapshot froze the old image under a new overlay) and return
+        the old one, which the caller closes. Only while no request runs (I/O thread stopped);
+        the new backend must show the guest the same disk."""
+        if backend.size // SECTOR_SIZE != self.capacity_sectors or backend.read_only != self.backend.read_only:
+            raise ConfigError(f"{self.name}: the replacement disk differs in size or read-only mode")
+        old, self.backend = self.backend, backend
+        self._executor.backend = backend
+        return old
+
+    def add_close_action(self, action: Callable[[], None]) -> None:
+        """Runs `action` after the backend is closed (a restored run's overlay is removed)."""
+        self._close_actions.append(action)
+
     def close(self) -> None:
-        self.backend.close()
+        try:
+            self.backend.close()
+        finally:
+            for action in self._close_actions:
+                action()
+            self._close_actions = []

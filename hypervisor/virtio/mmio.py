@@ -17,8 +17,10 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass
+from typing import Any
 
 from hypervisor.devices.bus import InterruptLine
+from hypervisor.errors import ConfigError
 from hypervisor.memory.guest_memory import GuestMemory
 from hypervisor.virtio import mmio_registers as reg
 from hypervisor.virtio import spec
@@ -31,6 +33,14 @@ log = logging.getLogger(__name__)
 # What the machine needs to place a transport: its window and the ioeventfd address in it.
 WINDOW_SIZE = reg.WINDOW_SIZE
 QUEUE_NOTIFY_OFFSET = reg.QUEUE_NOTIFY_OFFSET
+
+# Bumped when the meaning of MmioTransport.state() changes.
+TRANSPORT_STATE_VERSION = 1
+_U32 = 0xFFFFFFFF
+_U64 = (1 << 64) - 1
+_REGISTER_FIELDS = ("driver_features", "status", "interrupt_status", "device_features_sel", "driver_features_sel",
+                    "queue_sel", "config_generation")  # fmt: skip
+_QUEUE_FIELDS = {"max_size": _U32, "size": _U32, "desc": _U64, "driver": _U64, "device": _U64}
 
 # A guest can repeat a mistake in a loop; only this many of its warnings reach the log.
 GUEST_WARNING_LIMIT = 10
@@ -85,6 +95,7 @@ class MmioTransport:
         self._worker = QueueWorker(name, len(self._queues), self.process_queue, self.has_pending)
         self.config_generation = 0
         self._guest_warnings = 0
+        self._kick_after_restore = False
         self._reset_registers()
 
     def _reset_registers(self) -> None:
@@ -105,9 +116,22 @@ class MmioTransport:
 
     def start(self) -> None:
         self._worker.start()
+        if self._kick_after_restore:
+            # A notification the guest made just before the save was an eventfd count of the
+            # old process, not part of the snapshot: look at every queue once, so requests it
+            # announced are picked up (an empty queue costs one read of avail.idx).
+            self._kick_after_restore = False
+            for index in range(len(self._queues)):
+                self._worker.kick(index)
 
-    def stop(self) -> None:
-        self._worker.stop()
+    def stop(self) -> bool:
+        """Stops the I/O thread after the batch in hand: every request it took is finished and
+        on the used ring. False if the thread did not stop (a request still runs)."""
+        return self._worker.stop()
+
+    @property
+    def io_running(self) -> bool:
+        return self._worker.running
 
     def close(self) -> None:
         """Stop the I/O thread, drop every view of guest RAM (GuestMemory.close() refuses while
@@ -117,6 +141,84 @@ class MmioTransport:
             for queue in self._queues:
                 queue.ring = None
         self.device.close()
+
+    # ---- state as data (snapshots; hypervisor/devices/state.py's shape) ----
+
+    def state(self) -> dict[str, object]:
+        """Registers, negotiated features, status, per-queue configuration and ring positions,
+        and the device's own state. Take it with the vCPUs paused and the I/O thread stopped
+        (`stop()`), so no request is half done and no register changes meanwhile."""
+        device_state = getattr(self.device, "state", None)
+        if device_state is None:
+            raise ConfigError(f"{self.name}: a {type(self.device).__name__} cannot be saved")
+        with self._io_lock, self._lock:
+            queues = [
+                {"max_size": queue.max_size, "size": queue.size, "ready": queue.ready, "desc": queue.desc,
+                 "driver": queue.driver, "device": queue.device,
+                 "ring": queue.ring.ring_state() if queue.ring is not None else None}
+                for queue in self._queues
+            ]  # fmt: skip
+            fields = {
+                "device_features": self.device_features, "driver_features": self.driver_features,
+                "status": self.status, "interrupt_status": self.interrupt_status,
+                "device_features_sel": self._device_features_sel, "driver_features_sel": self._driver_features_sel,
+                "queue_sel": self._queue_sel, "config_generation": self.config_generation, "queues": queues,
+                "device": device_state(),
+            }  # fmt: skip
+        return {"type": type(self).__name__, "version": TRANSPORT_STATE_VERSION, "fields": fields}
+
+    def restore_state(self, state: object) -> None:
+        """Sets the transport (before `start()`) from `state()`; ConfigError (one line) when the
+        state is not this transport's, and the transport is then left as it was."""
+        fields = _transport_fields(state, self.name)
+        if fields["device_features"] != self.device_features:
+            raise ConfigError(f"{self.name}: saved device features {fields['device_features']:#x} are not this "
+                              f"device's {self.device_features:#x} (another pyhv version or disk mode)")  # fmt: skip
+        saved_queues = fields["queues"]
+        if [queue["max_size"] for queue in saved_queues] != [queue.max_size for queue in self._queues]:
+            raise ConfigError(f"{self.name}: the saved queues are not this device's")
+        running = fields["status"] & spec.STATUS_DRIVER_OK and not fields["status"] & (
+            spec.STATUS_DEVICE_NEEDS_RESET | spec.STATUS_FAILED
+        )
+        with self._io_lock, self._lock:
+            old_features = self.driver_features
+            self.driver_features = fields["driver_features"]  # the rings are built with them
+            queues: list[QueueConfig] = []
+            failure: str | None = None
+            try:
+                for index, saved in enumerate(saved_queues):
+                    queue = QueueConfig(saved["max_size"])
+                    queues.append(queue)
+                    queue.size, queue.ready = saved["size"], saved["ready"]
+                    queue.desc, queue.driver, queue.device = saved["desc"], saved["driver"], saved["device"]
+                    if saved["ring"] is not None:
+                        if not (running and queue.ready):
+                            raise VirtqueueError(f"queue {index} has ring positions but is not running")
+                        queue.ring = self._make_ring(queue)
+                        queue.ring.restore_ring_state(saved["ring"])
+                restore_device = getattr(self.device, "restore_state", None)
+                if restore_device is None:
+                    raise ConfigError(f"{self.name}: a {type(self.device).__name__} cannot be restored")
+                restore_device(fields["device"])
+            except (VirtqueueError, ConfigError) as error:
+                failure = f"{self.name}: saved queue state is damaged: {error}" if isinstance(
+                    error, VirtqueueError) else str(error)  # fmt: skip
+            if failure is not None:
+                # Raised outside the handler: the error's traceback would hold the refused
+                # rings' frames, and with them views of guest RAM.
+                self.driver_features = old_features
+                for queue in queues:
+                    if queue.ring is not None:
+                        queue.ring.release()
+                raise ConfigError(failure)
+            self._queues = queues
+            self.status = fields["status"]
+            self.interrupt_status = fields["interrupt_status"]
+            self._device_features_sel = fields["device_features_sel"]
+            self._driver_features_sel = fields["driver_features_sel"]
+            self._queue_sel = fields["queue_sel"]
+            self.config_generation = fields["config_generation"]
+            self._kick_after_restore = True
 
     # ---- the Device protocol (vCPU thread) ----
 
@@ -306,17 +408,20 @@ class MmioTransport:
             self._needs_reset(f"queue {index} size {queue.size} exceeds QueueNumMax {queue.max_size}")
             return
         try:
-            queue.ring = Virtqueue(
-                self.memory,
-                queue.size,
-                queue.desc,
-                queue.driver,
-                queue.device,
-                event_idx=bool(self.driver_features & spec.feature_bit(spec.F_RING_EVENT_IDX)),
-                indirect=bool(self.driver_features & spec.feature_bit(spec.F_RING_INDIRECT_DESC)),
-            )
+            queue.ring = self._make_ring(queue)
         except VirtqueueError as error:
             self._needs_reset(f"queue {index}: {error}")
+
+    def _make_ring(self, queue: QueueConfig) -> Virtqueue:
+        return Virtqueue(
+            self.memory,
+            queue.size,
+            queue.desc,
+            queue.driver,
+            queue.device,
+            event_idx=bool(self.driver_features & spec.feature_bit(spec.F_RING_EVENT_IDX)),
+            indirect=bool(self.driver_features & spec.feature_bit(spec.F_RING_INDIRECT_DESC)),
+        )
 
     def _reset(self) -> None:
         """§4.2.2.1: writing 0 to Status resets the device and every queue."""
@@ -397,3 +502,38 @@ class MmioTransport:
             if self.status & (spec.STATUS_DEVICE_NEEDS_RESET | spec.STATUS_FAILED):
                 return None
             return self._queues[index].ring if index < len(self._queues) else None
+
+
+def _is_int(value: object, limit: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= limit
+
+
+def _transport_fields(state: object, name: str) -> dict[str, Any]:
+    """The fields of a saved MmioTransport state, every value checked (a snapshot file is
+    untrusted input); ConfigError names the first bad one."""
+    if not isinstance(state, dict) or state.get("type") != "MmioTransport":
+        raise ConfigError(f"{name}: saved device state is not a virtio-mmio transport's")
+    if state.get("version") != TRANSPORT_STATE_VERSION:
+        raise ConfigError(f"{name}: saved transport state has version {state.get('version')!r}, "
+                          f"pyhv reads {TRANSPORT_STATE_VERSION}")  # fmt: skip
+    fields = state.get("fields")
+    expected = {"device_features", *_REGISTER_FIELDS, "queues", "device"}
+    if not isinstance(fields, dict) or set(fields) != expected:
+        raise ConfigError(f"{name}: saved transport state does not have the fields of this version")
+    if not _is_int(fields["device_features"], _U64) or not _is_int(fields["driver_features"], _U64):
+        raise ConfigError(f"{name}: saved features are not 64-bit values")
+    for key in _REGISTER_FIELDS[1:]:
+        if not _is_int(fields[key], _U32):
+            raise ConfigError(f"{name}: saved register {key}={fields[key]!r} is not a 32-bit value")
+    queues = fields["queues"]
+    if not isinstance(queues, list):
+        raise ConfigError(f"{name}: saved queues are not a list")
+    for index, queue in enumerate(queues):
+        if not isinstance(queue, dict) or set(queue) != {*_QUEUE_FIELDS, "ready", "ring"}:
+            raise ConfigError(f"{name}: saved queue {index} does not have the fields of this version")
+        for key, limit in _QUEUE_FIELDS.items():
+            if not _is_int(queue[key], limit):
+                raise ConfigError(f"{name}: saved queue {index} {key}={queue[key]!r} is out of range")
+        if not isinstance(queue["ready"], bool):
+            raise ConfigError(f"{name}: saved queue {index} ready={queue['ready']!r} is not a bool")
+    return fields

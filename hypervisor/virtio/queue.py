@@ -49,6 +49,10 @@ class VirtqueueError(HypervisorError):
     """The guest driver broke the split-virtqueue rules; the device needs a reset (§2.1.2)."""
 
 
+def _is_u16(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 0xFFFF
+
+
 def avail_ring_size(queue_size: int) -> int:
     """flags, idx, ring[queue_size], used_event (§2.7.6)."""
     return 6 + 2 * queue_size
@@ -107,10 +111,14 @@ def guest_buffer(memory: GuestMemory, address: int, length: int) -> list[memoryv
         ram.release()
 
 
-def _contiguous(memory: GuestMemory, address: int, length: int, what: str) -> memoryview:
-    """A single view for ring structures, which the device indexes as one array."""
+def _check_contiguous(memory: GuestMemory, address: int, length: int, what: str) -> None:
     if address + length > _U64_LIMIT or not memory.contains(address, length):
         raise VirtqueueError(f"{what} at {address:#x}+{length:#x} is not inside one region of guest RAM")
+
+
+def _contiguous(memory: GuestMemory, address: int, length: int, what: str) -> memoryview:
+    """A single view for ring structures, which the device indexes as one array."""
+    _check_contiguous(memory, address, length, what)
     return memory.view(address, length)
 
 
@@ -149,6 +157,14 @@ class Virtqueue:
         ):
             if address % alignment:
                 raise VirtqueueError(f"{what} at {address:#x} is not {alignment}-byte aligned (§2.7)")
+        # Every part is checked before any view of guest RAM is taken, so a refused queue pins
+        # no memory (GuestMemory.close() refuses while views exist).
+        for address, length, what in (
+            (desc_addr, DESC_SIZE * size, "descriptor table"),
+            (driver_addr, avail_ring_size(size), "available ring"),
+            (device_addr, used_ring_size(size), "used ring"),
+        ):
+            _check_contiguous(memory, address, length, what)
         self.memory = memory
         self.size = size
         self.event_idx = event_idx
@@ -168,6 +184,42 @@ class Virtqueue:
         self.next_used = 0  # the used ring index we publish next (free-running u16)
         self._signalled_used: int | None = None  # next_used when we last decided to interrupt
         self._used_since_interrupt = 0
+
+    # ---- state as data (snapshots; hypervisor/devices/state.py) ----
+
+    def ring_state(self) -> dict[str, int | bool | None]:
+        """The positions only the device side keeps (§2.7.6, §2.7.8, §2.7.10): everything else
+        of the queue lives in guest RAM or in the transport's registers. Take it while no I/O
+        thread runs the queue (the transport drains it first)."""
+        return {
+            "next_avail": self.next_avail,
+            "next_used": self.next_used,
+            "signalled_used": self._signalled_used,
+            "used_since_interrupt": self._used_since_interrupt,
+        }
+
+    def release(self) -> None:
+        """Drops every view of guest RAM now (a ring that is discarded, e.g. by a refused restore,
+        must not keep GuestMemory.close() from unmapping)."""
+        self._ram.release()
+        for view in (self._avail, self._used16, self._used32, self._table):
+            view.release()
+
+    def restore_ring_state(self, state: object) -> None:
+        """Sets the positions from `ring_state()`; VirtqueueError if they are not a ring's."""
+        if not isinstance(state, dict) or set(state) != {"next_avail", "next_used", "signalled_used",
+                                                         "used_since_interrupt"}:  # fmt: skip
+            raise VirtqueueError("saved ring positions do not have the fields of this version")
+        for key in ("next_avail", "next_used", "used_since_interrupt"):
+            if not _is_u16(state[key]):
+                raise VirtqueueError(f"saved ring position {key}={state[key]!r} is not a 16-bit index")
+        signalled = state["signalled_used"]
+        if signalled is not None and not _is_u16(signalled):
+            raise VirtqueueError(f"saved ring position signalled_used={signalled!r} is not a 16-bit index")
+        self.next_avail = state["next_avail"]
+        self.next_used = state["next_used"]
+        self._signalled_used = signalled
+        self._used_since_interrupt = state["used_since_interrupt"]
 
     # ---- the available ring (driver -> device) ----
 

@@ -77,17 +77,26 @@ class QueueWorker:
         self._thread = threading.Thread(target=self._run, name=f"io-{self.name}", daemon=True)
         self._thread.start()
 
-    def stop(self) -> None:
-        """Wake the thread, let it finish the batch in hand, and join it."""
+    def stop(self) -> bool:
+        """Wake the thread, let it finish the batch in hand, and join it.
+
+        This is also the drain before a snapshot: a batch always runs every chain it took from
+        the available ring to the used ring, and the thread looks at the stop request only
+        between batches, so once it has ended no request is half done. Chains the guest made
+        available but the thread had not taken stay on the ring (their eventfd count stays
+        too), for the next start. True when the thread has ended (or never ran).
+        """
         thread = self._thread
         if thread is None:
-            return
+            return True
         self._stopping = True  # ends a polling pass without waiting for its deadline
         os.eventfd_write(self._stop_fd, 1)
         thread.join(STOP_TIMEOUT_SECONDS)
+        self._thread = None
         if thread.is_alive():
             log.error("%s: I/O thread did not stop within %.0f s", self.name, STOP_TIMEOUT_SECONDS)
-        self._thread = None
+            return False
+        return True
 
     def close(self) -> None:
         if self._stop_fd < 0:

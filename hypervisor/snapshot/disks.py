@@ -1,0 +1,236 @@
+"""The disks of a snapshot: frozen at the save, a fresh overlay for each restore (docs/snapshots.md).
+
+Save (vCPUs paused, every disk's I/O thread drained): each writable disk is flushed, a new qcow2
+overlay backed by the image the guest was writing is created beside that image, the running
+device switches to the overlay, and the image underneath becomes the snapshot's *frozen* image:
+nothing opens it for writing again (qcow2.rst "Backing file": a backing file is only read). The
+header records the frozen image's absolute path, format, virtual size and a cheap identity
+(size, mtime_ns, inode and the sha256 of its first MiB), so a restore refuses an image that was
+changed or replaced meanwhile. A disk given read-only is already frozen: it is recorded as it is.
+
+Restore: each writable disk gets a fresh qcow2 overlay on its frozen image, in the folder the
+user gave (`--disk-overlay DIR`) or in a temporary folder removed when the machine closes; the
+frozen image is opened read-only through the overlay's backing chain, so any number of restores
+share it at once. A read-only disk is opened read-only again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from hypervisor.disk_spec import DiskSpec
+from hypervisor.errors import ConfigError, HypervisorError
+
+if TYPE_CHECKING:
+    from hypervisor.machine import AttachedDisk, Machine
+    from hypervisor.virtio.mmio import MmioTransport
+
+log = logging.getLogger(__name__)
+
+HEAD_BYTES = 1 << 20  # the identity hashes this much of the frozen image: cheap, and catches rewrites
+FORMATS = ("raw", "qcow2")
+RECORD_FIELDS = {"name", "serial", "read_only", "path", "format", "virtual_size", "size", "mtime_ns", "inode",
+                 "head_sha256"}  # fmt: skip
+
+# Transports whose current image is an overlay in a temporary folder (removed at close): a new
+# snapshot cannot refer to it.
+_temporary_overlays: weakref.WeakKeyDictionary[MmioTransport, Path] = weakref.WeakKeyDictionary()
+
+
+@dataclass(frozen=True)
+class FrozenDisk:
+    """One disk as the header records it."""
+
+    name: str
+    serial: str
+    read_only: bool
+    path: str  # absolute
+    format: str
+    virtual_size: int
+    size: int
+    mtime_ns: int
+    inode: int
+    head_sha256: str
+
+    def to_json(self) -> dict[str, object]:
+        return {key: getattr(self, key) for key in sorted(RECORD_FIELDS)}
+
+
+def _identity(path: Path) -> tuple[int, int, int, str]:
+    """(size, mtime_ns, inode, sha256 of the first MiB) of the file at `path`."""
+    status = path.stat()
+    with open(path, "rb") as stream:
+        head = hashlib.sha256(stream.read(HEAD_BYTES)).hexdigest()
+    return status.st_size, status.st_mtime_ns, status.st_ino, head
+
+
+def _device(disk: AttachedDisk) -> Any:
+    return disk.transport.device
+
+
+def overlay_path_after_save(image: Path, snapshot: Path, name: str) -> Path:
+    """Where the running machine goes on writing once `image` is frozen: beside it, named after
+    the snapshot, so the user finds the run's later writes next to the disk they gave."""
+    return image.with_name(f"{image.name}.{snapshot.name}.{name}.qcow2")
+
+
+def check_disks_can_freeze(machine: Machine, snapshot: Path) -> None:
+    """Everything `freeze_disks` needs, checked before the machine is paused or anything made."""
+    for disk in machine.disks:
+        if disk.transport in _temporary_overlays:
+            raise ConfigError(
+                f"{disk.name} runs on an overlay in a temporary folder that is removed at the end of the run; "
+                "restore with --disk-overlay DIR to save this machine again"
+            )
+        if disk.spec.read_only:
+            continue
+        image = Path(disk.spec.path).resolve()
+        overlay = overlay_path_after_save(image, snapshot, disk.name)
+        if overlay.exists():
+            raise ConfigError(f"{disk.name}: {overlay} (the overlay the run would go on in) already exists")
+        if not os.access(image.parent, os.W_OK):
+            raise ConfigError(f"{disk.name}: cannot create the overlay {overlay}: {image.parent} is not writable")
+
+
+def freeze_disks(machine: Machine, snapshot: Path) -> list[FrozenDisk]:
+    """Freezes every disk (see the module docstring). Call with the vCPUs paused and every
+    disk's I/O thread stopped; the devices go on with their new overlays afterwards."""
+    return [_freeze(disk, snapshot) for disk in machine.disks]
+
+
+def _freeze(disk: AttachedDisk, snapshot: Path) -> FrozenDisk:
+    from hypervisor.block.open import open_disk, probe_format
+    from hypervisor.block.qcow2.create import Qcow2CreateOptions, create_qcow2
+
+    device = _device(disk)
+    image = Path(disk.spec.path).resolve()
+    try:
+        device.backend.flush()
+        fmt = disk.spec.format or probe_format(str(image))
+        virtual_size = int(device.backend.size)
+        if disk.spec.read_only:
+            return _record(disk, image, fmt, virtual_size)
+        overlay = overlay_path_after_save(image, snapshot, disk.name)
+        create_qcow2(str(overlay), Qcow2CreateOptions(size=virtual_size, backing_file=str(image), backing_format=fmt))
+    except (OSError, HypervisorError) as error:
+        raise ConfigError(f"{disk.name}: cannot freeze {image}: {error}") from error
+    # The writer's lock on the image goes first: the overlay opens it as a reader, which a
+    # writer on another file description would refuse (block/locking.py).
+    device.backend.close()
+    try:
+        record = _record(disk, image, fmt, virtual_size)
+        device.replace_backend(open_disk(str(overlay), "qcow2", read_only=False, allow_backing=True))
+    except BaseException:
+        # Keep the machine usable on its old image; the snapshot is abandoned.
+        device.replace_backend(open_disk(str(image), fmt, read_only=False, allow_backing=True))
+        overlay.unlink(missing_ok=True)
+        raise
+    disk.spec = DiskSpec(str(overlay), "qcow2", False, disk.spec.serial)
+    log.info("%s: %s is frozen for the snapshot; the run goes on in %s", disk.name, image, overlay)
+    return record
+
+
+def _record(disk: AttachedDisk, image: Path, fmt: str, virtual_size: int) -> FrozenDisk:
+    size, mtime_ns, inode, head = _identity(image)
+    return FrozenDisk(disk.name, disk.spec.serial, disk.spec.read_only, str(image), fmt, virtual_size, size, mtime_ns,
+                      inode, head)  # fmt: skip
+
+
+def parse_records(records: object, folder: Path) -> list[FrozenDisk]:
+    """The header's disk records, every value checked; ConfigError (one line) otherwise."""
+    if not isinstance(records, list):
+        raise ConfigError(f"snapshot {folder}: the header's disks are not a list")
+    disks = []
+    for index, record in enumerate(records):
+        if not isinstance(record, dict) or set(record) != RECORD_FIELDS:
+            raise ConfigError(f"snapshot {folder}: disk {index} of the header does not have the fields of this version")
+        ints = ("virtual_size", "size", "mtime_ns", "inode")
+        strings = ("name", "serial", "path", "format", "head_sha256")
+        if any(not isinstance(record[key], int) or isinstance(record[key], bool) or record[key] < 0 for key in ints) \
+                or any(not isinstance(record[key], str) for key in strings) \
+                or not isinstance(record["read_only"], bool) or record["format"] not in FORMATS \
+                or not os.path.isabs(record["path"]) or record["name"] != "vd" + chr(ord("a") + index):  # fmt: skip
+            raise ConfigError(f"snapshot {folder}: disk {index} of the header is damaged")
+        disks.append(FrozenDisk(**record))
+    return disks
+
+
+def check_frozen(disks: list[FrozenDisk], folder: Path) -> None:
+    """Refuses a frozen image that is missing or not the one the snapshot froze."""
+    for disk in disks:
+        path = Path(disk.path)
+        try:
+            identity = _identity(path)
+        except OSError as error:
+            raise ConfigError(f"snapshot {folder}: {disk.name}'s frozen image {path} cannot be read "
+                              f"({error.strerror})") from error  # fmt: skip
+        if identity != (disk.size, disk.mtime_ns, disk.inode, disk.head_sha256):
+            raise ConfigError(f"snapshot {folder}: {disk.name}'s frozen image {path} was changed or replaced "
+                              "after the save; the snapshot's disk is lost")  # fmt: skip
+
+
+def attach_restored_disks(machine: Machine, disks: list[FrozenDisk], overlay_dir: str | None) -> list[Path]:
+    """Gives each disk a fresh overlay on its frozen image and attaches them; returns the
+    overlays made (the caller removes them if the restore fails later)."""
+    from hypervisor.block.qcow2.create import Qcow2CreateOptions, create_qcow2
+
+    if not disks:
+        return []
+    writable = [disk for disk in disks if not disk.read_only]
+    temporary = overlay_dir is None and bool(writable)
+    if overlay_dir is None:
+        folder = Path(tempfile.mkdtemp(prefix="pyhv-overlays-")) if writable else Path()
+    else:
+        folder = Path(overlay_dir)
+        if not folder.is_dir():
+            raise ConfigError(f"--disk-overlay {folder} is not a folder")
+        for disk in writable:
+            if (folder / f"{disk.name}.qcow2").exists():
+                raise ConfigError(f"--disk-overlay {folder}: {disk.name}.qcow2 already exists (another restore's "
+                                  "overlay?); give an empty folder")  # fmt: skip
+    made: list[Path] = []
+    specs = []
+    try:
+        for disk in disks:
+            if disk.read_only:
+                specs.append(DiskSpec(disk.path, disk.format, True, disk.serial))
+                continue
+            overlay = folder / f"{disk.name}.qcow2"
+            options = Qcow2CreateOptions(size=disk.virtual_size, backing_file=disk.path, backing_format=disk.format)
+            create_qcow2(str(overlay), options)
+            made.append(overlay)
+            specs.append(DiskSpec(str(overlay), "qcow2", False, disk.serial))
+        machine.attach_disks(specs)
+    except BaseException:
+        _remove(made, folder if temporary else None)
+        raise
+    if temporary:
+        remaining = [len(machine.disks)]
+
+        def closed() -> None:
+            remaining[0] -= 1
+            if remaining[0] == 0:
+                shutil.rmtree(folder, ignore_errors=True)
+
+        for attached in machine.disks:
+            _device(attached).add_close_action(closed)
+            if not attached.spec.read_only:
+                _temporary_overlays[attached.transport] = folder
+    for overlay in made:
+        log.info("restored disk overlay %s", overlay)
+    return [] if temporary else made
+
+
+def _remove(overlays: list[Path], folder: Path | None) -> None:
+    for overlay in overlays:
+        overlay.unlink(missing_ok=True)
+    if folder is not None:
+        shutil.rmtree(folder, ignore_errors=True)
