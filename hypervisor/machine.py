@@ -82,6 +82,12 @@ def host_memory_bytes() -> int:
     return 0
 
 
+class ExitBudgetCheck(Protocol):
+    """What Machine.exit_budget must do (hypervisor.ci.exit_budget.ExitBudget does it)."""
+
+    def check(self, vcpus: Sequence[Vcpu]) -> Outcome | None: ...
+
+
 class Console(Protocol):
     """Where the guest's serial output goes and its input comes from (hypervisor.console)."""
 
@@ -164,6 +170,9 @@ class Machine:
         self._main_thread_calls: list[Callable[[], None]] = []
         # Called with every chunk of console output, on the vCPU thread (keep them cheap).
         self.output_watchers: list[Callable[[bytes], None]] = []
+        # `--max-exits` (hypervisor.ci.exit_budget.ExitBudget): checked by wait() every quarter
+        # second, so a run may overshoot its budget by that long's exits.
+        self.exit_budget: ExitBudgetCheck | None = None
         # What rebuilds this machine's hardware (a snapshot records it; hypervisor.snapshot).
         layout = [list(region) for region in memory_regions or [(0, self.memory_size)]]
         self.config: dict[str, object] = {
@@ -440,6 +449,9 @@ class Machine:
                     break
                 self.control.finished.wait(0.25 if remaining is None else min(remaining, 0.25))
                 self._run_main_thread_calls()
+                over_budget = self.exit_budget.check(self.vcpus) if self.exit_budget is not None else None
+                if over_budget is not None:
+                    self.control.request_stop(over_budget)
                 exits = self._exit_count()
                 if exits != exits_seen or self.control.paused:
                     exits_seen, quiet_since, probe_after = exits, time.monotonic(), HALT_PROBE_SECONDS
@@ -501,6 +513,10 @@ class Machine:
 
     def _exit_count(self) -> int:
         return sum(int(vcpu.stats.kvm_run_calls) for vcpu in self.vcpus)
+
+    def exit_count(self) -> int:
+        """VM exits so far, all vCPUs (KVM_RUN returns); safe to call from any thread while running."""
+        return self._exit_count()
 
     def _probe_for_final_halt(self) -> None:
         """Ends the run when every vCPU is halted with interrupts masked and nothing pending.

@@ -3,6 +3,11 @@
 Guest-chosen statuses (debug-exit) are passed through exactly, so the hypervisor's own outcomes
 use values a test guest is unlikely to pick and that follow common conventions (124 is
 coreutils timeout's, 130 is 128+SIGINT).
+
+Every outcome belongs to one of two classes, so a CI never blames a kernel for a broken runner:
+a *verdict* is what the guest itself decided or caused (its exit code, a panic, a triple fault,
+an exit storm), *infrastructure* is the run's machinery (a timeout, a hypervisor error, an
+instruction the host's KVM refuses to emulate, the user or the host stopping the run).
 """
 
 from __future__ import annotations
@@ -25,6 +30,38 @@ class OutcomeKind(enum.Enum):
     TIMEOUT = "timeout"  # --timeout expired
     INTERRUPTED = "interrupted"  # SIGINT/SIGTERM on the host
     HYPERVISOR_ERROR = "hypervisor-error"  # a host-side failure (ioctl error, I/O error)
+    EXIT_BUDGET = "exit-budget"  # the guest made more VM exits than --max-exits allows
+
+    @property
+    def outcome_class(self) -> OutcomeClass:
+        """VERDICT when the guest decided or caused this ending, INFRASTRUCTURE otherwise."""
+        return OUTCOME_CLASS[self]
+
+
+class OutcomeClass(enum.Enum):
+    VERDICT = "verdict"  # the guest's own result: trust it as the kernel's pass or fail
+    INFRASTRUCTURE = "infrastructure"  # the run's: retry or fix the runner, not the kernel
+
+
+# Emulation failures are infrastructure: the guest ran a valid instruction that this host's KVM
+# (kvm_pvm's emulator above all, shared/PLATFORM.md) cannot run; on hardware virtualization the
+# same kernel would go on. A quit is the user's doing, an interrupt the host's.
+OUTCOME_CLASS: dict[OutcomeKind, OutcomeClass] = {
+    OutcomeKind.DEBUG_EXIT: OutcomeClass.VERDICT,
+    OutcomeKind.COMMAND_EXIT: OutcomeClass.VERDICT,
+    OutcomeKind.POWER_OFF: OutcomeClass.VERDICT,
+    OutcomeKind.RESET: OutcomeClass.VERDICT,
+    OutcomeKind.QUIT: OutcomeClass.INFRASTRUCTURE,
+    OutcomeKind.HALTED: OutcomeClass.VERDICT,
+    OutcomeKind.TRIPLE_FAULT: OutcomeClass.VERDICT,
+    OutcomeKind.PANIC: OutcomeClass.VERDICT,
+    OutcomeKind.EMULATION_FAILURE: OutcomeClass.INFRASTRUCTURE,
+    OutcomeKind.INTERNAL_ERROR: OutcomeClass.INFRASTRUCTURE,
+    OutcomeKind.TIMEOUT: OutcomeClass.INFRASTRUCTURE,
+    OutcomeKind.INTERRUPTED: OutcomeClass.INFRASTRUCTURE,
+    OutcomeKind.HYPERVISOR_ERROR: OutcomeClass.INFRASTRUCTURE,
+    OutcomeKind.EXIT_BUDGET: OutcomeClass.VERDICT,  # the guest caused the storm
+}
 
 
 # Exit statuses that are not the guest's own (the guest's debug-exit value is used as is).
@@ -33,6 +70,7 @@ EXIT_STATUS: dict[OutcomeKind, int] = {
     OutcomeKind.RESET: 0,
     OutcomeKind.QUIT: 0,
     OutcomeKind.HYPERVISOR_ERROR: 1,
+    OutcomeKind.EXIT_BUDGET: 118,
     OutcomeKind.HALTED: 119,
     OutcomeKind.TRIPLE_FAULT: 120,
     OutcomeKind.PANIC: 121,
@@ -55,6 +93,10 @@ class Outcome:
         if self.kind in (OutcomeKind.DEBUG_EXIT, OutcomeKind.COMMAND_EXIT):
             return int(self.code or 0)
         return EXIT_STATUS[self.kind]
+
+    @property
+    def outcome_class(self) -> OutcomeClass:
+        return self.kind.outcome_class
 
     def describe(self) -> str:
         text = self.kind.value

@@ -1,0 +1,1 @@
+"""Tools for running guest kernels in CI: KTAP parsing, KUnit reports, exit budgets."""
