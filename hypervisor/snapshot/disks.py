@@ -20,6 +20,7 @@ import hashlib
 import logging
 import os
 import shutil
+import stat
 import tempfile
 import weakref
 from dataclasses import dataclass
@@ -65,10 +66,18 @@ class FrozenDisk:
 
 
 def _identity(path: Path) -> tuple[int, int, int, str]:
-    """(size, mtime_ns, inode, sha256 of the first MiB) of the file at `path`."""
-    status = path.stat()
-    with open(path, "rb") as stream:
-        head = hashlib.sha256(stream.read(HEAD_BYTES)).hexdigest()
+    """(size, mtime_ns, inode, sha256 of the first MiB) of the regular file at `path`.
+
+    Opened with O_NONBLOCK and checked with fstat before reading, so a header that names a FIFO
+    or a device gets an error instead of a read that waits for ever."""
+    descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        status = os.fstat(descriptor)
+        if not stat.S_ISREG(status.st_mode):
+            raise ConfigError(f"{path} is not a regular file; only image files can be frozen for a snapshot")
+        head = hashlib.sha256(os.pread(descriptor, HEAD_BYTES, 0)).hexdigest()
+    finally:
+        os.close(descriptor)
     return status.st_size, status.st_mtime_ns, status.st_ino, head
 
 
@@ -90,9 +99,12 @@ def check_disks_can_freeze(machine: Machine, snapshot: Path) -> None:
                 f"{disk.name} runs on an overlay in a temporary folder that is removed at the end of the run; "
                 "restore with --disk-overlay DIR to save this machine again"
             )
+        image = Path(disk.spec.path).resolve()
+        if not image.is_file():
+            raise ConfigError(f"{disk.name}: {image} is not a regular file; only image files can be frozen "
+                              "for a snapshot")  # fmt: skip
         if disk.spec.read_only:
             continue
-        image = Path(disk.spec.path).resolve()
         overlay = overlay_path_after_save(image, snapshot, disk.name)
         if overlay.exists():
             raise ConfigError(f"{disk.name}: {overlay} (the overlay the run would go on in) already exists")
@@ -172,6 +184,8 @@ def check_frozen(disks: list[FrozenDisk], folder: Path) -> None:
         except OSError as error:
             raise ConfigError(f"snapshot {folder}: {disk.name}'s frozen image {path} cannot be read "
                               f"({error.strerror})") from error  # fmt: skip
+        except ConfigError as error:
+            raise ConfigError(f"snapshot {folder}: {disk.name}'s frozen image: {error}") from error
         if identity != (disk.size, disk.mtime_ns, disk.inode, disk.head_sha256):
             raise ConfigError(f"snapshot {folder}: {disk.name}'s frozen image {path} was changed or replaced "
                               "after the save; the snapshot's disk is lost")  # fmt: skip

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -222,7 +223,7 @@ def _tree(*paths: Path) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("damage", ["changed-base", "touched-base", "missing-base", "relative-path", "no-disk-state",
-                                    "disk-record-fields", "overlay-exists"])  # fmt: skip
+                                    "disk-record-fields", "overlay-exists", "fifo-base"])  # fmt: skip
 def test_changed_bases_and_damaged_disk_records_are_refused(saved, tmp_path: Path, damage: str) -> None:
     snapshot, frozen, _ = saved
     header_path = snapshot / "header.json"
@@ -244,6 +245,10 @@ def test_changed_bases_and_damaged_disk_records_are_refused(saved, tmp_path: Pat
         # keep the header's hash right: only the missing state is wrong
         header["parts"]["state.json"] = {"size": (snapshot / "state.json").stat().st_size,
                                          "sha256": sha256(snapshot / "state.json")}  # fmt: skip
+    elif damage == "fifo-base":
+        fifo = tmp_path / "fifo"
+        os.mkfifo(fifo)
+        header["disks"][0]["path"] = str(fifo)
     elif damage == "disk-record-fields":
         del header["disks"][0]["head_sha256"]
     else:
@@ -255,6 +260,15 @@ def test_changed_bases_and_damaged_disk_records_are_refused(saved, tmp_path: Pat
     message = str(error.value)
     assert "\n" not in message and (str(snapshot) in message or "vda.qcow2" in message), message
     assert _tree(snapshot, overlays, *[path for path in tmp_path.glob("*.qcow2")]) == before
+
+
+def test_a_machine_on_temporary_overlays_cannot_be_saved_again(saved, tmp_path: Path) -> None:
+    snapshot, _, _ = saved
+    with Machine.restore(str(snapshot), MemoryConsole()) as machine:
+        with pytest.raises(ConfigError, match="--disk-overlay DIR") as error:
+            machine.save(str(tmp_path / "again"))
+        assert "\n" not in str(error.value)
+    assert not (tmp_path / "again").exists()
 
 
 def pyhv(*arguments: str) -> subprocess.CompletedProcess[str]:
