@@ -1,6 +1,7 @@
-"""The exit debugger's command parsing and commands (hypervisor/debug/repl.py) without KVM: the
-pure parsers, then ExitDebugger over a stand-in machine with real guest memory, a real bus and a
-real breakpoint table (the KVM side is tests/kvm/test_pyhv_debug.py)."""
+"""The exit debugger's command parsing and commands without KVM: the pure parsers
+(hypervisor/debug/repl_syntax.py), then ExitDebugger (hypervisor/debug/repl.py) over a stand-in
+machine with real guest memory, a real bus and a real breakpoint table (the KVM side is
+tests/kvm/test_pyhv_debug.py)."""
 
 from __future__ import annotations
 
@@ -15,10 +16,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hypervisor.debug.repl import (
+from hypervisor.debug.repl import ExitDebugger
+from hypervisor.debug.repl_syntax import (
     DebugCommandError,
     ExamineFormat,
-    ExitDebugger,
     code_bits,
     disassemble,
     evaluate,
