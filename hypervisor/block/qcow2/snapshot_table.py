@@ -9,6 +9,9 @@ from hypervisor.block.qcow2 import format as fmt
 from hypervisor.block.qcow2.types import SnapshotInfo
 from hypervisor.errors import ImageCorruptError
 
+# QEMU block/qcow2.h QCOW_MAX_SNAPSHOTS_SIZE: "an average of 1k per snapshot table entry" (64 MiB).
+MAX_TABLE_BYTES = 1024 * fmt.MAX_SNAPSHOTS
+
 
 @dataclass
 class SnapshotEntry:
@@ -46,7 +49,7 @@ def parse_snapshot_table(raw: bytes, count: int, cluster_size: int, file_size: i
     offset = 0
     for index in range(count):
         if offset + fmt.SNAPSHOT_ENTRY_FIXED > len(raw):
-            raise ImageCorruptError(f"{path}: snapshot table truncated at entry {index}")
+            raise ImageCorruptError(_truncated(path, index, len(raw)))
         fixed = fmt.SnapshotEntryFixed.parse(raw[offset : offset + fmt.SNAPSHOT_ENTRY_FIXED])
         if fixed.extra_data_size > fmt.MAX_SNAPSHOT_EXTRA:
             raise ImageCorruptError(f"{path}: snapshot {index} has too much extra data")
@@ -55,7 +58,7 @@ def parse_snapshot_table(raw: bytes, count: int, cluster_size: int, file_size: i
         pos += fixed.extra_data_size
         end = pos + fixed.id_str_size + fixed.name_size
         if end > len(raw):
-            raise ImageCorruptError(f"{path}: snapshot table truncated at entry {index}")
+            raise ImageCorruptError(_truncated(path, index, len(raw)))
         snap_id = raw[pos : pos + fixed.id_str_size].decode("utf-8", "replace")
         name = raw[pos + fixed.id_str_size : end].decode("utf-8", "replace")
         vm_state_size = fixed.vm_state_size
@@ -91,6 +94,12 @@ def parse_snapshot_table(raw: bytes, count: int, cluster_size: int, file_size: i
     return entries
 
 
+def _truncated(path: str, index: int, available: int) -> str:
+    if available >= MAX_TABLE_BYTES:
+        return f"{path}: snapshot table larger than QEMU's {MAX_TABLE_BYTES >> 20} MiB limit (at entry {index})"
+    return f"{path}: snapshot table truncated at entry {index}"
+
+
 def stored_table_size(raw: bytes, count: int, path: str) -> int:
     """Bytes the first `count` entries take in `raw` as stored (QEMU's snapshots_size): each is
     40 fixed bytes, its extra data, id and name, padded to 8 (qcow2.rst "Snapshot table"). This,
@@ -108,8 +117,10 @@ def stored_table_size(raw: bytes, count: int, path: str) -> int:
 
 
 def table_size_bound(count: int) -> int:
-    """Upper bound of a table's size, for reading it: ids and names are at most 64 KiB each."""
-    return count * (fmt.SNAPSHOT_ENTRY_FIXED + fmt.MAX_SNAPSHOT_EXTRA + 2 * 65535 + 8)
+    """Upper bound of a table's size, for reading it: ids and names are at most 64 KiB each, and
+    the whole table at most QEMU's QCOW_MAX_SNAPSHOTS_SIZE (qcow2_read_snapshots refuses more),
+    so a header claiming 65536 snapshots cannot make an open read gigabytes."""
+    return min(MAX_TABLE_BYTES, count * (fmt.SNAPSHOT_ENTRY_FIXED + fmt.MAX_SNAPSHOT_EXTRA + 2 * 65535 + 8))
 
 
 def build_snapshot_table(entries: list[SnapshotEntry]) -> bytes:
