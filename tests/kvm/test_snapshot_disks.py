@@ -262,6 +262,34 @@ def test_changed_bases_and_damaged_disk_records_are_refused(saved, tmp_path: Pat
     assert _tree(snapshot, overlays, *[path for path in tmp_path.glob("*.qcow2")]) == before
 
 
+def test_a_restored_machine_saved_again_chains_its_frozen_images(saved, tmp_path: Path) -> None:
+    """Restore (overlays kept), stop before the write, save again: the restore's overlay is the
+    second snapshot's frozen image, backed by the first one; restoring it runs the I/O."""
+    snapshot, frozen, frozen_hash = saved
+    first_overlays, second_overlays = tmp_path / "one", tmp_path / "two"
+    first_overlays.mkdir()
+    second_overlays.mkdir()
+    again = tmp_path / "again"
+    with Machine.restore(str(snapshot), MemoryConsole(), disk_overlay=str(first_overlays)) as machine:
+        held = machine.break_on("mmio", address=WINDOW.gpa + regs.CONFIG_OFFSET, is_write=False)
+        machine.start()
+        stop = machine.wait_for_stop(30)
+        assert stop is not None and stop.breakpoint is held
+        machine.delete_breakpoint(held.id)
+        machine.save(str(again))
+        machine.resume()
+        assert machine.wait(60).exit_status == EXIT_CODE
+    [record] = json.loads((again / "header.json").read_text())["disks"]
+    assert record["path"] == str((first_overlays / "vda.qcow2").resolve())
+    with Machine.restore(str(again), MemoryConsole(), disk_overlay=str(second_overlays)) as machine:
+        assert machine.run(60).exit_status == EXIT_CODE
+    qemu_img_check(second_overlays / "vda.qcow2")
+    content = disk_content(second_overlays / "vda.qcow2", tmp_path)
+    assert content[PATTERN_OFFSET : PATTERN_OFFSET + PATTERN_LENGTH] == pattern()
+    assert content[:PATTERN_OFFSET] == BASE_FILL * PATTERN_OFFSET
+    assert sha256(frozen) == frozen_hash
+
+
 def test_a_machine_on_temporary_overlays_cannot_be_saved_again(saved, tmp_path: Path) -> None:
     snapshot, _, _ = saved
     with Machine.restore(str(snapshot), MemoryConsole()) as machine:
