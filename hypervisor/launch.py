@@ -12,12 +12,17 @@ import logging
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from hypervisor.disk_spec import DiskSpec
 from hypervisor.errors import ConfigError
 from hypervisor.guest_images import default_guest
 from hypervisor.kvm import kvm_is_pvm
 from hypervisor.machine import Console, Machine, host_memory_bytes
+
+if TYPE_CHECKING:
+    from hypervisor.boot.layout import MmioWindow
+    from hypervisor.disk_overlays import DiskSession
 
 log = logging.getLogger(__name__)
 
@@ -122,8 +127,21 @@ def _check_memory_fits_host(memory_mib: int) -> None:
         )
 
 
-def create_machine(options: RunOptions, console: Console | None) -> tuple[Machine, LaunchInfo]:
-    """A Machine with the guest of `options` loaded and ready to `run`."""
+def _attach_disks(machine: Machine, specs: list[DiskSpec], session: DiskSession | None) -> list[MmioWindow]:
+    """The disks through the run's DiskSession (overlays, write sets, faults) when it has one."""
+    if session is not None:
+        return session.attach(machine)
+    if any(spec.throwaway for spec in specs):
+        # Opening the base itself would let the guest write to it: refused, never guessed.
+        raise ConfigError("snapshot=on and overlay= disks need the run's DiskSession (hypervisor.disk_overlays)")
+    return machine.attach_disks(specs)
+
+
+def create_machine(
+    options: RunOptions, console: Console | None, disks: DiskSession | None = None
+) -> tuple[Machine, LaunchInfo]:
+    """A Machine with the guest of `options` loaded and ready to `run`. `disks`, when given, is
+    the entered DiskSession of `options.disks`: the machine opens its overlays and shims."""
     pvm = kvm_is_pvm()
     if options.raw is not None:
         if options.kernel is not None or options.initrd is not None:
@@ -136,7 +154,7 @@ def create_machine(options: RunOptions, console: Console | None) -> tuple[Machin
                           pvm_emulation=pvm, hugepages=options.hugepages,
                           machine_type=options.machine, exit_history=options.exit_history)  # fmt: skip
         try:
-            machine.attach_disks(options.disks)  # found by the guest at the virtio-mmio windows
+            _attach_disks(machine, options.disks, disks)  # found by the guest at the virtio-mmio windows
             machine.load_raw_bytes(data, address, str(path))
         except BaseException:
             machine.close()
@@ -180,7 +198,8 @@ def create_machine(options: RunOptions, console: Console | None) -> tuple[Machin
         if kind == "multiboot":
             cmdline, windows = options.append or "", []
         else:
-            cmdline, windows = linux_cmdline(options.append, pvm, options.root), machine.attach_disks(options.disks)
+            cmdline = linux_cmdline(options.append, pvm, options.root)
+            windows = _attach_disks(machine, options.disks, disks)
         image = prepare_kernel(machine.memory, layout, kernel, cmdline, initrd, options.cpus, windows,
                                entry="pvh" if options.pvh else "auto", name=str(kernel_path),
                                program_name=kernel_path.name)  # fmt: skip

@@ -338,6 +338,10 @@ class Machine:
             index = len(self.disks)
             name = "vd" + chr(ord("a") + index)
             window = virtio_mmio_window(index)
+            if spec.throwaway:
+                # The guest must never write to a snapshot=on/overlay= base: the overlay is made by
+                # hypervisor.disk_overlays.DiskSession, which hands this method the overlay instead.
+                raise ConfigError(f"{name}: {spec.path} asks for an overlay; open it through DiskSession")
             backend = open_disk(spec.path, spec.format, spec.read_only, allow_backing=True)
             if wrap_backend is not None:
                 backend = wrap_backend(backend)

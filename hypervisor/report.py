@@ -21,8 +21,10 @@ def build_report(
     info: LaunchInfo | None,
     timeline: dict[str, float],
     post_mortem: dict[str, object] | None = None,
+    disks: dict[str, object] | None = None,
 ) -> dict[str, object]:
-    """The report; `post_mortem` (hypervisor.debug.postmortem.PostMortem.to_dict) after a crash."""
+    """The report; `post_mortem` (hypervisor.debug.postmortem.PostMortem.to_dict) after a crash;
+    `disks` (hypervisor.disk_overlays.DiskSession.report): the "disks" and "faults" sections."""
     outcome = result.outcome
     stats = result.statistics
     report: dict[str, object] = {
@@ -61,6 +63,9 @@ def build_report(
         report["kernel_reports"] = result.kernel_reports
     if post_mortem is not None:
         report["post_mortem"] = post_mortem
+    if disks is not None:
+        # Per disk: image, overlay, and the write set (sectors written, discarded, flushed).
+        report.update(disks)
     return report
 
 

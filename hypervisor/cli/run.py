@@ -18,6 +18,8 @@ from hypervisor.units import parse_size
 
 if TYPE_CHECKING:
     from hypervisor.debug.gdb.server import GdbServer
+    from hypervisor.disk_overlays import DiskSession
+    from hypervisor.launch import RunOptions
     from hypervisor.machine import Machine
 
 log = logging.getLogger(__name__)
@@ -84,7 +86,11 @@ def _make_console(spec: str) -> object:
                    "per kind (io=1000000,mmio=50000,total=...). Checked every quarter second.")
 @click.option("--report", type=click.Path(path_type=Path, dir_okay=False), help="Write a JSON summary of the run here.")
 @click.option("--disk", "disks", multiple=True, metavar="PATH[,format=raw|qcow2][,readonly=on][,serial=S]",
-              help="A virtio-blk disk (repeatable: vda, vdb, ...).")
+              help="A virtio-blk disk (repeatable: vda, vdb, ...); snapshot=on or overlay=FILE keep PATH unwritten.")
+@click.option("--snapshot", is_flag=True,
+              help="Every writable disk runs on a temporary overlay, deleted after the run (docs/ci.md).")
+@click.option("--fault", "faults", multiple=True, metavar="DISK:OP:K:ACTION[,...]",
+              help="Spoil the Kth OP request to DISK, e.g. vda:write:3:eio,after=PATTERN (docs/ci.md).")
 @click.option("--root", help="Boot with this disk as the root file system, e.g. /dev/vda.")
 @click.option("--debug-exit-port", default="0x501", show_default=True, help="Port of the debug-exit device.")
 @click.option("--debug-exit-qemu", is_flag=True, help="QEMU isa-debug-exit semantics: status = (value << 1) | 1.")
@@ -123,6 +129,7 @@ def _run(options: dict[str, object]) -> int:
     from hypervisor.report import build_report, write_report
 
     machine = None
+    disk_session = None
     try:
         port_text = str(options["debug_exit_port"])
         try:
@@ -165,13 +172,16 @@ def _run(options: dict[str, object]) -> int:
             exit_budget = ExitBudget.parse(str(options["max_exits"]))
         console = _make_console(str(options["console_spec"]))
         if options["restore"] is not None:
+            if options["faults"] or options["snapshot"]:
+                raise ConfigError("--restore gives each disk a fresh overlay: it takes no --snapshot or --fault")
             if options["kernel"] or options["initrd"] or options["raw"] or options["disks"] or options["append"]:
                 raise ConfigError("--restore continues a saved machine: it takes no --kernel, --initrd, --raw, --disk "
                                   "or --append")
             machine = snapshot_options.restore(options["restore"], console, options["disk_overlay"])  # type: ignore[arg-type]
             info = LaunchInfo("restored", str(options["restore"]), pvm_host=machine.emulator is not None)
         else:
-            machine, info = create_machine(run_options, console)  # type: ignore[arg-type]
+            disk_session = _disk_session(run_options, options)
+            machine, info = create_machine(run_options, console, disk_session)  # type: ignore[arg-type]
         machine.exit_budget = exit_budget
         if options["save"] is not None:
             snapshot_options.arm_save(machine, options["save"], str(options["save_on"]))  # type: ignore[arg-type]
@@ -202,7 +212,8 @@ def _run(options: dict[str, object]) -> int:
         debug_outputs.finish(result, info, machine.observer.timeline())
         if options["report"]:
             try:
-                report = build_report(result, info, machine.observer.timeline(), debug_outputs.report_section())
+                disks = disk_session.report() if disk_session is not None else None
+                report = build_report(result, info, machine.observer.timeline(), debug_outputs.report_section(), disks)
                 write_report(options["report"], report)  # type: ignore[arg-type]
             except OSError as error:
                 # The outcome is already said and stays the exit status: the report is extra.
@@ -219,7 +230,23 @@ def _run(options: dict[str, object]) -> int:
         log.debug("unexpected error", exc_info=True)
         click.echo(f"pyhv: internal error: {error!r} (run with -vv for the traceback)", err=True)
         return 1
+    finally:
+        if disk_session is not None:
+            disk_session.close()  # temporary overlays go, whatever ended the run
     return result.exit_status
+
+
+def _disk_session(run_options: RunOptions, options: dict[str, object]) -> DiskSession | None:
+    """The run's overlays, write sets and faults (hypervisor/disk_overlays.py), entered."""
+    if not run_options.disks:
+        if options["faults"]:
+            raise ConfigError("--fault needs a --disk to spoil")
+        return None
+    from hypervisor.disk_overlays import DiskSession
+    from hypervisor.faults import parse_fault_spec
+
+    rules = [parse_fault_spec(text) for text in options["faults"]]  # type: ignore[attr-defined]
+    return DiskSession(run_options.disks, snapshot_all=bool(options["snapshot"]), faults=rules).__enter__()
 
 
 def _open_trace(path: Path | None) -> IO[str] | None:
