@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+TEMPORARY_PREFIX = "pyhv-overlays-"  # the same prefix as hypervisor/disk_overlays.py's folders
 HEAD_BYTES = 1 << 20  # the identity hashes this much of the frozen image: cheap, and catches rewrites
 FORMATS = ("raw", "qcow2")
 RECORD_FIELDS = {"name", "serial", "read_only", "path", "format", "virtual_size", "size", "mtime_ns", "inode",
@@ -85,6 +86,14 @@ def _device(disk: AttachedDisk) -> Any:
     return disk.transport.device
 
 
+def _in_temporary_overlay_folder(image: Path) -> bool:
+    """Whether `image` is in a `pyhv-overlays-*` folder of the temporary directory: the folders
+    restores without --disk-overlay and `pyhv run --snapshot` / `snapshot=on` (hypervisor/
+    disk_overlays.py) remove at the end of their run."""
+    parent = image.parent
+    return parent.name.startswith(TEMPORARY_PREFIX) and parent.parent == Path(tempfile.gettempdir()).resolve()
+
+
 def overlay_path_after_save(image: Path, snapshot: Path, name: str) -> Path:
     """Where the running machine goes on writing once `image` is frozen: beside it, named after
     the snapshot, so the user finds the run's later writes next to the disk they gave."""
@@ -100,6 +109,10 @@ def check_disks_can_freeze(machine: Machine, snapshot: Path) -> None:
                 "restore with --disk-overlay DIR to save this machine again"
             )
         image = Path(disk.spec.path).resolve()
+        if _in_temporary_overlay_folder(image):
+            raise ConfigError(f"{disk.name} runs on {image}, a temporary overlay removed at the end of the run; "
+                              "a snapshot cannot refer to it (keep the overlay with --disk-overlay DIR or "
+                              "--disk ...,overlay=FILE)")  # fmt: skip
         if not image.is_file():
             raise ConfigError(f"{disk.name}: {image} is not a regular file; only image files can be frozen "
                               "for a snapshot")  # fmt: skip
@@ -201,7 +214,7 @@ def attach_restored_disks(machine: Machine, disks: list[FrozenDisk], overlay_dir
     writable = [disk for disk in disks if not disk.read_only]
     temporary = overlay_dir is None and bool(writable)
     if overlay_dir is None:
-        folder = Path(tempfile.mkdtemp(prefix="pyhv-overlays-")) if writable else Path()
+        folder = Path(tempfile.mkdtemp(prefix=TEMPORARY_PREFIX)) if writable else Path()
     else:
         folder = Path(overlay_dir)
         if not folder.is_dir():

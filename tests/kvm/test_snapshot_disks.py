@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -297,6 +298,23 @@ def test_a_machine_on_temporary_overlays_cannot_be_saved_again(saved, tmp_path: 
             machine.save(str(tmp_path / "again"))
         assert "\n" not in str(error.value)
     assert not (tmp_path / "again").exists()
+
+
+def test_a_disk_in_a_temporary_overlay_folder_is_not_frozen(tmp_path: Path) -> None:
+    """`pyhv run --snapshot` and restores without --disk-overlay run on overlays in
+    pyhv-overlays-* folders that go at the end of the run: a snapshot must not refer to them."""
+    folder = Path(tempfile.mkdtemp(prefix="pyhv-overlays-"))
+    try:
+        disk = folder / "vda.raw"
+        disk.write_bytes(bytes(DISK_BYTES))
+        with Machine(16, console=MemoryConsole()) as machine:
+            machine.attach_disks([DiskSpec(str(disk), "raw")])
+            with pytest.raises(ConfigError, match="temporary overlay") as error:
+                machine.save(str(tmp_path / "snap"))
+            assert "\n" not in str(error.value)
+        assert sorted(path.name for path in folder.iterdir()) == ["vda.raw"] and not (tmp_path / "snap").exists()
+    finally:
+        shutil.rmtree(folder)
 
 
 def pyhv(*arguments: str) -> subprocess.CompletedProcess[str]:
