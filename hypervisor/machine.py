@@ -162,6 +162,7 @@ class Machine:
         self._sinks: list[TableRange] = []
         self._threads: list[threading.Thread] = []
         self.disks: list[AttachedDisk] = []
+        self._wrap_backend: Callable[[BlockBackend], BlockBackend] | None = None
         self.exit_hooks: list[ExitHook] = []  # seen by every vCPU runner, also while running
         self.breakpoints = BreakpointTable()
         # The last exits that reached Python, for post-mortems (0: not kept).
@@ -343,8 +344,8 @@ class Machine:
                 # hypervisor.disk_overlays.DiskSession, which hands this method the overlay instead.
                 raise ConfigError(f"{name}: {spec.path} asks for an overlay; open it through DiskSession")
             backend = open_disk(spec.path, spec.format, spec.read_only, allow_backing=True)
-            if wrap_backend is not None:
-                backend = wrap_backend(backend)
+            self._wrap_backend = wrap_backend
+            backend = self.wrap_disk_backend(backend)
             try:
                 device = VirtioBlock(backend, serial=spec.serial, name=name)
             except BaseException:
@@ -362,6 +363,11 @@ class Machine:
                      ", read-only" if spec.read_only else "", window.gpa, window.irq)  # fmt: skip
             windows.append(window)
         return windows
+
+    def wrap_disk_backend(self, backend: BlockBackend) -> BlockBackend:
+        """`backend` inside the shim `attach_disks` was given (write sets, faults, tracing): a
+        backend opened later for a disk (a snapshot's new overlay) keeps the same shim."""
+        return self._wrap_backend(backend) if self._wrap_backend is not None else backend
 
     # -- loading a guest ------------------------------------------------------------------------
 

@@ -128,10 +128,10 @@ def check_disks_can_freeze(machine: Machine, snapshot: Path) -> None:
 def freeze_disks(machine: Machine, snapshot: Path) -> list[FrozenDisk]:
     """Freezes every disk (see the module docstring). Call with the vCPUs paused and every
     disk's I/O thread stopped; the devices go on with their new overlays afterwards."""
-    return [_freeze(disk, snapshot) for disk in machine.disks]
+    return [_freeze(machine, disk, snapshot) for disk in machine.disks]
 
 
-def _freeze(disk: AttachedDisk, snapshot: Path) -> FrozenDisk:
+def _freeze(machine: Machine, disk: AttachedDisk, snapshot: Path) -> FrozenDisk:
     from hypervisor.block.open import open_disk, probe_format
     from hypervisor.block.qcow2.create import Qcow2CreateOptions, create_qcow2
 
@@ -152,10 +152,12 @@ def _freeze(disk: AttachedDisk, snapshot: Path) -> FrozenDisk:
     device.backend.close()
     try:
         record = _record(disk, image, fmt, virtual_size)
-        device.replace_backend(open_disk(str(overlay), "qcow2", read_only=False, allow_backing=True))
+        device.replace_backend(machine.wrap_disk_backend(open_disk(str(overlay), "qcow2", read_only=False,
+                                                                   allow_backing=True)))  # fmt: skip
     except BaseException:
         # Keep the machine usable on its old image; the snapshot is abandoned.
-        device.replace_backend(open_disk(str(image), fmt, read_only=False, allow_backing=True))
+        device.replace_backend(machine.wrap_disk_backend(open_disk(str(image), fmt, read_only=False,
+                                                                   allow_backing=True)))  # fmt: skip
         overlay.unlink(missing_ok=True)
         raise
     disk.spec = DiskSpec(str(overlay), "qcow2", False, disk.spec.serial)
