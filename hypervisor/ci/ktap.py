@@ -195,6 +195,8 @@ def _split_description(text: str) -> tuple[str, str | None, str]:
 def _result_status(ok: bool, directive: str | None) -> Status:
     if directive == "SKIP":
         return Status.SKIPPED  # ok or not ok: ktap.rst allows both with SKIP
+    if not ok and directive == "ERROR":
+        return Status.CRASHED  # the test could not run to its end: kunit_json.py's "ERROR" status
     if not ok and directive in ("TODO", "XFAIL"):
         # An expected failure fails nothing (TAP's TODO); counted with the skips, neither passed nor failed.
         return Status.SKIPPED

@@ -20,6 +20,7 @@ SUBCOMMANDS = {
     "image": "hypervisor.cli.image:image",
     "trace": "hypervisor.cli.trace:trace",
     "kvm-unit-tests": "hypervisor.cli.kvm_unit_tests:kvm_unit_tests",
+    "kunit": "hypervisor.cli.kunit:kunit",
 }
 
 

@@ -167,7 +167,7 @@ def test_printk_caller_and_level_prefixes() -> None:
         ("not ok 1 t # TODO not done", Status.SKIPPED, "TODO", "not done"),
         ("not ok 1 t # XFAIL known", Status.SKIPPED, "XFAIL", "known"),
         ("not ok 1 t # TIMEOUT 30 seconds", Status.FAILED, "TIMEOUT", "30 seconds"),
-        ("not ok 1 t # ERROR no device", Status.FAILED, "ERROR", "no device"),
+        ("not ok 1 t # ERROR no device", Status.CRASHED, "ERROR", "no device"),
         ("ok 1 t # rcode=0", Status.PASSED, None, "rcode=0"),
         ("ok 1 - t", Status.PASSED, None, ""),
     ],
