@@ -42,6 +42,7 @@ from hypervisor.vcpu.stats import merge_statistics, vcpu_statistics
 
 if TYPE_CHECKING:
     from hypervisor.block.backend import BlockBackend
+    from hypervisor.virtio.blk import VirtioBlock
     from hypervisor.virtio.mmio import MmioTransport
 
 log = logging.getLogger(__name__)
@@ -162,7 +163,6 @@ class Machine:
         self._sinks: list[TableRange] = []
         self._threads: list[threading.Thread] = []
         self.disks: list[AttachedDisk] = []
-        self._wrap_backend: Callable[[BlockBackend], BlockBackend] | None = None
         self.exit_hooks: list[ExitHook] = []  # seen by every vCPU runner, also while running
         self.breakpoints = BreakpointTable()
         # The last exits that reached Python, for post-mortems (0: not kept).
@@ -344,8 +344,8 @@ class Machine:
                 # hypervisor.disk_overlays.DiskSession, which hands this method the overlay instead.
                 raise ConfigError(f"{name}: {spec.path} asks for an overlay; open it through DiskSession")
             backend = open_disk(spec.path, spec.format, spec.read_only, allow_backing=True)
-            self._wrap_backend = wrap_backend
-            backend = self.wrap_disk_backend(backend)
+            if wrap_backend is not None:
+                backend = wrap_backend(backend)
             try:
                 device = VirtioBlock(backend, serial=spec.serial, name=name)
             except BaseException:
@@ -364,10 +364,21 @@ class Machine:
             windows.append(window)
         return windows
 
-    def wrap_disk_backend(self, backend: BlockBackend) -> BlockBackend:
-        """`backend` inside the shim `attach_disks` was given (write sets, faults, tracing): a
-        backend opened later for a disk (a snapshot's new overlay) keeps the same shim."""
-        return self._wrap_backend(backend) if self._wrap_backend is not None else backend
+    @staticmethod
+    def swap_disk_backend(device: VirtioBlock, backend: BlockBackend) -> None:
+        """Puts `backend` under `device` in place of the image it used, keeping the shims
+        `attach_disks` put around it (write sets, faults: each shim has an `inner`), so what
+        they recorded goes on; the device's I/O must be stopped (a snapshot's freeze)."""
+        holder: object = device
+        current = device.backend
+        while hasattr(current, "inner"):
+            holder, current = current, current.inner
+        if holder is device:
+            device.replace_backend(backend)
+            return
+        if backend.size != current.size or backend.read_only != current.read_only:
+            raise ConfigError(f"{device.name}: the replacement disk differs in size or read-only mode")
+        holder.inner = backend  # type: ignore[attr-defined]
 
     # -- loading a guest ------------------------------------------------------------------------
 

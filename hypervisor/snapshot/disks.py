@@ -152,12 +152,10 @@ def _freeze(machine: Machine, disk: AttachedDisk, snapshot: Path) -> FrozenDisk:
     device.backend.close()
     try:
         record = _record(disk, image, fmt, virtual_size)
-        device.replace_backend(machine.wrap_disk_backend(open_disk(str(overlay), "qcow2", read_only=False,
-                                                                   allow_backing=True)))  # fmt: skip
+        machine.swap_disk_backend(device, open_disk(str(overlay), "qcow2", read_only=False, allow_backing=True))
     except BaseException:
         # Keep the machine usable on its old image; the snapshot is abandoned.
-        device.replace_backend(machine.wrap_disk_backend(open_disk(str(image), fmt, read_only=False,
-                                                                   allow_backing=True)))  # fmt: skip
+        machine.swap_disk_backend(device, open_disk(str(image), fmt, read_only=False, allow_backing=True))
         overlay.unlink(missing_ok=True)
         raise
     disk.spec = DiskSpec(str(overlay), "qcow2", False, disk.spec.serial)
