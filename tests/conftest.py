@@ -9,6 +9,10 @@ import pytest
 
 from tests.guests.build import ToolMissing, build_guest
 
+# The pyhv_vm fixture (tests/kvm/test_pytest_plugin.py). Users get it from the pytest11 entry
+# point, which is named after the module, so the two never register it twice.
+pytest_plugins = ["hypervisor.pytest_plugin"]
+
 
 @functools.lru_cache(maxsize=1)
 def kvm_unavailable_reason() -> str | None:
