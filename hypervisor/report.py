@@ -31,6 +31,7 @@ def build_report(
         "report_version": REPORT_VERSION,
         "pyhv_version": __version__,
         "outcome": outcome.kind.value,
+        "outcome_class": outcome.outcome_class.value,  # "verdict" (the guest's) or "infrastructure"
         "exit_status": result.exit_status,
         "detail": outcome.detail,
         "wall_seconds": round(result.wall_seconds, 3),

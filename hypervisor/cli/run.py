@@ -116,10 +116,10 @@ def run(**options: object) -> None:
 
     \b
     Exit status: the guest's debug-exit value when it used that port; 0 when it powered off,
-    reset or the console quit (Ctrl-A x); 119 halted for good (cli; hlt), 120 triple fault,
-    121 kernel panic, 122 emulation failure, 123 other KVM internal error, 124 timeout,
-    130 interrupted; 1 hypervisor error, 2 usage error, 3 bad input (file, size, image),
-    4 KVM unavailable. See docs/exit-status.md.
+    reset or the console quit (Ctrl-A x); 118 over its --max-exits budget, 119 halted for good
+    (cli; hlt), 120 triple fault, 121 kernel panic, 122 emulation failure, 123 other KVM
+    internal error, 124 timeout, 130 interrupted; 1 hypervisor error, 2 usage error, 3 bad
+    input (file, size, image), 4 KVM unavailable. See docs/exit-status.md.
     """
     sys.exit(_run(options))
 
