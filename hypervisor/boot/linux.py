@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from hypervisor.boot import layout
+from hypervisor.boot.acpi import ACPI_TABLES_START
 from hypervisor.boot.bzimage import (
     PROTOCOL_CMDLINE_SIZE,
     STARTUP_64_OFFSET,
@@ -239,6 +240,8 @@ def prepare_linux(
         if initrd_range:
             page.set_ramdisk(*initrd_range)
         page.set_e820(guest.e820)
+        # The RSDP is the first of the ACPI tables write_platform_tables puts there (acpi.py).
+        page.set_acpi_rsdp(ACPI_TABLES_START)
         plan.place("zero page", layout.ZERO_PAGE_START, layout.ZERO_PAGE_SIZE)
         page.write_to(memory, layout.ZERO_PAGE_START)
         if long_mode:

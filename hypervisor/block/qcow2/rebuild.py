@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from hypervisor.block.qcow2 import format as fmt
 from hypervisor.block.qcow2.bitmaps import load_directory, referenced_clusters
 from hypervisor.block.qcow2.refcount import RefcountBlockCodec, Refcounts, dump_u64_table
-from hypervisor.block.qcow2.snapshot_table import build_snapshot_table
+from hypervisor.block.qcow2.snapshot_table import stored_table_size, table_size_bound
 from hypervisor.errors import ImageError
 
 if TYPE_CHECKING:
@@ -38,7 +38,11 @@ def count_references(image: Qcow2Image) -> Counter[int]:
     add_area(image._l1_offset, len(image._l1) * 8)
     refs.update(image._tree_references(image._l1))
     if hdr.nb_snapshots:
-        add_area(hdr.snapshots_offset, len(build_snapshot_table(image._snapshots)))
+        # The table's clusters are what is stored, which can be longer than a rebuilt table
+        # (extra data of QEMU before 5.0): count the stored size, as ops.py frees it.
+        bound = min(table_size_bound(hdr.nb_snapshots), max(0, image._hf.size - hdr.snapshots_offset))
+        stored = image._hf.pread(hdr.snapshots_offset, bound)
+        add_area(hdr.snapshots_offset, stored_table_size(stored, hdr.nb_snapshots, image.path))
     for snap in image._snapshots:
         if snap.l1_size:
             add_area(snap.l1_table_offset, snap.l1_size * 8)
