@@ -86,6 +86,7 @@ def kunit_cmdline(filter_glob: str | None, append: str | None) -> str:
 @click.option(
     "--console-log", type=click.Path(path_type=Path, dir_okay=False), help="Write everything the kernel printed here."
 )
+@click.option("--show-console", is_flag=True, help="Copy the kernel's console to stderr while it runs.")
 def kunit(**options: object) -> None:
     """Boot a KUnit kernel and report its test results.
 
@@ -117,8 +118,8 @@ def _kunit(options: dict[str, object]) -> int:
             exit_budget = ExitBudget.parse(str(options["max_exits"]))
         raw = _parse_raw(options["raw"])  # type: ignore[arg-type]
         append = kunit_cmdline(options["filter_glob"], options["append"]) if raw is None else None  # type: ignore[arg-type]
-        if raw is not None and options["filter_glob"] is not None:
-            raise ConfigError("--filter goes on a kernel's command line: it needs --kernel")
+        if raw is not None and (options["filter_glob"] is not None or options["append"] is not None):
+            raise ConfigError("--filter and --append go on a kernel's command line: they need --kernel")
         run_options = RunOptions(
             kernel=options["kernel"],  # type: ignore[arg-type]
             initrd=options["initrd"],  # type: ignore[arg-type]
@@ -129,6 +130,8 @@ def _kunit(options: dict[str, object]) -> int:
             timeout=float(options["timeout"]),  # type: ignore[arg-type]
         )
         console = MemoryConsole()
+        if options["show_console"]:
+            console.add_watcher(_copy_to_stderr)
         machine, info = create_machine(run_options, console)
         machine.exit_budget = exit_budget
         previous = signal.signal(signal.SIGTERM, _raise_interrupt)
@@ -207,6 +210,11 @@ def _report_text(report: dict[str, object]) -> str:
     import json
 
     return json.dumps(report, indent=2) + "\n"
+
+
+def _copy_to_stderr(data: bytes) -> None:
+    sys.stderr.buffer.write(data)
+    sys.stderr.buffer.flush()
 
 
 def _raise_interrupt(signum: int, frame: object) -> None:

@@ -60,7 +60,7 @@ def test_a_filter_that_is_not_one_word_is_refused(glob: str) -> None:
     "arguments,message",
     [([], "needs --kernel PATH"), (["--kernel", "k", "--raw", "g@0x1000"], "needs --kernel PATH"),
      (["--kernel", "/nonexistent/vmlinux"], "does not exist"),
-     (["--raw", "g.bin@0x1000", "--filter", "list*"], "--filter goes on a kernel's command line"),
+     (["--raw", "g.bin@0x1000", "--filter", "list*"], "--filter and --append go on a kernel's command line"),
      (["--kernel", "k", "--junit", "/nonexistent/dir/j.xml"], "--junit /nonexistent/dir/j.xml: the directory"),
      (["--kernel", "k", "--console-log", "/nonexistent/c.txt"], "--console-log /nonexistent/c.txt: the directory"),
      (["--kernel", "k", "--max-exits", "io=0"], "--max-exits")],
@@ -140,10 +140,11 @@ def test_a_crash_mid_test_is_status_101(guest_binary, tmp_path: Path) -> None:
 @pytest.mark.timeout(120)
 def test_a_hang_is_the_timeout_an_infrastructure_status(guest_binary, tmp_path: Path) -> None:
     image = ktap_guest(guest_binary, tmp_path, (DATA / "truncated.log").read_text(), MODE_SPIN)
-    result = pyhv_kunit(tmp_path, image, "--timeout", "3")
+    result = pyhv_kunit(tmp_path, image, "--timeout", "3", "--show-console")
     assert result.returncode == 124, result.stderr
     assert "the run ended with timeout" in last_line(result) and "after 5 results" in last_line(result)
     assert last_line(result).endswith("(exit status 124, infrastructure)")
+    assert "[    1.400012]     ok 2 - cmdline_test_lead_int\n" in result.stderr  # --show-console
     # The files are written all the same, with what came before the hang.
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["outcome"] == "timeout" and report["outcome_class"] == "infrastructure"
