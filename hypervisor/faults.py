@@ -141,7 +141,8 @@ def parse_fault_spec(spec: str) -> FaultRule:
         nth=int(count),
         action=action,
         every_later=every_later,
-        after=values["after"].encode() if "after" in values else None,
+        # surrogateescape: bytes the shell passed that are not UTF-8 are matched as they were typed.
+        after=values["after"].encode("utf-8", "surrogateescape") if "after" in values else None,
         exits=int(_number(exits, int, "exits", spec)) if exits is not None else None,
         at_seconds=_number(at_seconds, float, "time", spec) if at_seconds is not None else None,
         delay=_number(values["delay"], float, "delay", spec) if "delay" in values else 1.0,

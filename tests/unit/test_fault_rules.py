@@ -93,3 +93,12 @@ def test_the_record_list_is_bounded() -> None:
         assert plan.decide("vda", "write", sector, 1) is not None
     report = plan.to_dict()
     assert len(report["injected"]) == 3 and report["injected_not_listed"] == 7  # type: ignore[arg-type]
+
+
+def test_a_pattern_that_is_not_utf8_is_matched_as_typed() -> None:
+    # The shell hands Python undecodable bytes as surrogates; they must not become a traceback.
+    rule = parse_fault_spec("vda:write:1:eio,after=\udcff\udcfeok")
+    assert rule.after == b"\xff\xfeok"
+    plan = FaultPlan([rule])
+    plan.console(b"\xff\xfeok")
+    assert plan.decide("vda", "write", 0, 1) is rule
