@@ -38,6 +38,7 @@ CRASH_EVIDENCE = re.compile(
 DIRECTIVES = ("SKIP", "TODO", "XFAIL", "TIMEOUT", "ERROR")
 MAX_LOG_LINES = 500  # per test: a chatty kernel must not grow a report without bound
 MAX_LINE_CHARS = 4096
+MAX_DEPTH = 16  # KUnit nests three levels; a deeper console is hostile or garbled, not a test plan
 TAB_WIDTH = 8
 
 
@@ -292,6 +293,11 @@ class KtapParser:
         body = line.lstrip(" \t")
         indent = len(line[: len(line) - len(body)].expandtabs(TAB_WIDTH))
         top = self._stack[-1]
+        if indent > top.indent and len(self._stack) >= MAX_DEPTH and not body.startswith("#"):
+            if not any("nested deeper than" in error for error in self._stack[0].errors):
+                self._stack[0].errors.append(f"line {self._line_number}: nested deeper than {MAX_DEPTH} levels")
+            _append_log(top.log, body)
+            return
         if VERSION.match(body):
             self._on_version(indent, body)
         elif (plan := PLAN.match(body)) is not None:

@@ -229,3 +229,13 @@ def test_garbage_never_raises() -> None:
         result = parse_ktap_text(text)
         assert result.counts.total >= 0
         result.all_errors()
+
+
+def test_hostile_nesting_is_bounded() -> None:
+    from hypervisor.ci.kunit_report import junit_xml, kunit_json, summary_lines, tap_text
+
+    text = "KTAP version 1\n1..1\n" + "".join(" " * depth + "KTAP version 1\n" for depth in range(1, 3000))
+    result = parse_ktap_text(text + "ok 1 deep\n")
+    assert any("nested deeper than 16 levels" in error for error in result.errors)
+    for writer in (junit_xml, kunit_json, summary_lines, tap_text):  # no RecursionError anywhere
+        writer(result)
