@@ -225,11 +225,11 @@ class KtapParser:
         text = self._partial + data
         lines = text.split("\n")
         self._partial = lines.pop()
-        if len(self._partial) > MAX_LINE_CHARS:
-            self.feed_line(self._partial)
-            self._partial = ""
         for line in lines:
             self.feed_line(line)
+        if len(self._partial) > MAX_LINE_CHARS:  # a line without end: parsed in pieces, memory bounded
+            self.feed_line(self._partial)
+            self._partial = ""
 
     def feed_line(self, raw: str) -> None:
         self._line_number += 1

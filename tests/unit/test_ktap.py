@@ -239,3 +239,14 @@ def test_hostile_nesting_is_bounded() -> None:
     assert any("nested deeper than 16 levels" in error for error in result.errors)
     for writer in (junit_xml, kunit_json, summary_lines, tap_text):  # no RecursionError anywhere
         writer(result)
+
+
+def test_an_endless_line_is_taken_in_bounded_pieces() -> None:
+    parser = KtapParser()
+    parser.feed("KTAP version 1\n1..1\n")
+    for _ in range(100):
+        parser.feed("x" * 1000)  # never a newline
+    parser.feed("\nok 1 t\n")
+    result = parser.finish()
+    assert result.complete and result.tests[0].status is Status.PASSED
+    assert all(len(line) <= 4096 for line in result.tests[0].log)
