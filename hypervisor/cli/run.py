@@ -106,6 +106,7 @@ def _make_console(spec: str) -> object:
 @click.option("--save", type=click.Path(path_type=Path, file_okay=False),
               help="Save the running machine to this new folder when --save-on matches; the run goes on.")
 @click.option("--save-on", metavar="PATTERN", help="Save (see --save) the first time the console prints PATTERN.")
+@click.option("--save-on-request", is_flag=True, help="Save (see --save) when the guest writes port 0x50a.")
 @click.option("--restore", type=click.Path(path_type=Path, file_okay=False),
               help="Continue a machine saved with --save instead of booting (docs/snapshots.md).")
 @click.option("--disk-overlay", type=click.Path(path_type=Path, file_okay=False),
@@ -160,7 +161,7 @@ def _run(options: dict[str, object]) -> int:
             check_writable_file(options["report"], "--report")  # type: ignore[arg-type]
         from hypervisor.cli import snapshot_options
 
-        snapshot_options.check_save_options(options["save"], options["save_on"])  # type: ignore[arg-type]
+        snapshot_options.check_save_options(options["save"], options["save_on"], bool(options["save_on_request"]))  # type: ignore[arg-type]
         debug_outputs = DebugOutputs(options)  # --trace, --post-mortem, --kernel-symbols: checked before the run
         run_options.exit_history = debug_outputs.exit_history
         if options["disk_overlay"] is not None and options["restore"] is None:
@@ -184,7 +185,7 @@ def _run(options: dict[str, object]) -> int:
             machine, info = create_machine(run_options, console, disk_session)  # type: ignore[arg-type]
         machine.exit_budget = exit_budget
         if options["save"] is not None:
-            snapshot_options.arm_save(machine, options["save"], str(options["save_on"]))  # type: ignore[arg-type]
+            snapshot_options.arm_save(machine, options["save"], options["save_on"], bool(options["save_on_request"]))  # type: ignore[arg-type]
         if info.pvm_host and info.kind == "linux":
             click.echo(f"pyhv: note: {PVM_NOTICE}", err=True)
         trace = _open_trace(options["trace_exits"])  # type: ignore[arg-type]

@@ -17,11 +17,12 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def check_save_options(save: Path | None, save_on: str | None) -> None:
-    if save_on is not None and save is None:
-        raise ConfigError("--save-on needs --save PATH")
-    if save is not None and save_on is None:
-        raise ConfigError("--save PATH needs a trigger: --save-on 'PATTERN' (the console prints it)")
+def check_save_options(save: Path | None, save_on: str | None, on_request: bool = False) -> None:
+    if (save_on is not None or on_request) and save is None:
+        raise ConfigError(f"{'--save-on' if save_on is not None else '--save-on-request'} needs --save PATH")
+    if save is not None and save_on is None and not on_request:
+        raise ConfigError("--save PATH needs a trigger: --save-on 'PATTERN' (the console prints it) or "
+                          "--save-on-request (the guest writes port 0x50a)")  # fmt: skip
     if save is not None:
         if save.exists():
             raise ConfigError(f"--save {save} already exists")
@@ -31,7 +32,7 @@ def check_save_options(save: Path | None, save_on: str | None) -> None:
         raise ConfigError("--save-on needs a non-empty pattern")
 
 
-def arm_save(machine: Machine, save: Path, save_on: str) -> None:
+def arm_save(machine: Machine, save: Path, save_on: str | None, on_request: bool = False) -> None:
     """Saves the machine once, the first time the console prints `save_on`; the run goes on.
 
     The match happens on a vCPU thread, which cannot wait for every vCPU to park, so the save
@@ -47,14 +48,25 @@ def arm_save(machine: Machine, save: Path, save_on: str) -> None:
             machine.resume()
         click.echo(f"pyhv: saved the machine to {save}", err=True)
 
-    def on_match(name: str, when: float) -> None:
+    saved = False
+
+    def request() -> None:
         # Stop every vCPU right here (this vCPU parks as soon as it is back in its loop), so the
-        # snapshot is taken just after the pattern was printed, not a main-thread wake-up later.
+        # snapshot is taken just after the pattern was printed or the port written, not a
+        # main-thread wake-up later. One save per run: the folder must be new.
+        nonlocal saved
+        if saved:
+            return
+        saved = True
         machine.pause(wait=False)
         machine.call_from_main_thread(save_now)
 
-    watcher = PhaseWatcher({"save": save_on.encode()}, on_match=on_match)
-    machine.output_watchers.append(watcher)
+    if save_on is not None:
+        machine.output_watchers.append(PhaseWatcher({"save": save_on.encode()}, on_match=lambda name, when: request()))
+    if on_request:
+        from hypervisor.devices.save_request import SAVE_REQUEST_PORT, SAVE_REQUEST_PORT_SIZE, SaveRequestPort
+
+        machine.add_port_device(SaveRequestPort(request), SAVE_REQUEST_PORT, SAVE_REQUEST_PORT_SIZE, "save request")
 
 
 def restore(path: Path, console: Console | None, disk_overlay: Path | None = None) -> Machine:

@@ -465,6 +465,15 @@ class ExitDebugger(cmd.Cmd):
     def _trace_hook(self, event: ExitEvent, context: ExitContext) -> None:
         self.out(f"trace: {describe_event(event)}")
 
+    def do_save(self, argument: str) -> None:
+        """save PATH: save the machine, as it is now, to the new snapshot folder PATH
+        (docs/snapshots.md); `pyhv run --restore PATH` continues it."""
+        path = argument.strip()
+        if not path:
+            raise DebugCommandError("save PATH")
+        self.machine.save(path)
+        self.out(f"saved the machine to {path}")
+
     def do_quit(self, argument: str) -> bool:
         """quit: stop the guest and leave (the exit status is the guest's outcome)."""
         return True

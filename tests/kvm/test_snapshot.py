@@ -182,3 +182,31 @@ def test_bad_snapshot_options(guest_binary, tmp_path: Path, arguments: list[str]
                             capture_output=True, text=True, timeout=60, cwd=ROOT)  # fmt: skip
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode == 3 and len(lines) == 1 and message in lines[0], result.stderr
+
+
+def test_the_guest_asks_for_its_own_save(guest_binary, tmp_path: Path) -> None:
+    """`--save-on-request`: the guest's write to port 0x50a saves it just after that OUT."""
+    image = tmp_path / "guest.bin"
+    image.write_bytes(with_parameters(guest_binary("user_mode").read_bytes(), exit_code=4, mode=MODE_OUT_COUNT,
+                                      port=0x50A, count=1))  # fmt: skip
+    folder = tmp_path / "asked"
+    run = [sys.executable, "-m", "hypervisor", "run", "--timeout", "60", "--console", "none"]
+    first = subprocess.run([*run, "--raw", f"{image}@0x1000", "--save", str(folder), "--save-on-request"],
+                           capture_output=True, text=True, timeout=100, cwd=ROOT)  # fmt: skip
+    assert first.returncode == 4 and f"saved the machine to {folder}" in first.stderr, first.stderr
+    second = subprocess.run([*run, "--restore", str(folder)], capture_output=True, text=True, timeout=100, cwd=ROOT)
+    assert second.returncode == 4, second.stderr
+
+
+def test_save_from_the_exit_debugger(guest_binary, tmp_path: Path) -> None:
+    image = tmp_path / "guest.bin"
+    image.write_bytes(with_parameters(guest_binary("real_mode").read_bytes(), exit_code=8))
+    folder = tmp_path / "from-debug"
+    script = f"break io port=0x3f8 write count=2\ncontinue\nsave {folder}\ndelete 1\ncontinue\n"
+    debug = subprocess.run([sys.executable, "-m", "hypervisor", "debug", "--raw", f"{image}@0x1000", "--console",
+                            "none", "--timeout", "60"], input=script, capture_output=True, text=True, timeout=100,
+                           cwd=ROOT)  # fmt: skip
+    assert debug.returncode == 8 and f"saved the machine to {folder}" in debug.stdout, debug.stdout + debug.stderr
+    restored = subprocess.run([sys.executable, "-m", "hypervisor", "run", "--restore", str(folder), "--timeout", "60"],
+                              capture_output=True, text=True, timeout=100, cwd=ROOT)  # fmt: skip
+    assert restored.returncode == 8 and restored.stdout == "llo from real mode\n", restored.stdout

@@ -28,6 +28,7 @@ HELP = """pyhv monitor commands:
   break-exit delete ID   remove one
   trace on|off           log every exit that reaches Python (pyhv's log, and `trace show`)
   trace show             the last exits traced
+  save PATH              save the machine to the new snapshot folder PATH (docs/snapshots.md)
   help                   this text"""
 
 
@@ -51,7 +52,20 @@ class MonitorCommands:
             return self._break_exit(arguments, line.split(None, 1)[1] if len(words) > 1 else "")
         if command == "trace":
             return self._trace_command(arguments)
+        if command == "save":
+            return self._save(arguments)
         raise GdbTargetError(f"unknown monitor command {command!r} (try `monitor help`)")
+
+    def _save(self, arguments: list[str]) -> str:
+        from hypervisor.errors import HypervisorError
+
+        if len(arguments) != 1:
+            raise GdbTargetError("usage: monitor save PATH")
+        try:
+            self.machine.save(arguments[0])
+        except HypervisorError as error:
+            raise GdbTargetError(f"save: {error}") from error
+        return f"saved the machine to {arguments[0]}\n"
 
     def _exits(self) -> str:
         from hypervisor.vcpu.stats import merge_statistics, vcpu_statistics
