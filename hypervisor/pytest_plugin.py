@@ -11,13 +11,13 @@ process through the same path as `pyhv run` (hypervisor.launch.create_machine wi
 hypervisor.disk_overlays.DiskSession) and returns a `BootResult`: the outcome and exit status,
 the console text, the JSON report `pyhv run --report` would write, each disk's write set, exit
 counts by kind, accesses to addresses with no device, whether every disk was flushed after its
-last write, and the injected faults.
+last write, the injected faults, and after a crash the post-mortem `pyhv run` prints.
 
 Parallel-safe by construction: temporary overlays go in the test's own `tmp_path` (unique per
 test and per pytest-xdist worker), and nothing is shared between tests but read-only bases.
 pytest-timeout: give `boot(timeout=...)` less than the test's timeout, so pyhv ends the run and
 still reports; if pytest-timeout fires first, the machine and the overlays are closed on the way
-out. When a test that booted fails, the console tail and the outcome of each boot are added to
+out. When a test that booted fails, the outcome, post-mortem and console tail of each boot go into
 its report as a "Captured stdout pyhv" section, which JUnit XML writes into system-out when
 `junit_logging` is `system-out` or `all`.
 
@@ -54,6 +54,9 @@ class BootResult:
     console: str = field(repr=False)
     report: dict[str, Any] = field(repr=False)  # exactly what `pyhv run --report` writes
     write_sets: dict[str, dict[str, Any]] = field(default_factory=dict)  # per disk (hypervisor.block.shims)
+    # After a crash (triple fault, emulation failure, panic...): registers, code, last exits, as
+    # `pyhv run` prints it (hypervisor.debug.postmortem); the report's "post_mortem" has the data.
+    post_mortem: str | None = field(default=None, repr=False)
 
     @property
     def exits(self) -> dict[str, int]:
@@ -115,6 +118,8 @@ def boot(
     one-line HypervisorError subclasses `pyhv run` reports.
     """
     from hypervisor.console import MemoryConsole
+    from hypervisor.debug.postmortem import DEFAULT_EXIT_HISTORY, collect, is_crash
+    from hypervisor.debug.postmortem_files import format_summary
     from hypervisor.disk_overlays import DiskSession
     from hypervisor.launch import RunOptions, create_machine
     from hypervisor.report import build_report
@@ -131,6 +136,7 @@ def boot(
         timeout=timeout,
         debug_exit_qemu=debug_exit_qemu,
         disks=specs,
+        exit_history=DEFAULT_EXIT_HISTORY,  # the last exits, for a post-mortem
     )
     console = MemoryConsole()
     with DiskSession(specs, snapshot_all=snapshot, faults=rules, temporary_dir=overlay_dir) as session:
@@ -138,10 +144,13 @@ def boot(
         machine, info = create_machine(options, console, session)
         with machine:
             result = machine.run(timeout)
-        report = build_report(result, info, machine.observer.timeline(), None, session.report())
+            # Read before close(): the registers and memory of the stopped vCPUs.
+            crash = collect(machine, result.outcome) if is_crash(result.outcome) else None
+        post_mortem = crash.to_dict() if crash is not None else None
+        report = build_report(result, info, machine.observer.timeline(), post_mortem, session.report())
         write_sets = session.write_sets()
     return BootResult(result.outcome.kind.value, result.exit_status, result.outcome.detail, console.text(), report,
-                      write_sets)  # fmt: skip
+                      write_sets, format_summary(crash) if crash is not None else None)  # fmt: skip
 
 
 class PyhvVm:
@@ -180,8 +189,8 @@ def _failure_section(results: Sequence[BootResult]) -> str:
         parts.append(f"boot {index}: {result.outcome} (exit status {result.exit_status}): {result.detail}")
         if result.faults:
             parts.append(f"injected faults: {result.faults['injected']}")
-        if "post_mortem" in result.report:
-            parts.append(f"post-mortem: {result.report['post_mortem']}")
+        if result.post_mortem is not None:
+            parts.append(result.post_mortem)
         tail = result.console_tail()
         parts.append(f"console (last {CONSOLE_TAIL_LINES} lines):\n{tail}" if tail else "console: (nothing printed)")
     return "\n".join(parts)

@@ -34,6 +34,24 @@ def test_the_fixture_reports_what_the_hypervisor_saw(pyhv_vm, guest_binary, tmp_
     assert pyhv_vm.last is result
 
 
+# Real mode: an empty IDT, protected mode on, ud2: the #UD cannot be delivered, nor the #GP and
+# #DF after it, a triple fault (SDM Vol. 3 §6.15); as tests/kvm/test_postmortem_cli.py.
+TRIPLE_FAULT_CODE = bytes.fromhex("0f011e2010 0f20c0 0c01 0f22c0 0f0b f4")
+TRIPLE_FAULT_GUEST = TRIPLE_FAULT_CODE + bytes(0x20 - len(TRIPLE_FAULT_CODE)) + bytes(6)
+
+
+def test_a_crash_comes_with_its_post_mortem(pyhv_vm, tmp_path) -> None:
+    from hypervisor.pytest_plugin import _failure_section
+
+    guest = tmp_path / "triple.bin"
+    guest.write_bytes(TRIPLE_FAULT_GUEST)
+    result = pyhv_vm.boot(raw=(guest, 0x1000), timeout=30)
+    assert (result.outcome, result.exit_status) == ("triple-fault", 120)
+    assert result.post_mortem is not None and "vcpu0 (protected mode, CPL 0)" in result.post_mortem
+    assert result.report["post_mortem"]["last_exits"][-1]["kind"] == "shutdown"
+    assert "vcpu0 (protected mode, CPL 0)" in _failure_section([result])  # what a failed test shows
+
+
 USER_TESTS = """
 import pytest
 
