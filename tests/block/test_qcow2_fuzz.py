@@ -172,7 +172,7 @@ def one_line_error(error: ImageError) -> str:
 
 
 def exercise(path: Path) -> str:
-    """Every reader and the checker on one image; 'ok'/'error ...' per step, joined."""
+    """Every reader, the checker and `check -r all` on one image; an outcome per step, joined."""
     outcomes = []
     try:
         result = check_image(str(path))
@@ -188,6 +188,11 @@ def exercise(path: Path) -> str:
                 list(image.map_extents())
             list(image.snapshots())
         outcomes.append("read ok")
+    except ImageError as error:
+        outcomes.append(one_line_error(error))
+    try:  # last, since it writes: the repair must end cleanly too, and its result be a result
+        repaired = check_image(str(path), repair="all")
+        outcomes.append(f"repair {repaired.exit_status}")
     except ImageError as error:
         outcomes.append(one_line_error(error))
     return "; ".join(outcomes)
