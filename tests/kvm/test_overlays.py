@@ -171,3 +171,21 @@ def test_the_overlay_goes_when_the_run_is_ended_from_outside(guest_binary, tmp_p
     assert process.returncode == (124 if how == "timeout" else 130), stderr
     assert os.listdir(scratch) == []
     assert base.read_bytes() == bytes(4 * MiB)
+
+
+def test_without_a_disk_session_a_throwaway_base_is_never_opened(tmp_path) -> None:
+    from hypervisor.disk_spec import parse_disk_spec
+    from hypervisor.errors import ConfigError
+    from hypervisor.launch import RunOptions, create_machine
+    from hypervisor.machine import Machine
+
+    base = tmp_path / "base.raw"
+    base.write_bytes(bytes(MiB))
+    spec = parse_disk_spec(f"{base},snapshot=on")
+    with Machine(16) as machine, pytest.raises(ConfigError, match="asks for an overlay"):
+        machine.attach_disks([spec])
+    guest = tmp_path / "guest.bin"
+    guest.write_bytes(b"\xf4")
+    with pytest.raises(ConfigError, match="need the run's DiskSession"):
+        create_machine(RunOptions(raw=(guest, GUEST_BASE), disks=[spec]), None)
+    assert base.read_bytes() == bytes(MiB)
