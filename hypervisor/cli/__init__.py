@@ -16,6 +16,7 @@ from hypervisor import __version__
 # name -> "module:attribute" of each subcommand
 SUBCOMMANDS = {
     "run": "hypervisor.cli.run:run",
+    "exec": "hypervisor.cli.exec:exec_command",
     "debug": "hypervisor.cli.debug:debug",
     "image": "hypervisor.cli.image:image",
     "trace": "hypervisor.cli.trace:trace",

@@ -68,3 +68,16 @@ def test_a_report_that_fails_late_keeps_the_outcome(guest: str, tmp_path: Path, 
     stderr = capsys.readouterr().err
     assert "debug-exit 7 (exit status 7)" in stderr
     assert "cannot write the report" in stderr and "No space left on device" in stderr
+
+
+def test_pyhv_exec_refuses_a_user_kernel_on_kvm_pvm(guest: str, tmp_path: Path) -> None:
+    from hypervisor.kvm import kvm_is_pvm
+
+    if not kvm_is_pvm():
+        pytest.skip("only kvm_pvm hosts cannot run a stock kernel's user space")
+    kernel = tmp_path / "vmlinuz"
+    kernel.write_bytes(b"not even a kernel")
+    result = subprocess.run([sys.executable, "-m", "hypervisor", "exec", "--kernel", str(kernel), "--", "true"],
+                            capture_output=True, text=True, timeout=60, cwd=ROOT)  # fmt: skip
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 4 and len(lines) == 1 and "kvm_pvm" in lines[0], result.stderr

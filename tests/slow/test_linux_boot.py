@@ -113,6 +113,15 @@ def test_two_restores_of_one_saved_shell_at_once(shell_boot: ShellBoot) -> None:
 
 
 @pytest.mark.timeout(BOOT_TIMEOUT + 120)
+def test_pyhv_exec_in_a_restored_guest(shell_boot: ShellBoot) -> None:
+    command = [sys.executable, "-m", "hypervisor", "exec", "--restore", str(shell_boot.snapshot), "--timeout",
+               str(BOOT_TIMEOUT), "--", "sh", "-c", "echo exec says $((2 + 3)); exit 9"]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=BOOT_TIMEOUT + 60, cwd=ROOT)
+    assert result.returncode == 9, result.stderr[-2000:] + result.stdout[-2000:]
+    assert result.stdout == "exec says 5\n"  # the command's output only: no prompt, no echo, no init lines
+
+
+@pytest.mark.timeout(BOOT_TIMEOUT + 120)
 def test_bzimage_without_a_root_panics_and_says_so(tmp_path: Path) -> None:
     if not BZIMAGE.exists():
         pytest.skip("guest_images/bzImage is not built")

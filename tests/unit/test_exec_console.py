@@ -1,0 +1,45 @@
+"""`pyhv exec`'s console: only the command's output, in any chunking, and the status."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from hypervisor.cli.exec import COMMAND_STATUS, RUNNING, SHELL_STATUS, CommandOutputConsole
+
+BOOT = (b"Linux version 6.1\r\npyhv guest: init started\r\npyhv guest: running command: echo hi\r\n"
+        b"hi\r\nsecond line\r\npyhv guest: command exited with status 7\r\npyhv guest: rebooting\r\n")  # fmt: skip
+RESTORED = b"echo hi; exit $?\r\nhi\r\npyhv guest: shell exited with status 0\r\npyhv guest: rebooting\r\n"
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7, 1000])
+def test_the_command_output_and_status_of_a_boot(chunk: int) -> None:
+    shown = bytearray()
+    console = CommandOutputConsole(RUNNING, COMMAND_STATUS, shown.extend)
+    for index in range(0, len(BOOT), chunk):
+        console.write(BOOT[index : index + chunk])
+    assert bytes(shown) == b"hi\r\nsecond line\r\n" and console.status == 7
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 1000])
+def test_the_command_output_of_a_restored_shell(chunk: int) -> None:
+    shown = bytearray()
+    console = CommandOutputConsole(re.compile(rb"; exit \$\?\r?\n"), SHELL_STATUS, shown.extend)
+    for index in range(0, len(RESTORED), chunk):
+        console.write(RESTORED[index : index + chunk])
+    assert bytes(shown) == b"hi\r\n" and console.status == 0
+
+
+def test_no_status_when_the_command_never_ends() -> None:
+    shown = bytearray()
+    console = CommandOutputConsole(RUNNING, COMMAND_STATUS, shown.extend)
+    console.write(b"pyhv guest: running command: sleep 100\r\nworking\r\nKernel panic - not syncing: x\r\n")
+    assert console.status is None and b"working" in bytes(shown)
+
+
+def test_the_console_before_the_command_stays_bounded() -> None:
+    console = CommandOutputConsole(RUNNING, COMMAND_STATUS, lambda data: None)
+    for _ in range(1000):
+        console.write(b"kernel log line that is not the command\r\n" * 10)
+    assert len(console._pending) <= 4096 + 420
