@@ -252,11 +252,6 @@ def test_check_of_a_snapshot_table_in_a_hole_is_bounded(tmp_path: Path) -> None:
     assert result.exit_status == 2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs hypervisor/block/qcow2/snapshot_table.py table_size_bound() capped at 64 MiB "
-    "(QEMU QCOW_MAX_SNAPSHOTS_SIZE): the engine reads up to 132 KiB per claimed snapshot (issue 14 report)",
-)
 def test_engine_open_of_a_snapshot_table_in_a_hole_is_bounded(tmp_path: Path) -> None:
     path = many_snapshots_in_a_hole(tmp_path)
     root = Path(__file__).resolve().parents[2]
