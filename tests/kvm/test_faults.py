@@ -117,3 +117,23 @@ def test_bad_fault_options_are_one_line_errors(guest, base) -> None:
         lines = [line for line in result.stderr.splitlines() if line.strip()]
         assert result.returncode == 3 and len(lines) == 1 and message in lines[0], result.stderr
     assert base.read_bytes() == bytes(MiB)
+
+
+FAIL_BENCH_READ = 0x40
+
+
+def test_a_time_trigger_met_mid_run_fails_the_next_read(guest_binary, tmp_path) -> None:
+    # Benchmark mode: 4 KiB random reads until `count`; the rule arms while they run. (An exit
+    # trigger cannot be met mid-run by this guest: after its setup, its queue notifications go to
+    # an ioeventfd and it polls the used ring, so it makes no more exits.)
+    looping = tmp_path / "bench.bin"
+    looping.write_bytes(with_parameters(guest_binary("virtio_blk").read_bytes(), mode=2, port=1, count=1 << 40))
+    base = tmp_path / "base.raw"
+    base.write_bytes(bytes(4 * MiB))
+    result = boot(raw=(looping, GUEST_BASE), disks=[f"{base},snapshot=on"], faults=["vda:read:1:eio,time=0.5"],
+                  overlay_dir=tmp_path, timeout=60)  # fmt: skip
+    assert result.exit_status == FAIL_BENCH_READ, result.detail  # the guest saw S_IOERR on that read
+    assert result.faults is not None
+    rule = result.faults["rules"][0]
+    assert rule["injected"] == 1 and rule["matching_requests"] == 1  # the first read after arming
+    assert rule["armed_at_seconds"] >= 0.5 and result.faults["injected"][0]["at_seconds"] >= 0.5
