@@ -17,11 +17,15 @@ import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from hypervisor.console import ConsoleBase
 from hypervisor.errors import ConfigError, HypervisorError, KvmUnavailableError
+
+if TYPE_CHECKING:
+    from hypervisor.disk_overlays import DiskSession
 
 RUNNING = re.compile(rb"pyhv guest: running command: [^\n]*\n")
 COMMAND_STATUS = re.compile(rb"pyhv guest: command exited with status (\d+)")
@@ -114,6 +118,7 @@ def _exec(options: dict[str, object]) -> int:
     words = [str(word) for word in options["command"]]  # type: ignore[attr-defined]
     command = " ".join(shlex.quote(word) for word in words) if len(words) > 1 else words[0]
     machine = None
+    session: DiskSession | None = None
     try:
         if options["restore"] is not None:
             if options["kernel"] or options["initrd"] or options["disks"] or options["append"]:
@@ -140,7 +145,12 @@ def _exec(options: dict[str, object]) -> int:
                 cpus=int(options["cpus"]),  # type: ignore[call-overload]
                 disks=_parse_disks(options["disks"]),  # type: ignore[arg-type]
             )
-            machine, _ = create_machine(run_options, console)
+            if run_options.disks:
+                # Throwaway disks (snapshot=on, overlay=) need the run's DiskSession, as in pyhv run.
+                from hypervisor.disk_overlays import DiskSession
+
+                session = DiskSession(run_options.disks).__enter__()
+            machine, _ = create_machine(run_options, console, session)
         with machine:
             result = machine.run(options["timeout"])  # type: ignore[arg-type]
     except HypervisorError as error:
@@ -148,6 +158,9 @@ def _exec(options: dict[str, object]) -> int:
             machine.close()
         click.echo(f"pyhv: error: {error}", err=True)
         return error.exit_status
+    finally:
+        if session is not None:
+            session.close()  # temporary overlays go, whatever ended the run
     if console.status is not None:
         return console.status
     click.echo(f"pyhv: the command did not finish: {result.outcome.describe()} (exit status {result.exit_status})",
