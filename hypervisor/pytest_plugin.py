@@ -29,7 +29,7 @@ lists it in `pytest_plugins` does not register it twice.
 from __future__ import annotations
 
 import os
-from collections.abc import Generator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -153,6 +153,32 @@ def boot(
                       write_sets, format_summary(crash) if crash is not None else None)  # fmt: skip
 
 
+def restore(
+    snapshot: str | os.PathLike[str],
+    *,
+    typed: str | bytes = b"",
+    timeout: float = 60.0,
+    overlay_dir: str | os.PathLike[str] | None = None,
+) -> BootResult:
+    """Continue a saved machine (`pyhv run --save`, docs/snapshots.md) to its outcome: `typed`
+    is input for its console (a saved shell's next command), each disk runs on a fresh overlay
+    in `overlay_dir` on the snapshot's frozen image, and the result is a `BootResult` as for
+    `boot()`. Many tests (and pytest-xdist workers) may restore one snapshot at once."""
+    from hypervisor.console import MemoryConsole
+    from hypervisor.machine import Machine
+    from hypervisor.report import build_report
+
+    console = MemoryConsole()
+    if typed:
+        console.feed(typed.encode() if isinstance(typed, str) else typed)  # held until the machine starts
+    machine = Machine.restore(str(snapshot), console, disk_overlay=None if overlay_dir is None else str(overlay_dir))
+    with machine:
+        result = machine.run(timeout)
+    report = build_report(result, None, machine.observer.timeline())
+    return BootResult(result.outcome.kind.value, result.exit_status, result.outcome.detail, console.text(), report,
+                      {}, None)  # fmt: skip
+
+
 class PyhvVm:
     """The `pyhv_vm` fixture: `boot()` with overlays in the test's tmp_path, results kept for
     the failure report."""
@@ -170,6 +196,16 @@ class PyhvVm:
         self.results.append(result)
         return result
 
+    def restore(self, snapshot: str | os.PathLike[str], **options: Any) -> BootResult:
+        """`restore()` with the disks' overlays in this test's own folder."""
+        if options.get("overlay_dir") is None:
+            overlay_dir = self.tmp_path / f"pyhv-restore-{len(self.results)}"
+            overlay_dir.mkdir()
+            options["overlay_dir"] = overlay_dir
+        result = restore(snapshot, **options)
+        self.results.append(result)
+        return result
+
     @property
     def last(self) -> BootResult | None:
         return self.results[-1] if self.results else None
@@ -181,6 +217,13 @@ def pyhv_vm(request: pytest.FixtureRequest, tmp_path: Path) -> PyhvVm:
     results: list[BootResult] = []
     request.node.stash[_RESULTS] = results
     return PyhvVm(tmp_path, results)
+
+
+@pytest.fixture
+def restored_vm(pyhv_vm: PyhvVm) -> Callable[..., BootResult]:
+    """`restored_vm(snapshot, typed=..., timeout=...)`: each test starts from the same saved
+    guest with its own disk overlays (the issue's clones for CI)."""
+    return pyhv_vm.restore
 
 
 def _failure_section(results: Sequence[BootResult]) -> str:

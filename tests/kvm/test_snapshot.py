@@ -210,3 +210,10 @@ def test_save_from_the_exit_debugger(guest_binary, tmp_path: Path) -> None:
     restored = subprocess.run([sys.executable, "-m", "hypervisor", "run", "--restore", str(folder), "--timeout", "60"],
                               capture_output=True, text=True, timeout=100, cwd=ROOT)  # fmt: skip
     assert restored.returncode == 8 and restored.stdout == "llo from real mode\n", restored.stdout
+
+
+def test_the_restored_vm_fixture_clones_a_snapshot(snapshot, restored_vm) -> None:
+    folder, _ = snapshot
+    first, second = restored_vm(folder, timeout=30), restored_vm(folder, timeout=30)
+    assert first.exit_status == second.exit_status == 3
+    assert first.report["outcome"] == "debug-exit" and first.total_exits > 0
