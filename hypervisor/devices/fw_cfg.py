@@ -20,6 +20,7 @@ import struct
 import threading
 from collections.abc import Iterable
 
+from hypervisor.devices.state import StatefulDevice
 from hypervisor.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -60,12 +61,16 @@ def _le(value: int, width: int) -> bytes:
     return value.to_bytes(width, "little")
 
 
-class FwCfg:
+class FwCfg(StatefulDevice):
     """The fw_cfg items of one machine and the guest's current selection.
 
     One lock serialises the selector and the read offset: vCPUs share one device, and a guest
     that does not lock (kvm-unit-tests does) at least never sees a torn item.
     """
+
+    # The items are the machine's configuration, rebuilt by the machine; only the read
+    # position is state (a guest may be in the middle of reading an item).
+    STATE_FIELDS = ("_selected", "_offset")
 
     def __init__(self, ram_size: int, cpus: int, files: Iterable[tuple[str, bytes]] = ()) -> None:
         if ram_size < 0 or not 1 <= cpus <= 0xFFFF:

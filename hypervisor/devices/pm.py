@@ -22,6 +22,8 @@ import threading
 import time
 from collections.abc import Callable
 
+from hypervisor.devices.state import StatefulDevice
+
 log = logging.getLogger(__name__)
 
 PM_BASE_PORT = 0x600
@@ -73,7 +75,7 @@ class PmTimer:
         pass  # read-only
 
 
-class Pm1Registers:
+class Pm1Registers(StatefulDevice):
     """PM1a status, enable (the event block) and control, one device over both blocks.
 
     The event block is [0, 4) (status at 0, enable at 2) and the control block [4, 6), matching
@@ -82,6 +84,8 @@ class Pm1Registers:
 
     CONTROL_OFFSET = PM1A_CONTROL_PORT - PM1A_EVENT_PORT
     SIZE = CONTROL_OFFSET + PM1_CONTROL_LENGTH
+
+    STATE_FIELDS = ("_registers",)
 
     def __init__(self, on_power_off: Callable[[], None]) -> None:
         self._on_power_off = on_power_off
