@@ -27,16 +27,16 @@ CHILD = """
 import json, resource, sys
 resource.setrlimit(resource.RLIMIT_AS, ({limit}, {limit}))
 from hypervisor.block.qcow2.check import check_image
-result = check_image(sys.argv[1])
+result = check_image(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else None)
 print(json.dumps({{"check": result.to_json(), "rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}}))
 """
 
 
-def bounded_check(path: Path) -> tuple[dict, int]:
+def bounded_check(path: Path, repair: str | None = None) -> tuple[dict, int]:
     """(check JSON, peak RSS in KiB) of a check run in a child with bounded memory and time."""
     root = Path(__file__).resolve().parents[2]
     result = subprocess.run(
-        [sys.executable, "-c", CHILD.format(limit=ADDRESS_SPACE_LIMIT), str(path)],
+        [sys.executable, "-c", CHILD.format(limit=ADDRESS_SPACE_LIMIT), str(path), *([repair] if repair else [])],
         capture_output=True,
         text=True,
         timeout=CHILD_TIMEOUT,
@@ -104,3 +104,29 @@ def test_leaks_in_a_far_refcount_block_are_found_without_walking_the_hole(tmp_pa
     assert result == expected
     assert result["leaks"] > 0
     assert rss < RSS_LIMIT_KIB, f"peak RSS {rss} KiB"
+
+
+@needs_qemu
+def test_rebuilding_refcounts_after_a_far_refcount_block_writes_only_the_blocks_in_use(tmp_path: Path) -> None:
+    """`check -r all` puts the new structure after the old one; when an old refcount block sits
+    48 GiB into a hole, the new table must describe 100 million clusters, but only the blocks
+    with a refcount are written. Before, every block up to there was built and written (the fuzz
+    tests found this as a hang)."""
+    path = create(tmp_path / "rebuild.qcow2", "64M", "cluster_size=512", "refcount_bits=1")
+    qemu_io(path, "write -P 1 0 256k")
+    sparse_tail(path, 64 * GIB)
+    with open(path, "rb") as f:
+        header = f.read(104)
+        table = int.from_bytes(header[48:56], "big")
+        f.seek(table)
+        first_block = int.from_bytes(f.read(8), "big")
+    with open(path, "r+b") as f:
+        f.seek(table + 8)
+        f.write((48 * GIB).to_bytes(8, "big"))  # refcount block 1: all zeros, far into the hole
+        f.seek(first_block)
+        f.write(b"\0" * 8)  # the first 64 clusters (header, tables, data): refcount 0, too low
+    result, rss = bounded_check(path, "all")
+    assert "corruptions" not in result and "leaks" not in result, result
+    assert rss < RSS_LIMIT_KIB, f"peak RSS {rss} KiB"
+    assert os.stat(path).st_blocks * 512 < 64 << 20, "the repair filled the hole"
+    assert qemu_check_json(path).get("corruptions", 0) == 0

@@ -52,12 +52,17 @@ def encode_block(values: array[int] | list[int], refcount_bits: int, block_size:
         if sys.byteorder == "little" and refcount_bits > 8:
             packed.byteswap()
         return packed.tobytes().ljust(block_size, b"\0")
-    out = bytearray(block_size)
+    # Sub-byte widths, without a Python loop per refcount: each lane (every per_byte-th value)
+    # is shifted into place with bytes.translate and the lanes are OR-ed as big integers.
     per_byte = 8 // refcount_bits
-    for index, value in enumerate(values):
-        if value:
-            out[index // per_byte] |= value << (refcount_bits * (index % per_byte))
-    return bytes(out)
+    mask = (1 << refcount_bits) - 1
+    lanes = bytes(array("B", values)).ljust(block_size * per_byte, b"\0")
+    combined = 0
+    for slot in range(per_byte):
+        shift = refcount_bits * slot
+        table = bytes(((value & mask) << shift) & 0xFF for value in range(256))
+        combined |= int.from_bytes(lanes[slot::per_byte].translate(table), "big")
+    return combined.to_bytes(block_size, "big")
 
 
 class RefcountReader:
@@ -142,27 +147,30 @@ def write_refcount_structure(image: ImageFile, counter: ReferenceCounter) -> tup
     structures count themselves; the old ones end up with refcount 0 (free). They go after the
     last cluster in use (not after the end of the file, which may be a huge hole) and after the
     old structure, so nothing the old header still points at is overwritten before the switch.
+    Only refcount blocks with a non-zero refcount are written (a table entry of 0 means "all
+    zero", qcow2.rst "Host cluster management"), so a far-away cluster in use costs one block,
+    not every block up to it.
     """
     cs = image.cluster_size
     bits = image.header.refcount_bits
     counts = counter.counts
     per_block = counts.per_block
     first_free = _highest_cluster_in_use(image, counts)
-    blocks, table_clusters = 1, 1
-    while True:  # the new structure must cover itself
-        end = first_free + blocks + table_clusters
-        need_blocks = -(-end // per_block)
-        need_table = -(-(need_blocks * 8) // cs)
-        if need_blocks <= blocks and need_table <= table_clusters:
+    referenced = {index for index, span in counts.spans.items() if span.count(0) != len(span)}
+    n_blocks, table_clusters = 0, 1
+    while True:  # the new structure must describe itself; both sizes only grow, so this ends
+        end = first_free + n_blocks + table_clusters
+        blocks = sorted(referenced | set(range(first_free // per_block, (end - 1) // per_block + 1)))
+        need_table = -(-((blocks[-1] + 1) * 8) // cs)
+        if len(blocks) == n_blocks and need_table <= table_clusters:
             break
-        blocks, table_clusters = max(blocks, need_blocks), max(table_clusters, need_table)
+        n_blocks, table_clusters = len(blocks), max(table_clusters, need_table)
         if table_clusters * cs > fmt.MAX_REFCOUNT_TABLE_BYTES:
             raise ImageCorruptError(f"{image.path}: rebuilt refcount table would be too large")
-    end = first_free + blocks + table_clusters
     own = range(first_free, end)
     table = bytearray(table_clusters * cs)
-    for block_index in range(blocks):
-        block_offset = (first_free + block_index) * cs
+    for position, block_index in enumerate(blocks):
+        block_offset = (first_free + position) * cs
         base = block_index * per_block
         span = counts.span(block_index)
         values = array(counts.typecode, span if span is not None else bytes(per_block * counts.itemsize))
@@ -170,7 +178,7 @@ def write_refcount_structure(image: ImageFile, counter: ReferenceCounter) -> tup
             values[cluster - base] = 1
         os.pwrite(image.fd, encode_block(values, bits, cs), block_offset)
         struct.pack_into(">Q", table, block_index * 8, block_offset)
-    table_offset = (first_free + blocks) * cs
+    table_offset = (first_free + n_blocks) * cs
     os.pwrite(image.fd, bytes(table), table_offset)
     os.fdatasync(image.fd)
     image.file_size = max(image.file_size, end * cs)
