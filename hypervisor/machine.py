@@ -637,6 +637,10 @@ class Machine:
         """A breakpoint or debug trap the last `step_exit` met (it answers the step)."""
         return self.control.last_step_stop
 
+    def stuck_vcpu_threads(self) -> list[str]:
+        """Names of vCPU threads still alive after the run (their registers are not final)."""
+        return [thread.name for thread in self._threads if thread.is_alive()]
+
     def _join_threads(self) -> None:
         for thread in self._threads:
             thread.join(STOP_GRACE_SECONDS)
@@ -677,7 +681,7 @@ class Machine:
                 self.console.close()
             except HypervisorError:
                 log.exception("closing the console failed")
-        stuck = [thread.name for thread in self._threads if thread.is_alive()]
+        stuck = self.stuck_vcpu_threads()
         if stuck:
             # A vCPU thread that is still alive may be inside KVM_RUN with kvm_run mapped, or in
             # a device with guest memory in hand: unmapping either under it would crash the

@@ -12,7 +12,6 @@ import click
 
 from hypervisor.cli.run_debug_outputs import DebugOutputs, debug_output_options
 from hypervisor.console import FileConsole, NullConsole, StdioConsole
-from hypervisor.debug.trace import ExitTracer
 from hypervisor.errors import ConfigError, HypervisorError
 from hypervisor.units import parse_size
 
@@ -190,6 +189,8 @@ def _run(options: dict[str, object]) -> int:
             click.echo(f"pyhv: note: {PVM_NOTICE}", err=True)
         trace = _open_trace(options["trace_exits"])  # type: ignore[arg-type]
         if trace is not None:
+            from hypervisor.debug.trace import ExitTracer  # only when asked: start-up is a target
+
             machine.exit_hooks.append(ExitTracer(trace))
         debug_outputs.attach(machine)
         gdb = _start_gdb(options["gdb_spec"], machine)  # type: ignore[arg-type]

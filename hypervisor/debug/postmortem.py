@@ -25,6 +25,7 @@ from hypervisor.outcome import Outcome, OutcomeKind
 if TYPE_CHECKING:
     from collections.abc import Iterable
 
+    from hypervisor.debug.console_observer import ConsoleObserver
     from hypervisor.debug.symbols import SymbolTable
     from hypervisor.vcpu.events import ExitEvent
 
@@ -228,17 +229,9 @@ def collect_vcpu(vcpu: VcpuLike, memory: MemoryLike | None, symbols: SymbolTable
     return result
 
 
-def console_tail(observer: object) -> bytes:
+def console_tail(observer: ConsoleObserver) -> bytes:
     """The last console bytes the machine's ConsoleObserver kept (TAIL_BYTES)."""
-    tail = getattr(observer, "tail", None)
-    if callable(tail):
-        return bytes(tail())
-    lock = getattr(observer, "_lock", None)
-    buffer = getattr(observer, "_tail", b"")
-    if lock is None:
-        return bytes(buffer)
-    with lock:
-        return bytes(buffer)
+    return observer.tail()
 
 
 def exit_records(history: Iterable[ExitEvent] | None) -> list[dict[str, object]]:
@@ -253,7 +246,7 @@ def exit_records(history: Iterable[ExitEvent] | None) -> list[dict[str, object]]
 
 def collect(machine: Any, outcome: Outcome, symbols: SymbolTable | None = None) -> PostMortem:
     """The post-mortem of a machine whose vCPU threads have stopped (call before close())."""
-    stuck = [thread.name for thread in getattr(machine, "_threads", ()) if thread.is_alive()]
+    stuck = machine.stuck_vcpu_threads()
     vcpus = []
     for vcpu in machine.vcpus:
         if f"vcpu{vcpu.id}" in stuck:  # still inside KVM_RUN: its registers are not final

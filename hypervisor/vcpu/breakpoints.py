@@ -15,7 +15,7 @@ import bisect
 import itertools
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from hypervisor.vcpu.events import EVENT_KINDS, ExitEvent, MmioAccess, PortIo
@@ -27,8 +27,6 @@ if TYPE_CHECKING:
 # to let the guest go on without stopping (a logging or data-changing breakpoint).
 Condition = Callable[[ExitEvent, "ExitContext"], bool]
 Action = Callable[[ExitEvent, "ExitContext"], Any]
-
-_ids = itertools.count(1)
 
 
 @dataclass(eq=False)  # compared and hashed by identity: a table entry, not a value
@@ -46,7 +44,7 @@ class Breakpoint:
     condition: Condition | None = None
     action: Action | None = None
     enabled: bool = True
-    id: int = field(default_factory=lambda: next(_ids))
+    id: int = 0  # given by the table it is added to: 1, 2, ... per machine, as gdb numbers them
     hits: int = 0  # exits that matched every filter (counted before `count` applies)
 
     def __post_init__(self) -> None:
@@ -116,6 +114,7 @@ class BreakpointTable:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
+        self._ids = itertools.count(1)
         self._all: dict[int, Breakpoint] = {}
         # Rebuilt on every change, read without the lock by vCPU threads (replaced, never mutated).
         self.ports: dict[int, tuple[Breakpoint, ...]] = {}
@@ -126,6 +125,10 @@ class BreakpointTable:
 
     def add(self, breakpoint: Breakpoint) -> Breakpoint:
         with self._lock:
+            if breakpoint.id == 0:
+                breakpoint.id = next(self._ids)
+            if breakpoint.id in self._all:
+                raise ValueError(f"breakpoint {breakpoint.id} exists already")
             self._all[breakpoint.id] = breakpoint
             self._rebuild()
         return breakpoint

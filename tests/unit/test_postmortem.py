@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import sys
-import threading
 from collections import deque
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
+from hypervisor.debug.console_observer import ConsoleObserver
 from hypervisor.debug.postmortem import collect, collect_vcpu, cpu_mode, is_crash, read_linear
 from hypervisor.debug.postmortem_files import (
     POST_MORTEM_FILES,
@@ -131,11 +131,11 @@ def test_crash_outcomes() -> None:
 
 
 def fake_machine(memory: GuestMemory, history: deque | None) -> SimpleNamespace:
-    observer = SimpleNamespace(
-        _lock=threading.Lock(), _tail=bytearray(b"Linux version 6.1\nKernel panic - not syncing: VFS\n")
-    )
+    observer = ConsoleObserver(linux_rules=True)
+    observer.feed(b"Linux version 6.1\nKernel panic - not syncing: VFS\n")
     vcpus = [FakeVcpu(0, KERNEL, 0x8000), FakeVcpu(1, KERNEL + 0x100, 0x9000)]
-    return SimpleNamespace(vcpus=vcpus, memory=memory, exit_history=history, observer=observer, _threads=[])
+    return SimpleNamespace(vcpus=vcpus, memory=memory, exit_history=history, observer=observer,
+                           stuck_vcpu_threads=lambda: [])  # fmt: skip
 
 
 def test_collect_a_machine_and_write_the_files(memory: GuestMemory, tmp_path: Path) -> None:
@@ -172,7 +172,7 @@ def test_without_history_the_summary_says_how_to_keep_it(memory: GuestMemory) ->
 
 def test_a_vcpu_thread_that_did_not_stop_is_not_read(memory: GuestMemory) -> None:
     machine = fake_machine(memory, None)
-    machine._threads = [SimpleNamespace(name="vcpu1", is_alive=lambda: True)]
+    machine.stuck_vcpu_threads = lambda: ["vcpu1"]
     post_mortem = collect(machine, Outcome(OutcomeKind.TIMEOUT))
     assert post_mortem.vcpus[1].error.startswith("the vCPU thread did not stop")
 
