@@ -105,3 +105,15 @@ class Outcome:
         if self.detail:
             text += f": {self.detail}"
         return text
+
+
+# The outcomes a post-mortem is written for (hypervisor.debug.postmortem): the guest did not end
+# the run itself. Here, so that a run that ended well never loads the post-mortem code.
+CRASH_OUTCOMES = frozenset({OutcomeKind.PANIC, OutcomeKind.TRIPLE_FAULT, OutcomeKind.EMULATION_FAILURE,
+                            OutcomeKind.INTERNAL_ERROR, OutcomeKind.TIMEOUT, OutcomeKind.HALTED})  # fmt: skip
+# The exits a machine keeps for a post-mortem when one is asked for (--post-mortem, --report).
+POST_MORTEM_EXIT_HISTORY = 32
+
+
+def is_crash(outcome: Outcome) -> bool:
+    return outcome.kind in CRASH_OUTCOMES

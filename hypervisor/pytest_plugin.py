@@ -118,10 +118,11 @@ def boot(
     one-line HypervisorError subclasses `pyhv run` reports.
     """
     from hypervisor.console import MemoryConsole
-    from hypervisor.debug.postmortem import DEFAULT_EXIT_HISTORY, collect, is_crash
+    from hypervisor.debug.postmortem import DEFAULT_EXIT_HISTORY, collect
     from hypervisor.debug.postmortem_files import format_summary
     from hypervisor.disk_overlays import DiskSession
     from hypervisor.launch import RunOptions, create_machine
+    from hypervisor.outcome import is_crash
     from hypervisor.report import build_report
 
     specs = [_disk(spec) for spec in disks]

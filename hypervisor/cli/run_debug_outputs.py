@@ -53,7 +53,7 @@ class DebugOutputs:
     """What `pyhv run` was asked to record, from the parsed options."""
 
     def __init__(self, options: dict[str, object]) -> None:
-        from hypervisor.debug.postmortem import DEFAULT_EXIT_HISTORY
+        from hypervisor.outcome import POST_MORTEM_EXIT_HISTORY as DEFAULT_EXIT_HISTORY
 
         self.trace_path: Path | None = options.get("trace_path")  # type: ignore[assignment]
         self.trace_rip = not options.get("trace_no_rip")
@@ -94,9 +94,11 @@ class DebugOutputs:
         """After `wait()` returned, before `close()`: the trace's aggregates and the post-mortem."""
         if self.tracer is not None:
             self.tracer.finish(result, machine.runners)
-        from hypervisor.debug.postmortem import collect, is_crash
+        from hypervisor.outcome import is_crash
 
         if is_crash(result.outcome):
+            from hypervisor.debug.postmortem import collect
+
             self.post_mortem = collect(machine, result.outcome, self.symbols)
 
     def report_section(self) -> dict[str, object] | None:

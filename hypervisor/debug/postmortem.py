@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from hypervisor.debug.trace import exit_record
 from hypervisor.errors import HypervisorError
-from hypervisor.outcome import Outcome, OutcomeKind
+from hypervisor.outcome import POST_MORTEM_EXIT_HISTORY, Outcome
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -31,13 +31,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# The outcomes a post-mortem is written for: the guest did not end the run itself.
-CRASH_OUTCOMES = frozenset({OutcomeKind.PANIC, OutcomeKind.TRIPLE_FAULT, OutcomeKind.EMULATION_FAILURE,
-                            OutcomeKind.INTERNAL_ERROR, OutcomeKind.TIMEOUT, OutcomeKind.HALTED})  # fmt: skip
 INSTRUCTION_BYTES = 16  # the longest x86 instruction is 15 bytes (SDM Vol. 2 §2.3.11)
 STACK_WORDS = 256  # how far up the stack return addresses are looked for
 PAGE_SIZE = 4096
-DEFAULT_EXIT_HISTORY = 32
+DEFAULT_EXIT_HISTORY = POST_MORTEM_EXIT_HISTORY
 # SDM Vol. 3 §2.5 (CR0.PE), §2.2.1 (IA32_EFER.LMA); the CS descriptor's L and D bits (§3.4.5).
 CR0_PE = 1 << 0
 EFER_LMA = 1 << 10
@@ -104,10 +101,6 @@ class PostMortem:
             "console_tail": self.console_tail.decode("utf-8", errors="replace"),
             "symbols": self.symbols or None,
         }
-
-
-def is_crash(outcome: Outcome) -> bool:
-    return outcome.kind in CRASH_OUTCOMES
 
 
 def cpu_mode(sregs: dict[str, int]) -> str:

@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import hashlib
 import logging
 import mmap
 import os
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from hypervisor.errors import ConfigError, GuestMemoryError
+
+if TYPE_CHECKING:
+    import hashlib
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 
 from hypervisor.debug.console_observer import ConsoleObserver
-from hypervisor.debug.postmortem import collect, collect_vcpu, cpu_mode, is_crash, read_linear
+from hypervisor.debug.postmortem import collect, collect_vcpu, cpu_mode, read_linear
 from hypervisor.debug.postmortem_files import (
     POST_MORTEM_FILES,
     check_post_mortem_dir,
@@ -21,7 +21,7 @@ from hypervisor.debug.postmortem_files import (
 from hypervisor.debug.symbols import parse_system_map
 from hypervisor.errors import ConfigError, KvmError
 from hypervisor.memory import GuestMemory
-from hypervisor.outcome import Outcome, OutcomeKind
+from hypervisor.outcome import Outcome, OutcomeKind, is_crash
 from hypervisor.vcpu.events import PortIo, Shutdown
 
 MiB = 1 << 20
