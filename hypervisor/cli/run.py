@@ -130,6 +130,9 @@ def _run(options: dict[str, object]) -> int:
 
     machine = None
     disk_session = None
+    # SIGTERM (and Ctrl-C) from the very start: one arriving while the machine is being built
+    # still ends in status 130 with the temporary overlays removed, never a traceback.
+    previous_sigterm = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         port_text = str(options["debug_exit_port"])
         try:
@@ -194,7 +197,6 @@ def _run(options: dict[str, object]) -> int:
             machine.exit_hooks.append(ExitTracer(trace))
         debug_outputs.attach(machine)
         gdb = _start_gdb(options["gdb_spec"], machine)  # type: ignore[arg-type]
-        previous = signal.signal(signal.SIGTERM, _raise_interrupt)
         try:
             if gdb is not None:
                 machine.start(paused=True)  # the first instruction waits for gdb to continue
@@ -203,7 +205,6 @@ def _run(options: dict[str, object]) -> int:
                 result = machine.run(run_options.timeout)
             debug_outputs.collect(machine, result)  # vCPUs stopped, fds still open
         finally:
-            signal.signal(signal.SIGTERM, previous)
             if gdb is not None:
                 gdb.close()
             machine.close()
@@ -228,11 +229,17 @@ def _run(options: dict[str, object]) -> int:
     except OSError as error:
         click.echo(f"pyhv: error: {error}", err=True)
         return 1
+    except KeyboardInterrupt:  # SIGINT or SIGTERM before the run (during it, wait() handles them)
+        if machine is not None:
+            machine.close()
+        click.echo("pyhv: interrupted (exit status 130)", err=True)
+        return 130
     except Exception as error:  # a bug of ours: one line for the user, the traceback with -vv
         log.debug("unexpected error", exc_info=True)
         click.echo(f"pyhv: internal error: {error!r} (run with -vv for the traceback)", err=True)
         return 1
     finally:
+        signal.signal(signal.SIGTERM, previous_sigterm)
         if disk_session is not None:
             disk_session.close()  # temporary overlays go, whatever ended the run
     return result.exit_status

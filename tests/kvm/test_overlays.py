@@ -143,7 +143,7 @@ def test_parallel_runs_share_one_base(guest, base, tmp_path) -> None:
     assert all(os.listdir(tmp_path / f"run{index}") == [] for index in range(2))
 
 
-@pytest.mark.parametrize("how", ["SIGTERM", "SIGINT", "timeout"])
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGINT", "timeout", "SIGTERM-at-once", "SIGINT-at-once"])
 def test_the_overlay_goes_when_the_run_is_ended_from_outside(guest_binary, tmp_path, how: str) -> None:
     import signal
     import time
@@ -165,8 +165,10 @@ def test_the_overlay_goes_when_the_run_is_ended_from_outside(guest_binary, tmp_p
         time.sleep(0.05)
     assert any(scratch.iterdir()), "the run never made its overlay"
     if how != "timeout":
-        time.sleep(0.5)  # the guest is reading through the overlay now
-        process.send_signal(getattr(signal, how))
+        if not how.endswith("-at-once"):
+            time.sleep(0.5)  # the guest is reading through the overlay now
+        # "-at-once": while the machine is still being built around the new overlay.
+        process.send_signal(getattr(signal, how.split("-")[0]))
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == (124 if how == "timeout" else 130), stderr
     assert os.listdir(scratch) == []
