@@ -16,13 +16,11 @@ Usage: python benchmarks/breakpoints.py [--exits N] [--rounds R]. Last line: one
 from __future__ import annotations
 
 import argparse
-import time
 
-from _common import emit, median
+from _common import CountingDevice, emit, median
 
 from hypervisor.console import NullConsole
 from hypervisor.machine import Machine
-from hypervisor.outcome import Outcome, OutcomeKind
 from hypervisor.vcpu.breakpoints import Breakpoint
 from hypervisor.vcpu.runner import VcpuRunner
 from tests.guests.build import GUEST_BASE, MODE_OUT_FOREVER, guest_image
@@ -31,30 +29,6 @@ PYTHON_PORT = 0x520  # exit_overhead.py's port (fw_cfg is at 0x510)
 COUNTS = (1, 10, 100)
 UNADDRESSED_COUNT = 10
 MMIO_BASE = 0xD000_0000
-
-
-class CountingDevice:
-    """Counts writes; stops the run after `target` of them, timing first to last."""
-
-    def __init__(self, machine: Machine) -> None:
-        self.machine = machine
-        self.target = 0
-        self.count = 0
-        self.first = self.last = 0.0
-
-    def arm(self, target: int) -> None:
-        self.target, self.count = target, 0
-
-    def read(self, offset: int, data: memoryview) -> None:
-        data[:] = bytes(len(data))
-
-    def write(self, offset: int, data: bytes) -> None:
-        self.count += 1
-        if self.count == 1:
-            self.first = time.perf_counter()
-        elif self.count == self.target:
-            self.last = time.perf_counter()
-            self.machine.request_stop(Outcome(OutcomeKind.INTERRUPTED, "benchmark round done"))
 
 
 def never_matching(count: int) -> list[Breakpoint]:

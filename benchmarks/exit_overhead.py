@@ -14,41 +14,16 @@ from __future__ import annotations
 import argparse
 import time
 
-from _common import emit, median
+from _common import CountingDevice, emit, median
 
 from hypervisor.console import NullConsole
 from hypervisor.kvm.ffi import lib
 from hypervisor.machine import Machine
-from hypervisor.outcome import Outcome, OutcomeKind
 from hypervisor.vcpu.runner import VcpuRunner
 from tests.guests.build import GUEST_BASE, MODE_OUT_FOREVER, guest_image
 
 SINK_PORT = 0x80  # the POST-code port, a C sink range in every Machine
 PYTHON_PORT = 0x520  # a free port (fw_cfg is at 0x510)
-
-
-class CountingDevice:
-    """Counts writes; stops the run after `target` of them, timing first to last."""
-
-    def __init__(self, machine: Machine) -> None:
-        self.machine = machine
-        self.target = 0
-        self.count = 0
-        self.first = self.last = 0.0
-
-    def arm(self, target: int) -> None:
-        self.target, self.count = target, 0
-
-    def read(self, offset: int, data: memoryview) -> None:
-        data[:] = bytes(len(data))
-
-    def write(self, offset: int, data: bytes) -> None:
-        self.count += 1
-        if self.count == 1:
-            self.first = time.perf_counter()
-        elif self.count == self.target:
-            self.last = time.perf_counter()
-            self.machine.request_stop(Outcome(OutcomeKind.INTERRUPTED, "benchmark round done"))
 
 
 def main() -> None:

@@ -6,7 +6,6 @@ kvm_run, the frozen range tables, the counters) and exposes it to Python.
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 from collections.abc import Iterable, Sequence
@@ -14,7 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from hypervisor.errors import KvmError
-from hypervisor.kvm.ffi import ffi, ioctl, lib
+from hypervisor.kvm.ffi import ffi, ioctl, lib, read_struct, write_struct
 
 if TYPE_CHECKING:
     from hypervisor.boot.cpuid import CpuidEntry
@@ -256,16 +255,10 @@ class Vcpu:
     def get_state_blob(self, ioctl_name: str, struct: str) -> bytes:
         """The raw bytes of a KVM_GET_* state struct (XSAVE, XCRS, DEBUGREGS, VCPU_EVENTS...),
         for saving and restoring a vCPU without interpreting every field."""
-        buffer = ffi.new(f"{struct} *")
-        ioctl(self.fd, ioctl_name, buffer)
-        return bytes(ffi.buffer(buffer))
+        return read_struct(self.fd, ioctl_name, struct)
 
     def set_state_blob(self, ioctl_name: str, struct: str, data: bytes) -> None:
-        buffer = ffi.new(f"{struct} *")
-        if len(data) != ffi.sizeof(buffer[0]):
-            raise KvmError(ioctl_name, errno.EINVAL, f"{struct} is {ffi.sizeof(buffer[0])} bytes, not {len(data)}")
-        ffi.memmove(buffer, data, len(data))
-        ioctl(self.fd, ioctl_name, buffer)
+        write_struct(self.fd, ioctl_name, struct, data)
 
     def translate(self, linear_address: int) -> int | None:
         """Guest virtual to physical with the vCPU's current page tables; None if unmapped."""

@@ -8,7 +8,7 @@ import os
 from typing import TYPE_CHECKING
 
 from hypervisor.errors import KvmError
-from hypervisor.kvm.ffi import ffi, ioctl, ioctl_value, lib
+from hypervisor.kvm.ffi import ffi, ioctl, ioctl_value, lib, read_struct, write_struct
 
 if TYPE_CHECKING:
     from hypervisor.kvm.system import Kvm
@@ -104,16 +104,10 @@ class Vm:
 
     def get_state_blob(self, ioctl_name: str, struct: str) -> bytes:
         """The raw bytes of a VM-wide KVM_GET_* state struct (PIT2, CLOCK), for snapshots."""
-        buffer = ffi.new(f"{struct} *")
-        ioctl(self.fd, ioctl_name, buffer)
-        return bytes(ffi.buffer(buffer))
+        return read_struct(self.fd, ioctl_name, struct)
 
     def set_state_blob(self, ioctl_name: str, struct: str, data: bytes) -> None:
-        buffer = ffi.new(f"{struct} *")
-        if len(data) != ffi.sizeof(buffer[0]):
-            raise KvmError(ioctl_name, errno.EINVAL, f"{struct} is {ffi.sizeof(buffer[0])} bytes, not {len(data)}")
-        ffi.memmove(buffer, data, len(data))
-        ioctl(self.fd, ioctl_name, buffer)
+        write_struct(self.fd, ioctl_name, struct, data)
 
     def get_irqchip(self, chip: str) -> bytes:
         """KVM_GET_IRQCHIP for chip KVM_IRQCHIP_PIC_MASTER, _PIC_SLAVE or _IOAPIC (api.rst 4.26)."""
