@@ -23,6 +23,7 @@ import click
 
 from hypervisor.console import ConsoleBase
 from hypervisor.errors import ConfigError, HypervisorError, KvmUnavailableError
+from hypervisor.outcome import Outcome, OutcomeKind
 
 if TYPE_CHECKING:
     from hypervisor.disk_overlays import DiskSession
@@ -43,14 +44,19 @@ PVM_USERSPACE_REFUSAL = (
 class CommandOutputConsole(ConsoleBase):
     """Shows only the command's output: what comes after `start` matched and before `end`."""
 
-    def __init__(self, start: re.Pattern[bytes], end: re.Pattern[bytes], emit: Callable[[bytes], None]) -> None:
+    def __init__(self, start: re.Pattern[bytes], end: re.Pattern[bytes], emit: Callable[[bytes], None],
+                 on_status: Callable[[int], None] | None = None) -> None:  # fmt: skip
         super().__init__()
         self._start, self._end, self._emit_output = start, end, emit
+        self._on_status = on_status
         self._pending = bytearray()
         self._streaming = False
         self._done = False
         self.status: int | None = None
         self._input = b""
+
+    def set_on_status(self, on_status: Callable[[int], None]) -> None:
+        self._on_status = on_status
 
     def type_ahead(self, data: bytes) -> None:
         """Input given to the guest when the machine starts (the restored shell's command)."""
@@ -76,6 +82,8 @@ class CommandOutputConsole(ConsoleBase):
             self._emit_output(bytes(self._pending[: end.start()]))
             self.status = int(end.group(1))
             self._done = True
+            if self._on_status is not None:
+                self._on_status(self.status)
             return
         # Hold back what could be the start of the end line; the rest goes out now.
         keep = self._pending.rfind(b"\n")
@@ -151,6 +159,10 @@ def _exec(options: dict[str, object]) -> int:
 
                 session = DiskSession(run_options.disks).__enter__()
             machine, _ = create_machine(run_options, console, session)
+        # The status is known once init prints it: end the run there rather than wait for the
+        # guest's reboot (a fork and an exec, seconds of emulated kernel code on kvm_pvm).
+        console.set_on_status(lambda status, m=machine: m.request_stop(
+            Outcome(OutcomeKind.COMMAND_EXIT, "the command finished", code=status)))  # fmt: skip
         with machine:
             result = machine.run(options["timeout"])  # type: ignore[arg-type]
     except HypervisorError as error:
