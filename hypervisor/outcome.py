@@ -31,6 +31,7 @@ class OutcomeKind(enum.Enum):
     INTERRUPTED = "interrupted"  # SIGINT/SIGTERM on the host
     HYPERVISOR_ERROR = "hypervisor-error"  # a host-side failure (ioctl error, I/O error)
     EXIT_BUDGET = "exit-budget"  # the guest made more VM exits than --max-exits allows
+    SAVED = "saved"  # the machine was saved and the user asked the run to end there (--save-then stop)
 
     @property
     def outcome_class(self) -> OutcomeClass:
@@ -61,6 +62,7 @@ OUTCOME_CLASS: dict[OutcomeKind, OutcomeClass] = {
     OutcomeKind.INTERRUPTED: OutcomeClass.INFRASTRUCTURE,
     OutcomeKind.HYPERVISOR_ERROR: OutcomeClass.INFRASTRUCTURE,
     OutcomeKind.EXIT_BUDGET: OutcomeClass.VERDICT,  # the guest caused the storm
+    OutcomeKind.SAVED: OutcomeClass.INFRASTRUCTURE,  # the user ended it; the guest decided nothing
 }
 
 
@@ -69,6 +71,7 @@ EXIT_STATUS: dict[OutcomeKind, int] = {
     OutcomeKind.POWER_OFF: 0,
     OutcomeKind.RESET: 0,
     OutcomeKind.QUIT: 0,
+    OutcomeKind.SAVED: 0,
     OutcomeKind.HYPERVISOR_ERROR: 1,
     OutcomeKind.EXIT_BUDGET: 118,
     OutcomeKind.HALTED: 119,

@@ -106,6 +106,8 @@ def _make_console(spec: str) -> object:
               help="Save the running machine to this new folder when --save-on matches; the run goes on.")
 @click.option("--save-on", metavar="PATTERN", help="Save (see --save) the first time the console prints PATTERN.")
 @click.option("--save-on-request", is_flag=True, help="Save (see --save) when the guest writes port 0x50a.")
+@click.option("--save-then", type=click.Choice(["continue", "stop"]), default="continue", show_default=True,
+              help="After --save: the run goes on (on new disk overlays) or ends with outcome saved (status 0).")
 @click.option("--restore", type=click.Path(path_type=Path, file_okay=False),
               help="Continue a machine saved with --save instead of booting (docs/snapshots.md).")
 @click.option("--disk-overlay", type=click.Path(path_type=Path, file_okay=False),
@@ -187,7 +189,8 @@ def _run(options: dict[str, object]) -> int:
             machine, info = create_machine(run_options, console, disk_session)  # type: ignore[arg-type]
         machine.exit_budget = exit_budget
         if options["save"] is not None:
-            snapshot_options.arm_save(machine, options["save"], options["save_on"], bool(options["save_on_request"]))  # type: ignore[arg-type]
+            snapshot_options.arm_save(machine, options["save"], options["save_on"], bool(options["save_on_request"]),  # type: ignore[arg-type]
+                                      stop_after=options["save_then"] == "stop")
         if info.pvm_host and info.kind == "linux":
             click.echo(f"pyhv: note: {PVM_NOTICE}", err=True)
         trace = _open_trace(options["trace_exits"])  # type: ignore[arg-type]

@@ -32,7 +32,8 @@ def check_save_options(save: Path | None, save_on: str | None, on_request: bool 
         raise ConfigError("--save-on needs a non-empty pattern")
 
 
-def arm_save(machine: Machine, save: Path, save_on: str | None, on_request: bool = False) -> None:
+def arm_save(machine: Machine, save: Path, save_on: str | None, on_request: bool = False,
+             stop_after: bool = False) -> None:  # fmt: skip
     """Saves the machine once, the first time the console prints `save_on`; the run goes on.
 
     The match happens on a vCPU thread, which cannot wait for every vCPU to park, so the save
@@ -43,10 +44,16 @@ def arm_save(machine: Machine, save: Path, save_on: str | None, on_request: bool
             machine.save(str(save))
         except HypervisorError as error:
             click.echo(f"pyhv: error: --save {save}: {error}", err=True)
+            machine.resume()  # the run goes on unsaved
             return
-        finally:
-            machine.resume()
         click.echo(f"pyhv: saved the machine to {save}", err=True)
+        if stop_after:
+            from hypervisor.outcome import Outcome, OutcomeKind
+
+            # The vCPUs stay parked: the stop ends them where they were saved.
+            machine.request_stop(Outcome(OutcomeKind.SAVED, f"saved to {save}; the run ends there (--save-then stop)"))
+        else:
+            machine.resume()
 
     saved = False
 

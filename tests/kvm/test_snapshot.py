@@ -217,3 +217,16 @@ def test_the_restored_vm_fixture_clones_a_snapshot(snapshot, restored_vm) -> Non
     first, second = restored_vm(folder, timeout=30), restored_vm(folder, timeout=30)
     assert first.exit_status == second.exit_status == 3
     assert first.report["outcome"] == "debug-exit" and first.total_exits > 0
+
+
+def test_save_then_stop_ends_the_run_at_the_save(guest_binary, tmp_path: Path) -> None:
+    image = tmp_path / "guest.bin"
+    image.write_bytes(with_parameters(guest_binary("real_mode").read_bytes(), exit_code=6))
+    folder = tmp_path / "saved"
+    run = [sys.executable, "-m", "hypervisor", "run", "--timeout", "60"]
+    first = subprocess.run([*run, "--raw", f"{image}@0x1000", "--save", str(folder), "--save-on", "hello",
+                            "--save-then", "stop"], capture_output=True, text=True, timeout=100, cwd=ROOT)  # fmt: skip
+    assert first.returncode == 0 and "saved: saved to" in first.stderr, first.stderr
+    assert first.stdout == "hello"  # nothing after the save point ran
+    second = subprocess.run([*run, "--restore", str(folder)], capture_output=True, text=True, timeout=100, cwd=ROOT)
+    assert second.returncode == 6 and second.stdout == " from real mode\n", second.stderr
