@@ -4,8 +4,8 @@ Booting: the bundled guest's init runs the command given as `pyhv.cmd64=` (guest
 prints `pyhv guest: command exited with status N` and resets; the command's output is what the
 console shows between init's "running command" line and that status line. Restoring
 (`--restore PATH`, a guest saved at its shell prompt): the command is typed at the prompt as
-`CMD; exit $?`, and its output is what follows the echoed line until init's "shell exited with
-status N". Either way the status is the command's, 0-255, and anything else that ends the run (a
+`CMD; echo "pyhv exec: status $?"`, and its output is what follows the echoed line until that
+status line. Either way the status is the command's, 0-255, and anything else that ends the run (a
 panic, a timeout) keeps `pyhv run`'s status (docs/exit-status.md).
 """
 
@@ -30,7 +30,10 @@ if TYPE_CHECKING:
 
 RUNNING = re.compile(rb"pyhv guest: running command: [^\n]*\n")
 COMMAND_STATUS = re.compile(rb"pyhv guest: command exited with status (\d+)")
-SHELL_STATUS = re.compile(rb"pyhv guest: shell exited with status (\d+)")
+# What a restored shell is given after the command, and the line it prints: the echoed input
+# has `$?`, the output the number, so the one cannot be taken for the other.
+RESTORED_STATUS_ECHO = b'echo "pyhv exec: status $?"'
+RESTORED_STATUS = re.compile(rb"pyhv exec: status (\d+)")
 # Linux boots print their log on the console; `quiet` keeps it to errors, so what the user
 # sees is the command's output.
 QUIET = "quiet"
@@ -133,9 +136,11 @@ def _exec(options: dict[str, object]) -> int:
                 raise ConfigError("--restore continues a saved guest: no --kernel, --initrd, --disk or --append")
             from hypervisor.machine import Machine
 
-            console = CommandOutputConsole(re.compile(re.escape(b"; exit $?") + rb"\r?\n"), SHELL_STATUS,
+            # The shell stays: printing the status instead of exiting spares the guest a process
+            # exit (a second of emulated kernel code on kvm_pvm); the run is stopped at the line.
+            console = CommandOutputConsole(re.compile(re.escape(RESTORED_STATUS_ECHO) + rb"\r?\n"), RESTORED_STATUS,
                                            _write_stdout)  # fmt: skip
-            console.type_ahead(f"{command}; exit $?\n".encode())
+            console.type_ahead(f"{command}; {RESTORED_STATUS_ECHO.decode()}\n".encode())
             machine = Machine.restore(str(options["restore"]), console)
         else:
             if options["kernel"] is not None and kvm_is_pvm() and not options["assume_userspace"]:

@@ -6,11 +6,11 @@ import re
 
 import pytest
 
-from hypervisor.cli.exec import COMMAND_STATUS, RUNNING, SHELL_STATUS, CommandOutputConsole
+from hypervisor.cli.exec import COMMAND_STATUS, RESTORED_STATUS, RESTORED_STATUS_ECHO, RUNNING, CommandOutputConsole
 
 BOOT = (b"Linux version 6.1\r\npyhv guest: init started\r\npyhv guest: running command: echo hi\r\n"
         b"hi\r\nsecond line\r\npyhv guest: command exited with status 7\r\npyhv guest: rebooting\r\n")  # fmt: skip
-RESTORED = b"echo hi; exit $?\r\nhi\r\npyhv guest: shell exited with status 0\r\npyhv guest: rebooting\r\n"
+RESTORED = b'echo hi; echo "pyhv exec: status $?"\r\nhi\r\npyhv exec: status 0\r\npyhv:/# '
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 7, 1000])
@@ -25,7 +25,8 @@ def test_the_command_output_and_status_of_a_boot(chunk: int) -> None:
 @pytest.mark.parametrize("chunk", [1, 5, 1000])
 def test_the_command_output_of_a_restored_shell(chunk: int) -> None:
     shown = bytearray()
-    console = CommandOutputConsole(re.compile(rb"; exit \$\?\r?\n"), SHELL_STATUS, shown.extend)
+    console = CommandOutputConsole(re.compile(re.escape(RESTORED_STATUS_ECHO) + rb"\r?\n"), RESTORED_STATUS,
+                                   shown.extend)  # fmt: skip
     for index in range(0, len(RESTORED), chunk):
         console.write(RESTORED[index : index + chunk])
     assert bytes(shown) == b"hi\r\n" and console.status == 0
