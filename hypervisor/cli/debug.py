@@ -136,6 +136,11 @@ def _read_script(path: Path) -> list[str]:
     help="qemu-test adds QEMU's isa-debug-exit (0xf4) and pc-testdev.",
 )
 @click.option(
+    "--restore",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Debug a machine saved with `pyhv run --save` from where it was saved (docs/snapshots.md).",
+)
+@click.option(
     "--break",
     "breaks",
     multiple=True,
@@ -210,7 +215,16 @@ def _debug(options: dict[str, object]) -> int:
         batch = options["batch"]
         script = _read_script(batch) if isinstance(batch, Path) else None
         console = _make_console(str(options["console_spec"]))
-        machine, info = create_machine(run_options, console)  # type: ignore[arg-type]
+        if options["restore"] is not None:
+            if options["kernel"] or options["initrd"] or options["raw"] or options["disks"] or options["append"]:
+                raise ConfigError("--restore continues a saved machine: no --kernel, --initrd, --raw, --disk, --append")
+            from hypervisor.launch import LaunchInfo
+            from hypervisor.machine import Machine
+
+            machine = Machine.restore(str(options["restore"]), console)  # type: ignore[arg-type]
+            info = LaunchInfo("restored", str(options["restore"]))
+        else:
+            machine, info = create_machine(run_options, console)  # type: ignore[arg-type]
         machine.exit_history = deque(maxlen=EXIT_HISTORY)  # read by the vCPU runners made in start()
         interactive = script is None and sys.stdin.isatty()
         debugger = ExitDebugger(machine, sys.stdout, interactive=interactive)

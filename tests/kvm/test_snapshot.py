@@ -230,3 +230,19 @@ def test_save_then_stop_ends_the_run_at_the_save(guest_binary, tmp_path: Path) -
     assert first.stdout == "hello"  # nothing after the save point ran
     second = subprocess.run([*run, "--restore", str(folder)], capture_output=True, text=True, timeout=100, cwd=ROOT)
     assert second.returncode == 6 and second.stdout == " from real mode\n", second.stderr
+
+
+def test_the_exit_debugger_on_a_restored_machine(guest_binary, tmp_path: Path) -> None:
+    image = tmp_path / "guest.bin"
+    image.write_bytes(with_parameters(guest_binary("real_mode").read_bytes(), exit_code=5))
+    folder = tmp_path / "saved"
+    run = [sys.executable, "-m", "hypervisor", "run", "--timeout", "60", "--console", "none"]
+    saving = subprocess.run([*run, "--raw", f"{image}@0x1000", "--save", str(folder), "--save-on", "hello",
+                             "--save-then", "stop"], capture_output=True, text=True, timeout=100, cwd=ROOT)  # fmt: skip
+    assert saving.returncode == 0, saving.stderr
+    debug = subprocess.run([sys.executable, "-m", "hypervisor", "debug", "--restore", str(folder), "--console", "none",
+                            "--timeout", "60"], input="next\ncontinue\n", capture_output=True, text=True, timeout=100,
+                           cwd=ROOT)  # fmt: skip
+    # The first exit after the save point is the UART poll before " from real mode"'s first byte.
+    assert debug.returncode == 5, debug.stdout + debug.stderr
+    assert "port=0x3fd" in debug.stdout and "restored guest paused" in debug.stderr
