@@ -167,36 +167,8 @@ def debug(**options: object) -> None:
     sys.exit(_debug(options))
 
 
-def _run_options(options: dict[str, object]) -> object:
-    from hypervisor.cli.run import _parse_disks, _parse_memory, _parse_raw
-    from hypervisor.launch import RunOptions
-
-    port_text = str(options["debug_exit_port"])
-    try:
-        debug_port = int(port_text, 0)
-    except ValueError as error:
-        raise ConfigError(f"--debug-exit-port {port_text!r} is not a number") from error
-    if not 0 <= debug_port <= 0xFFFF:
-        raise ConfigError(f"--debug-exit-port {port_text} is not a port number (0-0xffff)")
-    return RunOptions(
-        kernel=options["kernel"],  # type: ignore[arg-type]
-        initrd=options["initrd"],  # type: ignore[arg-type]
-        append=options["append"],  # type: ignore[arg-type]
-        raw=_parse_raw(options["raw"]),  # type: ignore[arg-type]
-        memory_mib=_parse_memory(options["memory"]),  # type: ignore[arg-type]
-        cpus=int(options["cpus"]),  # type: ignore[call-overload]
-        timeout=options["timeout"],  # type: ignore[arg-type]
-        debug_exit_port=debug_port,
-        debug_exit_qemu=bool(options["debug_exit_qemu"]),
-        pvh=bool(options["pvh"]),
-        hugepages=bool(options["hugepages"]),
-        disks=_parse_disks(options["disks"]),  # type: ignore[arg-type]
-        root=options["root"],  # type: ignore[arg-type]
-        machine=str(options["machine_type"]),
-    )
-
-
 def _debug(options: dict[str, object]) -> int:
+    from hypervisor.cli.run import run_options_from
     from hypervisor.debug.break_expr import parse_break_expression
     from hypervisor.debug.repl import ExitDebugger
     from hypervisor.launch import create_machine
@@ -205,7 +177,7 @@ def _debug(options: dict[str, object]) -> int:
     timer: threading.Timer | None = None
     previous = signal.getsignal(signal.SIGTERM)
     try:
-        run_options = _run_options(options)
+        run_options = run_options_from(options)
         breaks = [str(text) for text in options["breaks"]]  # type: ignore[attr-defined]
         for text in breaks:  # every mistake is found before a VM exists
             try:

@@ -126,8 +126,37 @@ def run(**options: object) -> None:
     sys.exit(_run(options))
 
 
+def run_options_from(options: dict[str, object]) -> RunOptions:
+    """The RunOptions of the options `pyhv run` and `pyhv debug` share (their names are the same)."""
+    from hypervisor.launch import RunOptions
+
+    port_text = str(options["debug_exit_port"])
+    try:
+        debug_port = int(port_text, 0)
+    except ValueError as error:
+        raise ConfigError(f"--debug-exit-port {port_text!r} is not a number") from error
+    if not 0 <= debug_port <= 0xFFFF:
+        raise ConfigError(f"--debug-exit-port {port_text} is not a port number (0-0xffff)")
+    return RunOptions(
+        kernel=options["kernel"],  # type: ignore[arg-type]
+        initrd=options["initrd"],  # type: ignore[arg-type]
+        append=options["append"],  # type: ignore[arg-type]
+        raw=_parse_raw(options["raw"]),  # type: ignore[arg-type]
+        memory_mib=_parse_memory(options["memory"]),  # type: ignore[arg-type]
+        cpus=int(options["cpus"]),  # type: ignore[call-overload]
+        timeout=options["timeout"],  # type: ignore[arg-type]
+        debug_exit_port=debug_port,
+        debug_exit_qemu=bool(options["debug_exit_qemu"]),
+        pvh=bool(options["pvh"]),
+        hugepages=bool(options["hugepages"]),
+        disks=_parse_disks(options["disks"]),  # type: ignore[arg-type]
+        root=options["root"],  # type: ignore[arg-type]
+        machine=str(options["machine_type"]),
+    )
+
+
 def _run(options: dict[str, object]) -> int:
-    from hypervisor.launch import LaunchInfo, RunOptions, create_machine
+    from hypervisor.launch import LaunchInfo, create_machine
     from hypervisor.report import build_report, write_report
 
     machine = None
@@ -136,29 +165,7 @@ def _run(options: dict[str, object]) -> int:
     # still ends in status 130 with the temporary overlays removed, never a traceback.
     previous_sigterm = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
-        port_text = str(options["debug_exit_port"])
-        try:
-            debug_port = int(port_text, 0)
-        except ValueError as error:
-            raise ConfigError(f"--debug-exit-port {port_text!r} is not a number") from error
-        if not 0 <= debug_port <= 0xFFFF:
-            raise ConfigError(f"--debug-exit-port {port_text} is not a port number (0-0xffff)")
-        run_options = RunOptions(
-            kernel=options["kernel"],  # type: ignore[arg-type]
-            initrd=options["initrd"],  # type: ignore[arg-type]
-            append=options["append"],  # type: ignore[arg-type]
-            raw=_parse_raw(options["raw"]),  # type: ignore[arg-type]
-            memory_mib=_parse_memory(options["memory"]),  # type: ignore[arg-type]
-            cpus=int(options["cpus"]),  # type: ignore[call-overload]
-            timeout=options["timeout"],  # type: ignore[arg-type]
-            debug_exit_port=debug_port,
-            debug_exit_qemu=bool(options["debug_exit_qemu"]),
-            pvh=bool(options["pvh"]),
-            hugepages=bool(options["hugepages"]),
-            disks=_parse_disks(options["disks"]),  # type: ignore[arg-type]
-            root=options["root"],  # type: ignore[arg-type]
-            machine=str(options["machine_type"]),
-        )
+        run_options = run_options_from(options)
         if options["report"]:
             from hypervisor.output_paths import check_writable_file
 

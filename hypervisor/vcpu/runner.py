@@ -301,19 +301,23 @@ class VcpuRunner:
         event = event._replace(host_ns=time.perf_counter_ns() - started)
         if action.debug:
             # A debug trap happens only when a debugger enabled guest debugging: stop for it.
-            self.control.post_stop(Stop("debug", vcpu.id, event))
-            if self._stepping:
-                self._stepping = False
-                self.control.step_finished(vcpu.id, event)
-            if self.history is not None:
-                self.history.append(event)
-            return self._park_if_asked()
+            return self._stop_for_debugger(event)
         if not self._notify(event, None, None):
             return False
         if action.stop is not None:
             self.control.request_stop(action.stop)
             return False
         return True
+
+    def _stop_for_debugger(self, trap: ExitEvent) -> bool:
+        """A debug trap stops the machine (it answers a step when one is running) and parks."""
+        if self.history is not None:
+            self.history.append(trap)
+        self.control.post_stop(Stop("debug", self.vcpu.id, trap))
+        if self._stepping:
+            self._stepping = False
+            self.control.step_finished(self.vcpu.id, trap)
+        return self._park_if_asked()
 
     def _handle_emulation(self, insn: bytes, started: int) -> bool:
         vcpu = self.vcpu
@@ -322,12 +326,7 @@ class VcpuRunner:
             # the #BP that KVM_GUESTDBG_USE_SW_BP would report (PLATFORM.md): it is the debugger's
             # software breakpoint, reported as KVM would on hardware virtualization.
             rip = vcpu.get_regs()["rip"]
-            trap = DebugTrap(vcpu.id, VECTOR_BP, rip, 0, 0, time.perf_counter_ns() - started)
-            self.control.post_stop(Stop("debug", vcpu.id, trap))
-            if self._stepping:
-                self._stepping = False
-                self.control.step_finished(vcpu.id, trap)
-            return self._park_if_asked()
+            return self._stop_for_debugger(DebugTrap(vcpu.id, VECTOR_BP, rip, 0, 0, time.perf_counter_ns() - started))
         if self.emulator is not None and self.emulator(vcpu, insn):
             self.emulated_instructions += 1
             return True
