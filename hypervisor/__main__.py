@@ -1,3 +1,9 @@
-from hypervisor.cli import main
+"""`python -m hypervisor`: the pyhv command."""
 
-main(prog_name="pyhv")
+from hypervisor.cli import main
+from hypervisor.cli.interrupts import forget_caught_interrupts
+
+try:
+    main(prog_name="pyhv")
+finally:
+    forget_caught_interrupts()  # the status pyhv chose is the one the caller sees

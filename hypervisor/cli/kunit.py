@@ -17,6 +17,7 @@ from pathlib import Path
 
 import click
 
+from hypervisor.cli.interrupts import raise_keyboard_interrupt
 from hypervisor.errors import ConfigError, HypervisorError
 
 log = logging.getLogger(__name__)
@@ -134,7 +135,7 @@ def _kunit(options: dict[str, object]) -> int:
             console.add_watcher(_copy_to_stderr)
         machine, info = create_machine(run_options, console)
         machine.exit_budget = exit_budget
-        previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+        previous = signal.signal(signal.SIGTERM, raise_keyboard_interrupt)
         try:
             result = machine.run(run_options.timeout)
         finally:
@@ -215,7 +216,3 @@ def _report_text(report: dict[str, object]) -> str:
 def _copy_to_stderr(data: bytes) -> None:
     sys.stderr.buffer.write(data)
     sys.stderr.buffer.flush()
-
-
-def _raise_interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt

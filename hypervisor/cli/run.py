@@ -10,6 +10,7 @@ from typing import IO, TYPE_CHECKING
 
 import click
 
+from hypervisor.cli.interrupts import raise_keyboard_interrupt
 from hypervisor.cli.run_debug_outputs import DebugOutputs, debug_output_options
 from hypervisor.console import FileConsole, NullConsole, StdioConsole
 from hypervisor.errors import ConfigError, HypervisorError
@@ -163,7 +164,7 @@ def _run(options: dict[str, object]) -> int:
     disk_session = None
     # SIGTERM (and Ctrl-C) from the very start: one arriving while the machine is being built
     # still ends in status 130 with the temporary overlays removed, never a traceback.
-    previous_sigterm = signal.signal(signal.SIGTERM, _raise_interrupt)
+    previous_sigterm = signal.signal(signal.SIGTERM, raise_keyboard_interrupt)
     try:
         run_options = run_options_from(options)
         if options["report"]:
@@ -287,10 +288,6 @@ def _start_gdb(spec: str | None, machine: Machine) -> GdbServer | None:
     connect = where.split(":", 1)[1]  # gdb takes HOST:PORT, or a unix socket by its path
     click.echo(f"pyhv: waiting for gdb on {where} (gdb: target remote {connect})", err=True)
     return server
-
-
-def _raise_interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
 
 
 def _parse_disks(values: tuple[str, ...]) -> list[object]:
