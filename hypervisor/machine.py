@@ -249,7 +249,8 @@ class Machine:
         reset = Outcome(OutcomeKind.RESET, "the guest reset the machine through the ACPI reset register")
         self.pm1 = pm.Pm1Registers(lambda: self.control.request_stop(power_off))
         self.add_port_device(self.pm1, pm.PM1A_EVENT_PORT, pm.Pm1Registers.SIZE, "ACPI PM1a")
-        self.add_port_device(pm.PmTimer(), pm.PM_TIMER_PORT, pm.PM_TIMER_LENGTH, "ACPI PM timer")
+        self.pm_timer = pm.PmTimer()
+        self.add_port_device(self.pm_timer, pm.PM_TIMER_PORT, pm.PM_TIMER_LENGTH, "ACPI PM timer")
         self.add_port_device(pm.ResetRegister(lambda: self.control.request_stop(reset)), pm.RESET_PORT, 1,
                              "ACPI reset register")  # fmt: skip
         # The PIC vector bases a PC BIOS programs (IRQ 0-7 at 0x08, 8-15 at 0x70), which real-mode

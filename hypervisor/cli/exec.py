@@ -4,8 +4,8 @@ Booting: the bundled guest's init runs the command given as `pyhv.cmd64=` (guest
 prints `pyhv guest: command exited with status N` and resets; the command's output is what the
 console shows between init's "running command" line and that status line. Restoring
 (`--restore PATH`, a guest saved at its shell prompt): the command is typed at the prompt as
-`CMD; echo "pyhv exec: status $?"`, and its output is what follows the echoed line until that
-status line. Either way the status is the command's, 0-255, and anything else that ends the run (a
+`CMD;echo pyhv:$?`, and its output is what follows the echoed line until the line `pyhv:N`
+that echo prints. Either way the status is the command's, 0-255, and anything else that ends the run (a
 panic, a timeout) keeps `pyhv run`'s status (docs/exit-status.md).
 """
 
@@ -31,9 +31,11 @@ if TYPE_CHECKING:
 RUNNING = re.compile(rb"pyhv guest: running command: [^\n]*\n")
 COMMAND_STATUS = re.compile(rb"pyhv guest: command exited with status (\d+)")
 # What a restored shell is given after the command, and the line it prints: the echoed input
-# has `$?`, the output the number, so the one cannot be taken for the other.
-RESTORED_STATUS_ECHO = b'echo "pyhv exec: status $?"'
-RESTORED_STATUS = re.compile(rb"pyhv exec: status (\d+)")
+# has `$?`, the output the number, so the one cannot be taken for the other. It is short because
+# a restored bundled shell spends about 10 ms of emulated tty and line-editing code per typed
+# character on kvm_pvm (docs/snapshots.md); the status line must be a whole line of its own.
+RESTORED_STATUS_ECHO = b"echo pyhv:$?"
+RESTORED_STATUS = re.compile(rb"(?:^|(?<=\n))pyhv:(\d+)\r?\n")
 # Linux boots print their log on the console; `quiet` keeps it to errors, so what the user
 # sees is the command's output.
 QUIET = "quiet"
@@ -140,7 +142,7 @@ def _exec(options: dict[str, object]) -> int:
             # exit (a second of emulated kernel code on kvm_pvm); the run is stopped at the line.
             console = CommandOutputConsole(re.compile(re.escape(RESTORED_STATUS_ECHO) + rb"\r?\n"), RESTORED_STATUS,
                                            _write_stdout)  # fmt: skip
-            console.type_ahead(f"{command}; {RESTORED_STATUS_ECHO.decode()}\n".encode())
+            console.type_ahead(f"{command};{RESTORED_STATUS_ECHO.decode()}\n".encode())
             machine = Machine.restore(str(options["restore"]), console)
         else:
             if options["kernel"] is not None and kvm_is_pvm() and not options["assume_userspace"]:
@@ -148,7 +150,8 @@ def _exec(options: dict[str, object]) -> int:
             from hypervisor.launch import RunOptions, create_machine
 
             encoded = base64.b64encode(command.encode()).decode()
-            append = " ".join(part for part in (QUIET, f"pyhv.cmd64={encoded}", options["append"]) if part)
+            extra = str(options["append"] or "")
+            append = " ".join(part for part in (QUIET, f"pyhv.cmd64={encoded}", extra) if part)
             console = CommandOutputConsole(RUNNING, COMMAND_STATUS, _write_stdout)
             run_options = RunOptions(
                 kernel=options["kernel"],  # type: ignore[arg-type]
@@ -166,8 +169,12 @@ def _exec(options: dict[str, object]) -> int:
             machine, _ = create_machine(run_options, console, session)
         # The status is known once init prints it: end the run there rather than wait for the
         # guest's reboot (a fork and an exec, seconds of emulated kernel code on kvm_pvm).
-        console.set_on_status(lambda status, m=machine: m.request_stop(
-            Outcome(OutcomeKind.COMMAND_EXIT, "the command finished", code=status)))  # fmt: skip
+        running = machine
+
+        def stop_at_status(status: int) -> None:
+            running.request_stop(Outcome(OutcomeKind.COMMAND_EXIT, "the command finished", code=status))
+
+        console.set_on_status(stop_at_status)
         with machine:
             result = machine.run(options["timeout"])  # type: ignore[arg-type]
     except HypervisorError as error:

@@ -56,15 +56,33 @@ def _fill(data: memoryview, value: int) -> None:
     data[:] = (value & ((1 << (8 * len(data))) - 1)).to_bytes(len(data), "little")
 
 
-class PmTimer:
-    """The free-running ACPI PM timer: ticks since the machine started, at 3.579545 MHz."""
+class PmTimer(StatefulDevice):
+    """The free-running ACPI PM timer: ticks since the machine started, at 3.579545 MHz.
+
+    Its state is the tick count: a restored machine's timer goes on from the value it had at the
+    save, as the TSC and the KVM clock do, instead of jumping back to 0 (§4.8.3.3: the counter
+    only ever counts up, wrapping at 24 or 32 bits).
+    """
+
+    STATE_FIELDS = ("ticks",)
 
     def __init__(self, clock: Callable[[], int] = time.monotonic_ns) -> None:
         self._clock = clock
         self._start = clock()
 
+    @property
+    def ticks(self) -> int:
+        """Ticks since the machine started, unwrapped."""
+        return (self._clock() - self._start) * PM_TIMER_HZ // 1_000_000_000
+
+    @ticks.setter
+    def ticks(self, value: int) -> None:
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"a PM timer tick count must be a non-negative integer, not {value!r}")
+        self._start = self._clock() - value * 1_000_000_000 // PM_TIMER_HZ
+
     def value(self) -> int:
-        return ((self._clock() - self._start) * PM_TIMER_HZ // 1_000_000_000) & PM_TIMER_MASK
+        return self.ticks & PM_TIMER_MASK
 
     def read(self, offset: int, data: memoryview) -> None:
         # §4.8.3.3: the register is read as a 32-bit quantity; narrower reads get its low part

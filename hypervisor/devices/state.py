@@ -80,10 +80,13 @@ class StatefulDevice:
         except (ValueError, TypeError) as error:
             raise ConfigError(f"saved {name} state is damaged: {error}") from error
         lock = self._state_lock()
-        if lock is not None:
-            with lock:
+        try:
+            if lock is not None:
+                with lock:
+                    for key, value in decoded.items():
+                        setattr(self, key, value)
+            else:
                 for key, value in decoded.items():
                     setattr(self, key, value)
-        else:
-            for key, value in decoded.items():
-                setattr(self, key, value)
+        except (ValueError, TypeError) as error:  # a field whose setter checks its value
+            raise ConfigError(f"saved {name} state is damaged: {error}") from error

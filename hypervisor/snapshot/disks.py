@@ -207,10 +207,12 @@ def check_frozen(disks: list[FrozenDisk], folder: Path) -> None:
 def attach_restored_disks(machine: Machine, disks: list[FrozenDisk], overlay_dir: str | None) -> list[Path]:
     """Gives each disk a fresh overlay on its frozen image and attaches them; returns the
     overlays made (the caller removes them if the restore fails later)."""
-    from hypervisor.block.qcow2.create import Qcow2CreateOptions, create_qcow2
-
     if not disks:
         return []
+    # Imported only when there is a disk: the qcow2 engine is a tenth of a second of a diskless
+    # restore's start-up (`pyhv exec --restore`, benchmarks/snapshot.py).
+    from hypervisor.block.qcow2.create import Qcow2CreateOptions, create_qcow2
+
     writable = [disk for disk in disks if not disk.read_only]
     temporary = overlay_dir is None and bool(writable)
     if overlay_dir is None:

@@ -92,7 +92,7 @@ def _sha256_of_file(path: Path) -> str:
 def _devices(machine: Machine) -> dict[str, Any]:
     """The machine's stateful devices by a stable name."""
     devices: dict[str, Any] = {"serial": machine.serial, "i8042": machine.i8042, "rtc": machine.rtc}
-    for name in ("fw_cfg", "pm1"):
+    for name in ("fw_cfg", "pm1", "pm_timer"):
         device = getattr(machine, name, None)
         if device is not None and hasattr(device, "state"):
             devices[name] = device

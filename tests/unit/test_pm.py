@@ -27,6 +27,29 @@ def test_pm_timer_counts_at_3_579545_mhz_in_32_bits() -> None:
     assert read(timer, 1, 1) == ((1301 * PM_TIMER_HZ) >> 8) & 0xFF
 
 
+def test_a_restored_pm_timer_goes_on_from_its_saved_count() -> None:
+    import json
+
+    import pytest
+
+    from hypervisor.errors import ConfigError
+
+    now = [5_000_000_000]
+    timer = PmTimer(clock=lambda: now[0])
+    now[0] += 2_000_000_000
+    saved = json.loads(json.dumps(timer.state()))  # as a snapshot's state.json holds it
+    later = [900_000_000_000]  # another process, another monotonic clock
+    restored = PmTimer(clock=lambda: later[0])
+    restored.restore_state(saved)
+    assert read(restored, 0, 4) == 2 * PM_TIMER_HZ
+    later[0] += 1_000_000_000
+    assert read(restored, 0, 4) == 3 * PM_TIMER_HZ
+    for bad in (-1, "12", True, None):
+        damaged = {**saved, "fields": {"ticks": bad}}
+        with pytest.raises(ConfigError, match="damaged"):
+            PmTimer().restore_state(damaged)
+
+
 def test_s5_with_slp_en_powers_off_and_other_states_do_not() -> None:
     events: list[str] = []
     registers = Pm1Registers(lambda: events.append("off"))
