@@ -188,7 +188,7 @@ def image_info(path: str, image_format: str | None = None) -> dict[str, Any]:
 
 def backing_chain_info(path: str, image_format: str | None = None) -> list[dict[str, Any]]:
     """info --backing-chain: the named image, then each backing file it (transitively) names."""
-    chain = []
+    chain: list[dict[str, Any]] = []
     seen: set[str] = set()
     current: str | None = path
     current_format = image_format

@@ -36,7 +36,9 @@ class CpuidRecord(NamedTuple):
     """One entry of the vCPU's CPUID (struct kvm_cpuid_entry2), as KVM_GET_CPUID2 gives it."""
 
     function: int
-    index: int
+    # The subleaf (struct kvm_cpuid_entry2's name). It shadows tuple.index(), which typeshed
+    # declares as a method: no annotation can say "a field replaces it".
+    index: int  # type: ignore[assignment]
     flags: int
     eax: int
     ebx: int

@@ -28,8 +28,8 @@ from typing import TYPE_CHECKING
 from hypervisor.outcome import Outcome
 
 if TYPE_CHECKING:
-    from hypervisor.debug.breakpoints import Breakpoint
     from hypervisor.kvm import Vcpu
+    from hypervisor.vcpu.breakpoints import Breakpoint
     from hypervisor.vcpu.events import ExitEvent
 
 log = logging.getLogger(__name__)

@@ -20,7 +20,9 @@ class PortIo(NamedTuple):
     vcpu: int
     port: int
     size: int  # bytes per access: 1, 2 or 4
-    count: int  # accesses (rep ins/outs); `data` holds size * count bytes
+    # accesses (rep ins/outs); `data` holds size * count bytes. The field shadows tuple.count(),
+    # which typeshed declares as a method: no annotation can say "a field replaces it".
+    count: int  # type: ignore[assignment]
     is_write: bool
     data: bytes  # written bytes, or for a read the bytes the device returned
     device: str | None  # the bus range's name, e.g. "COM1"
@@ -53,7 +55,7 @@ class MmioAccess(NamedTuple):
         return "mmio"
 
     @property
-    def count(self) -> int:
+    def count(self) -> int:  # type: ignore[override]  # shadows tuple.count() as PortIo's field does
         return 1
 
 
