@@ -19,7 +19,9 @@ DEFLATE_WINDOW_BITS = -12  # QEMU qcow2-threads.c qcow2_zlib_compress/decompress
 try:  # the `zstandard` pip package (Python 3.14 has compression.zstd; older ones need the package)
     import zstandard as _zstd
 except ImportError:  # pragma: no cover - depends on the host
-    _zstd = None
+    # "the zstandard module or None" has no spelling as an annotation (a module's type is not a
+    # class), and ModuleType would drop the package's own types from every use below.
+    _zstd = None  # type: ignore[assignment]
 
 
 def zstd_available() -> bool:

@@ -1,7 +1,8 @@
 """Qcow2Image: open and validate an image, look up clusters, flush metadata in a crash-safe order.
 
 The read path, the write path and the whole-image operations (snapshots, resize, rebase) are
-mixins in read.py, write.py and ops.py; this module owns the state they share.
+mixins in read.py, write.py and ops.py; the state they share is declared in state.py and set up
+here.
 
 Flush order (qcow2.rst gives the structures, QEMU's qcow2 driver the ordering rules): refcount
 increments, sync (this also makes data written so far durable), L2 tables, sync, L1 table, sync,
@@ -142,7 +143,7 @@ class Qcow2Image(ReadMixin, WriteMixin, OpsMixin):
         self._v3 = hdr.version >= 3
         self._has_data_file = bool(hdr.incompatible_features & fmt.INCOMPAT_DATA_FILE)
 
-    def _load_l1(self, offset: int, size: int) -> array:
+    def _load_l1(self, offset: int, size: int) -> array[int]:
         return load_u64_table(self._hf.pread(offset, size * 8))
 
     def _load_snapshots(self) -> list[SnapshotEntry]:
@@ -214,7 +215,7 @@ class Qcow2Image(ReadMixin, WriteMixin, OpsMixin):
             self._data = None
 
     # -- lookup ------------------------------------------------------------------------------
-    def _l2_table(self, l1_index: int) -> array | None:
+    def _l2_table(self, l1_index: int) -> array[int] | None:
         """The L2 table for `l1_index` (validated L1 entry), or None if unallocated."""
         if l1_index >= len(self._l1):
             return None
@@ -227,6 +228,20 @@ class Qcow2Image(ReadMixin, WriteMixin, OpsMixin):
         table = self._l2.tables.get(offset)
         if table is not None:
             return table
+        return self._load_l2(l1_index, entry, offset)
+
+    def _l2_for_walk(self, l1: array[int], l1_index: int) -> array[int]:
+        """The L2 table of entry `l1_index` of `l1` (the active or a snapshot's L1 table), for a
+        caller that knows the entry has an offset."""
+        entry = l1[l1_index]
+        offset = entry & fmt.L1E_OFFSET_MASK
+        table = self._l2.tables.get(offset)
+        if table is not None:
+            return table
+        return self._load_l2(l1_index, entry, offset)
+
+    def _load_l2(self, l1_index: int, entry: int, offset: int) -> array[int]:
+        """Validate an L1 entry whose table is not cached, then load the table into the cache."""
         if entry & fmt.L1E_RESERVED_MASK:
             raise ImageCorruptError(f"{self.path}: L1 entry {l1_index} has reserved bits set (0x{entry:x})")
         if offset & (self._cs - 1):

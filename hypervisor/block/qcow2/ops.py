@@ -25,25 +25,25 @@ from hypervisor.block.qcow2.snapshot_table import (
     stored_table_size,
     table_size_bound,
 )
+from hypervisor.block.qcow2.state import ImageState
 from hypervisor.block.qcow2.transaction import MetadataTransaction
 from hypervisor.block.qcow2.types import SnapshotInfo
 from hypervisor.errors import ImageError, ImageFormatError
 
 if TYPE_CHECKING:
     from hypervisor.block.qcow2.header import Qcow2Header
-    from hypervisor.block.qcow2.image import Qcow2Image
 
 
-class OpsMixin:
+class OpsMixin(ImageState):
     # -- helpers -----------------------------------------------------------------------------
-    def _check_writable_image(self: Qcow2Image) -> None:
+    def _check_writable_image(self) -> None:
         self._check_open()
         if self._read_only:
             raise ImageError(f"{self.path}: image is open read-only")
         if not self._prepared_for_write:
             self._prepare_first_write()
 
-    def _tree_references(self: Qcow2Image, l1: array) -> Counter[int]:
+    def _tree_references(self, l1: array) -> Counter[int]:
         """Host clusters referenced through one L1 table (L2 tables and data), with multiplicity."""
         refs: Counter[int] = Counter()
         cb = self._cb
@@ -63,15 +63,7 @@ class OpsMixin:
                     refs[(entry & fmt.L2E_OFFSET_MASK) >> cb] += 1
         return refs
 
-    def _l2_for_walk(self: Qcow2Image, l1: array, l1_index: int) -> array:
-        saved = self._l1
-        self._l1 = l1
-        try:
-            return self._l2_table(l1_index)
-        finally:
-            self._l1 = saved
-
-    def _set_copied_flags(self: Qcow2Image) -> None:
+    def _set_copied_flags(self) -> None:
         """Make COPIED exact in the active L1 and its L2 tables (refcount == 1)."""
         step = 1 << self._ext_shift
         get = self._refs.get
@@ -83,7 +75,7 @@ class OpsMixin:
             if want != l1_entry:
                 self._l1[l1_index] = want
                 self._l1_dirty = True
-            table = self._l2_table(l1_index)
+            table = self._l2_for_walk(self._l1, l1_index)
             changed = False
             for i in range(0, len(table), step):
                 entry = table[i]
@@ -99,18 +91,18 @@ class OpsMixin:
             if changed:
                 self._l2.mark_dirty(l2_offset)
 
-    def _allocate_bytes(self: Qcow2Image, length: int) -> int:
+    def _allocate_bytes(self, length: int) -> int:
         clusters = max(1, -(-length // self._cs))
         offset = self._refs.allocate(clusters)
         self._metadata.update(range(offset >> self._cb, (offset >> self._cb) + clusters))
         return offset
 
-    def _free_area(self: Qcow2Image, offset: int, length: int) -> None:
+    def _free_area(self, offset: int, length: int) -> None:
         clusters = max(1, -(-length // self._cs))
         self._refs.free_later(offset, clusters)
 
     def _commit_tree(
-        self: Qcow2Image,
+        self,
         txn: MetadataTransaction,
         logical_l1: array,
         snapshots: list[SnapshotEntry],
@@ -157,11 +149,11 @@ class OpsMixin:
     # -- snapshots ---------------------------------------------------------------------------
     # Each operation is one MetadataTransaction (transaction.py states the order and why): the
     # old image stays intact until the header switch, the new one is exact from it on.
-    def snapshots(self: Qcow2Image) -> list[SnapshotInfo]:
+    def snapshots(self) -> list[SnapshotInfo]:
         with self._lock:
             return [entry.info() for entry in self._snapshots]
 
-    def create_snapshot(self: Qcow2Image, name: str) -> SnapshotInfo:
+    def create_snapshot(self, name: str) -> SnapshotInfo:
         with self._lock:
             self._check_writable_image()
             if self._has_data_file:
@@ -193,7 +185,7 @@ class OpsMixin:
                 self._commit_tree(txn, logical, [*self._snapshots, entry], move_l1=True)
             return entry.info()
 
-    def delete_snapshot(self: Qcow2Image, name_or_id: str) -> None:
+    def delete_snapshot(self, name_or_id: str) -> None:
         with self._lock:
             self._check_writable_image()
             target = self._find_snapshot(name_or_id)
@@ -207,7 +199,7 @@ class OpsMixin:
                 logical = array("Q", (e & fmt.L1E_OFFSET_MASK for e in self._l1))
                 self._commit_tree(txn, logical, [s for s in self._snapshots if s is not target], move_l1=False)
 
-    def apply_snapshot(self: Qcow2Image, name_or_id: str) -> None:
+    def apply_snapshot(self, name_or_id: str) -> None:
         with self._lock:
             self._check_writable_image()
             target = self._find_snapshot(name_or_id)
@@ -224,7 +216,7 @@ class OpsMixin:
                 self._commit_tree(txn, logical, list(self._snapshots), move_l1=True, size=size)
 
     # -- resize ------------------------------------------------------------------------------
-    def _relocate_l1(self: Qcow2Image, new_l1: array) -> None:
+    def _relocate_l1(self, new_l1: array) -> None:
         """Write `new_l1` to new clusters, point the header at it, free the old table."""
         old_offset, old_len = self._l1_offset, len(self._l1) * 8
         offset = self._allocate_bytes(len(new_l1) * 8)
@@ -240,7 +232,7 @@ class OpsMixin:
         if old_len:
             self._free_area(old_offset, old_len)
 
-    def resize(self: Qcow2Image, new_size: int) -> None:
+    def resize(self, new_size: int) -> None:
         with self._lock:
             self._check_writable_image()
             if new_size < 0 or new_size % 512:
@@ -287,7 +279,7 @@ class OpsMixin:
             self._flush_metadata()
 
     # -- rebase ------------------------------------------------------------------------------
-    def set_backing(self: Qcow2Image, filename: str | None, fmt_name: str | None = None) -> None:
+    def set_backing(self, filename: str | None, fmt_name: str | None = None) -> None:
         """Rewrite the backing file name and format in the header (no data is copied)."""
         from hypervisor.block.qcow2.backing import open_backing
 
@@ -317,7 +309,7 @@ class OpsMixin:
             self._backing = new_backing
 
     # -- compressed writes -------------------------------------------------------------------
-    def write_compressed(self: Qcow2Image, offset: int, data: bytes) -> None:
+    def write_compressed(self, offset: int, data: bytes) -> None:
         """Store one whole guest cluster compressed (for `convert -c`); the cluster must be
         unallocated. Data that does not shrink is stored uncompressed."""
         with self._lock:
@@ -344,7 +336,7 @@ class OpsMixin:
                 table[index + 1] = 0
             self._l2.mark_dirty(self._l1[guest_cluster >> self._l2_bits] & fmt.L1E_OFFSET_MASK)
 
-    def _compressed_cursor_take(self: Qcow2Image, length: int) -> int:
+    def _compressed_cursor_take(self, length: int) -> int:
         """Byte-granular space for compressed data; a host cluster shared by several compressed
         clusters holds one reference per compressed cluster (QEMU qcow2_alloc_bytes)."""
         cursor = getattr(self, "_compressed_cursor", 0)
@@ -359,7 +351,7 @@ class OpsMixin:
         self._compressed_cursor = end if end & (self._cs - 1) else 0
         return host
 
-    def read_snapshot_l1(self: Qcow2Image, name_or_id: str) -> list[int]:
+    def read_snapshot_l1(self, name_or_id: str) -> list[int]:
         """A snapshot's L1 entries as stored (for the checker)."""
         with self._lock:
             target = self._find_snapshot(name_or_id)

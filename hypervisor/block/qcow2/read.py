@@ -10,16 +10,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING
 
 from hypervisor.block import fileio
 from hypervisor.block.qcow2 import format as fmt
 from hypervisor.block.qcow2.compress import decompress
+from hypervisor.block.qcow2.state import ImageState
 from hypervisor.block.qcow2.types import EXTENT_DATA, EXTENT_UNALLOCATED, EXTENT_ZERO, Extent
 from hypervisor.errors import ImageCorruptError, ImageError
-
-if TYPE_CHECKING:
-    from hypervisor.block.qcow2.image import Qcow2Image
 
 SEG_DATA = 0
 SEG_ZERO = 1
@@ -63,10 +60,10 @@ def zero_views(views: Sequence[memoryview]) -> None:
         view[:] = bytes(view.nbytes)
 
 
-class ReadMixin:
-    """readinto / map_extents for Qcow2Image (state lives in image.py)."""
+class ReadMixin(ImageState):
+    """readinto / map_extents for Qcow2Image (shared state declared in state.py)."""
 
-    def readinto(self: Qcow2Image, offset: int, buffers: Sequence[memoryview]) -> None:
+    def readinto(self, offset: int, buffers: Sequence[memoryview]) -> None:
         views = fileio.as_byte_views(buffers)
         length = sum(view.nbytes for view in views)
         if offset < 0 or offset + length > self._size:
@@ -75,7 +72,7 @@ class ReadMixin:
             self._check_open()
             self._read_views(offset, views, length)
 
-    def _read_views(self: Qcow2Image, offset: int, views: list[memoryview], length: int) -> None:
+    def _read_views(self, offset: int, views: list[memoryview], length: int) -> None:
         cursor = ViewCursor(views)
         for seg_start, seg_len, kind, host in self._segments(offset, length):
             dst = cursor.take(seg_len)
@@ -98,7 +95,7 @@ class ReadMixin:
                     view[:] = data[pos : pos + view.nbytes]
                     pos += view.nbytes
 
-    def _read_backing(self: Qcow2Image, offset: int, length: int, dst: list[memoryview]) -> None:
+    def _read_backing(self, offset: int, length: int, dst: list[memoryview]) -> None:
         backing = self._backing
         if backing is None:
             if self._header.backing_file:
@@ -114,7 +111,7 @@ class ReadMixin:
             backing.readinto(offset, cursor.take(inside))
         zero_views(cursor.take(length - inside))
 
-    def _decompress_cluster(self: Qcow2Image, entry: int) -> bytes:
+    def _decompress_cluster(self, entry: int) -> bytes:
         cached = self._decompressed
         if cached is not None and cached[0] == entry:
             return cached[1]
@@ -124,7 +121,7 @@ class ReadMixin:
         return data
 
     # -- classification ----------------------------------------------------------------------
-    def _entry_words(self: Qcow2Image, guest_cluster: int) -> tuple[int, int]:
+    def _entry_words(self, guest_cluster: int) -> tuple[int, int]:
         """(L2 entry, subcluster bitmap) of a guest cluster; (0, 0) if it has no L2 table."""
         table = self._l2_table(guest_cluster >> self._l2_bits)
         if table is None:
@@ -134,7 +131,7 @@ class ReadMixin:
             return table[index], table[index + 1]
         return table[index], 0
 
-    def _classify(self: Qcow2Image, entry: int, guest_cluster: int) -> tuple[int, int]:
+    def _classify(self, entry: int, guest_cluster: int) -> tuple[int, int]:
         """(kind, host offset or compressed entry) of a whole-cluster entry (no subclusters)."""
         if entry == 0:
             return SEG_BACKING, 0
@@ -161,7 +158,7 @@ class ReadMixin:
         self._check_data_offset(host, guest_cluster, entry)
         return SEG_DATA, host
 
-    def _check_compressed(self: Qcow2Image, entry: int, guest_cluster: int) -> None:
+    def _check_compressed(self, entry: int, guest_cluster: int) -> None:
         if self._has_data_file:
             raise ImageCorruptError(f"{self.path}: compressed cluster in an image with an external data file")
         host, n = fmt.compressed_span(entry, self._cb)
@@ -172,9 +169,7 @@ class ReadMixin:
         if host >> self._cb in self._metadata:
             raise ImageCorruptError(f"{self.path}: compressed cluster at 0x{host:x} overlaps metadata")
 
-    def _cluster_pieces(
-        self: Qcow2Image, guest_cluster: int, start: int, length: int
-    ) -> Iterator[tuple[int, int, int]]:
+    def _cluster_pieces(self, guest_cluster: int, start: int, length: int) -> Iterator[tuple[int, int, int]]:
         """(length, kind, host) pieces of [start, start+length) inside one guest cluster."""
         entry, bitmap = self._entry_words(guest_cluster)
         if not self._extl2:
@@ -215,13 +210,13 @@ class ReadMixin:
             yield run_end - pos, kind, (host + pos if kind == SEG_DATA else 0)
             pos = run_end
 
-    def _segments(self: Qcow2Image, offset: int, length: int) -> Iterator[tuple[int, int, int, int]]:
+    def _segments(self, offset: int, length: int) -> Iterator[tuple[int, int, int, int]]:
         """(guest offset, length, kind, host) runs covering [offset, offset+length), merged."""
         if not self._extl2 and not self._has_data_file:
             return self._standard_segments(offset, length)
         return self._generic_segments(offset, length)
 
-    def _standard_segments(self: Qcow2Image, offset: int, length: int) -> Iterator[tuple[int, int, int, int]]:
+    def _standard_segments(self, offset: int, length: int) -> Iterator[tuple[int, int, int, int]]:
         """The hot path of `_segments` for ordinary images: one inlined loop per cluster, plain data
         clusters validated inline (aligned, inside the file, not metadata), the rest classified."""
         cb, cs = self._cb, self._cs
@@ -261,7 +256,7 @@ class ReadMixin:
         if cur_kind >= 0:
             yield cur_start, cur_len, cur_kind, cur_host
 
-    def _generic_segments(self: Qcow2Image, offset: int, length: int) -> Iterator[tuple[int, int, int, int]]:
+    def _generic_segments(self, offset: int, length: int) -> Iterator[tuple[int, int, int, int]]:
         cb, cs = self._cb, self._cs
         end = offset + length
         pos = offset
@@ -282,14 +277,14 @@ class ReadMixin:
             yield cur_start, cur_len, cur_kind, cur_host
 
     # -- allocation map ----------------------------------------------------------------------
-    def map_extents(self: Qcow2Image) -> Iterator[Extent]:
+    def map_extents(self) -> Iterator[Extent]:
         """The allocation state of the whole disk through the backing chain, merged like qemu-img map."""
         with self._lock:
             self._check_open()
             extents = list(self._extents(0, self._size, 0))
         return iter(_merge_extents(extents))
 
-    def _extents(self: Qcow2Image, start: int, end: int, depth: int) -> Iterator[Extent]:
+    def _extents(self, start: int, end: int, depth: int) -> Iterator[Extent]:
         bytes_per_l2 = self._l2_entries << self._cb
         pos = start
         while pos < end:
@@ -311,7 +306,7 @@ class ReadMixin:
                     yield from self._unallocated_extents(seg_start, seg_start + seg_len, depth)
                 pos = seg_start + seg_len
 
-    def _unallocated_extents(self: Qcow2Image, start: int, end: int, depth: int) -> Iterator[Extent]:
+    def _unallocated_extents(self, start: int, end: int, depth: int) -> Iterator[Extent]:
         backing = self._backing
         if backing is None:
             yield Extent(start, end - start, EXTENT_UNALLOCATED, None, False, depth)

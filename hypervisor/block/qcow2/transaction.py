@@ -41,7 +41,7 @@ from hypervisor.block.qcow2.refcount import Refcounts, dump_u64_table
 from hypervisor.errors import ImageFormatError
 
 if TYPE_CHECKING:
-    from hypervisor.block.qcow2.image import Qcow2Image
+    from hypervisor.block.qcow2.state import ImageState
 
 log = logging.getLogger(__name__)
 
@@ -54,13 +54,13 @@ class MetadataTransaction:
     in-memory refcounts then equal the disk) and its lock held.
     """
 
-    def __init__(self, image: Qcow2Image) -> None:
+    def __init__(self, image: ImageState) -> None:
         self.image = image
-        self.refs: Refcounts = image._refs  # type: ignore[has-type]  # (image.py mixins defeat inference)
+        self.refs: Refcounts = image._refs
         self.net: Counter[int] = Counter()
         self._old_blocks = {index: offset for index, offset in enumerate(self.refs.table) if offset}
         self._old_table = (self.refs.table_offset, self.refs.table_clusters)
-        header: Qcow2Header = image._header  # type: ignore[has-type]  # (as above)
+        header: Qcow2Header = image._header
         self._saved_header = {name: getattr(header, name) for name in _SWITCHED_FIELDS}
         self.committed = False
 

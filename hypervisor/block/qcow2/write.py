@@ -13,24 +13,21 @@ from __future__ import annotations
 
 from array import array
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 from hypervisor.block import fileio
 from hypervisor.block.qcow2 import bitmaps
 from hypervisor.block.qcow2 import format as fmt
 from hypervisor.block.qcow2.read import ViewCursor
+from hypervisor.block.qcow2.state import ImageState
 from hypervisor.errors import ImageError
-
-if TYPE_CHECKING:
-    from hypervisor.block.qcow2.image import Qcow2Image
 
 _ALL_SUBCLUSTERS = fmt.SUBCLUSTER_ALLOC_MASK
 
 
-class WriteMixin:
-    """write / write_zeroes / discard for Qcow2Image (state lives in image.py)."""
+class WriteMixin(ImageState):
+    """write / write_zeroes / discard for Qcow2Image (shared state declared in state.py)."""
 
-    def _check_writable(self: Qcow2Image, offset: int, length: int) -> None:
+    def _check_writable(self, offset: int, length: int) -> None:
         self._check_open()
         if self._read_only:
             raise ImageError(f"{self.path}: image is open read-only")
@@ -41,7 +38,7 @@ class WriteMixin:
         if not self._prepared_for_write:
             self._prepare_first_write()
 
-    def _prepare_first_write(self: Qcow2Image) -> None:
+    def _prepare_first_write(self) -> None:
         """Before the first change: bitmaps marked in use and unknown autoclear bits cleared (both
         durable), as qcow2.rst requires of a writer that does not maintain them."""
         hdr = self._header
@@ -58,7 +55,7 @@ class WriteMixin:
         self._prepared_for_write = True
 
     # -- write -------------------------------------------------------------------------------
-    def write(self: Qcow2Image, offset: int, buffers: Sequence[memoryview | bytes]) -> None:
+    def write(self, offset: int, buffers: Sequence[memoryview | bytes]) -> None:
         views = fileio.as_byte_views(buffers)
         length = sum(view.nbytes for view in views)
         with self._lock:
@@ -67,7 +64,7 @@ class WriteMixin:
             if self._l2.needs_flush:
                 self._flush_metadata()
 
-    def _write_views(self: Qcow2Image, offset: int, views: list[memoryview], length: int) -> None:
+    def _write_views(self, offset: int, views: list[memoryview], length: int) -> None:
         cb, cs = self._cb, self._cs
         source = ViewCursor(views)
         runs: list[list] = []  # [host offset, buffers, byte length], merged when contiguous
@@ -92,7 +89,9 @@ class WriteMixin:
                 else:
                     runs.append([host, list(buffers), size])
             pos += n
-        target = self._data if self._has_data_file else self._hf
+        # `_data` is set only for an image with an external data file (and _check_writable refused one
+        # whose data file is not open), so this picks the data file exactly when there is one.
+        target = self._data if self._data is not None else self._hf
         for host, buffers, _size in runs:
             target.pwritev(host, buffers)
         for table, index, entry, bitmap in updates:
@@ -103,7 +102,7 @@ class WriteMixin:
             self._refs.free_later(host, count)
 
     def _plan_fresh_run(
-        self: Qcow2Image,
+        self,
         guest_cluster: int,
         max_count: int,
         source: ViewCursor,
@@ -135,7 +134,7 @@ class WriteMixin:
         return count
 
     def _plan_cluster_write(
-        self: Qcow2Image,
+        self,
         guest_cluster: int,
         start: int,
         n: int,
@@ -198,7 +197,7 @@ class WriteMixin:
         self._l2.mark_dirty(self._l1[guest_cluster >> self._l2_bits] & fmt.L1E_OFFSET_MASK)
         return [(new_host + write_from, buffers)]
 
-    def _owns_cluster(self: Qcow2Image, entry: int, host: int, compressed: bool) -> bool:
+    def _owns_cluster(self, entry: int, host: int, compressed: bool) -> bool:
         """True if the entry's host cluster is referenced by the active table alone (refcount 1)."""
         if self._has_data_file:
             return True
@@ -208,18 +207,18 @@ class WriteMixin:
             return True
         return self._refs.get(host >> self._cb) == 1
 
-    def _compressed_clusters(self: Qcow2Image, entry: int) -> list[tuple[int, int]]:
+    def _compressed_clusters(self, entry: int) -> list[tuple[int, int]]:
         """Host clusters a compressed extent touches; each holds one reference per extent."""
         host, n = fmt.compressed_span(entry, self._cb)
         first = host >> self._cb
         last = (host + n - 1) >> self._cb
         return [(c << self._cb, 1) for c in range(first, last + 1)]
 
-    def _note_allocated(self: Qcow2Image, host: int) -> None:
+    def _note_allocated(self, host: int) -> None:
         # a fresh data cluster may have been metadata before it was freed
         self._metadata.discard(host >> self._cb)
 
-    def _l2_for_write(self: Qcow2Image, guest_cluster: int) -> tuple[array, int]:
+    def _l2_for_write(self, guest_cluster: int) -> tuple[array, int]:
         """The L2 table for a guest cluster, allocated or copied so the active image owns it."""
         l1_index = guest_cluster >> self._l2_bits
         index = (guest_cluster & self._l2_mask) << self._ext_shift
@@ -228,10 +227,10 @@ class WriteMixin:
         l1_entry = self._l1[l1_index]
         offset = l1_entry & fmt.L1E_OFFSET_MASK
         if offset and l1_entry & fmt.OFLAG_COPIED:
-            return self._l2_table(l1_index), index
+            return self._l2_for_walk(self._l1, l1_index), index
         words = self._cs // 8
         if offset:
-            old = self._l2_table(l1_index)
+            old = self._l2_for_walk(self._l1, l1_index)
             if self._refs.get(offset >> self._cb) == 1:
                 self._l1[l1_index] = offset | fmt.OFLAG_COPIED  # flag was stale
                 self._l1_dirty = True
@@ -251,12 +250,12 @@ class WriteMixin:
         return table, index
 
     # -- zeroing and discard -----------------------------------------------------------------
-    def write_zeroes(self: Qcow2Image, offset: int, length: int) -> None:
+    def write_zeroes(self, offset: int, length: int) -> None:
         with self._lock:
             self._check_writable(offset, length)
             self._zero_range(offset, length, discard=False)
 
-    def discard(self: Qcow2Image, offset: int, length: int) -> None:
+    def discard(self, offset: int, length: int) -> None:
         """Reads as zeros afterwards (a deterministic choice), clusters freed where possible.
 
         A version 2 image with a backing file cannot express zero clusters; there discard
@@ -268,7 +267,7 @@ class WriteMixin:
                 return
             self._zero_range(offset, length, discard=True)
 
-    def _zero_range(self: Qcow2Image, offset: int, length: int, discard: bool) -> None:
+    def _zero_range(self, offset: int, length: int, discard: bool) -> None:
         granule = self._cs >> 5 if self._extl2 else self._cs
         end = offset + length
         first = -(-offset // granule) * granule
@@ -284,7 +283,7 @@ class WriteMixin:
         if self._l2.needs_flush:
             self._flush_metadata()
 
-    def _write_zero_bytes(self: Qcow2Image, offset: int, length: int) -> None:
+    def _write_zero_bytes(self, offset: int, length: int) -> None:
         chunk = 1 << 20
         while length > 0:
             n = min(chunk, length)
@@ -292,7 +291,7 @@ class WriteMixin:
             offset += n
             length -= n
 
-    def _zero_granules(self: Qcow2Image, start: int, end: int) -> None:
+    def _zero_granules(self, start: int, end: int) -> None:
         """Mark whole clusters (subclusters with extended L2) in [start, end) as reading zeros."""
         cb, cs = self._cb, self._cs
         needs_zero_flag = bool(self._header.backing_file)
@@ -329,7 +328,7 @@ class WriteMixin:
             self._l2.mark_dirty(l2_offset)
             pos += n
 
-    def _drop_cluster_reference(self: Qcow2Image, entry: int) -> None:
+    def _drop_cluster_reference(self, entry: int) -> None:
         if entry & fmt.OFLAG_COMPRESSED:
             for host, count in self._compressed_clusters(entry):
                 self._refs.free_later(host, count)
