@@ -45,6 +45,23 @@ Handled (Intel SDM Vol. 2 instruction pages):
   register operand; #GP(0) if the operand is not 16-byte aligned or not canonical (#SS(0) via SS);
   compare RDX:RAX with m128, ZF = equal, store RCX:RBX or load RDX:RAX; the other flags are
   unchanged. The exchange itself is the caller's `exchange_guest` (atomic on the host mapping).
+* MOVBE (0F 38 F0 /r load, 0F 38 F1 /r store; 16, 32 or 64 bits by 66 and REX.W): the bytes
+  reversed between the register and m16/32/64. #UD without CPUID.01H:ECX.MOVBE[bit 22], with
+  LOCK or REP (F3), or with a register operand (the instruction has memory forms only); with
+  REPNE (F2) the bytes are CRC32 when the guest has SSE4.2 (not emulated), #UD otherwise.
+  Non-canonical operand -> #GP(0), or #SS(0) through SS; #AC(0) for a misaligned operand at CPL3
+  with CR0.AM and RFLAGS.AC. A 16-bit load keeps bits 63:16 of the register, a 32-bit one
+  zero-extends (SDM Vol. 1 §3.4.1.1). The store goes through `exchange_guest` like CMPXCHG16B's:
+  each aligned 16 bytes the operand touches is compare-and-exchanged with the new bytes spliced
+  in, so bytes around the operand that another vCPU writes meanwhile are kept and an aligned store
+  is single-copy atomic as on the CPU (SDM Vol. 3 §9.1.1). Both pages of an operand that crosses
+  a page are read first, so nothing is written unless every byte is in mapped guest RAM.
+
+Memory faults are not modelled: an operand on a page that is not present (KVM_TRANSLATE fails)
+or not guest RAM (MMIO) is NotEmulated with the address, never a guessed #PF. A store to a
+present but read-only page is not caught: KVM_TRANSLATE does a supervisor walk without access
+checks and reports every page writable, and this module does not walk the guest's page tables
+(it is not given CR3); CMPXCHG16B has the same limit.
 
 Deliberately not handled (None): XSAVE/XRSTOR (0F AE /4 /5; the machine boots with `noxsave`),
 FILD and other x87 arithmetic, anything in virtual-8086 mode or with RFLAGS.TF set (the single-step
@@ -96,6 +113,7 @@ CR0_MP = 1 << 1
 CR0_EM = 1 << 2
 CR0_TS = 1 << 3
 CR0_NE = 1 << 5
+CR0_AM = 1 << 18
 
 # x87 status word (SDM Vol. 1 §8.1.3): exception flags 5:0, SF 6, ES 7, busy 15.
 FSW_ERROR_SUMMARY = 1 << 7
@@ -109,6 +127,7 @@ VECTOR_NP = 11
 VECTOR_SS = 12
 VECTOR_GP = 13
 VECTOR_MF = 16
+VECTOR_AC = 17
 
 # struct emulation_failure in linux/kvm.h (KVM_EXIT_INTERNAL_ERROR, KVM_INTERNAL_ERROR_EMULATION).
 KVM_INTERNAL_ERROR_EMULATION = 1
@@ -297,7 +316,8 @@ def emulate(
     """Emulate the instruction at the start of `insn`, or return None if it is not handled.
 
     `read_guest(linear_address, size)` returns the bytes, or None when they cannot be read.
-    `exchange_guest` does CMPXCHG16B's atomic exchange; without it CMPXCHG16B is not emulated.
+    `exchange_guest` does CMPXCHG16B's atomic exchange and MOVBE's store; without it neither
+    is emulated.
     """
     result = emulate_or_reason(insn, regs, cpu, read_guest, exchange_guest)
     return result if isinstance(result, EmulationResult) else None
@@ -350,6 +370,8 @@ def _dispatch(
         return _invpcid(insn, prefixes, regs, cpu, read_guest)
     if opcode[:2] == b"\x0f\xc7" and cpu.code_bits == 64 and prefixes.rex & REX_W:
         return _cmpxchg16b(insn, prefixes, regs, cpu, exchange_guest)
+    if opcode[:3] in (b"\x0f\x38\xf0", b"\x0f\x38\xf1"):
+        return _movbe(insn, prefixes, regs, cpu, read_guest, exchange_guest)
     if opcode[:1] == b"\xcc":
         return _int3(prefixes, regs, cpu)
     if opcode[:1] == b"\x9b":
@@ -789,3 +811,110 @@ def _cmpxchg16b(
         new.rflags &= ~RFLAGS_ZF
         new.rax, new.rdx = memory_low, memory_high
     return EmulationResult("cmpxchg16b", length, new)
+
+
+_EXCHANGE_ATTEMPTS = 1000  # a store that loses this many races to other vCPUs is given up
+
+
+def _movbe(
+    insn: bytes,
+    prefixes: Prefixes,
+    regs: RegisterFile,
+    cpu: CpuState,
+    read_guest: ReadGuest,
+    exchange_guest: ExchangeGuest | None,
+) -> EmulationResult | None:
+    """MOVBE ("MOVBE—Move Data After Swapping Bytes", SDM Vol. 2B): F0 loads, F1 stores."""
+    store = insn[prefixes.length + 2] == 0xF1
+    addressing = address_bits(prefixes, cpu.code_bits)
+    modrm = decode_modrm(insn, prefixes.length + 3, addressing, prefixes.rex, cpu.code_bits)
+    length = prefixes.length + 3 + modrm.length
+    if length > MAX_INSTRUCTION_LENGTH:
+        raise NotEmulated("longer than 15 bytes (#GP on the CPU)")
+    if prefixes.rep and prefixes.repne:
+        raise NotEmulated("both F2 and F3: which one is the mandatory prefix depends on their order")
+    if prefixes.lock or prefixes.rep:
+        return _fault("movbe", length, regs, VECTOR_UD)
+    if prefixes.repne:  # F2 0F 38 F0/F1 is CRC32 r32, r/m8/16/32 when SSE4.2 is there
+        sse42 = _cpuid_bit(cpu, 0x1, 0, ECX_OUT, 20)
+        if sse42 is None:
+            raise NotEmulated(_UNKNOWN_CPUID)
+        return None if sse42 else _fault("movbe", length, regs, VECTOR_UD)
+    if modrm.memory is None:
+        return _fault("movbe", length, regs, VECTOR_UD)
+    offered = _cpuid_bit(cpu, 0x1, 0, ECX_OUT, 22)
+    if offered is None:
+        raise NotEmulated(_UNKNOWN_CPUID)
+    if not offered:
+        return _fault("movbe", length, regs, VECTOR_UD)
+    size = operand_bits(prefixes, cpu.code_bits) // 8
+    linear = _linear_address(modrm.memory, prefixes, regs, cpu, addressing, length)
+    if linear is None:
+        raise NotEmulated(_UNKNOWN_BASE)
+    fault = _address_fault(linear, modrm.memory, prefixes, cpu)
+    if fault is not None:
+        return _fault_with_code("movbe", length, regs, cpu, fault)
+    if _alignment_check(linear, size, regs, cpu):
+        return _fault_with_code("movbe", length, regs, cpu, VECTOR_AC)
+    new = _advance(regs, length, cpu)
+    if store:
+        value = regs.gpr(modrm.reg) & (1 << size * 8) - 1
+        _store(linear, value.to_bytes(size, "big"), cpu, read_guest, exchange_guest)
+        return EmulationResult("movbe", length, new)
+    data = read_guest(linear, size)
+    if data is None or len(data) != size:
+        raise NotEmulated(_unreadable(linear))
+    value = int.from_bytes(data, "big")
+    if size == 2:  # a 16-bit destination keeps bits 63:16; 32-bit results zero-extend (§3.4.1.1)
+        new.set_gpr(modrm.reg, (regs.gpr(modrm.reg) & ~0xFFFF) | value)
+    else:
+        new.set_gpr(modrm.reg, value)
+    return EmulationResult("movbe", length, new)
+
+
+def _alignment_check(linear: int, size: int, regs: RegisterFile, cpu: CpuState) -> bool:
+    """#AC: a misaligned data access at CPL3 with CR0.AM and RFLAGS.AC (SDM Vol. 3 §6.15, Interrupt 17)."""
+    return cpu.cpl == 3 and bool(cpu.cr0 & CR0_AM) and bool(regs.rflags & RFLAGS_AC) and linear % size != 0
+
+
+def _store(
+    linear: int, data: bytes, cpu: CpuState, read_guest: ReadGuest, exchange_guest: ExchangeGuest | None
+) -> None:
+    """Write `data` at `linear` through `exchange_guest`, one aligned 16-byte block at a time
+    (a block never crosses a page). Every byte is read first, so an operand that crosses into a
+    page that is not present, or not guest RAM, writes nothing and is NotEmulated."""
+    if exchange_guest is None:
+        raise NotEmulated("no atomic exchange on guest memory is available (the fast path lacks pyhv_cmpxchg16b)")
+    current = read_guest(linear, len(data))
+    if current is None or len(current) != len(data):
+        raise NotEmulated(_unreadable(linear) + " (the store's operand)")
+    wrap = (1 << 64) - 1 if cpu.code_bits == 64 else 0xFFFFFFFF  # linear addresses wrap (§3.3.7.1, §3.4)
+    offset = 0
+    while offset < len(data):
+        address = (linear + offset) & wrap
+        block, start = address & ~0xF, address & 0xF
+        piece = data[offset : offset + 16 - start]
+        _store_in_block(block, start, piece, read_guest, exchange_guest)
+        offset += len(piece)
+
+
+def _store_in_block(block: int, start: int, piece: bytes, read_guest: ReadGuest, exchange_guest: ExchangeGuest) -> None:
+    """Splice `piece` into the 16 bytes at `block` (16-byte aligned) by compare-and-exchange,
+    retrying with what memory held when another vCPU changed the block in between."""
+    expected = read_guest(block, 16)
+    if expected is None or len(expected) != 16:
+        raise NotEmulated(_unreadable(block))
+    for _ in range(_EXCHANGE_ATTEMPTS):
+        desired = expected[:start] + piece + expected[start + len(piece) :]
+        old, new = int.from_bytes(expected, "little"), int.from_bytes(desired, "little")
+        outcome = exchange_guest(block, old & _LOW_64, old >> 64, new & _LOW_64, new >> 64)
+        if outcome is None:
+            raise NotEmulated(f"the operand at {block:#x} is not mapped guest RAM (a page fault is not modelled)")
+        swapped, memory_low, memory_high = outcome
+        if swapped:
+            return
+        expected = memory_low.to_bytes(8, "little") + memory_high.to_bytes(8, "little")
+    raise NotEmulated(f"other vCPUs kept changing the 16 bytes at {block:#x} during the store")
+
+
+_LOW_64 = (1 << 64) - 1

@@ -70,7 +70,7 @@ _XSAVE_FAMILY = frozenset(
 )
 # What pyhv's emulator (hypervisor/vcpu/emulate.py) answers on this host's behalf.
 EMULATED_BY_PYHV = frozenset({"int3", "int", "clac", "stac", "popcnt", "fwait", "fnclex", "emms", "xgetbv", "invpcid",
-                              "clwb", "clflushopt", "cmpxchg16b", "rdpru"})  # fmt: skip
+                              "clwb", "clflushopt", "cmpxchg16b", "rdpru", "movbe"})  # fmt: skip
 # Linux clearcpuid= numbers (arch/x86/include/asm/cpufeatures.h) that keep a kernel from using
 # an instruction KVM's emulator rejects at CPL0 on kvm_pvm (PLATFORM.md).
 _CLEARCPUID = {"rdrand": "158", "rdseed": "306", "movbe": "150", "rdfsbase": "288", "rdgsbase": "288",
@@ -197,8 +197,24 @@ def _opcode(data: bytes, prefixes: Prefixes, code_bits: int) -> _Named | None:
         return _Named("invpcid", f"invpcid {_register(modrm.reg, 64 if code_bits == 64 else 32)}, "
                                  f"{_rm(modrm, prefixes, 128)}")  # fmt: skip
     if data[at + 1 : at + 3] in (b"\x38\xf0", b"\x38\xf1"):
-        return _Named("movbe", "movbe")
+        return _movbe_or_crc32(data, prefixes, code_bits)
     return None
+
+
+def _movbe_or_crc32(data: bytes, prefixes: Prefixes, code_bits: int) -> _Named:
+    """0F 38 F0/F1: MOVBE, or CRC32 with F2 (SDM Vol. 2 Table A-4); F0 loads, F1 stores."""
+    modrm = _modrm(data, prefixes, code_bits, 3)
+    store = data[prefixes.length + 2] == 0xF1
+    size = operand_bits(prefixes, code_bits)
+    if prefixes.repne:  # CRC32 r32/r64, r/m8 (F0) or r/m16/32/64 (F1)
+        destination = _register(modrm.reg, 64 if prefixes.rex & REX_W else 32)
+        if store:
+            return _Named("crc32", f"crc32 {destination}, {_rm(modrm, prefixes, size)}")
+        if modrm.memory is None:
+            return _Named("crc32", f"crc32 {destination}, r8")  # byte registers are not named here
+        return _Named("crc32", f"crc32 {destination}, byte {_memory(modrm.memory, prefixes)}")
+    register, memory = _register(modrm.reg, size), _rm(modrm, prefixes, size)
+    return _Named("movbe", f"movbe {memory}, {register}" if store else f"movbe {register}, {memory}")
 
 
 def _modrm(data: bytes, prefixes: Prefixes, code_bits: int, opcode_length: int) -> ModRM:

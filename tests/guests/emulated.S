@@ -1,6 +1,7 @@
 /*
  * 64-bit CPL0 test guest for the instructions a kvm_pvm host's KVM cannot run at CPL0 and pyhv
- * emulates (hypervisor/vcpu/emulate.py): int imm8, rdpru, xgetbv, invpcid, clwb, lock cmpxchg16b.
+ * emulates (hypervisor/vcpu/emulate.py): int imm8, rdpru, xgetbv, invpcid, clwb, lock cmpxchg16b,
+ * movbe.
  *
  * Each check prints one line on COM1, `NAME VV` where VV is the vector of the exception the
  * instruction raised (hex) or `ff` when it raised none; a few lines add what they checked.
@@ -18,6 +19,8 @@
 #define GATE_TRAP 0x8f
 #define NO_FAULT 0xff
 #define RFLAGS_ZF 0x40
+/* Free RAM below 2 MiB (identity-mapped, writable): an 8-byte operand here crosses a 4 KiB page. */
+#define PAGE_CROSSING 0x1fffc
 
 /* TRY name, instruction: run it with `resume` set past it, keep the RFLAGS, RAX and RDX it
  * left in `flags_after`, `rax_after`, `rdx_after`, print "name VV". One instruction only: a
@@ -34,6 +37,16 @@
     call puts
     mov last_vector, %eax
     call puthex8
+.endm
+
+/* EXPECT_RAX value: print " ok" if the RAX the last TRY left is `value`, else " bad". */
+.macro EXPECT_RAX value
+    mov $text_bad, %esi
+    movabs $\value, %rcx
+    cmp %rcx, rax_after
+    jne 1f
+    mov $text_ok, %esi
+1:  call puts
 .endm
 
     .text
@@ -160,6 +173,38 @@ after_int8:
     TRY name_cx_misaligned, lock cmpxchg16b cx_memory + 8
     call print_error_code
 
+    /* movbe: loads of 16, 32, 64 bits (a 16-bit load keeps RAX's bits 63:16, a 32-bit one
+     * zero-extends), stores of 64 bits across a page and of 16 bits, then the register form. */
+    mov $-1, %rax
+    TRY name_movbe_load16, movbe movbe_memory, %ax
+    EXPECT_RAX 0xffffffffffff0102
+    mov $-1, %rax
+    TRY name_movbe_load32, movbe movbe_memory, %eax
+    EXPECT_RAX 0x01020304
+    TRY name_movbe_load64, movbe movbe_memory, %rax
+    EXPECT_RAX 0x0102030405060708
+    movq $0, PAGE_CROSSING
+    movabs $0x1122334455667788, %rax
+    TRY name_movbe_store64, movbe %rax, PAGE_CROSSING
+    mov $text_bad, %esi
+    mov PAGE_CROSSING, %rcx
+    movabs $0x8877665544332211, %rdx
+    cmp %rdx, %rcx
+    jne 1f
+    mov $text_ok, %esi
+1:  call puts
+    movq $-1, movbe_store16
+    mov $0xa1b2, %eax
+    TRY name_movbe_store16, movbe %ax, movbe_store16
+    mov $text_bad, %esi
+    movabs $0xffffffffffffb2a1, %rdx
+    cmp %rdx, movbe_store16
+    jne 1f
+    mov $text_ok, %esi
+1:  call puts
+    TRY name_movbe_register, .byte 0x0f, 0x38, 0xf0, 0xc0 /* mod = 3: #UD */
+    call newline
+
     movzbl (PARAM_EXIT_CODE), %eax
     mov $DEBUG_EXIT_PORT, %dx
     out %al, %dx
@@ -271,6 +316,8 @@ idt_descriptor:
     .p2align 4
 cx_memory: .quad 1, 2
 invpcid_descriptor: .quad 0, 0
+movbe_memory: .byte 1, 2, 3, 4, 5, 6, 7, 8
+movbe_store16: .quad 0
 resume: .quad 0
 last_vector: .quad 0
 last_error_code: .quad 0
@@ -294,6 +341,12 @@ name_clwb: .asciz "clwb"
 name_cx_equal: .asciz "cmpxchg16b equal"
 name_cx_unequal: .asciz "cmpxchg16b unequal"
 name_cx_misaligned: .asciz "cmpxchg16b misaligned"
+name_movbe_load16: .asciz "movbe load16"
+name_movbe_load32: .asciz "movbe load32"
+name_movbe_load64: .asciz "movbe load64"
+name_movbe_store64: .asciz "movbe store64 across a page"
+name_movbe_store16: .asciz "movbe store16"
+name_movbe_register: .asciz "movbe register"
 text_ok: .asciz " ok\n"
 text_bad: .asciz " bad\n"
     .p2align 4

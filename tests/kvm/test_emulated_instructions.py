@@ -58,7 +58,7 @@ def test_on_kvm_pvm_pyhv_emulated_them(guest_run) -> None:
     counts = guest_run[1]
     # int 0x40, 0x41, 8, 0x50; the rest once each (the misaligned cmpxchg16b may be KVM's #GP).
     assert counts["int"] == 4
-    assert {"rdpru", "xgetbv", "invpcid", "clwb", "cmpxchg16b"} <= counts.keys()
+    assert {"rdpru", "xgetbv", "invpcid", "clwb", "cmpxchg16b", "movbe"} <= counts.keys()
 
 
 def test_int_n_runs_the_handler_and_returns_after_the_instruction(guest_lines) -> None:
@@ -101,3 +101,13 @@ def test_lock_cmpxchg16b(guest_lines) -> None:
     assert "cmpxchg16b equal ff ok" in guest_lines
     assert "cmpxchg16b unequal ff ok" in guest_lines
     assert "cmpxchg16b misaligned 0d 0000" in guest_lines
+
+
+def test_movbe(guest_lines) -> None:
+    assert "movbe register " + UD in guest_lines  # memory forms only: mod = 3 is #UD either way
+    if not guest_has(1, "ecx", 22):
+        for name in ("load16", "load32", "load64", "store64 across a page", "store16"):
+            assert f"movbe {name} {UD} bad" in guest_lines
+        return
+    for name in ("load16", "load32", "load64", "store64 across a page", "store16"):
+        assert f"movbe {name} {NO_FAULT} ok" in guest_lines

@@ -53,6 +53,13 @@ def builtin_only(monkeypatch: pytest.MonkeyPatch) -> None:
         ("0f05", "syscall"),
         ("c4e27df7c0", "VEX-encoded instruction (AVX, AVX2, BMI1, BMI2...)"),
         ("0f011425f0ffffff", "lgdt [0xfffffffffffffff0]"),
+        ("0f38f007", "movbe eax, [rdi]"),  # movbe (%rdi),%eax
+        ("480f38f107", "movbe [rdi], rax"),  # movbe %rax,(%rdi)
+        ("6566440f38f114b3", "movbe gs:[rbx + rsi*4], r10w"),
+        ("0f38f0c0", "movbe eax, eax"),  # no such instruction (#UD), named as the bytes read
+        ("f20f38f007", "crc32 eax, byte [rdi]"),  # crc32b (%rdi),%eax
+        ("66f20f38f107", "crc32 eax, [rdi]"),  # crc32w (%rdi),%eax
+        ("f2480f38f0c1", "crc32 rax, r8"),  # crc32b %cl,%rax
     ],
 )
 def test_builtin_names(builtin_only: None, encoding: str, text: str) -> None:
@@ -105,7 +112,8 @@ def test_hypercalls_are_a_known_limit(encoding: str) -> None:
 @pytest.mark.parametrize(
     ("encoding", "name"),
     [("f0480fc70f", "cmpxchg16b"), ("cd80", "int imm8"), ("660f388208", "invpcid"), ("0f01d0", "xgetbv"),
-     ("660fae30", "clwb"), ("0f01fd", "rdpru"), ("cc", "int3"), ("f3480fb8c3", "popcnt"), ("9b", "fwait")],
+     ("660fae30", "clwb"), ("0f01fd", "rdpru"), ("cc", "int3"), ("f3480fb8c3", "popcnt"), ("9b", "fwait"),
+     ("0f38f107", "movbe")],
 )  # fmt: skip
 def test_instructions_pyhv_emulates_say_so(encoding: str, name: str) -> None:
     limit = known_host_limit(bytes.fromhex(encoding))
