@@ -126,3 +126,36 @@ def test_read_only_disk_is_mounted_read_only_and_unchanged(tmp_path: Path) -> No
     assert "write refused" in result.stdout
     assert hashlib.sha256(image.read_bytes()).hexdigest() == before
     e2fsck_clean(image)
+
+
+def test_an_injected_write_error_reaches_ext4_and_the_run_keeps_its_verdict(tmp_path: Path) -> None:
+    """docs/ci.md's fault injection on a real file system: the 3rd write request after the mount
+    fails; the guest's kernel logs the I/O error, the command sees it, and the run still ends in
+    the command's own status with the fault in the report. The base image is never written."""
+    require("mke2fs", "e2fsck")
+    import json
+
+    image = tmp_path / "data.img"
+    make_ext4(image, tmp_path, with_init=False)
+    before = hashlib.sha256(image.read_bytes()).hexdigest()
+    report = tmp_path / "report.json"
+    # Each file is written and synced on its own, so the writes reach the disk one by one.
+    script = ("mkdir -p /m && mount /dev/vda /m && for i in 1 2 3 4 5 6; do echo data$i > /m/f$i && sync; done; "
+              "echo writes done; exit 0")  # fmt: skip
+    command = [sys.executable, "-m", "hypervisor", "run", "--timeout", str(BOOT_TIMEOUT), "--report", str(report),
+               "--disk", f"{image},format=raw,snapshot=on", "--append", f'pyhv.cmd="{script}"',
+               "--fault", "vda:write:3:eio,after=EXT4-fs (vda): mounted filesystem"]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=BOOT_TIMEOUT + 60, cwd=ROOT)
+    output = result.stdout
+    assert "EXT4-fs (vda): mounted filesystem" in output, result.stderr[-2000:] + output[-3000:]
+    assert "I/O error, dev vda" in output, output[-3000:]
+    assert "writes done" in output
+    assert result.returncode == 0, result.stderr[-2000:] + output[-3000:]  # the command's status, not a timeout
+    summary = json.loads(report.read_text())
+    faults = summary["faults"]
+    assert [(fault["disk"], fault["operation"], fault["action"]) for fault in faults["injected"]] == [
+        ("vda", "write", "eio")
+    ]
+    assert summary["outcome_class"] == "verdict", summary["outcome"]
+    assert hashlib.sha256(image.read_bytes()).hexdigest() == before
+    e2fsck_clean(image)
