@@ -24,7 +24,7 @@ class OutcomeKind(enum.Enum):
     QUIT = "quit"  # the user pressed Ctrl-A x on the console
     HALTED = "halted"  # every vCPU halted with interrupts disabled: nothing can wake the guest
     TRIPLE_FAULT = "triple-fault"  # KVM_EXIT_SHUTDOWN
-    PANIC = "panic"  # the guest kernel said "Kernel panic" (or KVM_SYSTEM_EVENT_CRASH)
+    PANIC = "panic"  # pvpanic, the guest kernel's "Kernel panic" line, or KVM_SYSTEM_EVENT_CRASH
     EMULATION_FAILURE = "emulation-failure"  # KVM could not emulate an instruction
     INTERNAL_ERROR = "internal-error"  # other KVM internal errors, entry failures, odd exits
     TIMEOUT = "timeout"  # --timeout expired
@@ -84,6 +84,15 @@ EXIT_STATUS: dict[OutcomeKind, int] = {
 }
 
 
+# Where a panic outcome came from, in its data as {"panic": {"source": ..., ...}} (the report's
+# "outcome_data"). The machine's own word (pvpanic) needs no console text; the console rule is
+# the fallback for kernels without the pvpanic driver, and applies to Linux guests only.
+PANIC_SOURCE_PVPANIC = "pvpanic"  # the guest wrote PVPANIC_PANICKED to the pvpanic port
+PANIC_SOURCE_CONSOLE = "console"  # a Linux console's "Kernel panic - not syncing" line
+PANIC_SOURCE_CRASH_EVENT = "crash-event"  # KVM_EXIT_SYSTEM_EVENT with KVM_SYSTEM_EVENT_CRASH
+PANIC_SOURCES = (PANIC_SOURCE_PVPANIC, PANIC_SOURCE_CONSOLE, PANIC_SOURCE_CRASH_EVENT)
+
+
 @dataclass(frozen=True)
 class Outcome:
     kind: OutcomeKind
@@ -108,6 +117,22 @@ class Outcome:
         if self.detail:
             text += f": {self.detail}"
         return text
+
+
+def panic_outcome(detail: str, source: str, **facts: object) -> Outcome:
+    """A PANIC outcome that says where it came from (PANIC_SOURCES), with `facts` beside it."""
+    if source not in PANIC_SOURCES:
+        raise ValueError(f"unknown panic source {source!r}")
+    return Outcome(OutcomeKind.PANIC, detail, data={"panic": {"source": source, **facts}})
+
+
+def panic_source(outcome: Outcome) -> str | None:
+    """PANIC_SOURCE_* for a panic that recorded its source, None otherwise."""
+    if outcome.kind is not OutcomeKind.PANIC:
+        return None
+    panic = outcome.data.get("panic")
+    source = panic.get("source") if isinstance(panic, dict) else None
+    return source if isinstance(source, str) else None
 
 
 # The outcomes a post-mortem is written for (hypervisor.debug.postmortem): the guest did not end

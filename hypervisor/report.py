@@ -49,6 +49,8 @@ def build_report(
         },
     }
     if outcome.data:
+        # What the outcome's kind carries (docs/exit-status.md): "exit_budget" for an exit storm;
+        # "panic" with its "source" ("pvpanic": the machine saw it, not the console) for a panic.
         report["outcome_data"] = dict(outcome.data)
     if info is not None:
         report["guest"] = {

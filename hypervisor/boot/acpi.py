@@ -11,8 +11,10 @@ number of CPUs, GSI base 0, as the MP table says) and the interrupt source overr
 the routing pyhv leaves in KVM: KVM's default GSI routing connects ISA IRQ n to IOAPIC pin n,
 IRQ 0 (the PIT) included, so there is no IRQ 0 -> GSI 2 override (QEMU gives one because it
 installs its own routing with KVM_SET_GSI_ROUTING); the SCI (IRQ 9) is declared level-triggered
-and active-high, as QEMU declares it. The DSDT holds only the \\_S5 package (§7.4.2.5), so an
-OS knows which SLP_TYP value powers the machine off.
+and active-high, as QEMU declares it. The DSDT holds the \\_S5 package (§7.4.2.5), so an OS
+knows which SLP_TYP value powers the machine off, and the pvpanic device (\\_SB.PEVT, `_HID`
+"QEMU0001", its I/O port in `_CRS`; hypervisor/devices/pvpanic.py), which Linux's pvpanic
+driver binds to by that ACPI id.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from dataclasses import dataclass
 
 from hypervisor.boot.layout import IOAPIC_ADDRESS, LAPIC_ADDRESS
 from hypervisor.devices import pm
+from hypervisor.devices.pvpanic import PVPANIC_PORT, PVPANIC_PORT_SIZE
 from hypervisor.errors import BootError
 from hypervisor.memory import GuestMemory
 
@@ -90,8 +93,25 @@ LINT1 = 1
 AML_ZERO_OP = 0x00
 AML_NAME_OP = 0x08
 AML_BYTE_PREFIX = 0x0A
+AML_STRING_PREFIX = 0x0D
+AML_SCOPE_OP = 0x10
+AML_BUFFER_OP = 0x11
 AML_PACKAGE_OP = 0x12
+AML_METHOD_OP = 0x14
+AML_RETURN_OP = 0xA4
+AML_EXT_OP_PREFIX = 0x5B
+AML_DEVICE_OP = 0x82  # after AML_EXT_OP_PREFIX
+AML_ROOT_CHAR = 0x5C  # "\\"
 DSDT_REVISION = 2  # 64-bit integers in AML
+# Resource descriptors in a _CRS buffer (§6.4.2 small resource data types).
+IO_PORT_DESCRIPTOR = 0x47  # §6.4.2.5: small item 0x08, 7 bytes of data
+IO_DECODE_16 = 0x01  # §6.4.2.5 byte 1 bit 0: the device decodes all 16 address bits
+END_TAG = 0x79  # §6.4.2.9: small item 0x0F, 1 byte of data (a checksum; 0: none)
+# _STA (§6.3.7): present, enabled, functioning; not shown in the UI (bit 2), as QEMU's pvpanic
+# says. Linux before 5.12 (drivers/misc/pvpanic.c, an ACPI driver) refused the device unless
+# _STA returned these bits; later kernels take the ACPI default (present) without one.
+PVPANIC_STA = 0x0B
+PVPANIC_HID = "QEMU0001"  # QEMU docs/specs/pvpanic.rst "ACPI Interface"
 
 
 def checksum(data: bytes | bytearray) -> int:
@@ -152,18 +172,98 @@ def aml_integer(value: int) -> bytes:
     raise ValueError("only byte constants are needed here")
 
 
-def aml_name_package(name: bytes, values: list[int]) -> bytes:
-    """Name (NAME, Package () {values...}) with a 4-character NameSeg (§20.2.2, §20.2.5.4)."""
+def aml_name_seg(name: bytes) -> bytes:
+    """A NameSeg (§20.2.2): a lead character A-Z or _, then three of A-Z, 0-9 or _."""
     if len(name) != 4:
         raise ValueError("an AML NameSeg has 4 characters")
+    lead, rest = name[:1], name[1:]
+    if not (lead.isupper() or lead == b"_") or not all(chr(c).isupper() or chr(c).isdigit() or c == 0x5F for c in rest):
+        raise ValueError(f"{name!r} is not an AML NameSeg")
+    return name
+
+
+def aml_name_package(name: bytes, values: list[int]) -> bytes:
+    """Name (NAME, Package () {values...}) with a 4-character NameSeg (§20.2.2, §20.2.5.4)."""
     contents = bytes([len(values)]) + b"".join(aml_integer(value) for value in values)
-    return bytes([AML_NAME_OP]) + name + bytes([AML_PACKAGE_OP]) + aml_pkg_length(len(contents)) + contents
+    return aml_name(name, bytes([AML_PACKAGE_OP]) + aml_pkg_length(len(contents)) + contents)
 
 
-def build_dsdt() -> bytes:
+def aml_name(name: bytes, data: bytes) -> bytes:
+    """Name (NAME, data): DefName := NameOp NameString DataRefObject (§20.2.5.1)."""
+    return bytes([AML_NAME_OP]) + aml_name_seg(name) + data
+
+
+def aml_string(text: str) -> bytes:
+    """A String constant (§20.2.3): StringPrefix, ASCII characters 0x01-0x7F, NullChar."""
+    data = text.encode("ascii")
+    if 0 in data:
+        raise ValueError("an AML string cannot hold a NUL")
+    return bytes([AML_STRING_PREFIX]) + data + b"\0"
+
+
+def aml_buffer(data: bytes) -> bytes:
+    """Buffer (len) {data}: DefBuffer := BufferOp PkgLength BufferSize ByteList (§20.2.5.4)."""
+    contents = aml_integer(len(data)) + data
+    return bytes([AML_BUFFER_OP]) + aml_pkg_length(len(contents)) + contents
+
+
+def aml_method(name: bytes, body: bytes, arguments: int = 0) -> bytes:
+    """Method (NAME, arguments, NotSerialized) {body} (§20.2.5.2 DefMethod; flags bits 0-2: the
+    argument count, bit 3 clear: not serialized, bits 4-7 zero: sync level 0)."""
+    if not 0 <= arguments <= 7:
+        raise ValueError("an AML method takes 0 to 7 arguments")
+    contents = aml_name_seg(name) + bytes([arguments]) + body
+    return bytes([AML_METHOD_OP]) + aml_pkg_length(len(contents)) + contents
+
+
+def aml_return(value: int) -> bytes:
+    return bytes([AML_RETURN_OP]) + aml_integer(value)
+
+
+def aml_device(name: bytes, body: bytes) -> bytes:
+    """Device (NAME) {body}: DefDevice := ExtOpPrefix DeviceOp PkgLength NameString TermList
+    (§20.2.5.2)."""
+    contents = aml_name_seg(name) + body
+    return bytes([AML_EXT_OP_PREFIX, AML_DEVICE_OP]) + aml_pkg_length(len(contents)) + contents
+
+
+def aml_root_scope(name: bytes, body: bytes) -> bytes:
+    """Scope (\\NAME) {body}: DefScope := ScopeOp PkgLength NameString TermList (§20.2.5.1), the
+    NameString a RootChar and one NameSeg (§20.2.2)."""
+    contents = bytes([AML_ROOT_CHAR]) + aml_name_seg(name) + body
+    return bytes([AML_SCOPE_OP]) + aml_pkg_length(len(contents)) + contents
+
+
+def io_port_descriptor(port: int, length: int) -> bytes:
+    """IO (Decode16, port, port, 1, length): one fixed range (§6.4.2.5 table 6.43: minimum and
+    maximum base equal, alignment 1)."""
+    if not 0 <= port <= 0xFFFF or not 1 <= length <= 0xFF or port + length > 0x10000:
+        raise ValueError(f"an I/O port descriptor cannot describe {length} ports at {port:#x}")
+    return struct.pack("<BBHHBB", IO_PORT_DESCRIPTOR, IO_DECODE_16, port, port, 1, length)
+
+
+def resource_template(*descriptors: bytes) -> bytes:
+    """ResourceTemplate () {descriptors}: a buffer of resource descriptors closed by an end tag
+    (§6.4.2.9), its checksum 0 (§6.4.2.9: "treated as if the checksum operation succeeded")."""
+    return aml_buffer(b"".join(descriptors) + bytes([END_TAG, 0]))
+
+
+def pvpanic_device(port: int = PVPANIC_PORT) -> bytes:
+    """Device (PEVT) in \\_SB: the pvpanic ISA port, as QEMU describes it to its guests."""
+    body = aml_name(b"_HID", aml_string(PVPANIC_HID))
+    body += aml_name(b"_CRS", resource_template(io_port_descriptor(port, PVPANIC_PORT_SIZE)))
+    body += aml_method(b"_STA", aml_return(PVPANIC_STA))
+    return aml_root_scope(b"_SB_", aml_device(b"PEVT", body))
+
+
+def build_dsdt(pvpanic_port: int | None = PVPANIC_PORT) -> bytes:
+    """The DSDT's AML: \\_S5, and the pvpanic device unless `pvpanic_port` is None."""
     # \_S5: SLP_TYPa, SLP_TYPb and two reserved values (§7.4.2.5 "System \_Sx states").
     s5 = pm.S5_SLEEP_TYPE
-    return _table(b"DSDT", DSDT_REVISION, aml_name_package(b"_S5_", [s5, s5, 0, 0]))
+    aml = aml_name_package(b"_S5_", [s5, s5, 0, 0])
+    if pvpanic_port is not None:
+        aml += pvpanic_device(pvpanic_port)
+    return _table(b"DSDT", DSDT_REVISION, aml)
 
 
 def build_fadt(facs_address: int, dsdt_address: int) -> bytes:
@@ -219,9 +319,10 @@ def _align(value: int, alignment: int) -> int:
     return -(-value // alignment) * alignment
 
 
-def build_acpi_tables(cpus: int, base: int = ACPI_TABLES_START) -> AcpiTables:
+def build_acpi_tables(cpus: int, base: int = ACPI_TABLES_START, pvpanic_port: int | None = PVPANIC_PORT) -> AcpiTables:
     """RSDP first (at `base`, which must be 16-byte aligned), then FACS, DSDT, FADT, MADT, RSDT
-    and XSDT, each 16-byte aligned (the FACS 64-byte aligned, §5.2.10)."""
+    and XSDT, each 16-byte aligned (the FACS 64-byte aligned, §5.2.10). The DSDT describes the
+    pvpanic port at `pvpanic_port` (None: no pvpanic device)."""
     if base % 16:
         raise BootError(f"the RSDP must be 16-byte aligned, not at {base:#x}")
     addresses: dict[str, int] = {"RSDP": base}
@@ -237,7 +338,7 @@ def build_acpi_tables(cpus: int, base: int = ACPI_TABLES_START) -> AcpiTables:
         return addresses[name]
 
     facs = put("FACS", build_facs(), FACS_ALIGNMENT)
-    dsdt = put("DSDT", build_dsdt())
+    dsdt = put("DSDT", build_dsdt(pvpanic_port))
     fadt = put("FACP", build_fadt(facs, dsdt))
     madt = put("APIC", build_madt(cpus))
     rsdt = put("RSDT", build_rsdt([fadt, madt]))
@@ -250,8 +351,9 @@ def build_acpi_tables(cpus: int, base: int = ACPI_TABLES_START) -> AcpiTables:
     return AcpiTables(base, bytes(blob), addresses)
 
 
-def write_acpi_tables(memory: GuestMemory, cpus: int, base: int = ACPI_TABLES_START) -> AcpiTables:
-    tables = build_acpi_tables(cpus, base)
+def write_acpi_tables(memory: GuestMemory, cpus: int, base: int = ACPI_TABLES_START,
+                      pvpanic_port: int | None = PVPANIC_PORT) -> AcpiTables:  # fmt: skip
+    tables = build_acpi_tables(cpus, base, pvpanic_port)
     if base + len(tables.blob) > ACPI_TABLES_END or not memory.contains(base, len(tables.blob)):
         raise BootError(f"the ACPI tables for {cpus} CPUs do not fit in guest RAM at {base:#x}")
     memory.write(base, tables.blob)

@@ -10,13 +10,16 @@ from hypervisor.boot.acpi import (
     FADT_SIZE,
     HEADER_SIZE,
     RSDP_SIZE,
+    aml_name_seg,
     aml_pkg_length,
     build_acpi_tables,
     build_dsdt,
     build_madt,
+    io_port_descriptor,
     write_acpi_tables,
 )
 from hypervisor.devices import pm
+from hypervisor.devices.pvpanic import PVPANIC_PORT
 from hypervisor.errors import BootError
 from hypervisor.memory import GuestMemory
 
@@ -85,9 +88,38 @@ def test_madt_lists_each_cpu_the_ioapic_and_the_sci_override() -> None:
     assert overrides == [(0, 9, 9, 0x0D)]  # SCI level/active high; IRQ0 stays on pin 0 (KVM routing)
 
 
+S5_PACKAGE = bytes([0x08]) + b"_S5_" + bytes([0x12, 0x06, 0x04, 0, 0, 0, 0])
+
+
 def test_dsdt_names_the_s5_sleep_type() -> None:
+    assert build_dsdt()[HEADER_SIZE:].startswith(S5_PACKAGE)
+    assert build_dsdt(pvpanic_port=None)[HEADER_SIZE:] == S5_PACKAGE
+
+
+def test_dsdt_describes_the_pvpanic_port() -> None:
     aml = build_dsdt()[HEADER_SIZE:]
-    assert aml == bytes([0x08]) + b"_S5_" + bytes([0x12, 0x06, 0x04, 0, 0, 0, 0])
+    device = aml[len(S5_PACKAGE) :]
+    # Scope (\_SB) { Device (PEVT) { ... } }: ScopeOp, a one-byte PkgLength covering the rest.
+    assert device[0] == 0x10 and device[1] == len(device) - 1 and device[2:7] == b"\\_SB_"
+    assert device[7:9] == bytes([0x5B, 0x82]) and device[10:14] == b"PEVT"
+    assert bytes([0x08]) + b"_HID" + bytes([0x0D]) + b"QEMU0001\0" in device
+    # IO (Decode16, 0x505, 0x505, 1, 1), then the end tag (ACPI 6.5 §6.4.2.5, §6.4.2.9).
+    assert bytes.fromhex("4701 0505 0505 01 01 7900") in device
+    assert bytes.fromhex("14 09") + b"_STA" + bytes.fromhex("00 a4 0a 0b") in device  # Return (0x0B)
+    other = build_dsdt(pvpanic_port=0x1234)[HEADER_SIZE:]
+    assert bytes.fromhex("4701 3412 3412 01 01") in other
+
+
+@pytest.mark.parametrize("port,length", [(-1, 1), (0x10000, 1), (0xFFFF, 2), (0x505, 0), (0x505, 256)])
+def test_io_descriptors_refuse_ranges_outside_port_space(port: int, length: int) -> None:
+    with pytest.raises(ValueError):
+        io_port_descriptor(port, length)
+
+
+@pytest.mark.parametrize("name", [b"_SB", b"1ABC", b"ab__", b"PE-T", b"_SB__"])
+def test_name_segs_are_checked(name: bytes) -> None:
+    with pytest.raises(ValueError):
+        aml_name_seg(name)
 
 
 @pytest.mark.parametrize("length,encoded", [(5, b"\x06"), (0x3E, b"\x3f"), (0x3F, b"\x41\x04"),
@@ -120,3 +152,25 @@ def test_iasl_disassembles_the_tables(tmp_path: Path) -> None:
         listing = path.with_suffix(".dsl").read_text()
         for problem in ("Error", "Invalid", "Incorrect checksum", "Warning"):
             assert problem not in output and problem not in listing, output + listing
+
+
+def test_iasl_finds_the_pvpanic_device_and_compiles_it_back(tmp_path: Path) -> None:
+    """The DSDT as an OS's AML interpreter reads it: iasl disassembles it to the ASL of QEMU's
+    pvpanic device, and compiles that back, unoptimised (-oa), to the very same AML."""
+    if shutil.which("iasl") is None:
+        pytest.skip("iasl is not installed (Debian package acpica-tools)")
+    dsdt = build_dsdt()
+    (tmp_path / "dsdt.dat").write_bytes(dsdt)
+    done = subprocess.run(["iasl", "-d", "dsdt.dat"], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    listing = (tmp_path / "dsdt.dsl").read_text()
+    compact = " ".join(listing.split())
+    assert "Scope (\\_SB) { Device (PEVT) {" in compact, listing
+    assert 'Name (_HID, "QEMU0001")' in listing
+    assert f"IO (Decode16, {PVPANIC_PORT:#06x}, // Range Minimum {PVPANIC_PORT:#06x}, // Range Maximum" in compact
+    assert "0x01, // Alignment 0x01, // Length" in compact
+    assert "Return (0x0B)" in listing
+    again = subprocess.run(["iasl", "-oa", "-p", "again", "dsdt.dsl"], capture_output=True, text=True, timeout=60,
+                           cwd=tmp_path)  # fmt: skip
+    assert again.returncode == 0 and "0 Errors, 0 Warnings, 0 Remarks" in again.stdout, again.stdout + again.stderr
+    assert (tmp_path / "again.aml").read_bytes()[HEADER_SIZE:] == dsdt[HEADER_SIZE:]
