@@ -5,8 +5,10 @@ overlay backed by the image the guest was writing is created beside that image, 
 device switches to the overlay, and the image underneath becomes the snapshot's *frozen* image:
 nothing opens it for writing again (qcow2.rst "Backing file": a backing file is only read). The
 header records the frozen image's absolute path, format, virtual size and a cheap identity
-(size, mtime_ns, inode and the sha256 of its first MiB), so a restore refuses an image that was
-changed or replaced meanwhile. A disk given read-only is already frozen: it is recorded as it is.
+(size, mtime_ns, inode and the sha256 of its first MiB), and the same identity for every image
+below it in its backing chain (and a qcow2 external data file), so a restore refuses an image
+that was changed or replaced meanwhile: every restore reads all of them. A disk given read-only
+is already frozen: it is recorded as it is.
 
 Restore: each writable disk gets a fresh qcow2 overlay on its frozen image, in the folder the
 user gave (`--disk-overlay DIR`) or in a temporary folder removed when the machine closes; the
@@ -40,7 +42,10 @@ TEMPORARY_PREFIX = "pyhv-overlays-"  # the same prefix as hypervisor/disk_overla
 HEAD_BYTES = 1 << 20  # the identity hashes this much of the frozen image: cheap, and catches rewrites
 FORMATS = ("raw", "qcow2")
 RECORD_FIELDS = {"name", "serial", "read_only", "path", "format", "virtual_size", "size", "mtime_ns", "inode",
-                 "head_sha256"}  # fmt: skip
+                 "head_sha256", "below"}  # fmt: skip
+BELOW_FIELDS = {"path", "size", "mtime_ns", "inode", "head_sha256"}
+QCOW2_MAGIC = b"QFI\xfb"
+QCOW2_HEADER_READ = 2 << 20  # the largest cluster (2 MiB) holds the header and the backing name
 
 # Transports whose current image is an overlay in a temporary folder (removed at close): a new
 # snapshot cannot refer to it.
@@ -61,9 +66,13 @@ class FrozenDisk:
     mtime_ns: int
     inode: int
     head_sha256: str
+    # The images under the frozen one, top first: path, size, mtime_ns, inode, head_sha256.
+    below: tuple[dict[str, object], ...] = ()
 
     def to_json(self) -> dict[str, object]:
-        return {key: getattr(self, key) for key in sorted(RECORD_FIELDS)}
+        record = {key: getattr(self, key) for key in sorted(RECORD_FIELDS)}
+        record["below"] = [dict(image) for image in self.below]
+        return record
 
 
 def _identity(path: Path) -> tuple[int, int, int, str]:
@@ -80,6 +89,50 @@ def _identity(path: Path) -> tuple[int, int, int, str]:
     finally:
         os.close(descriptor)
     return status.st_size, status.st_mtime_ns, status.st_ino, head
+
+
+def _images_below(image: Path, fmt: str) -> list[Path]:
+    """The files a reader of `image` also reads, top first: its backing chain and any qcow2
+    external data file (qcow2.rst "Header": backing_file_offset, and the "External data file
+    name" extension), resolved as the block layer resolves them."""
+    from hypervisor.block.qcow2.backing import MAX_CHAIN_DEPTH, resolve_relative
+    from hypervisor.block.qcow2.header import parse_header
+
+    below: list[Path] = []
+    seen = {image.resolve()}
+    current: Path = image
+    current_format: str | None = fmt
+    while current_format in ("qcow2", None):  # None: the image names no backing format, so probe it
+        descriptor = os.open(current, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            status = os.fstat(descriptor)
+            if not stat.S_ISREG(status.st_mode):
+                raise ConfigError(f"{current} is not a regular file")
+            buffer = os.pread(descriptor, QCOW2_HEADER_READ, 0)
+        finally:
+            os.close(descriptor)
+        if not buffer.startswith(QCOW2_MAGIC):
+            break  # a raw image (probed): nothing below it
+        header = parse_header(buffer, status.st_size, str(current))
+        if header.data_file:
+            below.append(Path(resolve_relative(str(current), header.data_file)).resolve())
+        if not header.backing_file:
+            break
+        current = Path(resolve_relative(str(current), header.backing_file)).resolve()
+        if current in seen or len(below) >= MAX_CHAIN_DEPTH:
+            raise ConfigError(f"{image}: its backing chain loops or is deeper than {MAX_CHAIN_DEPTH}")
+        seen.add(current)
+        below.append(current)
+        current_format = header.backing_format
+    return below
+
+
+def _below_identities(image: Path, fmt: str) -> tuple[dict[str, object], ...]:
+    identities = []
+    for path in _images_below(image, fmt):
+        size, mtime_ns, inode, head = _identity(path)
+        identities.append({"path": str(path), "size": size, "mtime_ns": mtime_ns, "inode": inode, "head_sha256": head})
+    return tuple(identities)
 
 
 def _device(disk: AttachedDisk) -> Any:
@@ -165,8 +218,29 @@ def _freeze(machine: Machine, disk: AttachedDisk, snapshot: Path) -> FrozenDisk:
 
 def _record(disk: AttachedDisk, image: Path, fmt: str, virtual_size: int) -> FrozenDisk:
     size, mtime_ns, inode, head = _identity(image)
+    try:
+        below = _below_identities(image, fmt)
+    except (OSError, HypervisorError) as error:
+        raise ConfigError(f"{disk.name}: cannot record the images below {image}: {error}") from error
     return FrozenDisk(disk.name, disk.spec.serial, disk.spec.read_only, str(image), fmt, virtual_size, size, mtime_ns,
-                      inode, head)  # fmt: skip
+                      inode, head, below)  # fmt: skip
+
+
+def _parse_below(value: object) -> tuple[dict[str, object], ...] | None:
+    """A record's `below` list, or None when any entry is damaged."""
+    if not isinstance(value, list):
+        return None
+    entries = []
+    for entry in value:
+        if not isinstance(entry, dict) or set(entry) != BELOW_FIELDS:
+            return None
+        if not isinstance(entry["path"], str) or not os.path.isabs(entry["path"]) \
+                or not isinstance(entry["head_sha256"], str) \
+                or any(not isinstance(entry[key], int) or isinstance(entry[key], bool) or entry[key] < 0
+                       for key in ("size", "mtime_ns", "inode")):  # fmt: skip
+            return None
+        entries.append(dict(entry))
+    return tuple(entries)
 
 
 def parse_records(records: object, folder: Path) -> list[FrozenDisk]:
@@ -184,24 +258,34 @@ def parse_records(records: object, folder: Path) -> list[FrozenDisk]:
                 or not isinstance(record["read_only"], bool) or record["format"] not in FORMATS \
                 or not os.path.isabs(record["path"]) or record["name"] != "vd" + chr(ord("a") + index):  # fmt: skip
             raise ConfigError(f"snapshot {folder}: disk {index} of the header is damaged")
-        disks.append(FrozenDisk(**record))
+        below = _parse_below(record["below"])
+        if below is None:
+            raise ConfigError(f"snapshot {folder}: disk {index} of the header is damaged (its images below)")
+        disks.append(FrozenDisk(**{**record, "below": below}))
     return disks
 
 
 def check_frozen(disks: list[FrozenDisk], folder: Path) -> None:
-    """Refuses a frozen image that is missing or not the one the snapshot froze."""
+    """Refuses a frozen image, or an image below it, that is missing or not the one the snapshot
+    froze."""
     for disk in disks:
-        path = Path(disk.path)
-        try:
-            identity = _identity(path)
-        except OSError as error:
-            raise ConfigError(f"snapshot {folder}: {disk.name}'s frozen image {path} cannot be read "
-                              f"({error.strerror})") from error  # fmt: skip
-        except ConfigError as error:
-            raise ConfigError(f"snapshot {folder}: {disk.name}'s frozen image: {error}") from error
-        if identity != (disk.size, disk.mtime_ns, disk.inode, disk.head_sha256):
-            raise ConfigError(f"snapshot {folder}: {disk.name}'s frozen image {path} was changed or replaced "
-                              "after the save; the snapshot's disk is lost")  # fmt: skip
+        expected: list[tuple[Path, tuple[object, ...], str]] = [
+            (Path(disk.path), (disk.size, disk.mtime_ns, disk.inode, disk.head_sha256), "frozen image")
+        ]
+        for entry in disk.below:
+            below = (entry["size"], entry["mtime_ns"], entry["inode"], entry["head_sha256"])
+            expected.append((Path(str(entry["path"])), below, "frozen image's backing file"))
+        for path, identity, what in expected:
+            try:
+                found = _identity(path)
+            except OSError as error:
+                raise ConfigError(f"snapshot {folder}: {disk.name}'s {what} {path} cannot be read "
+                                  f"({error.strerror})") from error  # fmt: skip
+            except ConfigError as error:
+                raise ConfigError(f"snapshot {folder}: {disk.name}'s {what}: {error}") from error
+            if found != identity:
+                raise ConfigError(f"snapshot {folder}: {disk.name}'s {what} {path} was changed or replaced "
+                                  "after the save; the snapshot's disk is lost")  # fmt: skip
 
 
 def attach_restored_disks(machine: Machine, disks: list[FrozenDisk], overlay_dir: str | None) -> list[Path]:

@@ -224,7 +224,7 @@ def _tree(*paths: Path) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("damage", ["changed-base", "touched-base", "missing-base", "relative-path", "no-disk-state",
-                                    "disk-record-fields", "overlay-exists", "fifo-base"])  # fmt: skip
+                                    "disk-record-fields", "overlay-exists", "fifo-base", "below-damaged"])  # fmt: skip
 def test_changed_bases_and_damaged_disk_records_are_refused(saved, tmp_path: Path, damage: str) -> None:
     snapshot, frozen, _ = saved
     header_path = snapshot / "header.json"
@@ -252,6 +252,9 @@ def test_changed_bases_and_damaged_disk_records_are_refused(saved, tmp_path: Pat
         header["disks"][0]["path"] = str(fifo)
     elif damage == "disk-record-fields":
         del header["disks"][0]["head_sha256"]
+    elif damage == "below-damaged":
+        header["disks"][0]["below"] = [{"path": "relative.qcow2", "size": 1, "mtime_ns": 1, "inode": 1,
+                                        "head_sha256": "00"}]  # fmt: skip
     else:
         (overlays / "vda.qcow2").write_bytes(b"somebody else's")
     header_path.write_text(json.dumps(header))
@@ -282,6 +285,8 @@ def test_a_restored_machine_saved_again_chains_its_frozen_images(saved, tmp_path
         assert machine.wait(60).exit_status == EXIT_CODE
     [record] = json.loads((again / "header.json").read_text())["disks"]
     assert record["path"] == str((first_overlays / "vda.qcow2").resolve())
+    # The first snapshot's frozen image is below the second's, and is recorded with its identity.
+    assert [entry["path"] for entry in record["below"]] == [str(frozen.resolve())]
     with Machine.restore(str(again), MemoryConsole(), disk_overlay=str(second_overlays)) as machine:
         assert machine.run(60).exit_status == EXIT_CODE
     qemu_img_check(second_overlays / "vda.qcow2")
@@ -289,6 +294,13 @@ def test_a_restored_machine_saved_again_chains_its_frozen_images(saved, tmp_path
     assert content[PATTERN_OFFSET : PATTERN_OFFSET + PATTERN_LENGTH] == pattern()
     assert content[:PATTERN_OFFSET] == BASE_FILL * PATTERN_OFFSET
     assert sha256(frozen) == frozen_hash
+    # A change to an image further down the chain is refused too, and nothing is made.
+    subprocess.run(["qemu-io", "-c", "write -P 0x11 0 4096", str(frozen)], check=True, capture_output=True)
+    third_overlays = tmp_path / "three"
+    third_overlays.mkdir()
+    with pytest.raises(ConfigError, match="backing file .* was changed or replaced"):
+        Machine.restore(str(again), MemoryConsole(), disk_overlay=str(third_overlays))
+    assert list(third_overlays.iterdir()) == []
 
 
 def test_a_machine_on_temporary_overlays_cannot_be_saved_again(saved, tmp_path: Path) -> None:
