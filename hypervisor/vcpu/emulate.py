@@ -45,6 +45,13 @@ Handled (Intel SDM Vol. 2 instruction pages):
   register operand; #GP(0) if the operand is not 16-byte aligned or not canonical (#SS(0) via SS);
   compare RDX:RAX with m128, ZF = equal, store RCX:RBX or load RDX:RAX; the other flags are
   unchanged. The exchange itself is the caller's `exchange_guest` (atomic on the host mapping).
+* MOVD/MOVQ with an MMX register (NP 0F 6E /r: mm <- r/m32, with REX.W r/m64; NP 0F 7E /r:
+  r/m32 or r/m64 <- mm): #UD if CR0.EM or LOCK, #NM if CR0.TS, #MF if an x87 exception is
+  pending, address faults as MOVBE's. A 32-bit source is zero-extended into the MMX register, a
+  32-bit GPR destination zero-extends (§3.4.1.1). Like every MMX instruction but EMMS it sets
+  the x87 TOP to 0 and every tag valid, and writing MMi sets bits 79:64 of the physical register
+  Ri to ones (SDM Vol. 1 §9.5.1). The data registers come in stack order (`X87Status.st`) and
+  go back in it, rotated for the new TOP. The 66 (XMM) and F3 forms are not handled.
 * MOVBE (0F 38 F0 /r load, 0F 38 F1 /r store; 16, 32 or 64 bits by 66 and REX.W): the bytes
   reversed between the register and m16/32/64. #UD without CPUID.01H:ECX.MOVBE[bit 22], with
   LOCK or REP (F3), or with a register operand (the instruction has memory forms only); with
@@ -203,6 +210,9 @@ class X87Status:
 
     fsw: int  # status word
     ftw: int  # abridged tag word (FXSAVE format, kvm_fpu.ftwx): bit i set = register i valid
+    # The eight data registers in stack order ST(0)..ST(7), 10 bytes each (kvm_fpu.fpr[i][0:10],
+    # the FXSAVE layout); needed only by the MMX MOVD/MOVQ, None when the caller gives none.
+    st: tuple[bytes, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -213,7 +223,7 @@ class CpuState:
     cpl: int
     cr0: int
     segment_bases: Mapping[str, int] = field(default_factory=dict)  # "ds", "fs", ... -> base
-    x87: X87Status | None = None  # from KVM_GET_FPU; needed only by FWAIT, FNCLEX and EMMS
+    x87: X87Status | None = None  # from KVM_GET_FPU; needed only by FWAIT, FNCLEX, EMMS and MMX MOVD/MOVQ
     cr4: int = 0
     idt_base: int | None = None  # linear address of the IDT (sregs.idt); needed only by INT n
     idt_limit: int = 0
@@ -370,6 +380,8 @@ def _dispatch(
         return _invpcid(insn, prefixes, regs, cpu, read_guest)
     if opcode[:2] == b"\x0f\xc7" and cpu.code_bits == 64 and prefixes.rex & REX_W:
         return _cmpxchg16b(insn, prefixes, regs, cpu, exchange_guest)
+    if opcode[:2] in (b"\x0f\x6e", b"\x0f\x7e"):
+        return None if mandatory else _mmx_movd_movq(insn, prefixes, regs, cpu, read_guest, exchange_guest)
     if opcode[:3] in (b"\x0f\x38\xf0", b"\x0f\x38\xf1"):
         return _movbe(insn, prefixes, regs, cpu, read_guest, exchange_guest)
     if opcode[:1] == b"\xcc":
@@ -918,3 +930,81 @@ def _store_in_block(block: int, start: int, piece: bytes, read_guest: ReadGuest,
 
 
 _LOW_64 = (1 << 64) - 1
+
+
+X87_REGISTERS = 8
+X87_REGISTER_BYTES = 10  # 80-bit registers (SDM Vol. 1 §8.1.2)
+FSW_TOP_SHIFT, FSW_TOP = 11, 7 << 11  # x87 status word TOP, bits 13:11 (SDM Vol. 1 §8.1.3.1)
+MMX_EXPONENT_ONES = b"\xff\xff"  # bits 79:64 of a register an MMX instruction writes
+
+
+def _mmx_movd_movq(
+    insn: bytes,
+    prefixes: Prefixes,
+    regs: RegisterFile,
+    cpu: CpuState,
+    read_guest: ReadGuest,
+    exchange_guest: ExchangeGuest | None,
+) -> EmulationResult | None:
+    """MOVD/MOVQ between an MMX register and r/m32/64 ("MOVD/MOVQ—Move Doubleword/Move Quadword",
+    SDM Vol. 2B, the NP 0F 6E and NP 0F 7E forms)."""
+    to_mmx = insn[prefixes.length + 1] == 0x6E
+    wide = cpu.code_bits == 64 and bool(prefixes.rex & REX_W)
+    mnemonic, size = ("movq", 8) if wide else ("movd", 4)
+    addressing = address_bits(prefixes, cpu.code_bits)
+    modrm = decode_modrm(insn, prefixes.length + 2, addressing, prefixes.rex, cpu.code_bits)
+    length = prefixes.length + 2 + modrm.length
+    if length > MAX_INSTRUCTION_LENGTH:
+        raise NotEmulated("longer than 15 bytes (#GP on the CPU)")
+    if prefixes.lock or cpu.cr0 & CR0_EM:
+        return _fault(mnemonic, length, regs, VECTOR_UD)
+    if cpu.cr0 & CR0_TS:
+        return _fault(mnemonic, length, regs, VECTOR_NM)
+    if cpu.x87 is None or cpu.x87.st is None:
+        raise NotEmulated("the x87/MMX registers are not known")
+    if cpu.x87.fsw & FSW_ERROR_SUMMARY:
+        if not cpu.cr0 & CR0_NE:
+            raise NotEmulated(_X87_ERROR_WITHOUT_NE)
+        return _fault(mnemonic, length, regs, VECTOR_MF)
+    physical = _physical_x87_registers(cpu.x87)
+    mmx = modrm.reg & 7  # MMX registers are mm0-mm7: REX.R does not extend them
+    new = _advance(regs, length, cpu)
+    linear = None
+    if modrm.memory is not None:
+        linear = _linear_address(modrm.memory, prefixes, regs, cpu, addressing, length)
+        if linear is None:
+            raise NotEmulated(_UNKNOWN_BASE)
+        fault = _address_fault(linear, modrm.memory, prefixes, cpu)
+        if fault is not None:
+            return _fault_with_code(mnemonic, length, regs, cpu, fault)
+        if _alignment_check(linear, size, regs, cpu):
+            return _fault_with_code(mnemonic, length, regs, cpu, VECTOR_AC)
+    if to_mmx:
+        if linear is None:
+            assert modrm.rm_register is not None
+            value = regs.gpr(modrm.rm_register) & (1 << size * 8) - 1
+        else:
+            data = read_guest(linear, size)
+            if data is None or len(data) != size:
+                raise NotEmulated(_unreadable(linear))
+            value = int.from_bytes(data, "little")
+        physical[mmx] = value.to_bytes(8, "little") + MMX_EXPONENT_ONES  # zero-extended to 64 bits
+    else:
+        value = int.from_bytes(physical[mmx][:8], "little") & (1 << size * 8) - 1
+        if linear is None:
+            assert modrm.rm_register is not None
+            new.set_gpr(modrm.rm_register, value)  # a 32-bit destination zero-extends
+        else:
+            _store(linear, value.to_bytes(size, "little"), cpu, read_guest, exchange_guest)
+    # TOP = 0, so ST(i) is Ri again; every tag valid (abridged tag word all ones).
+    x87 = X87Status(fsw=cpu.x87.fsw & ~FSW_TOP, ftw=0xFF, st=tuple(physical))
+    return EmulationResult(mnemonic, length, new, x87=x87)
+
+
+def _physical_x87_registers(x87: X87Status) -> list[bytes]:
+    """R0..R7 from the registers in stack order: ST(i) is R((TOP + i) mod 8) (SDM Vol. 1 §8.1.2)."""
+    assert x87.st is not None
+    if len(x87.st) != X87_REGISTERS or any(len(register) < X87_REGISTER_BYTES for register in x87.st):
+        raise NotEmulated("the x87 registers given are not eight 80-bit registers")
+    top = (x87.fsw & FSW_TOP) >> FSW_TOP_SHIFT
+    return [bytes(x87.st[(index - top) % X87_REGISTERS][:X87_REGISTER_BYTES]) for index in range(X87_REGISTERS)]
