@@ -22,7 +22,6 @@ from hypervisor.machine import Console, Machine, host_memory_bytes
 
 if TYPE_CHECKING:
     from hypervisor.boot.layout import MmioWindow
-    from hypervisor.devices.pvpanic import PvPanic
     from hypervisor.disk_overlays import DiskSession
 
 log = logging.getLogger(__name__)
@@ -138,34 +137,12 @@ def _attach_disks(machine: Machine, specs: list[DiskSpec], session: DiskSession 
     return machine.attach_disks(specs)
 
 
-def _check_pvpanic_port_free(debug_exit_port: int) -> None:
-    from hypervisor.devices.pvpanic import PVPANIC_PORT, PVPANIC_PORT_SIZE
-
-    if PVPANIC_PORT <= debug_exit_port < PVPANIC_PORT + PVPANIC_PORT_SIZE:
-        raise ConfigError(f"--debug-exit-port {debug_exit_port:#x} is the pvpanic port; choose another")
-
-
-def attach_pvpanic(machine: Machine) -> PvPanic:
-    """QEMU's ISA pvpanic at port 0x505, which the DSDT of every loaded kernel describes
-    (hypervisor/boot/acpi.py): a guest's panic write ends the run with the panic outcome. Once
-    per machine: a machine that already has one (machine.py may wire it) keeps it."""
-    from hypervisor.devices.pvpanic import PVPANIC_PORT, PVPANIC_PORT_SIZE, PvPanic
-
-    for entry in machine.pio_bus.ranges():
-        if isinstance(entry.device, PvPanic):
-            return entry.device
-    device = PvPanic(machine.request_stop, PVPANIC_PORT)
-    machine.add_port_device(device, PVPANIC_PORT, PVPANIC_PORT_SIZE, "pvpanic")
-    return device
-
-
 def create_machine(
     options: RunOptions, console: Console | None, disks: DiskSession | None = None
 ) -> tuple[Machine, LaunchInfo]:
     """A Machine with the guest of `options` loaded and ready to `run`. `disks`, when given, is
     the entered DiskSession of `options.disks`: the machine opens its overlays and shims."""
     pvm = kvm_is_pvm()
-    _check_pvpanic_port_free(options.debug_exit_port)
     if options.raw is not None:
         if options.kernel is not None or options.initrd is not None:
             raise ConfigError("--raw cannot be combined with --kernel or --initrd")
@@ -177,7 +154,6 @@ def create_machine(
                           pvm_emulation=pvm, hugepages=options.hugepages,
                           machine_type=options.machine, exit_history=options.exit_history)  # fmt: skip
         try:
-            attach_pvpanic(machine)
             _attach_disks(machine, options.disks, disks)  # found by the guest at the virtio-mmio windows
             machine.load_raw_bytes(data, address, str(path))
         except BaseException:
@@ -219,7 +195,6 @@ def create_machine(
                       exit_history=options.exit_history)  # fmt: skip
     try:
         assert machine.memory is not None
-        attach_pvpanic(machine)
         if kind == "multiboot":
             cmdline, windows = options.append or "", []
         else:

@@ -223,6 +223,7 @@ class Machine:
         from hypervisor.devices import pm
         from hypervisor.devices.fw_cfg import FW_CFG_PORT, FW_CFG_PORT_COUNT, FwCfg, e820_file
         from hypervisor.devices.i8042 import I8042Controller
+        from hypervisor.devices.pvpanic import PVPANIC_PORT, PVPANIC_PORT_SIZE, PvPanic
         from hypervisor.devices.serial import Serial16550A
 
         if machine_type not in MACHINE_TYPES:
@@ -236,8 +237,14 @@ class Machine:
         self.add_port_device(self.i8042.command_port, I8042_COMMAND_PORT, 1, "i8042 command")
         self.rtc = CmosRtc()
         self.add_port_device(self.rtc, CMOS_PORT, CMOS_PORT_COUNT, "CMOS RTC")
+        if PVPANIC_PORT <= debug_exit_port < PVPANIC_PORT + PVPANIC_PORT_SIZE:
+            raise ConfigError(f"--debug-exit-port {debug_exit_port:#x} is the pvpanic port; choose another")
         self.debug_exit = DebugExit(self._guest_debug_exit, qemu_compatible=debug_exit_qemu)
         self.add_port_device(self.debug_exit, debug_exit_port, DEBUG_EXIT_PORT_SIZE, "debug-exit")
+        # QEMU's ISA pvpanic, which the DSDT describes (QEMU0001): a guest kernel's panic write
+        # ends the run as a panic the machine saw, no console scraping needed.
+        self.pvpanic = PvPanic(self.request_stop, PVPANIC_PORT)
+        self.add_port_device(self.pvpanic, PVPANIC_PORT, PVPANIC_PORT_SIZE, "pvpanic")
         self.add_sink_ports(POST_CODE_PORT, 1)
         # QEMU's fw_cfg, present by default as in QEMU: guests written for QEMU learn the CPU
         # count and RAM size there (docs/specs/fw_cfg.rst).

@@ -12,7 +12,7 @@ import time
 
 from hypervisor.console import PhaseWatcher
 from hypervisor.debug.kernel_log import KernelLogScanner
-from hypervisor.outcome import Outcome, OutcomeKind
+from hypervisor.outcome import PANIC_SOURCE_CONSOLE, Outcome, OutcomeKind, panic_outcome
 
 # Console lines that mark the phases of a Linux boot (printed by init/main.c and by the
 # bundled guest's init, guest_images/init), in the order they appear.
@@ -90,7 +90,8 @@ class ConsoleObserver:
             return outcome
         if self.panicked and outcome.kind in PANIC_EXPLAINS:
             reason = self.panic_reason()
-            return Outcome(OutcomeKind.PANIC, f"guest kernel panic: {reason}" if reason else "guest kernel panic")
+            detail = f"guest kernel panic: {reason}" if reason else "guest kernel panic"
+            return panic_outcome(detail, PANIC_SOURCE_CONSOLE, reason=reason)
         status = self.command_status() if outcome.kind is OutcomeKind.RESET else None
         if status is not None:
             return Outcome(OutcomeKind.COMMAND_EXIT, "the guest's pyhv.cmd command finished", code=status)

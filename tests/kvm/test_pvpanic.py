@@ -17,7 +17,7 @@ import pytest
 from hypervisor.console import MemoryConsole
 from hypervisor.devices.pvpanic import PvPanic
 from hypervisor.errors import ConfigError
-from hypervisor.launch import RunOptions, attach_pvpanic, create_machine
+from hypervisor.launch import RunOptions, create_machine
 from hypervisor.machine import RunResult
 from hypervisor.outcome import PANIC_SOURCE_PVPANIC, OutcomeKind, panic_source
 from tests.guests.build import GUEST_BASE, with_parameters
@@ -38,7 +38,7 @@ def guest_file(guest_binary, tmp_path: Path, mode: int, exit_code: int = 0) -> P
 def run(path: Path) -> tuple[RunResult, PvPanic]:
     machine, _ = create_machine(RunOptions(raw=(path, GUEST_BASE), memory_mib=16), MemoryConsole())
     with machine:
-        device = attach_pvpanic(machine)  # the one create_machine wired: a second call adds none
+        device = machine.pvpanic  # every machine has one (hypervisor/machine.py)
         assert sum(isinstance(entry.device, PvPanic) for entry in machine.pio_bus.ranges()) == 1
         return machine.run(timeout=30), device
 
