@@ -1,4 +1,8 @@
-"""Open a disk image of any supported format as a BlockBackend: the one entry point for devices."""
+"""Open a disk image of any supported format as a BlockBackend: the one entry point for devices.
+
+probe_format and QCOW2_MAGIC live in probe.py (the qcow2 engine probes backing files with it) and
+are importable from here as before.
+"""
 
 from __future__ import annotations
 
@@ -6,31 +10,15 @@ import logging
 import os
 
 from hypervisor.block.backend import BlockBackend
-from hypervisor.block.raw import RawFile, open_image_fd
+from hypervisor.block.probe import QCOW2_MAGIC, probe_format
+from hypervisor.block.raw import RawFile
 from hypervisor.errors import ImageError, ImageFormatError
+
+__all__ = ["FORMATS", "QCOW2_MAGIC", "open_disk", "probe_format"]
 
 log = logging.getLogger(__name__)
 
-# qcow2.rst "Header": bytes 0-3 are "QFI\xfb".
-QCOW2_MAGIC = b"QFI\xfb"
-
 FORMATS = ("raw", "qcow2")
-
-
-def probe_format(path: str) -> str:
-    """'qcow2' if the file starts with the qcow2 magic, else 'raw'. ImageError if unreadable.
-
-    Opened like any image (open_image_fd: regular files and block devices only, checked before
-    the open), so probing a FIFO fails at once instead of waiting for a writer.
-    """
-    fd = open_image_fd(path, read_only=True, lock=False)
-    try:
-        magic = os.pread(fd, len(QCOW2_MAGIC), 0)
-    except OSError as exc:
-        raise ImageError(f"{path}: cannot read: {exc.strerror}") from None
-    finally:
-        os.close(fd)
-    return "qcow2" if magic == QCOW2_MAGIC else "raw"
 
 
 def open_disk(

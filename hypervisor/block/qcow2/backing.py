@@ -9,14 +9,19 @@ the caller allows it: an image must not make pyhv open files the user did not ag
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 from hypervisor.block.backend import BlockBackend
-from hypervisor.block.open import probe_format
+from hypervisor.block.probe import probe_format
 from hypervisor.block.qcow2.hostfile import HostFile
 from hypervisor.block.raw import RawFile, open_image_fd
 from hypervisor.errors import ImageCorruptError, ImageError, ImageFormatError
 
 MAX_CHAIN_DEPTH = 256  # guard against absurd chains; loops are caught by path before this
+
+# Opens a qcow2 backing file read-only, given its path and the chain down to it: Qcow2Image.open,
+# handed in by image.py, so that this module (which image.py imports) need not import image.py.
+Qcow2Opener = Callable[[str, tuple[str, ...]], BlockBackend]
 
 
 def resolve_relative(image_path: str, name: str) -> str:
@@ -26,7 +31,9 @@ def resolve_relative(image_path: str, name: str) -> str:
     return os.path.join(os.path.dirname(os.path.abspath(image_path)), name)
 
 
-def open_backing(image_path: str, name: str, backing_format: str | None, chain: tuple[str, ...]) -> BlockBackend:
+def open_backing(
+    image_path: str, name: str, backing_format: str | None, chain: tuple[str, ...], open_qcow2: Qcow2Opener
+) -> BlockBackend:
     """Open the backing file `name` of `image_path` read-only, with its own chain."""
     path = resolve_relative(image_path, name)
     real = os.path.realpath(path)
@@ -39,9 +46,7 @@ def open_backing(image_path: str, name: str, backing_format: str | None, chain: 
     fmt = backing_format or probe_format(path)
     try:
         if fmt == "qcow2":
-            from hypervisor.block.qcow2.image import Qcow2Image
-
-            return Qcow2Image.open(path, read_only=True, allow_backing=True, _chain=(*chain, real))
+            return open_qcow2(path, (*chain, real))
         if fmt == "raw":
             return RawFile(path, read_only=True)
     except ImageError as exc:

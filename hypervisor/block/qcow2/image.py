@@ -27,6 +27,7 @@ from hypervisor.block.qcow2.hostfile import HostFile
 from hypervisor.block.qcow2.l2cache import L2Cache
 from hypervisor.block.qcow2.ops import OpsMixin
 from hypervisor.block.qcow2.read import ReadMixin
+from hypervisor.block.qcow2.rebuild import rebuild_refcounts
 from hypervisor.block.qcow2.refcount import Refcounts, dump_u64_table, load_u64_table
 from hypervisor.block.qcow2.snapshot_table import SnapshotEntry, parse_snapshot_table, table_size_bound
 from hypervisor.block.qcow2.write import WriteMixin
@@ -36,6 +37,11 @@ from hypervisor.errors import ImageCorruptError, ImageError, ImageFormatError
 log = logging.getLogger(__name__)
 
 _PROBE_BYTES = 512
+
+
+def _open_qcow2_backing(path: str, chain: tuple[str, ...]) -> BlockBackend:
+    """A qcow2 backing file: read-only, opening its own backing files, with the chain down to it."""
+    return Qcow2Image.open(path, read_only=True, allow_backing=True, _chain=chain)
 
 
 class Qcow2Image(ReadMixin, WriteMixin, OpsMixin):
@@ -113,8 +119,6 @@ class Qcow2Image(ReadMixin, WriteMixin, OpsMixin):
         try:
             self._open_external_files()
             if hdr.incompatible_features & fmt.INCOMPAT_DIRTY and not read_only:
-                from hypervisor.block.qcow2.rebuild import rebuild_refcounts
-
                 log.warning("%s: image was not closed cleanly; rebuilding refcounts", path)
                 rebuild_refcounts(self)
         except BaseException:
@@ -204,7 +208,11 @@ class Qcow2Image(ReadMixin, WriteMixin, OpsMixin):
             if self._allow_backing:
                 self._data = open_data_file(self.path, name, self._read_only)
         if hdr.backing_file and self._allow_backing:
-            self._backing = open_backing(self.path, hdr.backing_file, hdr.backing_format, self._chain)
+            self._backing = self._open_backing(hdr.backing_file, hdr.backing_format)
+
+    def _open_backing(self, name: str, backing_format: str | None) -> BlockBackend:
+        """Open the backing file `name` (as this image would store it) read-only."""
+        return open_backing(self.path, name, backing_format, self._chain, _open_qcow2_backing)
 
     def _close_external(self) -> None:
         if self._backing is not None:

@@ -281,8 +281,6 @@ class OpsMixin(ImageState):
     # -- rebase ------------------------------------------------------------------------------
     def set_backing(self, filename: str | None, fmt_name: str | None = None) -> None:
         """Rewrite the backing file name and format in the header (no data is copied)."""
-        from hypervisor.block.qcow2.backing import open_backing
-
         with self._lock:
             self._check_writable_image()
             if filename and self._header.autoclear_features & fmt.AUTOCLEAR_DATA_FILE_RAW:
@@ -290,7 +288,7 @@ class OpsMixin(ImageState):
             self._flush_metadata()
             new_backing = None
             if filename and self._allow_backing:  # refuse a name that cannot be opened, before writing
-                new_backing = open_backing(self.path, filename, fmt_name, self._chain)
+                new_backing = self._open_backing(filename, fmt_name)
             hdr = self._header
             old_name, old_format = hdr.backing_file, hdr.extension(fmt.EXT_BACKING_FORMAT)
             hdr.backing_file = filename or None

@@ -20,12 +20,12 @@ from hypervisor.block.qcow2.snapshot_table import stored_table_size, table_size_
 from hypervisor.errors import ImageError
 
 if TYPE_CHECKING:
-    from hypervisor.block.qcow2.image import Qcow2Image
+    from hypervisor.block.qcow2.state import ImageState
 
 log = logging.getLogger(__name__)
 
 
-def count_references(image: Qcow2Image) -> Counter[int]:
+def count_references(image: ImageState) -> Counter[int]:
     """How many times each host cluster is referenced, refcount structures excluded."""
     cb, cs, hdr = image._cb, image._cs, image._header
     refs: Counter[int] = Counter()
@@ -57,7 +57,7 @@ def count_references(image: Qcow2Image) -> Counter[int]:
     return refs
 
 
-def rebuild_refcounts(image: Qcow2Image) -> None:
+def rebuild_refcounts(image: ImageState) -> None:
     """Replace the image's refcount structure with one recounted from its references."""
     if image._read_only:
         raise ImageError(f"{image.path}: cannot rebuild refcounts of a read-only image")

@@ -4,8 +4,9 @@ Qcow2Image is one object assembled from mixins; each mixin reads and changes the
 which `Qcow2Image.__init__` (image.py) sets. Declaring them here, with their types and meaning,
 is the contract between the parts: every part type-checks against it alone, without knowing the
 others. The declarations are annotations only (no class attributes, no slots), so they cost
-nothing at run time; the method signatures under TYPE_CHECKING are those one part calls on
-another, and exist only for the type checker (the real ones are found through the MRO).
+nothing at run time. The method signatures under TYPE_CHECKING are the ones a part (or
+rebuild.py and transaction.py, which take any ImageState) calls on another part; they exist only
+for the type checker, the real ones are found through Qcow2Image's MRO.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import threading
     from array import array
+    from collections import Counter
 
     from hypervisor.block.backend import BlockBackend
     from hypervisor.block.qcow2.bitmaps import BitmapDirectory
@@ -72,6 +74,7 @@ class ImageState:
     if TYPE_CHECKING:
         # image.py
         def _check_open(self) -> None: ...
+        def _open_backing(self, name: str, backing_format: str | None) -> BlockBackend: ...
         def _load_l1(self, offset: int, size: int) -> array[int]: ...
         def _find_snapshot(self, name_or_id: str) -> SnapshotEntry: ...
         def _collect_metadata_clusters(self) -> set[int]: ...
@@ -95,3 +98,7 @@ class ImageState:
         def _l2_for_write(self, guest_cluster: int) -> tuple[array[int], int]: ...
         def _zero_range(self, offset: int, length: int, discard: bool) -> None: ...
         def _drop_cluster_reference(self, entry: int) -> None: ...
+
+        # ops.py
+        def _tree_references(self, l1: array[int]) -> Counter[int]: ...
+        def _set_copied_flags(self) -> None: ...
