@@ -6,14 +6,11 @@ import errno
 import logging
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from hypervisor.boot.cpuid import CpuidEntry
 from hypervisor.errors import KvmError, KvmUnavailableError
 from hypervisor.kvm.ffi import ffi, ioctl, ioctl_value, lib
-
-if TYPE_CHECKING:
-    from hypervisor.kvm.vm import Vm
+from hypervisor.kvm.vm import Vm
 
 log = logging.getLogger(__name__)
 
@@ -129,8 +126,6 @@ class Kvm:
         return list(buffer.indices[0 : buffer.nmsrs])
 
     def create_vm(self) -> Vm:
-        from hypervisor.kvm.vm import Vm
-
         return Vm(self, ioctl_value(self.fd, "KVM_CREATE_VM", 0))
 
     def close(self) -> None:

@@ -9,10 +9,10 @@ from typing import TYPE_CHECKING
 
 from hypervisor.errors import KvmError
 from hypervisor.kvm.ffi import ffi, ioctl, ioctl_value, lib, read_struct, write_struct
+from hypervisor.kvm.vcpu import Vcpu
 
 if TYPE_CHECKING:
     from hypervisor.kvm.system import Kvm
-    from hypervisor.kvm.vcpu import Vcpu
     from hypervisor.memory import GuestMemory
 
 log = logging.getLogger(__name__)
@@ -133,8 +133,6 @@ class Vm:
         ioctl(self.fd, "KVM_SET_CLOCK", clock)
 
     def create_vcpu(self, vcpu_id: int) -> Vcpu:
-        from hypervisor.kvm.vcpu import Vcpu
-
         fd = ioctl_value(self.fd, "KVM_CREATE_VCPU", vcpu_id)
         try:
             vcpu = Vcpu(self, fd, vcpu_id, self.kvm.vcpu_mmap_size)
