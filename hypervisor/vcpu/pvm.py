@@ -95,6 +95,23 @@ def _is_xgetbv(instruction: bytes, code_bits: int) -> bool:
     return instruction[at : at + 3] == b"\x0f\x01\xd0"
 
 
+def _is_mmx_move(instruction: bytes, code_bits: int) -> bool:
+    """Whether the bytes are MMX MOVD/MOVQ (NP 0F 6E / 0F 7E), the ones that need the x87 data
+    registers: only then are the eight of them copied out of (and back into) kvm_fpu."""
+    from hypervisor.vcpu.x86_decode import DecodeError, decode_prefixes
+
+    try:
+        at = decode_prefixes(instruction, code_bits).length
+    except DecodeError:
+        return False
+    return instruction[at : at + 2] in (b"\x0f\x6e", b"\x0f\x7e")
+
+
+def _x87_registers(fpu: Any) -> tuple[bytes, ...]:
+    """ST(0)..ST(7), 10 bytes each: kvm_fpu.fpr keeps them in FXSAVE order, 16 bytes a slot."""
+    return tuple(bytes(fpu.fpr[index][byte] for byte in range(10)) for index in range(8))
+
+
 class PvmEmulator:
     """The runner's `Emulator`: True when the instruction was emulated and the vCPU updated."""
 
@@ -145,12 +162,13 @@ class PvmEmulator:
         sregs = vcpu.get_sregs()
         fpu = vcpu.get_fpu()
         code_bits = code_bits_from_cs(bool(sregs.efer & EFER_LMA), bool(sregs.cs.l), bool(sregs.cs.db))
+        mmx = _is_mmx_move(instruction, code_bits)
         cpu = CpuState(
             code_bits=code_bits,
             cpl=sregs.ss.dpl if sregs.cr0 & CR0_PE else 0,
             cr0=sregs.cr0,
             segment_bases={name: getattr(sregs, name).base for name in ("cs", "ds", "es", "ss", "fs", "gs")},
-            x87=X87Status(fsw=fpu.fsw, ftw=fpu.ftwx),
+            x87=X87Status(fsw=fpu.fsw, ftw=fpu.ftwx, st=_x87_registers(fpu) if mmx else None),
             cr4=sregs.cr4,
             idt_base=sregs.idt.base,
             idt_limit=sregs.idt.limit,
@@ -176,6 +194,10 @@ class PvmEmulator:
         self.refusals.pop(vcpu.id, None)
         if result.x87 is not None:
             fpu.fsw, fpu.ftwx = result.x87.fsw, result.x87.ftw
+            if result.x87.st is not None:
+                for index, register in enumerate(result.x87.st):
+                    for byte, value in enumerate(register[:10]):
+                        fpu.fpr[index][byte] = value
             vcpu.set_fpu_state(fpu)
         vcpu.set_regs(**result.registers.as_dict())
         if result.flush_tlb:

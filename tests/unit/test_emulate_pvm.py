@@ -200,3 +200,36 @@ def test_xcr0_is_read_for_xgetbv_only(memory: GuestMemory, monkeypatch: pytest.M
     vcpu.registers["rax"] = 0x5000
     assert emulator(vcpu, bytes.fromhex("660fae30"))  # type: ignore[arg-type]  # clwb: no XCR0 needed
     assert reads == [1]
+
+
+class FpuVcpu(FakeVcpu):
+    """A FakeVcpu that keeps its kvm_fpu, as KVM would between KVM_GET_FPU and KVM_SET_FPU."""
+
+    def __init__(self, **registers: int) -> None:
+        super().__init__(**registers)
+        self.fpu = ffi.new("struct kvm_fpu *")
+        self.fpu_sets = 0
+
+    def get_fpu(self) -> Any:
+        copy = ffi.new("struct kvm_fpu *")
+        ffi.memmove(copy, self.fpu, ffi.sizeof("struct kvm_fpu"))
+        return copy
+
+    def set_fpu_state(self, fpu: Any) -> None:
+        self.fpu_sets += 1
+        ffi.memmove(self.fpu, fpu, ffi.sizeof("struct kvm_fpu"))
+
+
+def test_mmx_moves_go_through_kvm_fpu_both_ways(memory: GuestMemory) -> None:
+    emulator = PvmEmulator(memory)
+    vcpu = FpuVcpu(rax=0x1122334455667788)
+    with_cpuid(emulator, vcpu, {(0x1, 0): (0, 0, 0, 1 << 23)})  # CPUID.01H:EDX.MMX
+    assert emulator(vcpu, bytes.fromhex("480f6ec0"))  # type: ignore[arg-type]  # movq mm0, rax
+    assert vcpu.fpu_sets == 1
+    # MM0 is the mantissa of physical register 0, which is ST(0) with TOP = 0; the exponent
+    # bits become all ones and every tag valid (SDM Vol. 1 §9.5.1).
+    assert bytes(vcpu.fpu.fpr[0][byte] for byte in range(10)) == bytes.fromhex("8877665544332211ffff")
+    assert vcpu.fpu.ftwx == 0xFF
+    vcpu.registers["rip"] = 0x1000
+    assert emulator(vcpu, bytes.fromhex("480f7ec3"))  # type: ignore[arg-type]  # movq rbx, mm0
+    assert vcpu.registers["rbx"] == 0x1122334455667788
