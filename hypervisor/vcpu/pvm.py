@@ -84,27 +84,18 @@ def flush_guest_tlb(vcpu: Vcpu) -> None:
     vcpu.set_sregs(sregs)
 
 
-def _is_xgetbv(instruction: bytes, code_bits: int) -> bool:
-    """Whether the bytes are XGETBV (0F 01 D0), the one instruction that needs XCR0."""
+def _opcode_bytes(instruction: bytes, code_bits: int) -> bytes:
+    """The first three bytes after the prefixes (b"" when the prefixes do not decode): enough to
+    tell the two kinds of instruction that need more vCPU state than the rest, XGETBV (0F 01 D0:
+    XCR0) and MMX MOVD/MOVQ (NP 0F 6E / 0F 7E: the x87 data registers, copied out of and back
+    into kvm_fpu only then)."""
     from hypervisor.vcpu.x86_decode import DecodeError, decode_prefixes
 
     try:
         at = decode_prefixes(instruction, code_bits).length
     except DecodeError:
-        return False
-    return instruction[at : at + 3] == b"\x0f\x01\xd0"
-
-
-def _is_mmx_move(instruction: bytes, code_bits: int) -> bool:
-    """Whether the bytes are MMX MOVD/MOVQ (NP 0F 6E / 0F 7E), the ones that need the x87 data
-    registers: only then are the eight of them copied out of (and back into) kvm_fpu."""
-    from hypervisor.vcpu.x86_decode import DecodeError, decode_prefixes
-
-    try:
-        at = decode_prefixes(instruction, code_bits).length
-    except DecodeError:
-        return False
-    return instruction[at : at + 2] in (b"\x0f\x6e", b"\x0f\x7e")
+        return b""
+    return instruction[at : at + 3]
 
 
 def _x87_registers(fpu: Any) -> tuple[bytes, ...]:
@@ -162,7 +153,8 @@ class PvmEmulator:
         sregs = vcpu.get_sregs()
         fpu = vcpu.get_fpu()
         code_bits = code_bits_from_cs(bool(sregs.efer & EFER_LMA), bool(sregs.cs.l), bool(sregs.cs.db))
-        mmx = _is_mmx_move(instruction, code_bits)
+        opcode = _opcode_bytes(instruction, code_bits)
+        mmx = opcode[:2] in (b"\x0f\x6e", b"\x0f\x7e")
         cpu = CpuState(
             code_bits=code_bits,
             cpl=sregs.ss.dpl if sregs.cr0 & CR0_PE else 0,
@@ -178,7 +170,7 @@ class PvmEmulator:
             ldt_limit=sregs.ldt.limit,
             efer_lma=bool(sregs.efer & EFER_LMA),
             cpuid=self._cpuid[vcpu.id],
-            xcr0=read_xcr0(vcpu) if _is_xgetbv(instruction, code_bits) else None,  # an ioctl saved
+            xcr0=read_xcr0(vcpu) if opcode == b"\x0f\x01\xd0" else None,  # an ioctl saved
         )
         result = emulate_or_reason(
             instruction,
