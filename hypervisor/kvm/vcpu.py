@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from hypervisor.errors import KvmError
 from hypervisor.kvm.ffi import ffi, ioctl, lib, read_struct, write_struct
+from hypervisor.kvm.fpu import fpu_from_xsave, xsave_with_fpu
 
 if TYPE_CHECKING:
     from hypervisor.boot.cpuid import CpuidEntry
@@ -104,6 +105,7 @@ class Vcpu:
         self.run_struct = self.state.run
         self.exit_record = ffi.new("struct pyhv_exit *")
         self.guest_debug_control = 0  # the KVM_GUESTDBG_* flags last set (the runner reads them)
+        self._has_xsave: bool | None = None  # KVM_GET_XSAVE answered; None until first asked
 
     # -- general purpose registers ---------------------------------------------------------
 
@@ -134,6 +136,12 @@ class Vcpu:
         ioctl(self.fd, "KVM_SET_SREGS", sregs)
 
     def get_fpu(self) -> Any:
+        """The x87/SSE state as a `struct kvm_fpu *`, read through KVM_GET_XSAVE where the host
+        has it (KVM_GET_FPU reads stale registers for a component in its initial state: see
+        hypervisor/kvm/fpu.py)."""
+        area = self._xsave_area()
+        if area is not None:
+            return fpu_from_xsave(area)
         fpu = ffi.new("struct kvm_fpu *")
         ioctl(self.fd, "KVM_GET_FPU", fpu)
         return fpu
@@ -144,8 +152,28 @@ class Vcpu:
         ioctl(self.fd, "KVM_SET_FPU", fpu)
 
     def set_fpu_state(self, fpu: Any) -> None:
-        """KVM_SET_FPU with a `struct kvm_fpu *` from get_fpu (changed by the caller)."""
-        ioctl(self.fd, "KVM_SET_FPU", fpu)
+        """Writes a `struct kvm_fpu *` from get_fpu (changed by the caller), through KVM_SET_XSAVE
+        with the x87 and SSE components marked present where the host has XSAVE, so that the
+        guest sees the new registers (KVM_SET_FPU's are lost when a component was in its initial
+        state)."""
+        area = self._xsave_area()
+        if area is None:
+            ioctl(self.fd, "KVM_SET_FPU", fpu)
+            return
+        write_struct(self.fd, "KVM_SET_XSAVE", "struct kvm_xsave", xsave_with_fpu(area, fpu))
+
+    def _xsave_area(self) -> bytes | None:
+        """KVM_GET_XSAVE's area, or None on a host without KVM_CAP_XSAVE (asked once)."""
+        if self._has_xsave is False:
+            return None
+        try:
+            area = read_struct(self.fd, "KVM_GET_XSAVE", "struct kvm_xsave")
+        except KvmError as error:
+            log.debug("vCPU %d: no KVM_GET_XSAVE (%s): the FPU ioctls are used", self.id, error)
+            self._has_xsave = False
+            return None
+        self._has_xsave = True
+        return area
 
     def get_msrs(self, indices: Sequence[int]) -> dict[int, int]:
         msrs = ffi.new("struct kvm_msrs *", {"nmsrs": len(indices), "entries": len(indices)})

@@ -86,9 +86,8 @@ def flush_guest_tlb(vcpu: Vcpu) -> None:
 
 def _opcode_bytes(instruction: bytes, code_bits: int) -> bytes:
     """The first three bytes after the prefixes (b"" when the prefixes do not decode): enough to
-    tell the two kinds of instruction that need more vCPU state than the rest, XGETBV (0F 01 D0:
-    XCR0) and MMX MOVD/MOVQ (NP 0F 6E / 0F 7E: the x87 data registers, copied out of and back
-    into kvm_fpu only then)."""
+    tell the instructions that need more vCPU state than the rest, XGETBV (0F 01 D0: XCR0) and
+    the x87 ones (the x87 state; the data registers for MMX MOVD/MOVQ only)."""
     from hypervisor.vcpu.x86_decode import DecodeError, decode_prefixes
 
     try:
@@ -96,6 +95,13 @@ def _opcode_bytes(instruction: bytes, code_bits: int) -> bytes:
     except DecodeError:
         return b""
     return instruction[at : at + 3]
+
+
+# The instructions emulate.py needs the x87 state for (FWAIT, FNCLEX, EMMS, MMX MOVD/MOVQ), by
+# their bytes after the prefixes.
+FWAIT = b"\x9b"
+X87_CONTROL = (b"\xdb\xe2", b"\x0f\x77")  # FNCLEX, EMMS
+MMX_MOVES = (b"\x0f\x6e", b"\x0f\x7e")  # NP 0F 6E / 0F 7E (with 66 they are SSE: see emulate.py)
 
 
 def _x87_registers(fpu: Any) -> tuple[bytes, ...]:
@@ -151,16 +157,17 @@ class PvmEmulator:
         if vcpu.id not in self._cpuid:
             self._cpuid[vcpu.id] = read_guest_cpuid(vcpu)
         sregs = vcpu.get_sregs()
-        fpu = vcpu.get_fpu()
         code_bits = code_bits_from_cs(bool(sregs.efer & EFER_LMA), bool(sregs.cs.l), bool(sregs.cs.db))
         opcode = _opcode_bytes(instruction, code_bits)
-        mmx = opcode[:2] in (b"\x0f\x6e", b"\x0f\x7e")
+        mmx = opcode[:2] in MMX_MOVES
+        # The x87 state is an XSAVE read (about 12 us): only for the instructions that use it.
+        fpu = vcpu.get_fpu() if mmx or opcode[:1] == FWAIT or opcode[:2] in X87_CONTROL else None
         cpu = CpuState(
             code_bits=code_bits,
             cpl=sregs.ss.dpl if sregs.cr0 & CR0_PE else 0,
             cr0=sregs.cr0,
             segment_bases={name: getattr(sregs, name).base for name in ("cs", "ds", "es", "ss", "fs", "gs")},
-            x87=X87Status(fsw=fpu.fsw, ftw=fpu.ftwx, st=_x87_registers(fpu) if mmx else None),
+            x87=None if fpu is None else X87Status(fpu.fsw, fpu.ftwx, _x87_registers(fpu) if mmx else None),
             cr4=sregs.cr4,
             idt_base=sregs.idt.base,
             idt_limit=sregs.idt.limit,
@@ -184,7 +191,7 @@ class PvmEmulator:
             log.debug("not emulated on vCPU %d: %s", vcpu.id, result)
             return False
         self.refusals.pop(vcpu.id, None)
-        if result.x87 is not None:
+        if result.x87 is not None and fpu is not None:
             fpu.fsw, fpu.ftwx = result.x87.fsw, result.x87.ftw
             if result.x87.st is not None:
                 for index, register in enumerate(result.x87.st):

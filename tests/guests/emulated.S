@@ -1,7 +1,7 @@
 /*
  * 64-bit CPL0 test guest for the instructions a kvm_pvm host's KVM cannot run at CPL0 and pyhv
  * emulates (hypervisor/vcpu/emulate.py): int imm8, rdpru, xgetbv, invpcid, clwb, lock cmpxchg16b,
- * movbe.
+ * movbe, MMX movq.
  *
  * Each check prints one line on COM1, `NAME VV` where VV is the vector of the exception the
  * instruction raised (hex) or `ff` when it raised none; a few lines add what they checked.
@@ -19,6 +19,8 @@
 #define GATE_TRAP 0x8f
 #define NO_FAULT 0xff
 #define RFLAGS_ZF 0x40
+#define CR0_EM 0x4 /* x87/MMX instructions raise #UD (SDM Vol. 3 §2.5) */
+#define CR0_TS 0x8 /* ... or #NM */
 /* Free RAM below 2 MiB (identity-mapped, writable): an 8-byte operand here crosses a 4 KiB page. */
 #define PAGE_CROSSING 0x1fffc
 
@@ -205,6 +207,29 @@ after_int8:
     TRY name_movbe_register, .byte 0x0f, 0x38, 0xf0, 0xc0 /* mod = 3: #UD */
     call newline
 
+    /* MMX with the x87 state in its initial configuration (after FNINIT): movq %rax, %mm0, then
+     * %mm0 to memory and back into a register. On kvm_pvm the register moves are pyhv's and the
+     * store is KVM's own emulator: the value must survive the XRSTOR between them. */
+    mov %cr0, %rax
+    and $~(CR0_EM | CR0_TS), %rax
+    mov %rax, %cr0
+    fninit
+    movabs $0x0102030405060708, %rax
+    TRY name_mmx_to_mm0, movq %rax, %mm0
+    call newline
+    movq $0, mmx_memory
+    TRY name_mmx_store, movq %mm0, mmx_memory
+    mov $text_bad, %esi
+    movabs $0x0102030405060708, %rdx
+    cmp %rdx, mmx_memory
+    jne 1f
+    mov $text_ok, %esi
+1:  call puts
+    xor %eax, %eax
+    TRY name_mmx_from_mm0, movq %mm0, %rax
+    EXPECT_RAX 0x0102030405060708
+    emms
+
     movzbl (PARAM_EXIT_CODE), %eax
     mov $DEBUG_EXIT_PORT, %dx
     out %al, %dx
@@ -318,6 +343,7 @@ cx_memory: .quad 1, 2
 invpcid_descriptor: .quad 0, 0
 movbe_memory: .byte 1, 2, 3, 4, 5, 6, 7, 8
 movbe_store16: .quad 0
+mmx_memory: .quad 0
 resume: .quad 0
 last_vector: .quad 0
 last_error_code: .quad 0
@@ -347,6 +373,9 @@ name_movbe_load64: .asciz "movbe load64"
 name_movbe_store64: .asciz "movbe store64 across a page"
 name_movbe_store16: .asciz "movbe store16"
 name_movbe_register: .asciz "movbe register"
+name_mmx_to_mm0: .asciz "mmx movq to mm0"
+name_mmx_store: .asciz "mmx movq mm0 to memory"
+name_mmx_from_mm0: .asciz "mmx movq from mm0"
 text_ok: .asciz " ok\n"
 text_bad: .asciz " bad\n"
     .p2align 4

@@ -233,3 +233,22 @@ def test_mmx_moves_go_through_kvm_fpu_both_ways(memory: GuestMemory) -> None:
     vcpu.registers["rip"] = 0x1000
     assert emulator(vcpu, bytes.fromhex("480f7ec3"))  # type: ignore[arg-type]  # movq rbx, mm0
     assert vcpu.registers["rbx"] == 0x1122334455667788
+
+
+def test_x87_state_is_read_only_for_the_instructions_that_use_it(memory: GuestMemory) -> None:
+    class CountingVcpu(FpuVcpu):
+        reads = 0
+
+        def get_fpu(self) -> Any:
+            self.reads += 1
+            return super().get_fpu()
+
+    emulator = PvmEmulator(memory)
+    vcpu = CountingVcpu(rax=0x5000)
+    with_cpuid(emulator, vcpu, {(0x1, 0): (0, 0, 0, 1 << 23), (0x7, 0): (0, 1 << 24, 0, 0)})
+    assert emulator(vcpu, bytes.fromhex("660fae30"))  # type: ignore[arg-type]  # clwb
+    assert vcpu.reads == 0
+    for instruction in ("9b", "dbe2", "0f77", "0f7ec3"):  # fwait, fnclex, emms, movd ebx, mm0
+        vcpu.registers["rip"] = 0x1000
+        assert emulator(vcpu, bytes.fromhex(instruction)), instruction  # type: ignore[arg-type]
+    assert vcpu.reads == 4
