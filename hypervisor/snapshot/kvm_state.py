@@ -34,6 +34,10 @@ VCPU_BLOBS = (
 # Blobs a host may refuse to give (XSAVE/XCRS without the capability): stored as absent.
 OPTIONAL_BLOBS = {"xcrs", "xsave", "debugregs"}
 IRQCHIPS = ("KVM_IRQCHIP_PIC_MASTER", "KVM_IRQCHIP_PIC_SLAVE", "KVM_IRQCHIP_IOAPIC")
+# What loading each part needs from the host's KVM (api.rst, each ioctl's "Capability:" line).
+# The irqchip and PIT ones a Machine cannot be built without (kvm/system.py REQUIRED).
+RESTORE_CAPABILITIES = ("KVM_CAP_VCPU_EVENTS", "KVM_CAP_MP_STATE", "KVM_CAP_ADJUST_CLOCK")
+BLOB_CAPABILITIES = {"xsave": "KVM_CAP_XSAVE", "xcrs": "KVM_CAP_XCRS", "debugregs": "KVM_CAP_DEBUGREGS"}
 
 
 @dataclass
@@ -84,6 +88,15 @@ def _readable_msrs(vcpu: Vcpu, indices: list[int]) -> dict[int, int]:
         read = len(got)
         remaining = remaining[read + 1 :]  # skip the one KVM refused
     return values
+
+
+def missing_capabilities(kvm: Kvm, vcpus: list[VcpuState]) -> list[str]:
+    """The KVM_CAP_* names that loading `vcpus` (and the VM state) needs and `kvm` lacks."""
+    needed = list(RESTORE_CAPABILITIES)
+    for name, capability in BLOB_CAPABILITIES.items():
+        if any(name in state.blobs for state in vcpus):
+            needed.append(capability)
+    return [capability for capability in needed if not kvm.check_extension(capability)]
 
 
 def restore_vcpu(vcpu: Vcpu, state: VcpuState) -> None:

@@ -45,6 +45,7 @@ from hypervisor.snapshot.kvm_state import (
     VmState,
     capture_vcpu,
     capture_vm,
+    missing_capabilities,
     restore_vcpu,
     restore_vm,
     saved_msr_indices,
@@ -299,7 +300,10 @@ def restore_machine(
         os.close(descriptor)  # the mappings keep the file
     overlays: list[Path] = []
     try:
-        assert machine.vm is not None
+        assert machine.vm is not None and machine.kvm is not None
+        missing = missing_capabilities(machine.kvm, vcpus)
+        if missing:
+            raise ConfigError(f"snapshot {folder} needs what this host's KVM lacks: {', '.join(missing)}")
         overlays = attach_restored_disks(machine, disks, disk_overlay)
         restore_vm(machine.vm, vm_state)
         for vcpu, vcpu_state in zip(machine.vcpus, vcpus, strict=True):

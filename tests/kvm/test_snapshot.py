@@ -246,3 +246,15 @@ def test_the_exit_debugger_on_a_restored_machine(guest_binary, tmp_path: Path) -
     # The first exit after the save point is the UART poll before " from real mode"'s first byte.
     assert debug.returncode == 5, debug.stdout + debug.stderr
     assert "port=0x3fd" in debug.stdout and "restored guest paused" in debug.stderr
+
+
+def test_a_snapshot_needing_a_capability_this_kvm_lacks_is_refused(snapshot, monkeypatch) -> None:
+    from hypervisor.kvm import Kvm
+
+    folder, _ = snapshot
+    real = Kvm.check_extension
+    monkeypatch.setattr(Kvm, "check_extension", lambda kvm, name: 0 if name == "KVM_CAP_XSAVE" else real(kvm, name))
+    before = _files(folder)
+    with pytest.raises(ConfigError, match="needs what this host's KVM lacks: KVM_CAP_XSAVE"):
+        Machine.restore(str(folder), MemoryConsole())
+    assert _files(folder) == before
