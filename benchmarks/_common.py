@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import sys
 import time
@@ -12,6 +13,12 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+
+# Installed Python packages have their bytecode cached; an environment that forbids writing it
+# (some CI images set PYTHONDONTWRITEBYTECODE) would time the compiler instead of pyhv, in every
+# child `python -m hypervisor` a benchmark starts.
+CHILD_ENVIRONMENT = {key: value for key, value in os.environ.items() if key != "PYTHONDONTWRITEBYTECODE"}
 
 
 def median(values: list[float]) -> float:

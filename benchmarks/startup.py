@@ -16,17 +16,12 @@ import subprocess
 import sys
 import time
 
-from _common import ROOT, emit, median
+from _common import CHILD_ENVIRONMENT, ROOT, emit, median
 
 from tests.guests.build import build_guest
 
 STARTUP_TARGET_MS = 150
 RSS_TARGET_MIB = 40
-
-
-# Installed Python packages have their bytecode cached; an environment that forbids writing it
-# (some CI images set PYTHONDONTWRITEBYTECODE) would time the compiler instead of pyhv.
-CHILD_ENVIRONMENT = {key: value for key, value in os.environ.items() if key != "PYTHONDONTWRITEBYTECODE"}
 
 
 def timed_child(command: list[str]) -> tuple[float, int]:
