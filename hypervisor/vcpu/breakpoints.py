@@ -109,6 +109,9 @@ class Breakpoint:
         return " ".join(parts)
 
 
+NO_BREAKPOINTS: tuple[Breakpoint, ...] = ()
+
+
 class BreakpointTable:
     """The machine's breakpoints, indexed for the vCPU threads' per-exit check."""
 
@@ -118,8 +121,12 @@ class BreakpointTable:
         self._all: dict[int, Breakpoint] = {}
         # Rebuilt on every change, read without the lock by vCPU threads (replaced, never mutated).
         self.ports: dict[int, tuple[Breakpoint, ...]] = {}
-        self._windows: tuple[tuple[int, int, Breakpoint], ...] = ()  # MMIO (and wide port) ranges
-        self._window_starts: tuple[int, ...] = ()
+        # Address ranges by the accesses they can match, sorted by start, with the starts apart
+        # for bisect: wide port ranges (io, or any kind) and MMIO ranges (mmio, or any kind).
+        self._port_windows: tuple[tuple[int, int, Breakpoint], ...] = ()
+        self._port_window_starts: tuple[int, ...] = ()
+        self._mmio_windows: tuple[tuple[int, int, Breakpoint], ...] = ()
+        self._mmio_window_starts: tuple[int, ...] = ()
         self.unaddressed: tuple[Breakpoint, ...] = ()
         self.active = False
 
@@ -162,7 +169,8 @@ class BreakpointTable:
 
     def _rebuild(self) -> None:
         ports: dict[int, list[Breakpoint]] = {}
-        windows: list[tuple[int, int, Breakpoint]] = []
+        port_windows: list[tuple[int, int, Breakpoint]] = []
+        mmio_windows: list[tuple[int, int, Breakpoint]] = []
         unaddressed: list[Breakpoint] = []
         for breakpoint in self._all.values():
             if not breakpoint.enabled:
@@ -170,29 +178,46 @@ class BreakpointTable:
             bounds = breakpoint.bounds
             if bounds is None:
                 unaddressed.append(breakpoint)
-            elif breakpoint.kind == "io" and bounds[1] - bounds[0] < 16:
+                continue
+            if breakpoint.kind == "io" and bounds[1] - bounds[0] < 16:
                 for port in range(bounds[0], bounds[1] + 1):
                     ports.setdefault(port, []).append(breakpoint)
-            else:
-                windows.append((bounds[0], bounds[1], breakpoint))
-        windows.sort(key=lambda window: window[0])
+                continue
+            if breakpoint.kind in (None, "io"):
+                port_windows.append((bounds[0], bounds[1], breakpoint))
+            if breakpoint.kind in (None, "mmio"):
+                mmio_windows.append((bounds[0], bounds[1], breakpoint))
+        port_windows.sort(key=lambda window: window[0])
+        mmio_windows.sort(key=lambda window: window[0])
         self.ports = {port: tuple(found) for port, found in ports.items()}
-        self._windows = tuple(windows)
-        self._window_starts = tuple(window[0] for window in windows)
+        self._port_windows = tuple(port_windows)
+        self._port_window_starts = tuple(window[0] for window in port_windows)
+        self._mmio_windows = tuple(mmio_windows)
+        self._mmio_window_starts = tuple(window[0] for window in mmio_windows)
         self.unaddressed = tuple(unaddressed)
-        self.active = bool(ports or windows or unaddressed)
+        self.active = bool(ports or port_windows or mmio_windows or unaddressed)
 
-    def candidates(self, is_port: bool, address: int, length: int) -> list[Breakpoint]:
-        """Breakpoints that may match a device access at [address, address + length)."""
-        found: list[Breakpoint] = []
+    def candidates(self, is_port: bool, address: int, length: int) -> tuple[Breakpoint, ...]:
+        """Breakpoints that may match a device access at [address, address + length). Called on
+        every access while any breakpoint exists, so the common miss allocates nothing: an
+        empty tuple, no list (benchmarks/breakpoints.py)."""
+        found: tuple[Breakpoint, ...]
         if is_port:
-            for port in range(address, address + length) if length > 1 else (address,):
-                found.extend(self.ports.get(port, ()))
-        if self._windows:
+            if length == 1:
+                found = self.ports.get(address, NO_BREAKPOINTS)
+            else:
+                ports = self.ports
+                found = tuple(bp for port in range(address, address + length) for bp in ports.get(port, ()))
+            windows, starts = self._port_windows, self._port_window_starts
+        else:
+            found = NO_BREAKPOINTS
+            windows, starts = self._mmio_windows, self._mmio_window_starts
+        if windows:
             end = address + length - 1
-            # Windows starting at or before the access's last byte; check their ends.
-            for low, high, breakpoint in self._windows[: bisect.bisect_right(self._window_starts, end)]:
-                if high >= address and low <= end:
-                    found.append(breakpoint)
-        found.extend(self.unaddressed)
-        return list(dict.fromkeys(found)) if len(found) > 1 else found
+            # Windows starting at or before the access's last byte, that end at or after its first.
+            covering = tuple(bp for _, high, bp in windows[: bisect.bisect_right(starts, end)] if high >= address)
+            if covering:
+                found += covering
+        if self.unaddressed:
+            found += self.unaddressed
+        return tuple(dict.fromkeys(found)) if len(found) > 1 else found
