@@ -25,7 +25,7 @@ from tests.guests.build import GUEST_BASE, with_parameters
 pytestmark = [pytest.mark.kvm, pytest.mark.timeout(120)]
 
 ROOT = Path(__file__).resolve().parents[2]
-MODE_PANIC, MODE_CRASH_LOADED, MODE_READ = 0, 1, 2
+MODE_PANIC, MODE_CRASH_LOADED, MODE_READ, MODE_PANIC_LINE_THEN_RESET = 0, 1, 2, 3
 NOT_REACHED = 77  # the debug-exit code the panic guest writes only if its pvpanic write did not end the run
 
 
@@ -107,3 +107,17 @@ def test_the_ci_docs_pvpanic_example_runs_as_written(tmp_path) -> None:
                           capture_output=True, text=True, timeout=110, cwd=tmp_path)  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
     assert "2 passed" in done.stdout, done.stdout
+
+
+def test_a_panic_line_from_a_guest_that_is_not_linux_is_not_a_panic(guest_binary, tmp_path) -> None:
+    # The console panic rule is a fallback for Linux guests only (no "Linux version" banner
+    # here): this guest's reset is a reset, status 0, whatever its console said before it.
+    guest = guest_file(guest_binary, tmp_path, MODE_PANIC_LINE_THEN_RESET)
+    report = tmp_path / "report.json"
+    done = subprocess.run([sys.executable, "-m", "hypervisor", "run", "--raw", f"{guest}@{GUEST_BASE:#x}",
+                           "--report", str(report), "--timeout", "30"],
+                          capture_output=True, text=True, timeout=90)  # fmt: skip
+    assert "Kernel panic - not syncing: not a Linux guest" in done.stdout
+    assert done.returncode == 0, done.stderr
+    data = json.loads(report.read_text())
+    assert (data["outcome"], data["outcome_class"], data["exit_status"]) == ("reset", "verdict", 0)
