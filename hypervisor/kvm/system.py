@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 from hypervisor.boot.cpuid import CpuidEntry
@@ -73,17 +74,17 @@ class Kvm:
             raise KvmUnavailableError(
                 f"{self.path} speaks KVM API version {version}; pyhv needs {EXPECTED_API_VERSION}"
             )
-        missing = [
-            f"{name} ({why})"
-            for name, why in REQUIRED_CAPABILITIES.items()
-            if self.check_extension(name) <= 0
-        ]
+        missing = [f"{name} ({REQUIRED_CAPABILITIES[name]})" for name in self.lacking(REQUIRED_CAPABILITIES)]
         if missing:
             raise KvmUnavailableError("this KVM lacks " + ", ".join(missing))
 
     def check_extension(self, capability: str) -> int:
         """KVM_CHECK_EXTENSION for a KVM_CAP_* name; 0 when unsupported."""
         return ioctl_value(self.fd, "KVM_CHECK_EXTENSION", getattr(lib, capability))
+
+    def lacking(self, capabilities: Iterable[str]) -> list[str]:
+        """The KVM_CAP_* names of `capabilities` this KVM does not support, in their order."""
+        return [name for name in capabilities if self.check_extension(name) <= 0]
 
     @property
     def vcpu_mmap_size(self) -> int:

@@ -35,7 +35,8 @@ VCPU_BLOBS = (
 OPTIONAL_BLOBS = {"xcrs", "xsave", "debugregs"}
 IRQCHIPS = ("KVM_IRQCHIP_PIC_MASTER", "KVM_IRQCHIP_PIC_SLAVE", "KVM_IRQCHIP_IOAPIC")
 # What loading each part needs from the host's KVM (api.rst, each ioctl's "Capability:" line).
-# The irqchip and PIT ones a Machine cannot be built without (kvm/system.py REQUIRED).
+# The irqchip and PIT ones a Machine cannot be built without (kvm/system.py
+# REQUIRED_CAPABILITIES).
 RESTORE_CAPABILITIES = ("KVM_CAP_VCPU_EVENTS", "KVM_CAP_MP_STATE", "KVM_CAP_ADJUST_CLOCK")
 BLOB_CAPABILITIES = {"xsave": "KVM_CAP_XSAVE", "xcrs": "KVM_CAP_XCRS", "debugregs": "KVM_CAP_DEBUGREGS"}
 
@@ -96,7 +97,7 @@ def missing_capabilities(kvm: Kvm, vcpus: list[VcpuState]) -> list[str]:
     for name, capability in BLOB_CAPABILITIES.items():
         if any(name in state.blobs for state in vcpus):
             needed.append(capability)
-    return [capability for capability in needed if not kvm.check_extension(capability)]
+    return kvm.lacking(needed)
 
 
 def restore_vcpu(vcpu: Vcpu, state: VcpuState) -> None:
