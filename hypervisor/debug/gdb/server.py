@@ -129,6 +129,13 @@ class GdbServer:
                 break
             time.sleep(STOP_POLL_SECONDS)
         self._closing.set()
+        # The stub is no longer `running` as soon as a session has taken its last stop reply,
+        # before that session has sent it: let the session leave its loop (it looks at
+        # `closing` at least every IDLE_POLL_SECONDS) before its socket is shut down under it,
+        # or gdb sees "Remote connection closed" instead of the guest's exit.
+        for thread in self._threads:
+            if thread is not threading.current_thread():
+                thread.join(2 * IDLE_POLL_SECONDS)
         with self._session_lock:
             session = self._session
         if session is not None:
