@@ -25,10 +25,10 @@ from hypervisor.devices.bus import Bus, Device
 from hypervisor.devices.cmos import PORT_COUNT as CMOS_PORT_COUNT
 from hypervisor.devices.cmos import CmosRtc
 from hypervisor.devices.debug_exit import DEBUG_EXIT_PORT_SIZE, DEFAULT_DEBUG_EXIT_PORT, DebugExit
-from hypervisor.devices.irq import IrqFdLine, KvmIrqLine
 from hypervisor.disk_spec import DiskSpec
 from hypervisor.errors import ConfigError, HypervisorError
 from hypervisor.kvm import Kvm, Vcpu, Vm, kvm_is_pvm
+from hypervisor.kvm.irq import IrqFdLine, KvmIrqLine
 from hypervisor.kvm.vcpu import MP_STATE_HALTED, TableRange
 from hypervisor.memory import GuestMemory
 from hypervisor.outcome import Outcome, OutcomeKind
@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     from hypervisor.block.backend import BlockBackend
     from hypervisor.virtio.blk import VirtioBlock
     from hypervisor.virtio.mmio import MmioTransport
+    from hypervisor.virtio.worker import QueueWorker
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +106,7 @@ class AttachedDisk:
     spec: DiskSpec
     transport: MmioTransport
     interrupt: IrqFdLine
+    worker: QueueWorker  # the disk's I/O thread: the machine starts, stops and joins it
 
 
 @dataclass
@@ -210,8 +212,7 @@ class Machine:
         host_bytes = host_memory_bytes()
         if host_bytes and self.memory_size > host_bytes:
             raise ConfigError(
-                f"{self.memory_size // MiB} MiB of guest memory is more than this host has "
-                f"({host_bytes // MiB} MiB)"
+                f"{self.memory_size // MiB} MiB of guest memory is more than this host has ({host_bytes // MiB} MiB)"
             )
         self.memory = GuestMemory(regions, hugepages=hugepages, backing_fd=memory_file)
         self.vm.map_memory(self.memory)
@@ -302,7 +303,6 @@ class Machine:
             self.vcpus.append(vcpu)
             self.control.attach(vcpu)
 
-
     # -- devices ------------------------------------------------------------------------------
 
     def add_port_device(self, device: Device, base: int, size: int, name: str | None = None) -> None:
@@ -341,6 +341,7 @@ class Machine:
         from hypervisor.block.open import open_disk
         from hypervisor.virtio.blk import VirtioBlock
         from hypervisor.virtio.mmio import QUEUE_NOTIFY_OFFSET, MmioTransport
+        from hypervisor.virtio.worker import QueueWorker
 
         windows = []
         for spec in disks:
@@ -361,12 +362,13 @@ class Machine:
                 raise
             interrupt = IrqFdLine(self.vm, window.irq)
             transport = MmioTransport(device, self.memory, interrupt, name=name)
-            self.disks.append(AttachedDisk(name, spec, transport, interrupt))
+            # The disk's I/O thread, started with the vCPUs (`start`) and joined in `close`.
+            worker = QueueWorker(name, transport.queue_count, transport.process_queue, transport.has_pending)
+            transport.use_worker(worker)
+            self.disks.append(AttachedDisk(name, spec, transport, interrupt, worker))
             self.add_mmio_device(transport, window.gpa, window.size, name)
-            for queue in range(len(device.queue_max_sizes)):
-                self.vm.register_ioeventfd(
-                    transport.notify_eventfd(queue), window.gpa + QUEUE_NOTIFY_OFFSET, 4, datamatch=queue
-                )
+            for queue in range(transport.queue_count):
+                self.vm.register_ioeventfd(worker.eventfd(queue), window.gpa + QUEUE_NOTIFY_OFFSET, 4, datamatch=queue)
             log.info("%s: %s (%s%s) at %#x, IRQ %d", name, spec.path, backend.__class__.__name__,
                      ", read-only" if spec.read_only else "", window.gpa, window.irq)  # fmt: skip
             windows.append(window)
@@ -442,9 +444,11 @@ class Machine:
             self.control.pause(wait=False)  # held by "user" until resume()
         self.install_range_tables()
         for disk in self.disks:
-            disk.transport.start()
+            disk.worker.start()
         if self.console is not None:
             quit_outcome = Outcome(OutcomeKind.QUIT, "quit from the console")
+            # The console thread types through the UART's feed(), which takes the device's bus
+            # lock as a vCPU's access does (hypervisor.devices.gate).
             self.console.start(self.serial.feed, lambda: self.request_stop(quit_outcome))
         self._started_at = time.monotonic()
         self.observer.restart_clock()
@@ -612,9 +616,7 @@ class Machine:
             if kind not in (None, "io"):
                 raise ValueError(f"a port applies to io exits, not {kind}")
             kind, address = "io", port
-        return self.breakpoints.add(
-            Breakpoint(kind, address, is_write, size, data, vcpu, count, condition, action)
-        )
+        return self.breakpoints.add(Breakpoint(kind, address, is_write, size, data, vcpu, count, condition, action))
 
     def delete_breakpoint(self, breakpoint_id: int) -> bool:
         return self.breakpoints.delete(breakpoint_id)
@@ -696,8 +698,16 @@ class Machine:
             # process. Leak them instead (the process is going away or the user is told).
             log.error("vCPU threads %s did not stop; keeping their VM and memory mapped", ", ".join(stuck))
             return
+        # Then the I/O threads: each finishes the requests it took (they write guest memory)
+        # and is joined. One that does not stop is in a request with guest memory in hand:
+        # as for a stuck vCPU, keep everything mapped.
+        stuck_io = [disk.name for disk in self.disks if not disk.worker.stop()]
+        if stuck_io:
+            log.error("I/O threads of %s did not stop; keeping their VM and memory mapped", ", ".join(stuck_io))
+            return
         # Devices go before guest memory: their rings hold views of it.
         for disk in self.disks:
+            disk.worker.close()
             disk.transport.close()
             disk.interrupt.close()
         if self.vm is not None:

@@ -3,6 +3,10 @@
 A device sees only offsets inside its own range, never its base address or KVM (DESIGN.md,
 after Firecracker's BusDevice). The vCPU loop in C holds a frozen copy of the same ranges so
 exits for devices that need no Python never leave C; `Bus.ranges()` is what it is built from.
+
+The bus is where a device is serialised: `insert` gives each device state machine its one
+lock (hypervisor.devices.gate), under which every thread's access to it runs, with the device's
+side effects performed after the lock is released.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import logging
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+from hypervisor.devices.gate import DeviceGate, attach_gate
 from hypervisor.errors import BusError
 
 log = logging.getLogger(__name__)
@@ -55,6 +60,7 @@ class BusRange:
     device: Device
     device_id: int
     name: str
+    gate: DeviceGate | None = None  # the device's lock (None: a device that serialises itself)
 
     @property
     def end(self) -> int:
@@ -88,7 +94,7 @@ class Bus:
                     f"{self.name}: {label} at {base:#x}+{size:#x} overlaps {other.name} "
                     f"at {other.base:#x}+{other.size:#x}"
                 )
-        entry = BusRange(base, size, device, self._next_id, label)
+        entry = BusRange(base, size, device, self._next_id, label, attach_gate(device, label))
         self._next_id += 1
         self._ranges.insert(index, entry)
         self._bases.insert(index, base)
@@ -108,8 +114,13 @@ class Bus:
     def by_id(self) -> dict[int, BusRange]:
         return {entry.device_id: entry for entry in self._ranges}
 
+    # A GatedDevice's read/write take its gate themselves, so the vCPU runner, which calls the
+    # device of a range directly, and these two serialise in the same place.
+
     def read(self, address: int, data: memoryview) -> bool:
-        """Let the owning device fill `data`; False (and `data` untouched) when unmapped."""
+        """Let the owning device fill `data`; False (and `data` untouched) when unmapped, or
+        when the access runs past the end of the range it starts in (the C loop decides the
+        same: csrc/vcpu_loop.c find_range)."""
         entry = self.find(address)
         if entry is None or address + len(data) > entry.end:
             return False

@@ -10,11 +10,12 @@ Writes to the clock registers are accepted and ignored (the guest cannot set the
 the 50 bytes of battery-backed RAM behind them read back what was written.
 
 Register numbers and bits: Motorola MC146818A data sheet, "Address Map" and registers A-D.
+The index is shared by the two ports, so an access runs under the device's bus lock
+(hypervisor.devices.gate); the device has none of its own and no effects.
 """
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable
 
@@ -42,21 +43,24 @@ class CmosRtc(StatefulDevice):
 
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self._clock = clock
-        self._lock = threading.Lock()
         self._index = 0
         self._ram = bytearray(RAM_SIZE)
 
     def read(self, offset: int, data: memoryview) -> None:
-        with self._lock:
-            value = self._index if offset == INDEX_PORT_OFFSET else self._register(self._index)
-        data[:] = bytes([value]) * len(data)
+        self._access(self._read, offset, data)
 
     def write(self, offset: int, data: bytes) -> None:
-        with self._lock:
-            if offset == INDEX_PORT_OFFSET:
-                self._index = data[0] & ~NMI_DISABLE_BIT & (RAM_SIZE - 1)
-            elif self._index > REGISTER_D:
-                self._ram[self._index] = data[0]
+        self._access(self._write, offset, data)
+
+    def _read(self, offset: int, data: memoryview) -> None:
+        value = self._index if offset == INDEX_PORT_OFFSET else self._register(self._index)
+        data[:] = bytes([value]) * len(data)
+
+    def _write(self, offset: int, data: bytes) -> None:
+        if offset == INDEX_PORT_OFFSET:
+            self._index = data[0] & ~NMI_DISABLE_BIT & (RAM_SIZE - 1)
+        elif self._index > REGISTER_D:
+            self._ram[self._index] = data[0]
 
     def _register(self, index: int) -> int:
         if index <= YEAR:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import struct
-import threading
 from collections.abc import Iterable
 
 from hypervisor.devices.state import StatefulDevice
@@ -64,8 +63,9 @@ def _le(value: int, width: int) -> bytes:
 class FwCfg(StatefulDevice):
     """The fw_cfg items of one machine and the guest's current selection.
 
-    One lock serialises the selector and the read offset: vCPUs share one device, and a guest
-    that does not lock (kvm-unit-tests does) at least never sees a torn item.
+    The device's bus lock (hypervisor.devices.gate) serialises the selector and the read offset:
+    vCPUs share one device, and a guest that does not lock (kvm-unit-tests does) at least never
+    sees a torn item.
     """
 
     # The items are the machine's configuration, rebuilt by the machine; only the read
@@ -75,7 +75,6 @@ class FwCfg(StatefulDevice):
     def __init__(self, ram_size: int, cpus: int, files: Iterable[tuple[str, bytes]] = ()) -> None:
         if ram_size < 0 or not 1 <= cpus <= 0xFFFF:
             raise ConfigError(f"fw_cfg cannot describe {cpus} CPUs and {ram_size} bytes of RAM")
-        self._lock = threading.Lock()
         self._items: dict[int, bytes] = {
             FW_CFG_SIGNATURE: SIGNATURE,
             FW_CFG_ID: _le(FEATURE_TRADITIONAL, 4),
@@ -130,21 +129,25 @@ class FwCfg(StatefulDevice):
         if len(data) != 1:
             data[:] = b"\xff" * len(data)
             return
-        with self._lock:
-            item = self.item(self._selected)
-            value = item[self._offset] if self._offset < len(item) else 0
-            if self._offset < len(item):
-                self._offset += 1
-        data[0] = value
+        data[0] = self._access(self._next_byte)
+
+    def _next_byte(self) -> int:
+        item = self.item(self._selected)
+        if self._offset >= len(item):
+            return 0
+        self._offset += 1
+        return item[self._offset - 1]
 
     def write(self, offset: int, data: bytes) -> None:
         if offset == SELECTOR_OFFSET and len(data) == 2:
             key = int.from_bytes(data, "little")
-            with self._lock:
-                self._selected = key
-                self._offset = 0
+            self._access(self._select, key)
             log.debug("fw_cfg: guest selected key %#x", key)
         # Byte writes (the data register) and other widths are ignored, as in QEMU >= 2.4.
+
+    def _select(self, key: int) -> None:
+        self._selected = key
+        self._offset = 0
 
 
 def e820_file(regions: Iterable[tuple[int, int, int]]) -> bytes:

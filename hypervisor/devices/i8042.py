@@ -14,13 +14,14 @@ run with a reset outcome through `on_reset`. No keyboard or mouse data ever arri
 IRQ 12 are never raised and no interrupt line is needed.
 
 Unknown commands are logged at debug level and ignored; nothing the guest writes raises.
+Both ports share the controller's one bus lock (hypervisor.devices.gate: `_Port.gate_owner`), and
+the reset request is an effect, performed after that lock is released.
 """
 
 from __future__ import annotations
 
 import collections
 import logging
-import threading
 from collections.abc import Callable
 
 from hypervisor.devices.state import StatefulDevice
@@ -78,17 +79,28 @@ INPUT_PORT_VALUE = 0xA0  # keyboard not inhibited, "enhanced" (no manufacturing 
 
 
 class _Port:
-    """One of the controller's two single-byte bus devices."""
+    """One of the controller's two single-byte bus devices; its accesses run under the
+    controller's lock, a wider access as a run of byte accesses."""
 
-    def __init__(self, read: Callable[[], int], write: Callable[[int], None]) -> None:
+    def __init__(self, controller: I8042Controller, read: Callable[[], int], write: Callable[[int], None]) -> None:
+        self._controller = controller
         self._read = read
         self._write = write
 
+    def gate_owner(self) -> I8042Controller:
+        return self._controller
+
     def read(self, offset: int, data: memoryview) -> None:
+        self._controller._access(self._read_bytes, data)
+
+    def write(self, offset: int, data: bytes) -> None:
+        self._controller._access(self._write_bytes, data)
+
+    def _read_bytes(self, data: memoryview) -> None:
         for index in range(len(data)):
             data[index] = self._read()
 
-    def write(self, offset: int, data: bytes) -> None:
+    def _write_bytes(self, data: bytes) -> None:
         for value in data:
             self._write(value)
 
@@ -100,53 +112,56 @@ class I8042Controller(StatefulDevice):
 
     def __init__(self, on_reset: Callable[[], None] | None = None) -> None:
         self._on_reset = on_reset or (lambda: None)
-        self._lock = threading.Lock()
         self._output: collections.deque[tuple[int, bool]] = collections.deque()  # (byte, from aux)
         self._command_byte = INITIAL_COMMAND_BYTE
         self._awaiting_parameter: int | None = None
         self._last_was_command = False
         self._output_port = OUTPUT_PORT_RUNNING
         self.reset_requests = 0
-        self.data_port = _Port(self._read_data, self._write_data)
-        self.command_port = _Port(self._read_status, self._write_command)
+        self.data_port = _Port(self, self._read_data, self._write_data)
+        self.command_port = _Port(self, self._read_status, self._write_command)
 
     def set_reset_callback(self, on_reset: Callable[[], None]) -> None:
-        self._on_reset = on_reset
+        self._serialised(setattr, self, "_on_reset", on_reset)
+
+    def _pulse_reset(self, why: str) -> None:
+        log.info("i8042: %s", why)
+        self.reset_requests += 1
+        # An effect: the machine's callback may stop vCPUs or touch this device.
+        self._post(self._on_reset)
 
     # ---------------------------------------------------------------- port 0x64
 
     def _read_status(self) -> int:
-        with self._lock:
-            status = STATUS_NOT_INHIBITED
-            if self._command_byte & CTR_SYSTEM_FLAG:
-                status |= STATUS_SYSTEM_FLAG
-            if self._last_was_command:
-                status |= STATUS_LAST_WAS_COMMAND
-            if self._output:
-                status |= STATUS_OUTPUT_FULL
-                if self._output[0][1]:
-                    status |= STATUS_AUX_DATA
-            # The input buffer is drained instantly, so STATUS_INPUT_FULL is never set.
-            return status
+        status = STATUS_NOT_INHIBITED
+        if self._command_byte & CTR_SYSTEM_FLAG:
+            status |= STATUS_SYSTEM_FLAG
+        if self._last_was_command:
+            status |= STATUS_LAST_WAS_COMMAND
+        if self._output:
+            status |= STATUS_OUTPUT_FULL
+            if self._output[0][1]:
+                status |= STATUS_AUX_DATA
+        # The input buffer is drained instantly, so STATUS_INPUT_FULL is never set.
+        return status
 
     def _write_command(self, command: int) -> None:
-        reset = False
-        with self._lock:
-            self._last_was_command = True
-            self._awaiting_parameter = None
-            reset = self._execute(command)
-        if reset:
-            # Outside the lock: the machine's callback may stop vCPUs or touch this device.
-            log.info("i8042: guest pulsed the reset line (command %#04x)", command)
-            self.reset_requests += 1
-            self._on_reset()
+        self._last_was_command = True
+        self._awaiting_parameter = None
+        if self._execute(command):
+            self._pulse_reset(f"guest pulsed the reset line (command {command:#04x})")
 
     def _execute(self, command: int) -> bool:
         """Run one controller command; True when it pulses the CPU reset line."""
         if command == CMD_READ_COMMAND_BYTE:
             self._answer(self._command_byte)
-        elif command in (CMD_WRITE_COMMAND_BYTE, CMD_WRITE_OUTPUT_PORT, CMD_WRITE_KEYBOARD_OUTPUT,
-                         CMD_WRITE_AUX_OUTPUT, CMD_WRITE_TO_AUX):
+        elif command in (
+            CMD_WRITE_COMMAND_BYTE,
+            CMD_WRITE_OUTPUT_PORT,
+            CMD_WRITE_KEYBOARD_OUTPUT,
+            CMD_WRITE_AUX_OUTPUT,
+            CMD_WRITE_TO_AUX,
+        ):
             self._awaiting_parameter = command
         elif command == CMD_SELF_TEST:
             self._command_byte |= CTR_SYSTEM_FLAG
@@ -180,32 +195,26 @@ class I8042Controller(StatefulDevice):
     # ---------------------------------------------------------------- port 0x60
 
     def _read_data(self) -> int:
-        with self._lock:
-            if self._output:
-                return self._output.popleft()[0]
-            return 0x00
+        if self._output:
+            return self._output.popleft()[0]
+        return 0x00
 
     def _write_data(self, value: int) -> None:
-        reset = False
-        with self._lock:
-            self._last_was_command = False
-            command, self._awaiting_parameter = self._awaiting_parameter, None
-            if command == CMD_WRITE_COMMAND_BYTE:
-                self._command_byte = value
-            elif command == CMD_WRITE_OUTPUT_PORT:
-                self._output_port = value
-                # Clearing bit 0 of the output port holds the CPU in reset.
-                reset = not value & OUTPUT_PORT_RESET_LINE
-            elif command == CMD_WRITE_KEYBOARD_OUTPUT:
-                self._answer(value)
-            elif command in (CMD_WRITE_AUX_OUTPUT, CMD_WRITE_TO_AUX):
-                # There is no aux port: the byte goes nowhere and nothing answers, so Linux's
-                # AUX_LOOP command times out and it registers no mouse port.
-                log.debug("i8042: byte %#04x for the absent aux port dropped", value)
-            else:
-                # A byte for the keyboard device; no keyboard is attached, so nothing answers.
-                log.debug("i8042: byte %#04x for the absent keyboard dropped", value)
-        if reset:
-            log.info("i8042: guest cleared the reset bit of the output port")
-            self.reset_requests += 1
-            self._on_reset()
+        self._last_was_command = False
+        command, self._awaiting_parameter = self._awaiting_parameter, None
+        if command == CMD_WRITE_COMMAND_BYTE:
+            self._command_byte = value
+        elif command == CMD_WRITE_OUTPUT_PORT:
+            self._output_port = value
+            # Clearing bit 0 of the output port holds the CPU in reset.
+            if not value & OUTPUT_PORT_RESET_LINE:
+                self._pulse_reset("guest cleared the reset bit of the output port")
+        elif command == CMD_WRITE_KEYBOARD_OUTPUT:
+            self._answer(value)
+        elif command in (CMD_WRITE_AUX_OUTPUT, CMD_WRITE_TO_AUX):
+            # There is no aux port: the byte goes nowhere and nothing answers, so Linux's
+            # AUX_LOOP command times out and it registers no mouse port.
+            log.debug("i8042: byte %#04x for the absent aux port dropped", value)
+        else:
+            # A byte for the keyboard device; no keyboard is attached, so nothing answers.
+            log.debug("i8042: byte %#04x for the absent keyboard dropped", value)

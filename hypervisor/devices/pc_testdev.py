@@ -13,6 +13,10 @@ written for QEMU's test setup use it:
   anything else high);
 - MMIO 0xff000000-0xff00ffff: 64 KiB of scratch memory that is not RAM, so every access exits
   to the VMM (the emulator test runs string and other instructions against it).
+
+Each part runs under the bus lock of its own (hypervisor.devices.gate; the scratch register is
+one device at two ranges, so one lock); a page flush and an interrupt line change are effects,
+performed after that lock is released.
 """
 
 from __future__ import annotations
@@ -20,9 +24,10 @@ from __future__ import annotations
 import ctypes
 import logging
 import mmap
-import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING
+
+from hypervisor.devices.gate import GatedDevice
 
 if TYPE_CHECKING:
     from hypervisor.memory import GuestMemory
@@ -43,24 +48,27 @@ PAGE_SIZE = mmap.PAGESIZE
 PROT_NONE = 0  # <sys/mman.h>; Python's mmap module has no name for it
 
 
-class ScratchRegister:
+class ScratchRegister(GatedDevice):
     """The 32-bit register behind 0xe0 and 0xe8; a write replaces the bytes it covers."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
         self._value = bytearray(SCRATCH_PORT_COUNT)
 
     def read(self, offset: int, data: memoryview) -> None:
-        with self._lock:
-            data[:] = bytes(self._value[(offset + index) % SCRATCH_PORT_COUNT] for index in range(len(data)))
+        self._access(self._read, offset, data)
 
     def write(self, offset: int, data: bytes) -> None:
-        with self._lock:
-            for index, byte in enumerate(data):
-                self._value[(offset + index) % SCRATCH_PORT_COUNT] = byte
+        self._access(self._write, offset, data)
+
+    def _read(self, offset: int, data: memoryview) -> None:
+        data[:] = bytes(self._value[(offset + index) % SCRATCH_PORT_COUNT] for index in range(len(data)))
+
+    def _write(self, offset: int, data: bytes) -> None:
+        for index, byte in enumerate(data):
+            self._value[(offset + index) % SCRATCH_PORT_COUNT] = byte
 
 
-class FlushPage:
+class FlushPage(GatedDevice):
     """Port 0xe4: `flush(gpa)` drops the host mapping of the page at the written address."""
 
     def __init__(self, flush: Callable[[int], None]) -> None:
@@ -71,10 +79,10 @@ class FlushPage:
 
     def write(self, offset: int, data: bytes) -> None:
         if offset == 0 and len(data) == 4:  # QEMU accepts 32-bit writes only
-            self._flush(int.from_bytes(data, "little") & ~(PAGE_SIZE - 1))
+            self._access(self._post, self._flush, int.from_bytes(data, "little") & ~(PAGE_SIZE - 1))
 
 
-class IrqLines:
+class IrqLines(GatedDevice):
     """Ports 0x2000 + n: a byte written sets ISA interrupt line n to the value's truth.
 
     QEMU's region takes byte accesses, and its memory core splits a wider write into bytes, so
@@ -88,25 +96,31 @@ class IrqLines:
         data[:] = b"\xff" * len(data)  # write-only
 
     def write(self, offset: int, data: bytes) -> None:
+        self._access(self._write, offset, data)
+
+    def _write(self, offset: int, data: bytes) -> None:
         for index, byte in enumerate(data):
             if offset + index < IRQ_LINES:
-                self._set_line(offset + index, byte != 0)
+                self._post(self._set_line, offset + index, byte != 0)
 
 
-class IoMemory:
+class IoMemory(GatedDevice):
     """The 64 KiB MMIO window: plain little-endian scratch memory behind exits."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
         self._buffer = bytearray(IOMEM_SIZE)
 
     def read(self, offset: int, data: memoryview) -> None:
-        with self._lock:
-            data[:] = self._buffer[offset : offset + len(data)]
+        self._access(self._read, offset, data)
 
     def write(self, offset: int, data: bytes) -> None:
-        with self._lock:
-            self._buffer[offset : offset + len(data)] = data
+        self._access(self._write, offset, data)
+
+    def _read(self, offset: int, data: memoryview) -> None:
+        data[:] = self._buffer[offset : offset + len(data)]
+
+    def _write(self, offset: int, data: bytes) -> None:
+        self._buffer[offset : offset + len(data)] = data
 
 
 class HostPageFlusher:

@@ -13,15 +13,19 @@ A write of SLP_EN with the S5 sleep type (the \\_S5 package of the DSDT) powers 
 other sleep types (S1-S4) are not implemented and are ignored with a warning, as a system
 without those states would do. pyhv never raises the SCI: no fixed event (power button, timer
 carry) is generated, so the status bits only ever read back as 0.
+
+The devices have no locks of their own: each runs under the bus lock of its own
+(hypervisor.devices.gate), and a power-off or reset request is an effect, performed after that
+lock is released.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable
 
+from hypervisor.devices.gate import GatedDevice
 from hypervisor.devices.state import StatefulDevice
 
 log = logging.getLogger(__name__)
@@ -87,7 +91,7 @@ class PmTimer(StatefulDevice):
     def read(self, offset: int, data: memoryview) -> None:
         # §4.8.3.3: the register is read as a 32-bit quantity; narrower reads get its low part
         # at that offset, which is how a byte-wise reader would see it.
-        _fill(data, self.value() >> (8 * offset))
+        _fill(data, self._access(self.value) >> (8 * offset))
 
     def write(self, offset: int, data: bytes) -> None:
         pass  # read-only
@@ -107,45 +111,45 @@ class Pm1Registers(StatefulDevice):
 
     def __init__(self, on_power_off: Callable[[], None]) -> None:
         self._on_power_off = on_power_off
-        self._lock = threading.Lock()
         self._registers = bytearray(self.SIZE)
         # SMI_CMD is 0 in the FADT: the machine is always in ACPI mode, so SCI_EN reads as 1
         # (§4.8.3.2.1: "hardware-only ... if SMI_CMD is zero").
         self._registers[self.CONTROL_OFFSET] = SCI_EN
 
     def read(self, offset: int, data: memoryview) -> None:
-        with self._lock:
-            data[:] = bytes(self._registers[offset + index] if offset + index < self.SIZE else 0xFF
-                            for index in range(len(data)))  # fmt: skip
+        self._access(self._read, offset, data)
 
     def write(self, offset: int, data: bytes) -> None:
-        power_off = False
-        with self._lock:
-            for index, byte in enumerate(data):
-                position = offset + index
-                if position < 2:  # PM1_STS: write 1 to clear
-                    self._registers[position] &= ~(byte & (PM1_STATUS_BITS >> (8 * position))) & 0xFF
-                elif position < 4:  # PM1_EN
-                    self._registers[position] = byte & (PM1_ENABLE_BITS >> (8 * (position - 2))) & 0xFF
-                elif position < self.SIZE:
-                    self._registers[position] = byte
-            self._registers[self.CONTROL_OFFSET] |= SCI_EN
-            control = int.from_bytes(self._registers[self.CONTROL_OFFSET : self.SIZE], "little")
-            if control & SLP_EN:
-                # SLP_EN is write-only and reads as 0 (table 4.16); the write is the command.
-                self._registers[self.CONTROL_OFFSET + 1] &= ~(SLP_EN >> 8) & 0xFF
-                sleep_type = (control & SLP_TYP_MASK) >> SLP_TYP_SHIFT
-                if sleep_type == S5_SLEEP_TYPE:
-                    power_off = True
-                else:
-                    log.warning("the guest asked for ACPI sleep type %d, which pyhv does not implement; "
-                                "only S5 (power off) is offered", sleep_type)  # fmt: skip
-        if power_off:
-            log.debug("guest wrote SLP_EN with the S5 sleep type: power off")
-            self._on_power_off()
+        self._access(self._write, offset, data)
+
+    def _read(self, offset: int, data: memoryview) -> None:
+        data[:] = bytes(self._registers[offset + index] if offset + index < self.SIZE else 0xFF
+                        for index in range(len(data)))  # fmt: skip
+
+    def _write(self, offset: int, data: bytes) -> None:
+        for index, byte in enumerate(data):
+            position = offset + index
+            if position < 2:  # PM1_STS: write 1 to clear
+                self._registers[position] &= ~(byte & (PM1_STATUS_BITS >> (8 * position))) & 0xFF
+            elif position < 4:  # PM1_EN
+                self._registers[position] = byte & (PM1_ENABLE_BITS >> (8 * (position - 2))) & 0xFF
+            elif position < self.SIZE:
+                self._registers[position] = byte
+        self._registers[self.CONTROL_OFFSET] |= SCI_EN
+        control = int.from_bytes(self._registers[self.CONTROL_OFFSET : self.SIZE], "little")
+        if control & SLP_EN:
+            # SLP_EN is write-only and reads as 0 (table 4.16); the write is the command.
+            self._registers[self.CONTROL_OFFSET + 1] &= ~(SLP_EN >> 8) & 0xFF
+            sleep_type = (control & SLP_TYP_MASK) >> SLP_TYP_SHIFT
+            if sleep_type == S5_SLEEP_TYPE:
+                log.debug("guest wrote SLP_EN with the S5 sleep type: power off")
+                self._post(self._on_power_off)
+            else:
+                log.warning("the guest asked for ACPI sleep type %d, which pyhv does not implement; "
+                            "only S5 (power off) is offered", sleep_type)  # fmt: skip
 
 
-class ResetRegister:
+class ResetRegister(GatedDevice):
     """The FADT's reset register (§4.8.3.6): writing the reset value resets the machine."""
 
     def __init__(self, on_reset: Callable[[], None]) -> None:
@@ -156,7 +160,10 @@ class ResetRegister:
         _fill(data, self._value)
 
     def write(self, offset: int, data: bytes) -> None:
-        self._value = data[0] & ~RESET_CPU_BIT
-        if data[0] & RESET_CPU_BIT:
-            log.debug("guest wrote %#x to the reset register", data[0])
-            self._on_reset()
+        self._access(self._write, data[0])
+
+    def _write(self, value: int) -> None:
+        self._value = value & ~RESET_CPU_BIT
+        if value & RESET_CPU_BIT:
+            log.debug("guest wrote %#x to the reset register", value)
+            self._post(self._on_reset)

@@ -17,6 +17,8 @@ binds to; that needs a kernel with CONFIG_ACPI and CONFIG_PVPANIC (docs/ci.md).
 Snapshots: the device has no state beyond its configuration (the port is fixed, the event
 bitmap a constant, the callbacks wired by the machine), so it is not a StatefulDevice, as the
 debug-exit port is not; `crash_loaded_reports` is a count for this run's log and is not saved.
+The panic report (`on_panic`) is an effect, performed after the device's bus lock is released
+(hypervisor.devices.gate).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
+from hypervisor.devices.gate import GatedDevice
 from hypervisor.outcome import PANIC_SOURCE_PVPANIC, Outcome, panic_outcome
 
 log = logging.getLogger(__name__)
@@ -47,7 +50,7 @@ def pvpanic_panic(written: int, port: int = PVPANIC_PORT) -> Outcome:
     )
 
 
-class PvPanic:
+class PvPanic(GatedDevice):
     """The pvpanic port. `on_panic` gets the outcome to end the run with (Machine.request_stop)."""
 
     def __init__(self, on_panic: Callable[[Outcome], None], port: int = PVPANIC_PORT) -> None:
@@ -63,6 +66,9 @@ class PvPanic:
         data[0] = PVPANIC_EVENTS
 
     def write(self, offset: int, data: bytes) -> None:
+        self._access(self._write, data)
+
+    def _write(self, data: bytes) -> None:
         value = data[0]  # only the port's own byte counts, whatever the access width
         unknown = value & ~PVPANIC_EVENTS
         if unknown and not self._unknown_bits_logged:
@@ -71,7 +77,7 @@ class PvPanic:
             log.warning("the guest wrote pvpanic bits %#x that pyhv does not handle; ignored", unknown)
         if value & PVPANIC_PANICKED:
             log.debug("pvpanic: guest panicked (%#x)", value)
-            self._on_panic(pvpanic_panic(value, self.port))
+            self._post(self._on_panic, pvpanic_panic(value, self.port))
         elif value & PVPANIC_CRASH_LOADED:
             self.crash_loaded_reports += 1
             log.warning("the guest kernel reported a panic through pvpanic with a crash kernel loaded "

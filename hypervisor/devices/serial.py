@@ -35,15 +35,18 @@ What is modelled and why:
   board gates the UART's INTR pin with OUT2) and never in loopback, where the data sheet forces the
   OUT pins inactive. Linux's 8250 driver sets OUT2 before it expects interrupts.
 
-Every register read or write happens under one lock: `feed()` runs on the console thread while the
-guest accesses registers from a vCPU thread.
+The UART has no lock of its own: `feed()` runs on the console thread while the guest accesses
+registers from a vCPU thread, and both run under the one lock the bus gives the device
+(hypervisor.devices.gate). Transmitted bytes and interrupt line changes are posted as effects and
+happen after that lock is released, in order (a byte before the interrupt it re-arms), so a
+console whose output blocks never holds up the console thread's input or another vCPU's register
+access, and a console may call `feed()` from its output callback.
 """
 
 from __future__ import annotations
 
 import collections
 import logging
-import threading
 from collections.abc import Callable
 
 from hypervisor.devices.bus import InterruptLine, NullInterruptLine
@@ -139,7 +142,6 @@ class Serial16550A(StatefulDevice):
     ) -> None:
         self._on_output = on_output or (lambda data: None)
         self._interrupt: InterruptLine = interrupt or NullInterruptLine()
-        self._lock = threading.RLock()
         self._host_queue: collections.deque[int] = collections.deque()
         self._dropped_warning_given = False
         # Received characters; host input is tagged with HOST_ORIGIN so a FIFO clear can return it.
@@ -160,33 +162,37 @@ class Serial16550A(StatefulDevice):
     # ----------------------------------------------------------------- host side
 
     def set_output(self, on_output: Callable[[bytes], None]) -> None:
-        with self._lock:
-            self._on_output = on_output
+        self._serialised(setattr, self, "_on_output", on_output)
 
     def set_interrupt(self, interrupt: InterruptLine) -> None:
-        with self._lock:
-            self._interrupt = interrupt
-            self._line_level = False
-            self._update_interrupt()
+        self._serialised(self._set_interrupt, interrupt)
+
+    def _set_interrupt(self, interrupt: InterruptLine) -> None:
+        self._interrupt = interrupt
+        self._line_level = False
+        self._update_interrupt()
 
     def feed(self, data: bytes) -> int:
         """Queue host input for the guest; returns how many bytes were accepted (thread-safe)."""
-        with self._lock:
-            room = HOST_QUEUE_LIMIT - len(self._host_queue)
-            accepted = data[: max(room, 0)]
-            if len(accepted) < len(data) and not self._dropped_warning_given:
-                log.warning("serial: guest is not reading its input; dropping %d bytes",
-                            len(data) - len(accepted))
-                self._dropped_warning_given = True
-            self._host_queue.extend(accepted)
-            self._refill_from_host()
-            self._update_interrupt()
-            return len(accepted)
+        return self._serialised(self._feed, data)
+
+    def _feed(self, data: bytes) -> int:
+        room = HOST_QUEUE_LIMIT - len(self._host_queue)
+        accepted = data[: max(room, 0)]
+        if len(accepted) < len(data) and not self._dropped_warning_given:
+            log.warning("serial: guest is not reading its input; dropping %d bytes", len(data) - len(accepted))
+            self._dropped_warning_given = True
+        self._host_queue.extend(accepted)
+        self._refill_from_host()
+        self._update_interrupt()
+        return len(accepted)
 
     def pending_input(self) -> int:
         """Bytes fed by the host that the guest has not read yet (FIFO plus host queue)."""
-        with self._lock:
-            return len(self._host_queue) + sum(1 for entry in self._fifo if entry & HOST_ORIGIN)
+        return self._serialised(self._pending_input)
+
+    def _pending_input(self) -> int:
+        return len(self._host_queue) + sum(1 for entry in self._fifo if entry & HOST_ORIGIN)
 
     @property
     def interrupt_level(self) -> bool:
@@ -196,18 +202,22 @@ class Serial16550A(StatefulDevice):
     # ----------------------------------------------------------------- Device protocol
 
     def read(self, offset: int, data: memoryview) -> None:
-        # A wider access on this 8-bit ISA device is a run of byte accesses to consecutive ports.
-        with self._lock:
-            for index in range(len(data)):
-                data[index] = self._read_register(offset + index)
-            self._update_interrupt()
+        self._access(self._read_registers, offset, data)
 
     def write(self, offset: int, data: bytes) -> None:
-        with self._lock:
-            for index, value in enumerate(data):
-                self._write_register(offset + index, value)
-            self._release_input_once_a_driver_listens()
-            self._update_interrupt()
+        self._access(self._write_registers, offset, data)
+
+    def _read_registers(self, offset: int, data: memoryview) -> None:
+        # A wider access on this 8-bit ISA device is a run of byte accesses to consecutive ports.
+        for index in range(len(data)):
+            data[index] = self._read_register(offset + index)
+        self._update_interrupt()
+
+    def _write_registers(self, offset: int, data: bytes) -> None:
+        for index, value in enumerate(data):
+            self._write_register(offset + index, value)
+        self._release_input_once_a_driver_listens()
+        self._update_interrupt()
 
     # ----------------------------------------------------------------- registers
 
@@ -295,7 +305,7 @@ class Serial16550A(StatefulDevice):
             # §8.7: in loopback the transmitter output is connected to the receiver input.
             self._receive(value)
         else:
-            self._on_output(bytes((value,)))
+            self._post(self._on_output, bytes((value,)))  # after the bus lock is released
         self._thr_empty_pending = True
 
     def _receive(self, value: int) -> None:
@@ -426,4 +436,4 @@ class Serial16550A(StatefulDevice):
         level = pending and bool(self._mcr & MCR_OUT2) and not self._loopback
         if level != self._line_level:
             self._line_level = level
-            self._interrupt.set_level(level)
+            self._post(self._interrupt.set_level, level)

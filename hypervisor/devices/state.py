@@ -5,7 +5,9 @@ handles in it, and a device of the same type can be set from it. Snapshots store
 A device lists the attributes that make up its state in `STATE_FIELDS` and bumps
 `STATE_VERSION` when their meaning changes; values are ints, bools, None, bytes/bytearray
 (stored as hex), deques and lists of those, or tuples. Callbacks and interrupt lines are wired
-by the machine, not saved.
+by the machine, not saved. `state()` and `restore_state()` run under the device's bus lock
+(hypervisor.devices.gate), as its register accesses do, so a snapshot never sees a half-done
+access (the console thread may still be typing into the UART while the vCPUs are paused).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import collections
 from typing import Any, ClassVar
 
+from hypervisor.devices.gate import GatedDevice
 from hypervisor.errors import ConfigError
 
 JsonValue = Any
@@ -47,23 +50,22 @@ def _decode(value: JsonValue, like: object) -> object:
     return value
 
 
-class StatefulDevice:
+class StatefulDevice(GatedDevice):
     """Mixin: `state()` and `restore_state(state)` over the class's STATE_FIELDS."""
 
     STATE_FIELDS: ClassVar[tuple[str, ...]] = ()
     STATE_VERSION: ClassVar[int] = 1
 
-    def _state_lock(self) -> Any:
-        return getattr(self, "_lock", None)
-
     def state(self) -> dict[str, JsonValue]:
-        lock = self._state_lock()
-        if lock is not None:
-            with lock:
-                fields = {name: _encode(getattr(self, name)) for name in self.STATE_FIELDS}
-        else:
-            fields = {name: _encode(getattr(self, name)) for name in self.STATE_FIELDS}
+        fields = self._serialised(self._encoded_fields)
         return {"type": type(self).__name__, "version": self.STATE_VERSION, "fields": fields}
+
+    def _encoded_fields(self) -> dict[str, JsonValue]:
+        return {name: _encode(getattr(self, name)) for name in self.STATE_FIELDS}
+
+    def _set_fields(self, decoded: dict[str, object]) -> None:
+        for key, value in decoded.items():
+            setattr(self, key, value)
 
     def restore_state(self, state: dict[str, JsonValue]) -> None:
         """Sets the device from `state`; ConfigError (one line) if it is not this device's."""
@@ -79,14 +81,7 @@ class StatefulDevice:
             decoded = {key: _decode(value, getattr(self, key)) for key, value in fields.items()}
         except (ValueError, TypeError) as error:
             raise ConfigError(f"saved {name} state is damaged: {error}") from error
-        lock = self._state_lock()
         try:
-            if lock is not None:
-                with lock:
-                    for key, value in decoded.items():
-                        setattr(self, key, value)
-            else:
-                for key, value in decoded.items():
-                    setattr(self, key, value)
+            self._serialised(self._set_fields, decoded)
         except (ValueError, TypeError) as error:  # a field whose setter checks its value
             raise ConfigError(f"saved {name} state is damaged: {error}") from error

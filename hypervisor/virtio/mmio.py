@@ -1,25 +1,31 @@
 """The virtio-mmio transport, version 2 (virtio 1.2 §4.2.2), as a bus Device of one 4 KiB window.
 
 The machine picks the window's base and IRQ, announces them to Linux with
-`virtio_mmio.device=4K@<base>:<irq>`, wires `interrupt` to an irqfd and registers
-`notify_eventfd(q)` as a KVM ioeventfd at base + QUEUE_NOTIFY_OFFSET (4 bytes, datamatch q).
-The register layout itself is in mmio_registers.
+`virtio_mmio.device=4K@<base>:<irq>`, wires `interrupt` to an irqfd, creates the device's I/O
+thread (a QueueWorker running `process_queue`, hypervisor.virtio.worker), hands it to the
+transport with `use_worker()` and registers the worker's eventfd of queue q as a KVM ioeventfd
+at base + QUEUE_NOTIFY_OFFSET (4 bytes, datamatch q). The machine starts, stops and joins that
+thread; the transport only hands it work. The register layout itself is in mmio_registers.
 
-Threads: the vCPU thread calls read()/write(); the device's I/O thread calls process_queue().
-`_lock` guards the registers and is only held briefly. `_io_lock` is held by the I/O thread for
-a whole batch of requests and taken by the vCPU only for status and QueueReady writes, so a
-reset waits for requests in flight (the driver sees status 0 only once the device is quiet)
-while register reads such as InterruptStatus never wait for the disk. Order: _io_lock, _lock.
+Threads: a vCPU thread calls read()/write(); the I/O thread calls process_queue(). The registers
+have no lock of their own: both run them under the transport's bus lock (hypervisor.devices.gate),
+held only briefly, never across a request. Interrupts and kicks of the I/O thread are effects,
+performed after that lock is released. A pass of requests runs under the worker's pass lock,
+which a vCPU takes (before the bus lock) only for status and QueueReady writes, so a reset waits
+for the requests in flight (the driver sees status 0 only once the device is quiet) while
+register reads such as InterruptStatus never wait for the disk. Order: pass lock, bus lock.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import threading
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
 from hypervisor.devices.bus import InterruptLine
+from hypervisor.devices.gate import GatedDevice
 from hypervisor.errors import ConfigError
 from hypervisor.memory.guest_memory import GuestMemory
 from hypervisor.virtio import mmio_registers as reg
@@ -78,7 +84,7 @@ class QueueConfig:
         self.size = self.max_size  # §4.2.2: QueueNum "default" is the maximum
 
 
-class MmioTransport:
+class MmioTransport(GatedDevice):
     """Registers, status state machine and interrupts of one virtio-mmio device."""
 
     def __init__(
@@ -89,10 +95,8 @@ class MmioTransport:
         self.interrupt = interrupt
         self.name = name
         self.device_features = device.device_features() | TRANSPORT_FEATURES
-        self._lock = threading.Lock()
-        self._io_lock = threading.Lock()
         self._queues = [QueueConfig(size) for size in device.queue_max_sizes]
-        self._worker = QueueWorker(name, len(self._queues), self.process_queue, self.has_pending)
+        self._worker: QueueWorker | None = None
         self.config_generation = 0
         self._guest_warnings = 0
         self._kick_after_restore = False
@@ -107,40 +111,61 @@ class MmioTransport:
         self._queue_sel = 0
         self._queues = [QueueConfig(queue.max_size) for queue in self._queues]
 
-    # ---- life cycle, for the machine ----
+    # ---- the I/O thread it is given, for the machine ----
 
-    def notify_eventfd(self, queue_index: int) -> int:
-        """The eventfd to register as KVM ioeventfd at base + QUEUE_NOTIFY_OFFSET, datamatch
-        `queue_index`, length 4."""
-        return self._worker.eventfd(queue_index)
+    @property
+    def queue_count(self) -> int:
+        return len(self._queues)
 
-    def start(self) -> None:
-        self._worker.start()
+    def use_worker(self, worker: QueueWorker) -> None:
+        """Hands queue notifications to `worker` (made by the machine to call `process_queue`
+        and `has_pending`), whose pass lock also keeps resets apart from requests in flight."""
+        self._serialised(self._use_worker, worker)
+
+    def _use_worker(self, worker: QueueWorker) -> None:
+        self._worker = worker
         if self._kick_after_restore:
-            # A notification the guest made just before the save was an eventfd count of the
-            # old process, not part of the snapshot: look at every queue once, so requests it
-            # announced are picked up (an empty queue costs one read of avail.idx).
-            self._kick_after_restore = False
-            for index in range(len(self._queues)):
-                self._worker.kick(index)
+            self._kick_every_queue()
+
+    def _kick_every_queue(self) -> None:
+        # A notification the guest made just before a save was an eventfd count of the old
+        # process, not part of the snapshot: look at every queue once, so requests it announced
+        # are picked up (an empty queue costs one read of avail.idx). The counts wait in the
+        # eventfds until the machine starts the worker.
+        self._kick_after_restore = False
+        assert self._worker is not None
+        for index in range(len(self._queues)):
+            self._post(self._worker.kick, index)
+
+    def _pass_lock(self) -> AbstractContextManager[object]:
+        worker = self._worker
+        return worker.pass_lock if worker is not None else contextlib.nullcontext()
+
+    # The snapshot's drain (hypervisor.snapshot.machine_state) stops and restarts the I/O
+    # thread through the transport; the machine owns the thread otherwise.
 
     def stop(self) -> bool:
-        """Stops the I/O thread after the batch in hand: every request it took is finished and
-        on the used ring. False if the thread did not stop (a request still runs)."""
-        return self._worker.stop()
+        """Stops the worker after the batch in hand (QueueWorker.stop); True without one."""
+        return self._worker.stop() if self._worker is not None else True
+
+    def start(self) -> None:
+        if self._worker is not None:
+            self._worker.start()
 
     @property
     def io_running(self) -> bool:
-        return self._worker.running
+        return self._worker is not None and self._worker.running
 
     def close(self) -> None:
-        """Stop the I/O thread, drop every view of guest RAM (GuestMemory.close() refuses while
-        views exist) and close the device's backend."""
-        self._worker.close()
-        with self._io_lock, self._lock:
-            for queue in self._queues:
-                queue.ring = None
+        """Drops every view of guest RAM (GuestMemory.close() refuses while views exist) and
+        closes the device's backend. The machine has stopped the worker first."""
+        with self._pass_lock():
+            self._serialised(self._drop_rings)
         self.device.close()
+
+    def _drop_rings(self) -> None:
+        for queue in self._queues:
+            queue.ring = None
 
     # ---- state as data (snapshots; hypervisor/devices/state.py's shape) ----
 
@@ -151,20 +176,23 @@ class MmioTransport:
         device_state = getattr(self.device, "state", None)
         if device_state is None:
             raise ConfigError(f"{self.name}: a {type(self.device).__name__} cannot be saved")
-        with self._io_lock, self._lock:
-            queues = [
-                {"max_size": queue.max_size, "size": queue.size, "ready": queue.ready, "desc": queue.desc,
-                 "driver": queue.driver, "device": queue.device,
-                 "ring": queue.ring.ring_state() if queue.ring is not None else None}
-                for queue in self._queues
-            ]  # fmt: skip
-            fields = {
-                "device_features": self.device_features, "driver_features": self.driver_features,
-                "status": self.status, "interrupt_status": self.interrupt_status,
-                "device_features_sel": self._device_features_sel, "driver_features_sel": self._driver_features_sel,
-                "queue_sel": self._queue_sel, "config_generation": self.config_generation, "queues": queues,
-                "device": device_state(),
-            }  # fmt: skip
+        with self._pass_lock():
+            return self._serialised(self._state, device_state)
+
+    def _state(self, device_state: Any) -> dict[str, object]:
+        queues = [
+            {"max_size": queue.max_size, "size": queue.size, "ready": queue.ready, "desc": queue.desc,
+             "driver": queue.driver, "device": queue.device,
+             "ring": queue.ring.ring_state() if queue.ring is not None else None}
+            for queue in self._queues
+        ]  # fmt: skip
+        fields = {
+            "device_features": self.device_features, "driver_features": self.driver_features,
+            "status": self.status, "interrupt_status": self.interrupt_status,
+            "device_features_sel": self._device_features_sel, "driver_features_sel": self._driver_features_sel,
+            "queue_sel": self._queue_sel, "config_generation": self.config_generation, "queues": queues,
+            "device": device_state(),
+        }  # fmt: skip
         return {"type": type(self).__name__, "version": TRANSPORT_STATE_VERSION, "fields": fields}
 
     def restore_state(self, state: object) -> None:
@@ -177,88 +205,84 @@ class MmioTransport:
         saved_queues = fields["queues"]
         if [queue["max_size"] for queue in saved_queues] != [queue.max_size for queue in self._queues]:
             raise ConfigError(f"{self.name}: the saved queues are not this device's")
+        with self._pass_lock():
+            self._serialised(self._restore, fields)
+
+    def _restore(self, fields: dict[str, Any]) -> None:
+        saved_queues = fields["queues"]
         running = fields["status"] & spec.STATUS_DRIVER_OK and not fields["status"] & (
             spec.STATUS_DEVICE_NEEDS_RESET | spec.STATUS_FAILED
         )
-        with self._io_lock, self._lock:
-            old_features = self.driver_features
-            self.driver_features = fields["driver_features"]  # the rings are built with them
-            queues: list[QueueConfig] = []
-            failure: str | None = None
-            try:
-                for index, saved in enumerate(saved_queues):
-                    queue = QueueConfig(saved["max_size"])
-                    queues.append(queue)
-                    queue.size, queue.ready = saved["size"], saved["ready"]
-                    queue.desc, queue.driver, queue.device = saved["desc"], saved["driver"], saved["device"]
-                    if saved["ring"] is not None:
-                        if not (running and queue.ready):
-                            raise VirtqueueError(f"queue {index} has ring positions but is not running")
-                        queue.ring = self._make_ring(queue)
-                        queue.ring.restore_ring_state(saved["ring"])
-                restore_device = getattr(self.device, "restore_state", None)
-                if restore_device is None:
-                    raise ConfigError(f"{self.name}: a {type(self.device).__name__} cannot be restored")
-                restore_device(fields["device"])
-            except (VirtqueueError, ConfigError) as error:
-                failure = f"{self.name}: saved queue state is damaged: {error}" if isinstance(
-                    error, VirtqueueError) else str(error)  # fmt: skip
-            if failure is not None:
-                # Raised outside the handler: the error's traceback would hold the refused
-                # rings' frames, and with them views of guest RAM.
-                self.driver_features = old_features
-                for queue in queues:
-                    if queue.ring is not None:
-                        queue.ring.release()
-                raise ConfigError(failure)
-            self._queues = queues
-            self.status = fields["status"]
-            self.interrupt_status = fields["interrupt_status"]
-            self._device_features_sel = fields["device_features_sel"]
-            self._driver_features_sel = fields["driver_features_sel"]
-            self._queue_sel = fields["queue_sel"]
-            self.config_generation = fields["config_generation"]
-            self._kick_after_restore = True
+        old_features = self.driver_features
+        self.driver_features = fields["driver_features"]  # the rings are built with them
+        queues: list[QueueConfig] = []
+        failure: str | None = None
+        try:
+            for index, saved in enumerate(saved_queues):
+                queue = QueueConfig(saved["max_size"])
+                queues.append(queue)
+                queue.size, queue.ready = saved["size"], saved["ready"]
+                queue.desc, queue.driver, queue.device = saved["desc"], saved["driver"], saved["device"]
+                if saved["ring"] is not None:
+                    if not (running and queue.ready):
+                        raise VirtqueueError(f"queue {index} has ring positions but is not running")
+                    queue.ring = self._make_ring(queue)
+                    queue.ring.restore_ring_state(saved["ring"])
+            restore_device = getattr(self.device, "restore_state", None)
+            if restore_device is None:
+                raise ConfigError(f"{self.name}: a {type(self.device).__name__} cannot be restored")
+            restore_device(fields["device"])
+        except (VirtqueueError, ConfigError) as error:
+            failure = f"{self.name}: saved queue state is damaged: {error}" if isinstance(
+                error, VirtqueueError) else str(error)  # fmt: skip
+        if failure is not None:
+            # Raised outside the handler: the error's traceback would hold the refused
+            # rings' frames, and with them views of guest RAM.
+            self.driver_features = old_features
+            for queue in queues:
+                if queue.ring is not None:
+                    queue.ring.release()
+            raise ConfigError(failure)
+        self._queues = queues
+        self.status = fields["status"]
+        self.interrupt_status = fields["interrupt_status"]
+        self._device_features_sel = fields["device_features_sel"]
+        self._driver_features_sel = fields["driver_features_sel"]
+        self._queue_sel = fields["queue_sel"]
+        self.config_generation = fields["config_generation"]
+        self._kick_after_restore = True
+        if self._worker is not None:
+            self._kick_every_queue()
 
     # ---- the Device protocol (vCPU thread) ----
 
     def read(self, offset: int, data: memoryview) -> None:
         if offset >= reg.CONFIG_OFFSET:
-            self._read_config(offset - reg.CONFIG_OFFSET, data)
+            self._access(self._read_config, offset - reg.CONFIG_OFFSET, data)
             return
         if len(data) != 4 or offset % 4:
             # §4.2.2.2: register accesses are 32 bits wide and aligned; anything else is answered.
             log.debug("%s: %d-byte read at %#x is not a register access", self.name, len(data), offset)
             data[:] = bytes(len(data))
             return
-        with self._lock:
-            value = self._read_register(offset)
-        data[:] = value.to_bytes(4, "little")
+        data[:] = self._access(self._read_register, offset).to_bytes(4, "little")
 
     def write(self, offset: int, data: bytes) -> None:
         if offset >= reg.CONFIG_OFFSET:
-            with self._lock:
-                self.device.write_config(offset - reg.CONFIG_OFFSET, bytes(data))
+            self._access(self.device.write_config, offset - reg.CONFIG_OFFSET, bytes(data))
             return
         if len(data) != 4 or offset % 4:
             log.debug("%s: %d-byte write at %#x is not a register access", self.name, len(data), offset)
             return
         value = int.from_bytes(data, "little")
-        if offset == reg.QUEUE_NOTIFY_OFFSET:
-            self._notify(value)
-        elif offset in (reg.STATUS_OFFSET, reg.QUEUE_READY_OFFSET):
-            with self._io_lock, self._lock:  # wait for requests in flight (module docstring)
-                if offset == reg.STATUS_OFFSET:
-                    self._write_status(value)
-                else:
-                    self._write_queue_ready(value)
+        if offset in (reg.STATUS_OFFSET, reg.QUEUE_READY_OFFSET):
+            with self._pass_lock():  # wait for requests in flight (module docstring)
+                self._access(self._write_register, offset, value)
         else:
-            with self._lock:
-                self._write_register(offset, value)
+            self._access(self._write_register, offset, value)
 
     def _read_config(self, offset: int, data: memoryview) -> None:
-        with self._lock:
-            config = self.device.config_bytes()
+        config = self.device.config_bytes()
         chunk = config[offset : offset + len(data)]
         data[:] = chunk + bytes(len(data) - len(chunk))
 
@@ -298,7 +322,13 @@ class MmioTransport:
 
     def _write_register(self, offset: int, value: int) -> None:
         queue = self._selected_queue()
-        if offset == reg.DEVICE_FEATURES_SEL_OFFSET:
+        if offset == reg.QUEUE_NOTIFY_OFFSET:
+            self._notify(value)
+        elif offset == reg.STATUS_OFFSET:
+            self._write_status(value)
+        elif offset == reg.QUEUE_READY_OFFSET:
+            self._write_queue_ready(value)
+        elif offset == reg.DEVICE_FEATURES_SEL_OFFSET:
             self._device_features_sel = value
         elif offset == reg.DRIVER_FEATURES_SEL_OFFSET:
             self._driver_features_sel = value
@@ -333,8 +363,12 @@ class MmioTransport:
 
     def _notify(self, value: int) -> None:
         queue_index = value & 0xFFFF  # without VIRTIO_F_NOTIFICATION_DATA only the index
-        if queue_index < len(self._queues):
-            self._worker.kick(queue_index)
+        if queue_index >= len(self._queues):
+            log.debug("%s: notify for nonexistent queue %d", self.name, queue_index)
+        elif self._worker is not None:
+            # Only when KVM did not take the write as an ioeventfd (no machine, or none
+            # registered): wake the I/O thread the same way, after the lock is released.
+            self._post(self._worker.kick, queue_index)
         else:
             log.debug("%s: notify for nonexistent queue %d", self.name, queue_index)
 
@@ -450,14 +484,16 @@ class MmioTransport:
 
     def _raise_interrupt(self, reason: int) -> None:
         self.interrupt_status |= reason
-        self.interrupt.pulse()
+        self._post(self.interrupt.pulse)  # after the lock: InterruptStatus already says why
 
     def config_changed(self) -> None:
         """The device changed its config space (e.g. resize): new generation and interrupt."""
-        with self._lock:
-            self.config_generation = (self.config_generation + 1) & 0xFFFFFFFF
-            if self.status & spec.STATUS_DRIVER_OK:
-                self._raise_interrupt(spec.INTERRUPT_CONFIG_CHANGE)
+        self._serialised(self._config_changed)
+
+    def _config_changed(self) -> None:
+        self.config_generation = (self.config_generation + 1) & 0xFFFFFFFF
+        if self.status & spec.STATUS_DRIVER_OK:
+            self._raise_interrupt(spec.INTERRUPT_CONFIG_CHANGE)
 
     # ---- the I/O thread ----
 
@@ -470,38 +506,38 @@ class MmioTransport:
     def process_queue(self, index: int) -> None:
         """Run the requests of queue `index` in passes, one interrupt per pass if the driver
         wants it, until a pass finds nothing new. Called by the I/O thread; public so tests can
-        drive it synchronously. `_io_lock` is released between passes so a reset or QueueReady
-        write from a vCPU waits for one pass at most."""
+        drive it synchronously. The requests run outside the bus lock, under the worker's pass
+        lock, which is released between passes so a reset or QueueReady write from a vCPU waits
+        for one pass at most."""
         while True:
-            with self._io_lock:
-                ring = self._live_ring(index)
+            with self._pass_lock():
+                ring = self._serialised(self._live_ring, index)
                 if ring is None:
                     return
                 try:
                     self.device.process_queue(index, ring)
                 except VirtqueueError as error:
-                    with self._lock:
-                        self._needs_reset(f"queue {index}: {error}")
+                    self._serialised(self._needs_reset, f"queue {index}: {error}")
                     return
                 except Exception as error:  # a device bug must not take the I/O thread down
                     log.exception("%s: queue %d failed", self.name, index)
-                    with self._lock:
-                        self._needs_reset(f"queue {index}: internal error {error!r}")
+                    self._serialised(self._needs_reset, f"queue {index}: internal error {error!r}")
                     return
-                with self._lock:
-                    if ring.needs_interrupt():
-                        self._raise_interrupt(spec.INTERRUPT_USED_BUFFER)
+                self._serialised(self._signal_used, ring)
                 if not ring.rearm():
                     return
 
+    def _signal_used(self, ring: Virtqueue) -> None:
+        if ring.needs_interrupt():
+            self._raise_interrupt(spec.INTERRUPT_USED_BUFFER)
+
     def _live_ring(self, index: int) -> Virtqueue | None:
         """The running ring of queue `index`, or None while the device may not process it."""
-        with self._lock:
-            if not self.status & spec.STATUS_DRIVER_OK:
-                return None
-            if self.status & (spec.STATUS_DEVICE_NEEDS_RESET | spec.STATUS_FAILED):
-                return None
-            return self._queues[index].ring if index < len(self._queues) else None
+        if not self.status & spec.STATUS_DRIVER_OK:
+            return None
+        if self.status & (spec.STATUS_DEVICE_NEEDS_RESET | spec.STATUS_FAILED):
+            return None
+        return self._queues[index].ring if index < len(self._queues) else None
 
 
 def _is_int(value: object, limit: int) -> bool:

@@ -1,5 +1,9 @@
 """The I/O thread of a virtio device, woken by one eventfd per virtqueue.
 
+The machine creates one worker per device, hands it to the device's transport
+(MmioTransport.use_worker), starts it with the vCPUs and stops and joins it at teardown after
+the vCPUs are joined and before guest memory is unmapped; the transport only hands it work.
+
 The machine registers each eventfd as a KVM ioeventfd on the transport's QueueNotify register
 (datamatch = queue index), so a guest notify wakes this thread without the vCPU leaving KVM and
 the vCPU never waits for the disk. Without an ioeventfd (unit tests, or a machine that did not
@@ -53,6 +57,9 @@ class QueueWorker:
         self._stop_fd = os.eventfd(0, flags)
         self._thread: threading.Thread | None = None
         self._stopping = False
+        # Held by the handler for one pass of requests, and by a vCPU that changes what passes
+        # work on (a device reset, a QueueReady write): it waits for the pass in flight.
+        self.pass_lock = threading.Lock()
 
     def eventfd(self, queue_index: int) -> int:
         """The fd to register as the ioeventfd of `queue_index`."""

@@ -9,11 +9,13 @@ import pytest
 
 from hypervisor.block.raw import RawFile
 from hypervisor.devices.bus import Bus, NullInterruptLine
+from hypervisor.devices.gate import gate_of
 from hypervisor.memory.guest_memory import GuestMemory
 from hypervisor.virtio import mmio, spec
 from hypervisor.virtio import mmio_registers as regs
 from hypervisor.virtio.blk import VirtioBlock
 from hypervisor.virtio.blk_request import S_OK, T_GET_ID
+from hypervisor.virtio.worker import QueueWorker
 from tests.virtio_driver import Allocator, BlockDriver, DriverQueue, MmioDriver
 
 MEMORY_SIZE = 1 << 20
@@ -216,10 +218,18 @@ def test_requests_before_driver_ok_are_not_processed(setup):
     assert queue.take_used() == [(request.head, 21)]
 
 
+def wire_worker(transport: mmio.MmioTransport) -> QueueWorker:
+    """The I/O thread as the machine makes it (Machine.attach_disks): the transport only gets it."""
+    worker = QueueWorker(transport.name, transport.queue_count, transport.process_queue, transport.has_pending)
+    transport.use_worker(worker)
+    return worker
+
+
 def test_notify_through_eventfd_wakes_the_io_thread(setup):
     transport, driver, memory, line = setup
     blk = ready_device(transport, driver, memory)
-    transport.start()
+    worker = wire_worker(transport)
+    worker.start()
     try:
         request = blk.submit(T_GET_ID, in_length=20)
         driver.notify(0)  # no ioeventfd registered: the transport writes the eventfd itself
@@ -228,7 +238,7 @@ def test_notify_through_eventfd_wakes_the_io_thread(setup):
         assert blk.data_of(request) == b"S1".ljust(20, b"\0")
         assert driver.read32(regs.INTERRUPT_STATUS_OFFSET) == spec.INTERRUPT_USED_BUFFER
     finally:
-        transport.stop()
+        worker.close()
 
 
 def test_eventfd_written_externally_like_an_ioeventfd(setup):
@@ -236,32 +246,100 @@ def test_eventfd_written_externally_like_an_ioeventfd(setup):
 
     transport, driver, memory, line = setup
     blk = ready_device(transport, driver, memory)
-    transport.start()
+    worker = wire_worker(transport)
+    worker.start()
     try:
         request = blk.submit(T_GET_ID, in_length=20)
-        os.eventfd_write(transport.notify_eventfd(0), 1)  # what KVM does for an ioeventfd
+        os.eventfd_write(worker.eventfd(0), 1)  # what KVM does for an ioeventfd
         assert line.event.wait(5)
         assert blk.status_of(request) == S_OK
     finally:
-        transport.stop()
+        worker.close()
 
 
 def test_stop_is_prompt_and_restartable(setup):
     transport, *_ = setup
-    transport.start()
+    worker = wire_worker(transport)
+    worker.start()
     started = time.monotonic()
-    transport.stop()
+    worker.stop()
     assert time.monotonic() - started < 1
-    transport.start()
-    transport.stop()
+    worker.start()
+    assert transport.io_running  # what the snapshot's drain asks
+    assert transport.stop() and not worker.running
+    worker.close()
+
+
+def test_the_transport_starts_no_thread_of_its_own(setup):
+    transport, driver, memory, line = setup
+    before = set(threading.enumerate())
+    blk = ready_device(transport, driver, memory)
+    blk.submit(T_GET_ID, in_length=20)
+    driver.notify(0)  # no worker given: nothing runs until someone calls process_queue
+    assert set(threading.enumerate()) == before and not transport.io_running
+    assert line.pulses == 0
+    transport.process_queue(0)
+    assert line.pulses == 1
 
 
 def test_close_is_idempotent_and_late_notifies_are_harmless(setup):
     transport, driver, _, _ = setup
-    transport.start()
+    worker = wire_worker(transport)
+    worker.start()
+    worker.close()  # the machine joins the I/O thread before it closes the device
     transport.close()
     transport.close()
     driver.notify(0)  # a vCPU that races with shutdown must not crash the process
+
+
+def test_a_reset_waits_for_the_pass_in_flight(setup):
+    transport, driver, memory, _ = setup
+    blk = ready_device(transport, driver, memory)
+    worker = wire_worker(transport)
+    in_request, release = threading.Event(), threading.Event()
+    real = transport.device.process_queue
+
+    def slow_process_queue(index, ring):
+        in_request.set()
+        assert release.wait(5)
+        real(index, ring)
+
+    transport.device.process_queue = slow_process_queue
+    request = blk.submit(T_GET_ID, in_length=20)
+    io = threading.Thread(target=transport.process_queue, args=(0,))
+    io.start()
+    assert in_request.wait(5)
+    # The request runs outside the bus lock: register reads do not wait for the disk.
+    assert driver.read32(regs.INTERRUPT_STATUS_OFFSET) == 0
+    reset = threading.Thread(target=driver.write32, args=(regs.STATUS_OFFSET, 0))
+    reset.start()
+    reset.join(0.2)
+    assert reset.is_alive(), "the reset did not wait for the request in flight"
+    release.set()
+    reset.join(5)
+    io.join(5)
+    assert blk.status_of(request) == S_OK  # finished before the reset took effect
+    assert driver.status() == 0
+    worker.close()
+
+
+def test_the_interrupt_is_pulsed_after_the_bus_lock_is_released(setup):
+    transport, driver, memory, line = setup
+    Bus("mmio", 1 << 32).insert(transport, 0xD000_0000, mmio.WINDOW_SIZE, "vda")
+    gate = gate_of(transport)
+    assert gate is not None
+    seen: list[bool] = []
+
+    def pulse() -> None:
+        seen.append(gate.locked())
+        # Re-entering the device from its own effect does not deadlock.
+        seen.append(driver.read32(regs.INTERRUPT_STATUS_OFFSET) == spec.INTERRUPT_USED_BUFFER)
+
+    line.pulse = pulse
+    blk = ready_device(transport, driver, memory)
+    blk.submit(T_GET_ID, in_length=20)
+    transport.process_queue(0)
+    assert seen == [False, True]
 
 
 def test_notify_for_nonexistent_queue_is_ignored(setup):

@@ -88,17 +88,25 @@ def test_transport_state_round_trips_and_the_restored_device_takes_the_pending_r
         restored.close()
 
 
-def test_restore_kicks_every_queue_when_started(tmp_path, memory) -> None:
+@pytest.mark.parametrize("worker_first", [True, False], ids=["worker-then-restore", "restore-then-worker"])
+def test_restore_kicks_every_queue_when_started(tmp_path, memory, worker_first) -> None:
     state, block, pending = saved_mid_run(tmp_path, memory)
     restored = make_transport(tmp_path, memory)
+    # As the machine wires it: a restore attaches the disk (and its worker) before the state.
+    worker = QueueWorker("vda", restored.queue_count, restored.process_queue, restored.has_pending)
     try:
+        if worker_first:
+            restored.use_worker(worker)
         restored.restore_state(state)
-        restored.start()  # nobody notifies: the request the guest queued before the save is found
+        if not worker_first:
+            restored.use_worker(worker)
+        worker.start()  # nobody notifies: the request the guest queued before the save is found
         deadline = time.monotonic() + 5
         while block.queue.used_idx() != 4 and time.monotonic() < deadline:
             time.sleep(0.01)
         assert block.queue.used_idx() == 4 and block.status_of(pending) == S_OK
     finally:
+        worker.close()
         restored.close()
 
 

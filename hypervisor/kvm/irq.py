@@ -1,4 +1,8 @@
-"""InterruptLine implementations that reach KVM: an IRQ line, and an irqfd for I/O threads."""
+"""InterruptLine implementations that reach KVM: an IRQ line, and an irqfd for I/O threads.
+
+They implement hypervisor.devices.bus.InterruptLine (set_level, pulse) structurally, so devices
+drive them without knowing about KVM; the machine wires them in.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,7 @@ import os
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from hypervisor.kvm import Vm
+    from hypervisor.kvm.vm import Vm
 
 
 class KvmIrqLine:
