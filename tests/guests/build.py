@@ -25,6 +25,7 @@ MODE_SPIN = 1
 MODE_OUT_FOREVER = 2
 MODE_OUT_COUNT = 3
 MODE_MMIO_COUNT = 4
+MODE_PIO_WIDE_COUNT = 5  # 32-bit in and out at the parameter port, count times each
 
 ASSEMBLE = ["gcc", "-c", "-m64", "-nostdlib", "-ffreestanding", "-fno-pic", "-I", str(HERE)]
 COMPILE_C = [

@@ -179,6 +179,8 @@ gdt_descriptor:
     je out_count
     cmp $4, %eax
     je mmio_count
+    cmp $5, %eax
+    je pio_wide_count
     mov $MMIO_BASE, %ebx
     movl $0x12345678, (%rbx)
     mov 8(%rbx), %rax
@@ -203,6 +205,22 @@ mmio_count:
 1:  movl %ecx, (%rbx)
     dec %rcx
     jnz 1b
+pio_wide_count:
+    /* 4-byte in and out at PARAM_PORT, PARAM_COUNT times each; exit 0x7e if an in did not
+     * read all-ones (what an access with no device behind it returns). */
+    movzwl (PARAM_PORT), %edx
+    mov (PARAM_COUNT), %rcx
+1:  in %dx, %eax
+    cmp $0xffffffff, %eax
+    jne 2f
+    out %eax, %dx
+    dec %rcx
+    jnz 1b
+    jmp exit
+2:  mov $0x7e, %al
+    mov $DEBUG_EXIT_PORT, %dx
+    out %al, %dx
+    jmp spin
 exit:
     movzbl (PARAM_EXIT_CODE), %eax
     mov $DEBUG_EXIT_PORT, %dx
