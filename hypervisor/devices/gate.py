@@ -25,7 +25,6 @@ effects are performed at the end of each call, in order, on the calling thread.
 
 from __future__ import annotations
 
-import functools
 import logging
 import threading
 from collections.abc import Callable
@@ -33,7 +32,8 @@ from typing import Any, TypeVar
 
 log = logging.getLogger(__name__)
 
-Effect = Callable[[], object]
+Effect = Callable[..., object]
+Posted = tuple[Effect, tuple[Any, ...]]  # an effect and its arguments
 T = TypeVar("T")
 
 
@@ -46,7 +46,7 @@ class DeviceGate:
         self.name = name
         self._lock = threading.Lock()
         self._done = threading.Condition(self._lock)  # effects performed (for waiting accesses)
-        self._pending: list[Effect] = []
+        self._pending: list[Posted] = []
         self._drainer: int | None = None  # the thread performing effects now
         self._posted = 0
         self._performed = 0
@@ -59,17 +59,24 @@ class DeviceGate:
     def run(self, device: GatedDevice, function: Callable[..., T], args: tuple[Any, ...], wait: bool) -> T:
         """`function(*args)` under the lock, then the effects it posted on `device`. With
         `wait`, returns only once those effects were performed (by this thread or another)."""
-        failure: BaseException | None = None
-        batch: list[Effect] | None = None
         with self._lock:
             try:
                 result = function(*args)
             except BaseException as error:
-                failure = error  # its effects posted so far are still performed, then it is raised
                 batch = self._claim(device, wait=False)
+                failure: BaseException | None = error  # raised after the effects it posted
             else:
-                if device._outbox:  # most accesses have no effect: nothing more to do
+                effects = device._outbox
+                if not effects:  # most accesses have no effect: nothing more to do
+                    return result
+                if self._drainer is None and not self._pending:  # the usual case: one thread
+                    device._outbox = None
+                    self._posted += len(effects)
+                    self._drainer = threading.get_ident()
+                    batch = effects
+                else:
                     batch = self._claim(device, wait)
+                failure = None
         if batch is not None:
             if failure is None:
                 self._drain(batch)
@@ -82,7 +89,7 @@ class DeviceGate:
             raise failure
         return result
 
-    def _claim(self, device: GatedDevice, wait: bool) -> list[Effect] | None:
+    def _claim(self, device: GatedDevice, wait: bool) -> list[Posted] | None:
         """With the lock held: queues the device's new effects and returns the batch this
         thread performs now, or None when the drainer (another thread, or this one further up
         its stack) performs them."""
@@ -101,26 +108,27 @@ class DeviceGate:
         self._waiting += 1
         try:
             while self._performed < target:
-                if self._drainer is None:  # the drainer left early (an effect raised): take over
+                if self._drainer is None:  # the drainer left early (interrupted): take over
                     return self._become_drainer()
                 self._done.wait()
         finally:
             self._waiting -= 1
         return None
 
-    def _become_drainer(self) -> list[Effect]:
+    def _become_drainer(self) -> list[Posted]:
         self._drainer = threading.get_ident()
         batch, self._pending = self._pending, []
         return batch
 
-    def _drain(self, batch: list[Effect]) -> None:
+    def _drain(self, batch: list[Posted]) -> None:
         """Performs `batch` and whatever other threads queue meanwhile, without the lock."""
         first_error: Exception | None = None
+        done = 0
         try:
             while True:
-                for effect in batch:
+                for done, (effect, args) in enumerate(batch, 1):  # noqa: B007 - read on interrupt
                     try:
-                        effect()
+                        effect(*args)
                     except Exception as error:  # the rest still happen; the first is raised
                         if first_error is None:
                             first_error = error
@@ -128,7 +136,7 @@ class DeviceGate:
                             log.exception("%s: a further device effect failed", self.name)
                 with self._lock:
                     self._performed += len(batch)
-                    batch = []
+                    done = 0
                     if self._waiting:
                         self._done.notify_all()
                     if not self._pending:
@@ -136,8 +144,11 @@ class DeviceGate:
                         break
                     batch, self._pending = self._pending, []
         except BaseException:
-            with self._lock:  # KeyboardInterrupt and the like: leave the queue to the next thread
-                self._pending[:0] = batch
+            # KeyboardInterrupt and the like, in the middle of an effect: what is left of the
+            # batch goes back to the front of the queue for the next thread.
+            with self._lock:
+                self._pending[:0] = batch[done:]
+                self._performed += done
                 self._drainer = None
                 self._done.notify_all()
             raise
@@ -154,13 +165,14 @@ class GatedDevice:
     """
 
     _gate: DeviceGate | None = None
-    _outbox: list[Effect] | None = None
+    _outbox: list[Posted] | None = None
 
-    def _post(self, effect: Callable[..., object], *args: object) -> None:
+    def _post(self, effect: Effect, *args: Any) -> None:
         """Queue `effect(*args)` to be performed after the device's lock is released."""
         if self._outbox is None:
-            self._outbox = []
-        self._outbox.append(functools.partial(effect, *args) if args else effect)
+            self._outbox = [(effect, args)]
+        else:
+            self._outbox.append((effect, args))
 
     def _access(self, function: Callable[..., T], *args: Any) -> T:
         """A bus access: returns once its effects are performed."""
@@ -183,8 +195,8 @@ class GatedDevice:
         finally:
             while self._outbox:
                 effects, self._outbox = self._outbox, None
-                for effect in effects:
-                    effect()
+                for effect, effect_args in effects:
+                    effect(*effect_args)
 
     def gate_owner(self) -> GatedDevice:
         """The state machine this bus device belongs to (itself; i8042's ports say their

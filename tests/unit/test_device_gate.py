@@ -148,6 +148,24 @@ def test_an_effect_that_raises_does_not_lose_the_others() -> None:
     assert seen == [2, 3, 4]
 
 
+def test_an_interrupted_drain_leaves_the_rest_to_the_next_access() -> None:
+    seen: list[int] = []
+
+    def effect(value: int) -> None:
+        if value == 1 and not seen:
+            seen.append(-1)
+            raise KeyboardInterrupt
+        seen.append(value)
+
+    device = Counter(effect)
+    gate = on_bus(device, 1)
+    with pytest.raises(KeyboardInterrupt):
+        device.write(0, bytes([1]))
+    assert seen == [-1] and not gate.locked()
+    device.write(0, bytes([3]))  # the interrupted batch's rest comes first
+    assert seen == [-1, 2, 3, 4]
+
+
 # ---------------------------------------------------------------- the devices
 
 
