@@ -195,6 +195,12 @@ class Serial16550A(StatefulDevice):
         return len(self._host_queue) + sum(1 for entry in self._fifo if entry & HOST_ORIGIN)
 
     @property
+    def divisor_latch_enabled(self) -> bool:
+        """LCR.DLAB (offsets 0 and 1 are DLL/DLM), for the debugger's view of an access
+        (hypervisor.debug.device_meaning); read under the device's lock like any access."""
+        return self._serialised(lambda: bool(self._lcr & LCR_DLAB))
+
+    @property
     def interrupt_level(self) -> bool:
         """The level last driven on the interrupt line."""
         return self._line_level

@@ -248,6 +248,23 @@ def test_serial_state_is_taken_and_set_under_the_bus_lock() -> None:
     assert seen == [True]
 
 
+def test_the_debugger_view_of_the_uart_goes_through_its_lock() -> None:
+    uart = Serial16550A()
+    gate = on_bus(uart, name="COM1")
+    uart.write(3, b"\x80")  # LCR.DLAB
+    gate._lock.acquire()  # a vCPU inside the device: the view waits for it
+    try:
+        view = threading.Thread(target=lambda: seen.append(uart.divisor_latch_enabled))
+        seen: list[bool] = []
+        view.start()
+        view.join(0.1)
+        assert view.is_alive() and seen == []
+    finally:
+        gate._lock.release()
+    view.join(5)
+    assert seen == [True]
+
+
 def test_i8042_ports_share_one_lock_and_reset_runs_after_it() -> None:
     probe = Probe()
     controller = I8042Controller(on_reset=probe)
