@@ -215,6 +215,7 @@ class FakeMachine:
         self.stops: queue.Queue[Stop] = queue.Queue()
         self.last_step_stop: Stop | None = None
         self.resumed = 0
+        self.saved: list[str] = []
 
     def break_on(self, kind: str | None = None, *, port: Any = None, address: Any = None, **rest: Any) -> Breakpoint:
         if port is not None:
@@ -229,6 +230,9 @@ class FakeMachine:
 
     def resume(self) -> None:
         self.resumed += 1
+
+    def save(self, path: str) -> None:
+        self.saved.append(path)  # what `save PATH` asks of Machine.save (not the snapshot itself)
 
     def pause(self, wait: bool = True, timeout: float | None = None) -> bool:
         return True
