@@ -259,8 +259,12 @@ class Machine:
         self.add_port_device(self.pm1, pm.PM1A_EVENT_PORT, pm.Pm1Registers.SIZE, "ACPI PM1a")
         self.pm_timer = pm.PmTimer()
         self.add_port_device(self.pm_timer, pm.PM_TIMER_PORT, pm.PM_TIMER_LENGTH, "ACPI PM timer")
-        self.add_port_device(pm.ResetRegister(lambda: self.control.request_stop(reset)), pm.RESET_PORT, 1,
-                             "ACPI reset register")  # fmt: skip
+        # The reset register spans the dword at 0xcf8 it shares with PCI CONFIG_ADDRESS, and
+        # CONFIG_DATA is sunk in C: a kernel built with PCI (the bundled one needs it for ACPI)
+        # probes both on every boot, and an empty PCI bus is no guest error (devices/pm.py).
+        self.add_port_device(pm.ResetRegister(lambda: self.control.request_stop(reset)), pm.PCI_CONFIG_ADDRESS_PORT,
+                             pm.RESET_WINDOW_SIZE, "ACPI reset register")  # fmt: skip
+        self.add_sink_ports(pm.PCI_CONFIG_DATA_PORT, pm.PCI_CONFIG_DATA_SIZE)
         # The PIC vector bases a PC BIOS programs (IRQ 0-7 at 0x08, 8-15 at 0x70), which real-mode
         # guests expect; KVM's in-kernel PIC starts at base 0 (hypervisor/boot/firmware_pic.py).
         bios_bases = (("KVM_IRQCHIP_PIC_MASTER", MASTER_VECTOR_BASE), ("KVM_IRQCHIP_PIC_SLAVE", SLAVE_VECTOR_BASE))

@@ -209,6 +209,10 @@ def describe_pm_timer(event: Access, device: object) -> Meaning:
 
 
 def describe_reset_register(event: Access, device: object) -> Meaning:
+    if not pm.is_reset_register_access(event.offset, event.size):
+        # The PCI CONFIG_ADDRESS dword the reset register sits in (devices/pm.py docstring).
+        meaning = _rw(event, "CONFIG_ADDRESS", "pci")
+        return meaning._replace(detail=f"{meaning.detail} (no PCI host bridge)")
     meaning = _rw(event, "RESET_REG", "acpi")
     if event.is_write and event.data and event.data[0] & pm.RESET_CPU_BIT:
         return meaning._replace(detail=f"{meaning.detail} (reset)")

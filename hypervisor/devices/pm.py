@@ -9,6 +9,12 @@ event block 0x600, control 0x604, timer 0x608), so guests written for QEMU that 
 (the well-known `outw(0x604, 0x2000)` power-off) work too, and the reset register is the PIIX
 reset control register at 0xcf9 (value 0x06).
 
+0xcf9 is a byte inside the dword at 0xcf8 that PCI configuration mechanism #1 calls
+CONFIG_ADDRESS (PCI Local Bus spec 3.0 §3.2.2.3.2): a PIIX decodes a byte access to 0xcf9 as its
+reset control register and passes every other access to 0xcf8-0xcfb to its PCI host bridge.
+pyhv describes no PCI host bridge, so those other accesses answer as an empty bus does
+(all-ones, writes dropped), which is how Linux's pci_check_type1/type2 conclude "no PCI".
+
 A write of SLP_EN with the S5 sleep type (the \\_S5 package of the DSDT) powers the machine off;
 other sleep types (S1-S4) are not implemented and are ignored with a warning, as a system
 without those states would do. pyhv never raises the SCI: no fixed event (power button, timer
@@ -38,6 +44,11 @@ PM1_CONTROL_LENGTH = 2
 PM_TIMER_PORT = PM_BASE_PORT + 8
 PM_TIMER_LENGTH = 4
 RESET_PORT = 0xCF9  # PIIX reset control register (Intel 82371AB datasheet §4.1.5)
+PCI_CONFIG_ADDRESS_PORT = 0xCF8  # the dword the reset register shares (see the docstring)
+RESET_WINDOW_SIZE = 4
+RESET_OFFSET = RESET_PORT - PCI_CONFIG_ADDRESS_PORT
+PCI_CONFIG_DATA_PORT = 0xCFC  # CONFIG_DATA: nothing answers it either
+PCI_CONFIG_DATA_SIZE = 4
 RESET_VALUE = 0x06  # SYS_RST | RST_CPU: a hard reset
 RESET_CPU_BIT = 0x04  # RST_CPU: the write that starts the reset
 
@@ -149,18 +160,28 @@ class Pm1Registers(StatefulDevice):
                             "only S5 (power off) is offered", sleep_type)  # fmt: skip
 
 
+def is_reset_register_access(offset: int, size: int) -> bool:
+    """Whether an access to the dword at 0xcf8 is the reset register's (a byte at 0xcf9)."""
+    return offset == RESET_OFFSET and size == 1
+
+
 class ResetRegister(GatedDevice):
-    """The FADT's reset register (§4.8.3.6): writing the reset value resets the machine."""
+    """The FADT's reset register (§4.8.3.6): writing the reset value resets the machine. On the
+    bus it spans the dword at 0xcf8 it shares with PCI CONFIG_ADDRESS (module docstring)."""
 
     def __init__(self, on_reset: Callable[[], None]) -> None:
         self._on_reset = on_reset
         self._value = 0
 
     def read(self, offset: int, data: memoryview) -> None:
-        _fill(data, self._value)
+        if is_reset_register_access(offset, len(data)):
+            _fill(data, self._value)
+        else:
+            data[:] = b"\xff" * len(data)  # CONFIG_ADDRESS of a PCI host bridge that is not there
 
     def write(self, offset: int, data: bytes) -> None:
-        self._access(self._write, data[0])
+        if is_reset_register_access(offset, len(data)):
+            self._access(self._write, data[0])
 
     def _write(self, value: int) -> None:
         self._value = value & ~RESET_CPU_BIT

@@ -285,8 +285,8 @@ def test_pm1_power_off_and_reset_register_run_after_the_lock() -> None:
     pm1.write(pm.Pm1Registers.CONTROL_OFFSET, (pm.SLP_EN | pm.S5_SLEEP_TYPE << pm.SLP_TYP_SHIFT).to_bytes(2, "little"))
     reset_probe = Probe()
     reset = pm.ResetRegister(reset_probe)
-    reset_probe.gate = on_bus(reset, 1)
-    reset.write(0, bytes([pm.RESET_VALUE]))
+    reset_probe.gate = on_bus(reset, pm.RESET_WINDOW_SIZE)
+    reset.write(pm.RESET_OFFSET, bytes([pm.RESET_VALUE]))
     assert probe.locked_during == [False] and reset_probe.locked_during == [False]
 
 

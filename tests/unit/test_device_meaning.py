@@ -112,7 +112,10 @@ def test_acpi_registers() -> None:
     assert text(io("ACPI PM1a", 4, b"\x00\x20", port=0x600)) == "acpi PM1_CNT 0x2000 (SLP_EN S5)"
     assert text(io("ACPI PM1a", 0, b"\x00\x00", write=False, port=0x600)) == "acpi PM1_STS -> 0x0000"
     assert text(io("ACPI PM timer", 0, b"\x01\x00\x00\x00", write=False, port=0x608)).startswith("acpi PM_TMR -> ")
-    assert text(io("ACPI reset register", 0, b"\x06", port=0xCF9)) == "acpi RESET_REG 0x06 (reset)"
+    assert text(io("ACPI reset register", 1, b"\x06", port=0xCF8)) == "acpi RESET_REG 0x06 (reset)"
+    # The rest of the dword at 0xcf8 is PCI CONFIG_ADDRESS, which Linux probes on every boot.
+    probe = io("ACPI reset register", 0, b"\x00\x00\x00\x80", port=0xCF8)
+    assert text(probe) == "pci CONFIG_ADDRESS 0x80000000 (no PCI host bridge)"
 
 
 def test_virtio_mmio_registers() -> None:
