@@ -12,7 +12,14 @@ import time
 
 from hypervisor.console import PhaseWatcher
 from hypervisor.debug.kernel_log import KernelLogScanner
-from hypervisor.outcome import PANIC_SOURCE_CONSOLE, Outcome, OutcomeKind, panic_outcome
+from hypervisor.outcome import (
+    PANIC_SOURCE_CONSOLE,
+    PANIC_SOURCE_PVPANIC,
+    Outcome,
+    OutcomeKind,
+    panic_outcome,
+    panic_source,
+)
 
 # Console lines that mark the phases of a Linux boot (printed by init/main.c and by the
 # bundled guest's init, guest_images/init), in the order they appear.
@@ -88,6 +95,15 @@ class ConsoleObserver:
         of the command the bundled guest ran before it reset the machine (Linux guests only)."""
         if not self.linux_rules:
             return outcome
+        if self.panicked and panic_source(outcome) == PANIC_SOURCE_PVPANIC:
+            # The machine's verdict stands; the console only adds why (Linux prints its panic
+            # line before the panic notifiers run, pvpanic's among them: kernel/panic.c).
+            reason = self.panic_reason()
+            if not reason:
+                return outcome
+            facts = outcome.data.get("panic")
+            facts = {**(facts if isinstance(facts, dict) else {}), "reason": reason}
+            return Outcome(OutcomeKind.PANIC, f"{outcome.detail}: {reason}", data={"panic": facts})
         if self.panicked and outcome.kind in PANIC_EXPLAINS:
             reason = self.panic_reason()
             detail = f"guest kernel panic: {reason}" if reason else "guest kernel panic"

@@ -123,7 +123,15 @@ def test_the_console_rule_does_not_override_a_pvpanic_panic() -> None:
     pvpanic, stops = device()
     pvpanic.write(0, b"\x01")
     explained = observer.explain(stops[0])
-    assert panic_source(explained) == PANIC_SOURCE_PVPANIC and explained == stops[0]
+    assert panic_source(explained) == PANIC_SOURCE_PVPANIC and explained.exit_status == 121
+    # ... and the console only adds why.
+    assert explained.detail == stops[0].detail + ": VFS: Unable to mount root fs"
+    assert explained.data["panic"] == {**stops[0].data["panic"], "reason": "VFS: Unable to mount root fs"}
+    quiet = ConsoleObserver(linux_rules=True)  # no panic line: the outcome is untouched
+    assert quiet.explain(stops[0]) == stops[0] and quiet.explain(stops[0]).detail == stops[0].detail
+    raw = ConsoleObserver(linux_rules=False)  # not a Linux console: its text adds nothing
+    raw.feed(b"Kernel panic - not syncing: looks like one\n")
+    assert raw.explain(stops[0]).detail == stops[0].detail
 
 
 def test_panic_outcomes_name_a_known_source() -> None:
