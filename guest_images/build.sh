@@ -2,7 +2,8 @@
 # Build the bundled pyhv guest (kernel + initramfs) from Debian 12 packages.
 #
 #   guest_images/build.sh            build, then install the outputs and MANIFEST
-#   guest_images/build.sh --kunit    build the KUnit variant into build/out-kunit/
+#   guest_images/build.sh --kunit    build the KUnit variant, then install its
+#                                    bzImage and MANIFEST in kunit/
 #   guest_images/build.sh --check    build into build/out-default/ only and
 #                                    compare with the committed outputs
 #   PYHV_GUEST_BUILD_DIR=DIR         build somewhere else than guest_images/build
@@ -39,7 +40,7 @@ usage() {
 
 while [ $# -gt 0 ]; do
 	case $1 in
-	--kunit) VARIANT=kunit; INSTALL=0 ;;
+	--kunit) VARIANT=kunit ;;
 	--check) CHECK=1; INSTALL=0 ;;
 	-h|--help) usage 0 ;;
 	*) echo "build.sh: unknown option $1" >&2; usage 2 ;;
@@ -176,7 +177,14 @@ write_manifest() {
 	}
 }
 
-if [ $INSTALL = 1 ]; then
+if [ $INSTALL = 1 ] && [ "$VARIANT" = kunit ]; then
+	# Only the bzImage: `pyhv kunit` boots it without an initramfs (the
+	# suites run in the kernel before init).
+	mkdir -p "$HERE/kunit"
+	cp "$OUT/bzImage" "$HERE/kunit/"
+	write_manifest "$OUT" | grep -v 'vmlinux.xz\|initramfs\|vmlinux (' >"$HERE/kunit/MANIFEST"
+	log "installed bzImage and MANIFEST in $HERE/kunit"
+elif [ $INSTALL = 1 ]; then
 	cp "$OUT/vmlinux.xz" "$OUT/bzImage" "$OUT/initramfs.cpio.xz" "$HERE/"
 	write_manifest "$HERE" >"$HERE/MANIFEST"
 	log "installed vmlinux.xz, bzImage, initramfs.cpio.xz and MANIFEST in $HERE"
