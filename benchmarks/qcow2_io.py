@@ -34,8 +34,8 @@ from collections.abc import Callable
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from hypervisor.block.qcow2 import Qcow2Image  # noqa: E402
-from hypervisor.cli.image_copy import convert  # noqa: E402
-from hypervisor.cli.image_options import parse_size  # noqa: E402
+from hypervisor.block.tools.copying import convert  # noqa: E402
+from hypervisor.units import parse_size  # noqa: E402
 
 MIB = 1 << 20
 REQUEST = 1 * MIB  # sequential request size (issue 5)

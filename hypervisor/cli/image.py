@@ -5,8 +5,9 @@ stderr (`pyhv image: error: ...`) and an exit status: 2 for a usage error click 
 error's `exit_status` (errors.py: 3 for bad input such as an unusable image or option value, 1 for
 a host failure); except `check` (qemu-img: 1 = the check could not be completed) and `compare`
 (qemu-img: 2 = error), which keep qemu-img's statuses for every error.
-The work itself lives in image_ops.py (info, map, compare, snapshot, resize) and image_copy.py
-(convert, rebase, commit); the output formats in image_output.py.
+The work itself lives in the hypervisor/block/tools/ library: images.py (info, map, compare,
+snapshot, resize), copying.py (convert, rebase, commit) and create_options.py; this module only
+parses, calls and prints, with the output formats in image_output.py.
 """
 
 from __future__ import annotations
@@ -18,17 +19,12 @@ import click
 
 from hypervisor.block.qcow2.check import CheckResult, check_image
 from hypervisor.block.qcow2.create import create_qcow2, create_raw, validate
-from hypervisor.cli import image_copy, image_ops, image_output
-from hypervisor.cli.image_options import (
-    RAW_CREATE_KEYS,
-    check_keys,
-    parse_option_list,
-    parse_relative_size,
-    parse_size,
-    parse_snapshot_param,
-    qcow2_create_options,
-)
+from hypervisor.block.tools import copying, images
+from hypervisor.block.tools.create_options import RAW_CREATE_KEYS, check_keys, qcow2_create_options
+from hypervisor.cli import image_output
+from hypervisor.cli.image_options import parse_option_list, parse_relative_size, parse_snapshot_param
 from hypervisor.errors import ConfigError, HypervisorError
+from hypervisor.units import parse_size
 
 log = logging.getLogger(__name__)
 
@@ -145,10 +141,10 @@ def create_command(
     backing = opts.get("backing_file", backing)
     backing_format = opts.get("backing_fmt", backing_format)
     if backing and not unsafe and "size" not in opts:
-        backing_path = image_ops.full_backing_filename(filename, backing)
+        backing_path = images.full_backing_filename(filename, backing)
         if backing_format is None:
             raise ConfigError("Backing file specified without backing format (use -F qcow2|raw)")
-        with image_ops.opened(backing_path, backing_format) as backing_image:
+        with images.opened(backing_path, backing_format) as backing_image:
             size_bytes = backing_image.size if size_bytes is None else size_bytes
     create_options = qcow2_create_options(opts, size_bytes, backing, backing_format)
     validate(create_options)
@@ -179,13 +175,13 @@ def create_command(
 def info_command(image_format: str | None, output: str, backing_chain: bool, filename: str) -> None:
     """Describe an image: size, format, backing file, snapshots, qcow2 features."""
     if backing_chain:
-        chain = image_ops.backing_chain_info(filename, image_format)
+        chain = images.backing_chain_info(filename, image_format)
         if output == "json":
             click.echo(image_output.to_json(chain))
         else:
             click.echo("\n\n".join(image_output.human_info(info) for info in chain))
         return
-    info = image_ops.image_info(filename, image_format)
+    info = images.image_info(filename, image_format)
     click.echo(image_output.to_json(info) if output == "json" else image_output.human_info(info))
 
 
@@ -196,7 +192,7 @@ def info_command(image_format: str | None, output: str, backing_chain: bool, fil
 @click.argument("filename")
 def check_command(image_format: str | None, output: str, repair: str | None, filename: str) -> None:
     """Check a qcow2 image's metadata. Exit 0 clean, 1 check failed, 2 corrupt, 3 leaks only."""
-    if image_ops.resolve_format(filename, image_format) != "qcow2":
+    if images.resolve_format(filename, image_format) != "qcow2":
         fail("This image format does not support checks", CHECK_UNSUPPORTED_FORMAT)
     result: CheckResult = check_image(filename, repair)
     for line in result.messages:
@@ -208,7 +204,7 @@ def check_command(image_format: str | None, output: str, repair: str | None, fil
     raise click.exceptions.Exit(result.exit_status)
 
 
-def _progress_printer(enabled: bool) -> image_copy.Progress:
+def _progress_printer(enabled: bool) -> copying.Progress:
     """qemu-img's -p: '    (42.00/100%)' rewritten in place on stdout."""
     last = [-1.0]
 
@@ -248,7 +244,7 @@ def convert_command(
     if snapshot_param is not None:
         snapshot_id, snapshot_name = parse_snapshot_param(snapshot_param)
         snapshot = snapshot_id if snapshot_id is not None else snapshot_name
-    image_copy.convert(
+    copying.convert(
         source,
         target,
         source_format,
@@ -268,7 +264,7 @@ def convert_command(
 @click.argument("filename")
 def map_command(image_format: str | None, output: str, filename: str) -> None:
     """Show which ranges of the disk are allocated, zero, or stored where."""
-    entries = image_ops.map_entries(filename, image_format)
+    entries = images.map_entries(filename, image_format)
     if output == "json":
         click.echo(image_output.map_json(entries))
         return
@@ -286,7 +282,7 @@ def map_command(image_format: str | None, output: str, filename: str) -> None:
 @click.argument("second")
 def compare_command(format_a: str | None, format_b: str | None, strict: bool, first: str, second: str) -> None:
     """Compare guest-visible contents. Exit 0 identical, 1 different, 2 error."""
-    identical, message = image_ops.compare_images(first, second, format_a, format_b, strict)
+    identical, message = images.compare_images(first, second, format_a, format_b, strict)
     click.echo(message)
     raise click.exceptions.Exit(0 if identical else COMPARE_DIFFERENT)
 
@@ -302,7 +298,7 @@ def snapshot_command(list_: bool, create: str | None, delete: str | None, apply:
     chosen = [name for name, value in (("-l", list_), ("-c", create), ("-d", delete), ("-a", apply)) if value]
     if len(chosen) > 1:
         raise ConfigError(f"Only one of -l, -c, -d, -a at a time (got {' '.join(chosen)})")
-    if image_ops.resolve_format(filename, None) != "qcow2":
+    if images.resolve_format(filename, None) != "qcow2":
         raise ConfigError(f"{filename}: only qcow2 images have internal snapshots")
     from hypervisor.block.qcow2 import Qcow2Image
 
@@ -316,7 +312,7 @@ def snapshot_command(list_: bool, create: str | None, delete: str | None, apply:
         elif apply:
             snap_image.apply_snapshot(apply)
         else:
-            snapshots = [image_ops.snapshot_json(s) for s in snap_image.snapshots()]
+            snapshots = [images.snapshot_json(s) for s in snap_image.snapshots()]
             if snapshots:
                 click.echo(image_output.snapshot_table(snapshots))
         if not read_only:
@@ -333,7 +329,7 @@ def snapshot_command(list_: bool, create: str | None, delete: str | None, apply:
 def resize_command(image_format: str | None, shrink: bool, filename: str, size: str) -> None:
     """Set the virtual size to SIZE, or change it by +SIZE / -SIZE."""
     sign, amount = parse_relative_size(size)
-    image_ops.resize_image(filename, image_format, sign, amount, shrink)
+    images.resize_image(filename, image_format, sign, amount, shrink)
     click.echo("Image resized.")
 
 
@@ -348,7 +344,7 @@ def rebase_command(
     image_format: str | None, unsafe: bool, backing: str, backing_format: str | None, progress: bool, filename: str
 ) -> None:
     """Change the backing file; without -u, copy what differs so contents stay the same."""
-    image_copy.rebase(filename, image_format, backing, backing_format, unsafe, _progress_printer(progress))
+    copying.rebase(filename, image_format, backing, backing_format, unsafe, _progress_printer(progress))
     if progress:
         click.echo("")
 
@@ -360,7 +356,7 @@ def rebase_command(
 @click.argument("filename")
 def commit_command(image_format: str | None, keep: bool, progress: bool, filename: str) -> None:
     """Write the overlay's own data into its backing file, then empty the overlay."""
-    emptied = image_copy.commit(filename, image_format, keep, _progress_printer(progress))
+    emptied = copying.commit(filename, image_format, keep, _progress_printer(progress))
     if progress:
         click.echo("")
     if not keep and not emptied:

@@ -7,13 +7,13 @@ layer only needs `host_address` of each region to register it as a memory slot.
 from __future__ import annotations
 
 import ctypes
-import errno
 import logging
 import mmap
 import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from hypervisor.block import extents
 from hypervisor.errors import ConfigError, GuestMemoryError
 
 if TYPE_CHECKING:
@@ -108,20 +108,16 @@ def sparse_file_digest(fd: int, size: int, digest: hashlib._Hash) -> None:
     file's data extents (SEEK_DATA/SEEK_HOLE), so checking a 1 GiB RAM file of which 40 MiB is
     data reads 40 MiB. A changed byte anywhere changes the digest: in a hole it makes that chunk
     data (and non-zero), in data it changes the chunk's bytes."""
-    position = 0
-    while position < size:
-        try:
-            data_start = os.lseek(fd, position, os.SEEK_DATA)
-        except OSError as error:
-            if error.errno == errno.ENXIO:  # no data after position
-                return
-            raise
-        chunk_start = data_start - data_start % SPARSE_CHUNK
-        part = os.pread(fd, min(SPARSE_CHUNK, size - chunk_start), chunk_start)
-        if part != (_ZERO_CHUNK if len(part) == SPARSE_CHUNK else bytes(len(part))):
-            digest.update(chunk_start.to_bytes(8, "little"))
-            digest.update(part)
-        position = chunk_start + SPARSE_CHUNK
+    next_chunk = 0  # chunks before this are digested (a chunk may hold several data runs)
+    for data_start, length in extents.data_ranges(fd, 0, size):
+        chunk_start = max(data_start - data_start % SPARSE_CHUNK, next_chunk)
+        while chunk_start < data_start + length:
+            part = os.pread(fd, min(SPARSE_CHUNK, size - chunk_start), chunk_start)
+            if part != (_ZERO_CHUNK if len(part) == SPARSE_CHUNK else bytes(len(part))):
+                digest.update(chunk_start.to_bytes(8, "little"))
+                digest.update(part)
+            chunk_start += SPARSE_CHUNK
+        next_chunk = chunk_start
 
 
 class GuestMemory:

@@ -26,7 +26,7 @@ from qcow2_oracle import KIB, MIB, check_no_corruption, create, needs_qemu, qemu
 
 from hypervisor.block.qcow2 import Qcow2Image
 from hypervisor.block.qcow2.create import Qcow2CreateOptions, create_qcow2, create_raw
-from hypervisor.cli import image_copy, image_ops
+from hypervisor.block.tools import copying, images
 
 pytestmark = needs_qemu
 
@@ -236,7 +236,7 @@ def test_convert_killed_at_any_point(
 ) -> None:
     def operation(folder: Path) -> None:
         options = {"cluster_size": "65536"} if target_format == "qcow2" else {}
-        image_copy.convert(str(folder / "src.qcow2"), str(folder / "out.img"), None, target_format, compress, options)
+        copying.convert(str(folder / "src.qcow2"), str(folder / "out.img"), None, target_format, compress, options)
 
     def observe(folder: Path) -> Any:
         state = image_state(folder / "out.img")
@@ -261,7 +261,7 @@ def test_commit_killed_at_any_point(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         tmp_path,
         monkeypatch,
         _overlay_pair,
-        lambda folder: image_copy.commit(str(folder / "top.qcow2"), None, keep_overlay=False),
+        lambda folder: copying.commit(str(folder / "top.qcow2"), None, keep_overlay=False),
         _qcow2_state("top.qcow2"),  # what the guest sees through the overlay never changes
         ("top.qcow2", "base.qcow2"),
         rerun=True,
@@ -280,7 +280,7 @@ def test_resize_killed_at_any_point(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         tmp_path,
         monkeypatch,
         setup,
-        lambda folder: image_ops.resize_image(str(folder / "img.qcow2"), None, sign, amount, shrink=True),
+        lambda folder: images.resize_image(str(folder / "img.qcow2"), None, sign, amount, shrink=True),
         _qcow2_state("img.qcow2"),
         ("img.qcow2",),
     )
@@ -300,7 +300,7 @@ def test_rebase_killed_at_any_point(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         tmp_path,
         monkeypatch,
         setup,
-        lambda folder: image_copy.rebase(str(folder / "top.qcow2"), None, "other.qcow2", "qcow2", unsafe=False),
+        lambda folder: copying.rebase(str(folder / "top.qcow2"), None, "other.qcow2", "qcow2", unsafe=False),
         observe,
         ("top.qcow2",),
     )

@@ -15,7 +15,7 @@ from qcow2_oracle import KIB, MIB, check_clean, create, needs_qemu, qemu_io, to_
 from hypervisor.block.locking import lock_image
 from hypervisor.block.qcow2.create import Qcow2CreateOptions, create_qcow2, create_raw
 from hypervisor.block.qcow2.staging import remove_stale, staged, staging_prefix
-from hypervisor.cli import image_copy
+from hypervisor.block.tools import copying
 from hypervisor.errors import ImageError, ImageLockedError
 
 pytestmark = needs_qemu
@@ -113,10 +113,10 @@ def test_failed_convert_leaves_old_target_and_no_temporary(tmp_path: Path) -> No
         raise ImageError("disk full (simulated)")
 
     with pytest.raises(ImageError, match="simulated"):
-        image_copy.convert(str(source), str(target), None, "qcow2", False, {}, progress=broken_progress)
+        copying.convert(str(source), str(target), None, "qcow2", False, {}, progress=broken_progress)
     assert target.read_bytes() == b"old contents"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.img", "src.qcow2"]
-    image_copy.convert(str(source), str(target), None, "raw", False, {})
+    copying.convert(str(source), str(target), None, "raw", False, {})
     assert target.read_bytes() == to_raw(source, tmp_path / "check.raw")
     assert os.stat(target).st_blocks * 512 < 1 * MIB  # still sparse after the rename
 
@@ -159,7 +159,7 @@ def test_commit_removes_temporaries_of_interrupted_commits(tmp_path: Path) -> No
     current = _stale(tmp_path, "top.qcow2", purpose="commit")
     unrelated = tmp_path / ".pyhv-commit-notmine.txt"
     unrelated.write_bytes(b"keep")
-    assert image_copy.commit(str(top), None, keep_overlay=False)
+    assert copying.commit(str(top), None, keep_overlay=False)
     assert not legacy.exists() and not current.exists() and unrelated.exists()
     check_clean(top)
     check_clean(base)

@@ -42,7 +42,7 @@ def guest(guest_binary) -> str:
         (["--raw", "/nonexistent/guest.bin@0x1000"], "does not exist"),
         (["--raw", "/@0x1000"], "is a directory"),
         (["--mem", "0"], "must be a positive whole number of MiB"),
-        (["--mem", "lots"], "is not a size"),
+        (["--mem", "lots"], "not a size"),
         (["--mem", "64T"], "more than pyhv allows"),
         (["--console", "serial"], "use stdio, none or file:PATH"),
         (["--debug-exit-port", "0x10000"], "is not a port number"),

@@ -9,7 +9,6 @@ has them, and not followed. Reads only; the header is parsed by the engine's `pa
 
 from __future__ import annotations
 
-import errno
 import os
 import struct
 from array import array
@@ -17,6 +16,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from hypervisor.block import extents
 from hypervisor.block.qcow2 import format as fmt
 from hypervisor.block.qcow2.header import Qcow2Header, parse_header
 
@@ -80,11 +80,7 @@ class ImageFile:
     def is_hole(self, offset: int, length: int) -> bool:
         """True if [offset, offset+length) holds no data (lseek(2) SEEK_DATA), so a table there
         reads as zeros without reading it: a hostile image can put 32 MiB tables in a hole."""
-        try:
-            data = os.lseek(self.fd, offset, os.SEEK_DATA)
-        except OSError as error:
-            return error.errno == errno.ENXIO  # no data after offset; other errors: cannot tell
-        return data >= offset + length
+        return extents.is_hole(self.fd, offset, length)
 
     def read_words(self, offset: int, count: int) -> tuple[int, ...]:
         """`count` big-endian 64-bit words at `offset`; () if they are all zero."""

@@ -8,10 +8,9 @@ never silently zeros.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator, Sequence
 
-from hypervisor.block import fileio
+from hypervisor.block import extents, fileio
 from hypervisor.block.qcow2 import format as fmt
 from hypervisor.block.qcow2.compress import decompress
 from hypervisor.block.qcow2.state import ImageState
@@ -326,27 +325,12 @@ class ReadMixin(ImageState):
 def _raw_extents(backing: object, start: int, end: int, depth: int) -> Iterator[Extent]:
     """Data and holes of a raw backing file (SEEK_DATA/SEEK_HOLE), as qemu-img map shows them."""
     fd = getattr(backing, "fd", None)
-    pos = start
-    while pos < end:
-        if fd is None:
-            yield Extent(pos, end - pos, EXTENT_DATA, pos, False, depth)
-            return
-        try:
-            data = os.lseek(fd, pos, os.SEEK_DATA)
-        except OSError:  # ENXIO: only a hole up to the end of the file
-            data = end
-        if data > pos:
-            stop = min(data, end)
-            yield Extent(pos, stop - pos, EXTENT_ZERO, pos, False, depth)
-            pos = stop
-            continue
-        try:
-            hole = os.lseek(fd, pos, os.SEEK_HOLE)
-        except OSError:
-            hole = end
-        stop = min(max(hole, pos + 1), end)
-        yield Extent(pos, stop - pos, EXTENT_DATA, pos, False, depth)
-        pos = stop
+    if fd is None:
+        if end > start:
+            yield Extent(start, end - start, EXTENT_DATA, start, False, depth)
+        return
+    for offset, length, is_data in extents.file_extents(fd, start, end):
+        yield Extent(offset, length, EXTENT_DATA if is_data else EXTENT_ZERO, offset, False, depth)
 
 
 def _merge_extents(extents: list[Extent]) -> list[Extent]:

@@ -14,7 +14,9 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
+from hypervisor.block import extents
 from hypervisor.block.backend import BlockBackend
+from hypervisor.block.capabilities import AllocationMap, BackingChain
 from hypervisor.block.open import open_disk, probe_format
 from hypervisor.errors import ConfigError, ImageError
 
@@ -212,10 +214,10 @@ def _chain_files(path: str, image: Any, holes_visible: list[bool]) -> list[str]:
     files = []
     layer = image
     while True:
-        data_file = getattr(layer, "data_file_name", None)
+        data_file = layer.data_file_name if isinstance(layer, BackingChain) else None
         files.append(full_backing_filename(layers[-1], data_file) if data_file else layers[-1])
         holes_visible.append(not data_file)
-        if getattr(layer, "backing", None) is None or not getattr(layer, "backing_filename", None):
+        if not isinstance(layer, BackingChain) or layer.backing is None or not layer.backing_filename:
             break
         layers.append(full_backing_filename(layers[-1], layer.backing_filename))
         layer = layer.backing
@@ -228,31 +230,15 @@ def _split_by_holes(entry: dict[str, Any]) -> list[dict[str, Any]]:
         fd = os.open(entry["filename"], os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return [entry]
-    pieces = []
     try:
-        position, end = entry["offset"], entry["offset"] + entry["length"]
-        while position < end:
-            try:
-                data_start = os.lseek(fd, position, os.SEEK_DATA)
-            except OSError:  # ENXIO: only a hole is left (or the file system cannot tell)
-                data_start = end
-            data_start = min(data_start, end)
-            if data_start > position:
-                pieces.append((position, data_start - position, True))
-            if data_start >= end:
-                break
-            hole_start = min(os.lseek(fd, data_start, os.SEEK_HOLE), end)
-            pieces.append((data_start, hole_start - data_start, False))
-            position = hole_start
-    except OSError:
-        return [entry]
+        pieces = list(extents.file_extents(fd, entry["offset"], entry["offset"] + entry["length"]))
     finally:
         os.close(fd)
     result = []
-    for host_offset, length, is_hole in pieces:
+    for host_offset, length, is_data in pieces:
         piece = dict(entry)
         piece.update(
-            start=entry["start"] + host_offset - entry["offset"], length=length, zero=is_hole, offset=host_offset
+            start=entry["start"] + host_offset - entry["offset"], length=length, zero=not is_data, offset=host_offset
         )
         piece["offset"] = piece.pop("offset")  # keep qemu-img's key order: offset last
         result.append(piece)
@@ -265,14 +251,15 @@ def map_entries(path: str, image_format: str | None = None) -> list[dict[str, An
     with opened(path, image_format) as image:
         holes_visible: list[bool] = []
         files = _chain_files(path, image, holes_visible)
-        if hasattr(image, "map_extents"):
-            extents = [
+        has_map = isinstance(image, AllocationMap)
+        if has_map:
+            runs = [
                 (e.start, e.length, e.depth, e.present, e.zero, e.data, e.compressed, e.host_offset)
                 for e in image.map_extents()
             ]
         else:
-            extents = [(0, image.size, 0, True, False, True, False, 0)] if image.size else []
-        for start, length, depth, present, zero, data, compressed, host_offset in extents:
+            runs = [(0, image.size, 0, True, False, True, False, 0)] if image.size else []
+        for start, length, depth, present, zero, data, compressed, host_offset in runs:
             entry: dict[str, Any] = {
                 "start": start,
                 "length": length,
@@ -288,7 +275,7 @@ def map_entries(path: str, image_format: str | None = None) -> list[dict[str, An
                 entry["offset"] = host_offset
                 if depth < len(holes_visible) and holes_visible[depth]:
                     pieces = _split_by_holes(entry)
-                if not hasattr(image, "map_extents"):
+                if not has_map:
                     for piece in pieces:  # a hole in a raw file stores nothing: QEMU says data false
                         piece["data"] = not piece["zero"]
             for piece in pieces:

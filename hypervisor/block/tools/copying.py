@@ -17,12 +17,14 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
+from hypervisor.block import extents
+from hypervisor.block.capabilities import AllocationMap, HostFile, Resizable
 from hypervisor.block.open import open_disk
 from hypervisor.block.qcow2.create import Qcow2CreateOptions, create_qcow2, write_qcow2, write_raw
 from hypervisor.block.qcow2.staging import staged
-from hypervisor.cli.image_ops import full_backing_filename, open_image, resolve_format
-from hypervisor.cli.image_options import RAW_CREATE_KEYS, check_keys, qcow2_create_options
-from hypervisor.errors import ConfigError
+from hypervisor.block.tools.create_options import RAW_CREATE_KEYS, check_keys, qcow2_create_options
+from hypervisor.block.tools.images import full_backing_filename, open_image, resolve_format
+from hypervisor.errors import ConfigError, ImageError
 
 log = logging.getLogger(__name__)
 
@@ -34,9 +36,6 @@ COPY_CHUNK = 4 << 20
 WRITE_WORKERS = 8
 # Granularity of zero detection when no cluster size is known (QEMU convert's default min_sparse).
 DEFAULT_SPARSE_GRANULARITY = 4096
-# lseek(2) whence values on Linux (<unistd.h>), for raw files' allocation map.
-SEEK_DATA = getattr(os, "SEEK_DATA", 3)
-SEEK_HOLE = getattr(os, "SEEK_HOLE", 4)
 
 
 # One shared all-zero buffer to compare against: allocating zeros per chunk costs a page fault per
@@ -50,7 +49,7 @@ def _no_progress(done: int, total: int) -> None:
 
 def data_ranges(image: Any) -> Iterator[tuple[int, int, int]]:
     """(start, length, depth) of every range whose bytes are stored somewhere in the chain."""
-    if hasattr(image, "map_extents"):
+    if isinstance(image, AllocationMap):
         for extent in image.map_extents():
             if extent.data:
                 yield extent.start, extent.length, extent.depth
@@ -59,28 +58,13 @@ def data_ranges(image: Any) -> Iterator[tuple[int, int, int]]:
 
 
 def _raw_data_ranges(image: Any) -> Iterator[tuple[int, int]]:
-    """SEEK_DATA/SEEK_HOLE over a raw file; the whole file if the file system cannot tell."""
+    """The data runs of a raw file (block/extents.py); the whole file if it has no descriptor."""
     size = image.size
-    fd = getattr(image, "fd", None)
-    if fd is None:
+    if not isinstance(image, HostFile):
         if size:
             yield 0, size
         return
-    offset = 0
-    while offset < size:
-        try:
-            start = os.lseek(fd, offset, SEEK_DATA)
-        except OSError:  # ENXIO: only a hole remains; EINVAL: not supported
-            if offset == 0 and size:
-                try:
-                    os.lseek(fd, 0, SEEK_HOLE)
-                except OSError:
-                    yield 0, size
-            return
-        end = min(os.lseek(fd, start, SEEK_HOLE), size)
-        if end > start:
-            yield start, end - start
-        offset = end
+    yield from extents.data_ranges(image.fd, 0, size)
 
 
 def zero_and_data_runs(view: memoryview, granularity: int) -> Iterator[tuple[int, int, bool]]:
@@ -126,7 +110,7 @@ def copy_data(
         free_buffers.put(bytearray(COPY_CHUNK))
 
     # Backends that can (raw files) start write-back per chunk, so the final flush is short.
-    start_writeback = getattr(target, "start_writeback", None)
+    start_writeback = target.start_writeback if isinstance(target, HostFile) else None
 
     def write_chunk(buffer: bytearray, offset: int, n: int) -> None:
         try:
@@ -355,10 +339,12 @@ def commit(path: str, image_format: str | None, keep_overlay: bool, progress: Pr
 
 
 def _grow(image: Any, size: int) -> None:
-    if hasattr(image, "resize"):
+    if isinstance(image, Resizable):
         image.resize(size)
-    else:
+    elif isinstance(image, HostFile):
         os.ftruncate(image.fd, size)
+    else:
+        raise ImageError(f"{image!r} cannot change its size")
 
 
 def _recreate_options(image: Any, backing_format: str) -> Qcow2CreateOptions:
