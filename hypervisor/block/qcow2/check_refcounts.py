@@ -13,56 +13,12 @@ from __future__ import annotations
 
 import os
 import struct
-import sys
 from array import array
 
 from hypervisor.block.qcow2 import format as fmt
-from hypervisor.block.qcow2.check_walk import ExpectedCounts, ImageFile, ReferenceCounter, refcount_typecode
+from hypervisor.block.qcow2.check_walk import ExpectedCounts, ImageFile, ReferenceCounter
+from hypervisor.block.qcow2.refcount import decode_block, encode_block
 from hypervisor.errors import ImageCorruptError
-
-_SUB_BYTE_TABLES: dict[int, list[bytes]] = {}
-
-
-def _sub_byte_table(refcount_bits: int) -> list[bytes]:
-    """For widths 1, 2, 4: each byte value -> the refcounts it packs, one byte each."""
-    table = _SUB_BYTE_TABLES.get(refcount_bits)
-    if table is None:
-        per_byte = 8 // refcount_bits
-        mask = (1 << refcount_bits) - 1
-        table = [bytes((byte >> (refcount_bits * slot)) & mask for slot in range(per_byte)) for byte in range(256)]
-        _SUB_BYTE_TABLES[refcount_bits] = table
-    return table
-
-
-def decode_block(block: bytes, refcount_bits: int) -> array[int]:
-    """All refcounts of one refcount block, as an array of `refcount_typecode(refcount_bits)`."""
-    typecode = refcount_typecode(refcount_bits)
-    if refcount_bits >= 8:
-        values = array(typecode, block)
-        if sys.byteorder == "little" and refcount_bits > 8:
-            values.byteswap()
-        return values
-    return array(typecode, b"".join(map(_sub_byte_table(refcount_bits).__getitem__, block)))
-
-
-def encode_block(values: array[int] | list[int], refcount_bits: int, block_size: int) -> bytes:
-    """One refcount block holding `values` (the rest zero)."""
-    if refcount_bits >= 8:
-        packed = array(refcount_typecode(refcount_bits), values)
-        if sys.byteorder == "little" and refcount_bits > 8:
-            packed.byteswap()
-        return packed.tobytes().ljust(block_size, b"\0")
-    # Sub-byte widths, without a Python loop per refcount: each lane (every per_byte-th value)
-    # is shifted into place with bytes.translate and the lanes are OR-ed as big integers.
-    per_byte = 8 // refcount_bits
-    mask = (1 << refcount_bits) - 1
-    lanes = bytes(array("B", values)).ljust(block_size * per_byte, b"\0")
-    combined = 0
-    for slot in range(per_byte):
-        shift = refcount_bits * slot
-        table = bytes(((value & mask) << shift) & 0xFF for value in range(256))
-        combined |= int.from_bytes(lanes[slot::per_byte].translate(table), "big")
-    return combined.to_bytes(block_size, "big")
 
 
 class RefcountReader:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from hypervisor.block import extents
 from hypervisor.block.qcow2 import format as fmt
 from hypervisor.block.qcow2.header import Qcow2Header, parse_header
+from hypervisor.block.qcow2.refcount import refcount_typecode
 
 # The header cluster can be up to 2 MiB (the largest cluster size); read that much at most.
 MAX_HEADER_READ = 1 << fmt.MAX_CLUSTER_BITS
@@ -130,13 +131,6 @@ class FragmentationStats:
     allocated_clusters: int = 0
     fragmented_clusters: int = 0
     compressed_clusters: int = 0
-
-
-def refcount_typecode(refcount_bits: int) -> str:
-    """The array type holding one refcount of this width (sub-byte widths use a byte each)."""
-    if refcount_bits <= 8:
-        return "B"
-    return {16: "H", 32: "I", 64: "Q"}[refcount_bits]
 
 
 class ExpectedCounts:

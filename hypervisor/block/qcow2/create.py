@@ -18,10 +18,12 @@ import logging
 import os
 import stat
 import struct
+from array import array
 from dataclasses import dataclass
 from re import Pattern
 
 from hypervisor.block.locking import lock_image
+from hypervisor.block.qcow2.refcount import encode_block, refcount_typecode
 from hypervisor.block.qcow2.staging import staged
 from hypervisor.errors import ConfigError, ImageError
 
@@ -289,17 +291,7 @@ def _refcount_block(first_cluster: int, in_use: int, options: Qcow2CreateOptions
     bits = options.refcount_bits
     per_block = cs * 8 // bits
     count = max(0, min(per_block, in_use - first_cluster))
-    block = bytearray(cs)
-    if bits < 8:
-        per_byte = 8 // bits
-        for index in range(count):
-            block[index // per_byte] |= 1 << (bits * (index % per_byte))
-    else:
-        width = bits // 8
-        one = (1).to_bytes(width, "big")
-        for index in range(count):
-            block[index * width : (index + 1) * width] = one
-    return bytes(block)
+    return encode_block(array(refcount_typecode(bits), [1]) * count, bits, cs)
 
 
 def create_qcow2(

@@ -42,8 +42,64 @@ def dump_u64_table(table: array) -> bytes:
     return out.tobytes()
 
 
+_SUB_BYTE_TABLES: dict[int, list[bytes]] = {}
+
+
+def refcount_typecode(refcount_bits: int) -> str:
+    """The array type holding one refcount of this width (sub-byte widths use a byte each)."""
+    if refcount_bits <= 8:
+        return "B"
+    return _TYPECODE_BY_BYTES[refcount_bits // 8]
+
+
+def _sub_byte_table(refcount_bits: int) -> list[bytes]:
+    """For widths 1, 2, 4: each byte value -> the refcounts it packs, one byte each."""
+    table = _SUB_BYTE_TABLES.get(refcount_bits)
+    if table is None:
+        per_byte = 8 // refcount_bits
+        mask = (1 << refcount_bits) - 1
+        table = [bytes((byte >> (refcount_bits * slot)) & mask for slot in range(per_byte)) for byte in range(256)]
+        _SUB_BYTE_TABLES[refcount_bits] = table
+    return table
+
+
+def decode_block(block: bytes, refcount_bits: int) -> array[int]:
+    """All refcounts of one refcount block (qcow2.rst "refcount_block_entry": sub-byte widths are
+    packed from the least significant bit, wider ones big-endian), as an array of
+    `refcount_typecode(refcount_bits)`. The one decoder: engine, checker and creator use it."""
+    typecode = refcount_typecode(refcount_bits)
+    if refcount_bits >= 8:
+        values = array(typecode, block)
+        if not _BIG_ENDIAN_HOST and refcount_bits > 8:
+            values.byteswap()
+        return values
+    return array(typecode, b"".join(map(_sub_byte_table(refcount_bits).__getitem__, block)))
+
+
+def encode_block(values: array[int] | list[int], refcount_bits: int, block_size: int) -> bytes:
+    """One refcount block of `block_size` bytes holding `values` (the rest zero): the inverse of
+    decode_block."""
+    if refcount_bits >= 8:
+        packed = array(refcount_typecode(refcount_bits), values)
+        if not _BIG_ENDIAN_HOST and refcount_bits > 8:
+            packed.byteswap()
+        return packed.tobytes().ljust(block_size, b"\0")
+    # Sub-byte widths, without a Python loop per refcount: each lane (every per_byte-th value)
+    # is shifted into place with bytes.translate and the lanes are OR-ed as big integers.
+    per_byte = 8 // refcount_bits
+    mask = (1 << refcount_bits) - 1
+    lanes = bytes(array("B", values)).ljust(block_size * per_byte, b"\0")
+    combined = 0
+    for slot in range(per_byte):
+        shift = refcount_bits * slot
+        table = bytes(((value & mask) << shift) & 0xFF for value in range(256))
+        combined |= int.from_bytes(lanes[slot::per_byte].translate(table), "big")
+    return combined.to_bytes(block_size, "big")
+
+
 class RefcountBlockCodec:
-    """Decode/encode one refcount block of `1 << order` bit entries."""
+    """One image's refcount blocks: `1 << order` bit entries in a cluster (decode_block and
+    encode_block with the image's geometry)."""
 
     def __init__(self, order: int, cluster_size: int) -> None:
         self.order = order
@@ -51,52 +107,15 @@ class RefcountBlockCodec:
         self.entries = cluster_size * 8 // self.bits
         self.cluster_size = cluster_size
         self.max_value = (1 << self.bits) - 1
-        self._expand: list[bytes] | None = None  # sub-byte widths: byte -> its entries
-        self._pack: dict[bytes, int] = {}  # and back
 
     def empty(self) -> array:
-        return (
-            array("Q", bytes(8 * self.entries))
-            if self.bits == 64
-            else array(self._typecode(), bytes(self._itemsize() * self.entries))
-        )
-
-    def _itemsize(self) -> int:
-        return max(1, self.bits // 8)
-
-    def _typecode(self) -> str:
-        return _TYPECODE_BY_BYTES[self._itemsize()]
+        return array(refcount_typecode(self.bits), bytes(max(1, self.bits // 8) * self.entries))
 
     def decode(self, raw: bytes) -> array:
-        if self.bits >= 8:
-            values = array(self._typecode(), raw)
-            if self.bits > 8 and not _BIG_ENDIAN_HOST:
-                values.byteswap()
-            return values
-        # Sub-byte widths: expand each byte through a 256-entry table (LSB-first packing).
-        expanded = b"".join(self._expand_table()[byte] for byte in raw)
-        return array("B", expanded)
-
-    def _expand_table(self) -> list[bytes]:
-        table = self._expand
-        if table is None:
-            per_byte, mask = 8 // self.bits, self.max_value
-            table = [bytes((b >> (self.bits * k)) & mask for k in range(per_byte)) for b in range(256)]
-            self._expand = table
-            self._pack = {value: b for b, value in enumerate(table)}
-        return table
+        return decode_block(raw, self.bits)
 
     def encode(self, values: array) -> bytes:
-        if self.bits >= 8:
-            out = array(values.typecode, values)
-            if self.bits > 8 and not _BIG_ENDIAN_HOST:
-                out.byteswap()
-            return out.tobytes()
-        per_byte = 8 // self.bits
-        self._expand_table()
-        flat = values.tobytes()
-        pack = self._pack
-        return bytes(pack[flat[i : i + per_byte]] for i in range(0, len(flat), per_byte))
+        return encode_block(values, self.bits, self.cluster_size)
 
 
 class Refcounts:
