@@ -3,15 +3,16 @@
 The image tools (block/tools/) ask `isinstance(image, AllocationMap)` rather than probing for
 attributes: each protocol names one optional capability, its methods are typed, and a backend
 gains one by implementing it (qcow2 has an allocation map, a backing chain and a resize; the raw
-backend has a host file and answers its allocation map from SEEK_DATA/SEEK_HOLE).
+backend is a host file, whose data and holes the tools read with block/extents.py).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from hypervisor.block.qcow2.types import Extent
+if TYPE_CHECKING:  # a name only: the capabilities sit below every backend, qcow2's too
+    from hypervisor.block.qcow2.types import Extent
 
 
 @runtime_checkable

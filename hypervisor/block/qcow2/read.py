@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 
 from hypervisor.block import extents, fileio
+from hypervisor.block.capabilities import HostFile
 from hypervisor.block.qcow2 import format as fmt
 from hypervisor.block.qcow2.compress import decompress
 from hypervisor.block.qcow2.state import ImageState
@@ -280,8 +281,8 @@ class ReadMixin(ImageState):
         """The allocation state of the whole disk through the backing chain, merged like qemu-img map."""
         with self._lock:
             self._check_open()
-            extents = list(self._extents(0, self._size, 0))
-        return iter(_merge_extents(extents))
+            runs = list(self._extents(0, self._size, 0))
+        return iter(_merge_extents(runs))
 
     def _extents(self, start: int, end: int, depth: int) -> Iterator[Extent]:
         bytes_per_l2 = self._l2_entries << self._cb
@@ -312,10 +313,10 @@ class ReadMixin(ImageState):
             return
         inside_end = min(end, backing.size)
         if start < inside_end:
-            extents = getattr(backing, "_extents", None)
-            if extents is not None:
+            backing_extents = getattr(backing, "_extents", None)
+            if backing_extents is not None:
                 with backing._lock:  # type: ignore[attr-defined]
-                    yield from extents(start, inside_end, depth + 1)
+                    yield from backing_extents(start, inside_end, depth + 1)
             else:
                 yield from _raw_extents(backing, start, inside_end, depth + 1)
         if inside_end < end:  # past the backing file's end: zeros decided by this layer
@@ -324,18 +325,17 @@ class ReadMixin(ImageState):
 
 def _raw_extents(backing: object, start: int, end: int, depth: int) -> Iterator[Extent]:
     """Data and holes of a raw backing file (SEEK_DATA/SEEK_HOLE), as qemu-img map shows them."""
-    fd = getattr(backing, "fd", None)
-    if fd is None:
+    if not isinstance(backing, HostFile):
         if end > start:
             yield Extent(start, end - start, EXTENT_DATA, start, False, depth)
         return
-    for offset, length, is_data in extents.file_extents(fd, start, end):
+    for offset, length, is_data in extents.file_extents(backing.fd, start, end):
         yield Extent(offset, length, EXTENT_DATA if is_data else EXTENT_ZERO, offset, False, depth)
 
 
-def _merge_extents(extents: list[Extent]) -> list[Extent]:
+def _merge_extents(runs: list[Extent]) -> list[Extent]:
     merged: list[Extent] = []
-    for ext in extents:
+    for ext in runs:
         if merged:
             last = merged[-1]
             if (
