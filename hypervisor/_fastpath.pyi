@@ -14,6 +14,7 @@ class _Lib:
     KVM_CAP_IRQCHIP: int
     KVM_CAP_IRQFD: int
     KVM_CAP_IRQ_ROUTING: int
+    KVM_CAP_SIGNAL_MSI: int
     KVM_CAP_MAX_VCPUS: int
     KVM_CAP_MP_STATE: int
     KVM_CAP_NR_MEMSLOTS: int
@@ -119,6 +120,7 @@ class _Lib:
     KVM_SET_REGS: int
     KVM_SET_SREGS: int
     KVM_SET_TSC_KHZ: int
+    KVM_SIGNAL_MSI: int
     KVM_SET_TSS_ADDR: int
     KVM_SET_USER_MEMORY_REGION: int
     KVM_SET_VCPU_EVENTS: int

@@ -57,6 +57,7 @@ class RunOptions:
     disks: list[DiskSpec] = field(default_factory=list)
     root: str | None = None
     machine: str = "pc"  # "pc" or "qemu-test" (machine.MACHINE_TYPES)
+    pci_devices: tuple[str, ...] = ()  # `--device`: machine.PCI_DEVICE_TYPES
     exit_history: int = 0  # the last exits kept for a post-mortem (Machine(exit_history=N)); 0: none
 
 
@@ -152,7 +153,8 @@ def create_machine(
         machine = Machine(options.memory_mib or DEFAULT_RAW_MEMORY_MIB, cpus=options.cpus, console=console,
                           debug_exit_port=options.debug_exit_port, debug_exit_qemu=options.debug_exit_qemu,
                           pvm_emulation=pvm, hugepages=options.hugepages,
-                          machine_type=options.machine, exit_history=options.exit_history)  # fmt: skip
+                          machine_type=options.machine, pci_devices=options.pci_devices,
+                          exit_history=options.exit_history)  # fmt: skip
         try:
             _attach_disks(machine, options.disks, disks)  # found by the guest at the virtio-mmio windows
             machine.load_raw_bytes(data, address, str(path))
@@ -191,7 +193,7 @@ def create_machine(
     machine = Machine(memory_mib, cpus=options.cpus, console=console,
                       debug_exit_port=options.debug_exit_port, debug_exit_qemu=options.debug_exit_qemu,
                       memory_regions=list(layout.memory_regions), pvm_emulation=pvm,
-                      hugepages=options.hugepages, machine_type=options.machine,
+                      hugepages=options.hugepages, machine_type=options.machine, pci_devices=options.pci_devices,
                       exit_history=options.exit_history)  # fmt: skip
     try:
         assert machine.memory is not None

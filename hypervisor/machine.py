@@ -42,6 +42,7 @@ from hypervisor.vcpu.stats import merge_statistics, vcpu_statistics
 
 if TYPE_CHECKING:
     from hypervisor.block.backend import BlockBackend
+    from hypervisor.devices.intel_iommu import IntelIommu
     from hypervisor.virtio.blk import VirtioBlock
     from hypervisor.virtio.mmio import MmioTransport
     from hypervisor.virtio.worker import QueueWorker
@@ -64,6 +65,13 @@ STOP_GRACE_SECONDS = 5.0
 # "pc": pyhv's own PC; "qemu-test": plus QEMU's isa-debug-exit (0xf4, 4 ports) and pc-testdev,
 # the devices kvm-unit-tests' x86/run adds to QEMU (docs/conformance.md).
 MACHINE_TYPES = ("pc", "qemu-test")
+# PCI devices a machine can have (`pyhv run --device`); each function gets 00:SLOT.0 from slot 2
+# on, a 1 MiB BAR window from 0xfe000000 and an IOAPIC input from 23 down (docs/conformance.md).
+PCI_DEVICE_TYPES = ("edu", "intel-iommu")
+FIRST_PCI_SLOT = 2
+MAX_PCI_FUNCTIONS = 4
+PCI_BAR_WINDOW = 0xFE00_0000
+PCI_FIRST_GSI = 23
 QEMU_DEBUG_EXIT_PORT = 0xF4
 QEMU_DEBUG_EXIT_SIZE = 4
 # A run whose vCPUs made no exit for this long is probed for a halt nothing can end (below).
@@ -144,6 +152,7 @@ class Machine:
         exit_history: int = 0,
         machine_type: str = "pc",
         memory_file: int = -1,
+        pci_devices: Sequence[str] = (),
     ) -> None:
         if memory_mib <= 0:
             raise ConfigError(f"guest memory must be at least 1 MiB, not {memory_mib} MiB")
@@ -163,6 +172,8 @@ class Machine:
         self.pio_bus = Bus("port I/O", PORT_SPACE)
         self.mmio_bus = Bus("MMIO", MMIO_SPACE)
         self._sinks: list[TableRange] = []
+        self._pci_gsis: set[int] = set()  # IOAPIC inputs the PCI functions' INTx took
+        self.iommu: IntelIommu | None = None
         self._threads: list[threading.Thread] = []
         self.disks: list[AttachedDisk] = []
         self.exit_hooks: list[ExitHook] = []  # seen by every vCPU runner, also while running
@@ -181,7 +192,7 @@ class Machine:
         self.config: dict[str, object] = {
             "memory_mib": memory_mib, "cpus": cpus, "debug_exit_port": debug_exit_port,
             "debug_exit_qemu": debug_exit_qemu, "memory_regions": layout, "pvm_emulation": pvm_emulation,
-            "machine_type": machine_type,
+            "machine_type": machine_type, "pci_devices": list(pci_devices),
         }  # fmt: skip
         try:
             self._create_vm(cpus)
@@ -189,7 +200,7 @@ class Machine:
             if pvm_emulation:
                 assert self.memory is not None
                 self.emulator = PvmEmulator(self.memory)
-            self._create_platform_devices(debug_exit_port, debug_exit_qemu, machine_type, cpus)
+            self._create_platform_devices(debug_exit_port, debug_exit_qemu, machine_type, cpus, pci_devices)
             self._create_vcpus(cpus)
         except BaseException:
             self.close()
@@ -218,7 +229,7 @@ class Machine:
         self.vm.map_memory(self.memory)
 
     def _create_platform_devices(self, debug_exit_port: int, debug_exit_qemu: bool, machine_type: str,
-                                 cpus: int) -> None:  # fmt: skip
+                                 cpus: int, pci_devices: Sequence[str]) -> None:  # fmt: skip
         assert self.vm is not None and self.memory is not None
         from hypervisor.boot.firmware_pic import MASTER_VECTOR_BASE, SLAVE_VECTOR_BASE, with_vector_base
         from hypervisor.devices import pm
@@ -259,12 +270,16 @@ class Machine:
         self.add_port_device(self.pm1, pm.PM1A_EVENT_PORT, pm.Pm1Registers.SIZE, "ACPI PM1a")
         self.pm_timer = pm.PmTimer()
         self.add_port_device(self.pm_timer, pm.PM_TIMER_PORT, pm.PM_TIMER_LENGTH, "ACPI PM timer")
-        # The reset register spans the dword at 0xcf8 it shares with PCI CONFIG_ADDRESS, and
-        # CONFIG_DATA is sunk in C: a kernel built with PCI (the bundled one needs it for ACPI)
-        # probes both on every boot, and an empty PCI bus is no guest error (devices/pm.py).
-        self.add_port_device(pm.ResetRegister(lambda: self.control.request_stop(reset)), pm.PCI_CONFIG_ADDRESS_PORT,
-                             pm.RESET_WINDOW_SIZE, "ACPI reset register")  # fmt: skip
-        self.add_sink_ports(pm.PCI_CONFIG_DATA_PORT, pm.PCI_CONFIG_DATA_SIZE)
+        if pci_devices:
+            self._create_pci_devices(pci_devices, lambda: self.control.request_stop(reset))
+        else:
+            # The reset register spans the dword at 0xcf8 it shares with PCI CONFIG_ADDRESS, and
+            # CONFIG_DATA is sunk in C: a kernel built with PCI (the bundled one needs it for
+            # ACPI) probes both on every boot, and an empty PCI bus is no guest error
+            # (devices/pm.py).
+            self.add_port_device(pm.ResetRegister(lambda: self.control.request_stop(reset)),
+                                 pm.PCI_CONFIG_ADDRESS_PORT, pm.RESET_WINDOW_SIZE, "ACPI reset register")  # fmt: skip
+            self.add_sink_ports(pm.PCI_CONFIG_DATA_PORT, pm.PCI_CONFIG_DATA_SIZE)
         # The PIC vector bases a PC BIOS programs (IRQ 0-7 at 0x08, 8-15 at 0x70), which real-mode
         # guests expect; KVM's in-kernel PIC starts at base 0 (hypervisor/boot/firmware_pic.py).
         bios_bases = (("KVM_IRQCHIP_PIC_MASTER", MASTER_VECTOR_BASE), ("KVM_IRQCHIP_PIC_SLAVE", SLAVE_VECTOR_BASE))
@@ -291,6 +306,39 @@ class Machine:
         self.add_port_device(testdev.IrqLines(self.vm.set_irq_line), testdev.IRQ_PORT, testdev.IRQ_LINES,
                              "pc-testdev irq-line")  # fmt: skip
         self.add_mmio_device(testdev.IoMemory(), testdev.IOMEM_ADDRESS, testdev.IOMEM_SIZE, "pc-testdev iomem")
+
+    def _create_pci_devices(self, names: Sequence[str], on_reset: Callable[[], None]) -> None:
+        """A PCI bus 0 with the named devices (PCI_DEVICE_TYPES), set up as firmware leaves
+        them: BARs assigned, memory decoding on, INTx routed (hypervisor/devices/pci.py)."""
+        assert self.vm is not None and self.memory is not None
+        from hypervisor.devices import edu, pci
+        from hypervisor.devices.intel_iommu import IOMMU_ADDRESS, REGISTERS_SIZE, IntelIommu  # noqa: F811
+        from hypervisor.devices.pci_routing import GuestMemoryDma, RoutedPciInterrupts
+
+        unknown = sorted(set(names) - set(PCI_DEVICE_TYPES))
+        if unknown:
+            raise ConfigError(f"unknown device {unknown[0]!r}: pyhv's PCI devices are {', '.join(PCI_DEVICE_TYPES)}")
+        if list(names).count("intel-iommu") > 1:
+            raise ConfigError("a machine has at most one intel-iommu")
+        host = pci.PciHost(on_reset)
+        self.add_port_device(host, pci.CONFIG_ADDRESS_PORT, pci.CONFIG_PORTS_SIZE, "PCI host (and reset register)")
+        if "intel-iommu" in names:
+            self.iommu = IntelIommu(self.memory, self.vm.signal_msi)
+            self.add_mmio_device(self.iommu, IOMMU_ADDRESS, REGISTERS_SIZE, "intel-iommu")
+        dma = self.iommu or GuestMemoryDma(self.memory)
+        functions = [name for name in names if name != "intel-iommu"]
+        if len(functions) > MAX_PCI_FUNCTIONS:
+            raise ConfigError(f"at most {MAX_PCI_FUNCTIONS} PCI devices besides the intel-iommu")
+        for index, _name in enumerate(functions):  # only edu so far
+            slot = FIRST_PCI_SLOT + index
+            gsi = PCI_FIRST_GSI - index  # from the IOAPIC's last input down, below virtio-mmio's
+            bar = PCI_BAR_WINDOW + index * edu.BAR_SIZE
+            source_id = pci.devfn(slot)
+            interrupts = RoutedPciInterrupts(self.vm, gsi, source_id, self.iommu)
+            device = edu.EduDevice(dma, interrupts, source_id, bar, gsi)
+            host.attach(slot, device)
+            self.add_mmio_device(device, bar, edu.BAR_SIZE, f"edu 00:{slot:02x}.0 BAR 0")
+            self._pci_gsis.add(gsi)
 
     def _create_vcpus(self, count: int) -> None:
         assert self.vm is not None and self.kvm is not None
@@ -352,6 +400,8 @@ class Machine:
             index = len(self.disks)
             name = "vd" + chr(ord("a") + index)
             window = virtio_mmio_window(index)
+            if window.irq in self._pci_gsis:
+                raise ConfigError(f"{name}: its IRQ {window.irq} is taken by a PCI device; use fewer disks or devices")
             if spec.throwaway:
                 # The guest must never write to a snapshot=on/overlay= base: the overlay is made by
                 # hypervisor.disk_overlays.DiskSession, which hands this method the overlay instead.

@@ -103,6 +103,9 @@ def _make_console(spec: str) -> object:
 @click.option("--machine", "machine_type", type=click.Choice(["pc", "qemu-test"]), default="pc", show_default=True,
               help="qemu-test adds QEMU's isa-debug-exit (0xf4) and pc-testdev, for kvm-unit-tests "
                    "(docs/conformance.md).")
+@click.option("--device", "pci_devices", multiple=True, type=click.Choice(["edu", "intel-iommu"]),
+              help="A PCI device (repeatable): QEMU's edu test device, or an Intel VT-d IOMMU with DMA "
+                   "and interrupt remapping (docs/conformance.md).")
 @click.option("--save", type=click.Path(path_type=Path, file_okay=False),
               help="Save the running machine to this new folder when --save-on matches; the run goes on.")
 @click.option("--save-on", metavar="PATTERN", help="Save (see --save) the first time the console prints PATTERN.")
@@ -153,6 +156,7 @@ def run_options_from(options: dict[str, object]) -> RunOptions:
         disks=_parse_disks(options["disks"]),  # type: ignore[arg-type]
         root=options["root"],  # type: ignore[arg-type]
         machine=str(options["machine_type"]),
+        pci_devices=tuple(options["pci_devices"]),  # type: ignore[arg-type]
     )
 
 

@@ -2,8 +2,10 @@
 
 unittests.cfg gives each test QEMU command-line options (`qemu_params`, formerly `extra_params`).
 pyhv honours those that have a pyhv equivalent (`-m`, `-smp`, `-append`) and says what it leaves
-out: a CPU model (`-cpu`: a pyhv guest sees the CPUID this host's KVM supports), machine
-properties, and QEMU devices (`-device`), which make the test a SKIP because the test needs them.
+out: a CPU model (`-cpu`: a pyhv guest sees the CPUID this host's KVM supports) and machine
+properties. A QEMU `-device` that pyhv has (`edu`, `intel-iommu`: PYHV_DEVICES) becomes pyhv's
+`--device`, with its QEMU properties noted; any other makes the test a SKIP, since the test
+needs it.
 
 Backticks are shell in upstream's runner (it `eval`s the line). pyhv runs no shell for a
 configuration file: the one command upstream uses, `date +%s`, is answered with the time, and
@@ -21,6 +23,9 @@ QEMU_DEFAULT_MEMORY_MIB = 128  # QEMU's -m default, which the suite is written a
 BACKTICK = re.compile(r"`([^`]*)`")
 SIZE = re.compile(r"(\d+)([kKmMgGtT]?)[bB]?")
 SIZE_UNITS_MIB = {"": 1, "m": 1, "g": 1024, "t": 1024 * 1024}
+# QEMU device names with a pyhv equivalent of the same name (`pyhv run --device`). pyhv's
+# intel-iommu always remaps interrupts in xAPIC format, which is QEMU's intremap=on,eim=off.
+PYHV_DEVICES = ("edu", "intel-iommu")
 
 
 @dataclass
@@ -30,6 +35,7 @@ class PyhvPlan:
     cpus: int
     memory_mib: int = QEMU_DEFAULT_MEMORY_MIB
     test_args: str = ""
+    devices: list[str] = field(default_factory=list)  # `--device` names
     notes: list[str] = field(default_factory=list)  # options pyhv leaves out, for the report
     unsupported: str | None = None  # set: the test cannot run under pyhv, and why
 
@@ -93,8 +99,13 @@ def plan_for(params: str, smp: int, test_args: str, now: float | None = None) ->
         elif option == "-cpu":
             plan.notes.append(f"-cpu {value} not applied (pyhv offers the CPUID this host's KVM supports)")
         elif option == "-device":
-            plan.unsupported = f"needs QEMU's -device {value.split(',')[0]}, which pyhv does not have"
-            return plan
+            name, _, properties = value.partition(",")
+            if name not in PYHV_DEVICES:
+                plan.unsupported = f"needs QEMU's -device {name}, which pyhv does not have"
+                return plan
+            plan.devices.append(name)
+            if properties:
+                plan.notes.append(f"-device {name} properties {properties} not applied")
         elif option in ("-machine", "-M", "-global", "-overcommit"):
             plan.notes.append(f"{option} {value} not applied")
         else:

@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hypervisor.conformance.qemu_params import plan_for
+from hypervisor.conformance.qemu_params import PyhvPlan, plan_for
 from hypervisor.conformance.unittests_cfg import TestConfig
 
 log = logging.getLogger(__name__)
@@ -104,13 +104,14 @@ def static_skip(test: TestConfig, directory: Path, engine: Engine, include_nodef
     return None
 
 
-def pyhv_command(test: TestConfig, directory: Path, log_path: Path, cpus: int, memory_mib: int,
-                 test_args: str) -> list[str]:  # fmt: skip
+def pyhv_command(test: TestConfig, directory: Path, log_path: Path, plan: PyhvPlan) -> list[str]:
     command = [sys.executable, "-m", "hypervisor", "run", "--kernel", str(directory / test.file),
-               "--machine", "qemu-test", "--cpus", str(cpus), "--mem", str(memory_mib),
+               "--machine", "qemu-test", "--cpus", str(plan.cpus), "--mem", str(plan.memory_mib),
                "--timeout", f"{test.timeout:g}", "--console", f"file:{log_path}"]  # fmt: skip
-    if test_args:
-        command += ["--append", test_args]
+    for device in plan.devices:
+        command += ["--device", device]
+    if plan.test_args:
+        command += ["--append", plan.test_args]
     return command
 
 
@@ -206,7 +207,7 @@ def run_test(test: TestConfig, directory: Path, engine: Engine, workdir: Path, *
         plan = plan_for(test.params, test.smp, test.test_args)
         if plan.unsupported:
             return TestResult(test.name, engine, Status.SKIP, plan.unsupported, notes=plan.notes)
-        command = pyhv_command(test, directory, log_path, plan.cpus, plan.memory_mib, plan.test_args)
+        command = pyhv_command(test, directory, log_path, plan)
         # pyhv ends the run itself at the timeout (status 124); the guard is for pyhv's own hang.
         status, stderr, seconds = _run_process(command, None, test.timeout + GUARD_SECONDS, niceness)
         notes = plan.notes

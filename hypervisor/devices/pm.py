@@ -165,17 +165,34 @@ def is_reset_register_access(offset: int, size: int) -> bool:
     return offset == RESET_OFFSET and size == 1
 
 
+class ResetControl:
+    """The reset register's state: the last value written, without RST_CPU (which the PIIX
+    clears once the reset starts). Shared by the empty-bus window below and the PCI host
+    (hypervisor/devices/pci.py), which both answer for 0xcf9; their owner serialises it."""
+
+    def __init__(self, on_reset: Callable[[], None]) -> None:
+        self.on_reset = on_reset
+        self.value = 0
+
+    def write(self, value: int) -> bool:
+        """Latches `value`; True when it asks for a reset (the owner posts `on_reset`)."""
+        self.value = value & ~RESET_CPU_BIT
+        if value & RESET_CPU_BIT:
+            log.debug("guest wrote %#x to the reset register", value)
+            return True
+        return False
+
+
 class ResetRegister(GatedDevice):
     """The FADT's reset register (§4.8.3.6): writing the reset value resets the machine. On the
     bus it spans the dword at 0xcf8 it shares with PCI CONFIG_ADDRESS (module docstring)."""
 
     def __init__(self, on_reset: Callable[[], None]) -> None:
-        self._on_reset = on_reset
-        self._value = 0
+        self._reset = ResetControl(on_reset)
 
     def read(self, offset: int, data: memoryview) -> None:
         if is_reset_register_access(offset, len(data)):
-            _fill(data, self._value)
+            _fill(data, self._reset.value)
         else:
             data[:] = b"\xff" * len(data)  # CONFIG_ADDRESS of a PCI host bridge that is not there
 
@@ -184,7 +201,5 @@ class ResetRegister(GatedDevice):
             self._access(self._write, data[0])
 
     def _write(self, value: int) -> None:
-        self._value = value & ~RESET_CPU_BIT
-        if value & RESET_CPU_BIT:
-            log.debug("guest wrote %#x to the reset register", value)
-            self._post(self._on_reset)
+        if self._reset.write(value):
+            self._post(self._reset.on_reset)

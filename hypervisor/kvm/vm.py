@@ -22,6 +22,11 @@ log = logging.getLogger(__name__)
 # MMIO top where no guest RAM or device lives, as QEMU and Firecracker place them.
 TSS_ADDRESS = 0xFFFB_D000
 IDENTITY_MAP_ADDRESS = 0xFFFB_C000
+# struct kvm_irqchip: chip_id and a pad before the chip's state; struct kvm_ioapic_state:
+# base_address (8), ioregsel, id, irr, pad (4 each) before redirtbl[KVM_IOAPIC_NUM_PINS].
+IRQCHIP_STATE_OFFSET = 8
+IOAPIC_REDIRTBL_OFFSET = 24
+IOAPIC_REDIRECTION_ENTRIES = 24
 
 
 class Vm:
@@ -73,6 +78,27 @@ class Vm:
 
     def set_irq_line(self, irq: int, level: bool) -> None:
         ioctl(self.fd, "KVM_IRQ_LINE", ffi.new("struct kvm_irq_level *", {"irq": irq, "level": int(level)}))
+
+    def signal_msi(self, address: int, data: int) -> bool:
+        """Injects the MSI write of `data` to `address` into the in-kernel LAPICs (api.rst 4.71
+        KVM_SIGNAL_MSI); False when KVM delivered it to no vCPU (a destination nobody has)."""
+        message = {"address_lo": address & 0xFFFF_FFFF, "address_hi": address >> 32, "data": data}
+        try:
+            return ioctl(self.fd, "KVM_SIGNAL_MSI", ffi.new("struct kvm_msi *", message)) > 0
+        except KvmError as error:
+            # kvm_irq_delivery_to_apic's "no destination" is -1, which the ioctl returns as EPERM.
+            if error.errno == errno.EPERM:
+                return False
+            raise
+
+    def ioapic_redirection_entry(self, pin: int) -> int:
+        """The in-kernel IOAPIC's 64-bit redirection table entry for `pin` (KVM_GET_IRQCHIP,
+        struct kvm_ioapic_state: redirtbl follows base_address, ioregsel, id, irr and a pad)."""
+        if not 0 <= pin < IOAPIC_REDIRECTION_ENTRIES:
+            raise ValueError(f"IOAPIC pin {pin} does not exist")
+        state = self.get_irqchip("KVM_IRQCHIP_IOAPIC")
+        offset = IRQCHIP_STATE_OFFSET + IOAPIC_REDIRTBL_OFFSET + 8 * pin
+        return int.from_bytes(state[offset : offset + 8], "little")
 
     def register_irqfd(self, eventfd: int, gsi: int) -> None:
         """Writes to `eventfd` inject an edge on GSI `gsi` without a syscall into pyhv."""

@@ -112,6 +112,9 @@ def save_machine(machine: Machine, path: str | os.PathLike[str]) -> Path:
     assert machine.kvm is not None and machine.vm is not None and machine.memory is not None
     if machine.control.stop_requested:
         raise ConfigError("the machine has stopped; there is nothing left to save")
+    if machine.config.get("pci_devices"):
+        # Their state (configuration space, remapping registers) has no snapshot form yet.
+        raise ConfigError("a machine with PCI devices (--device) cannot be saved yet")
     check_disks_can_freeze(machine, target.resolve())
     started = time.monotonic()
     was_paused = machine.paused

@@ -70,3 +70,52 @@ def test_runner_bad_input(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr  # a.flat is missing: SKIP, as run_tests.sh says
     assert "SKIP a (Test file" in result.stdout
     assert (tmp_path / "r.xml").read_text().count("<skipped") == 1
+
+
+@pytest.mark.timeout(200)
+def test_intel_iommu_guest_remaps_edu_dma_and_interrupts(tmp_path: Path) -> None:
+    """kvm-unit-tests' intel_iommu: VT-d set-up, a DMA through its page tables, and the edu's
+    interrupt remapped both as an IOAPIC entry and as an MSI."""
+    log = tmp_path / "console.log"
+    result = pyhv("run", "--kernel", str(flat("intel-iommu")), "--machine", "qemu-test", "--cpus", "4",
+                  "--mem", "128", "--device", "intel-iommu", "--device", "edu", "--timeout", "150",
+                  "--console", f"file:{log}")  # fmt: skip
+    console = log.read_text()
+    for check in ("vtd_init: DMAR enablement", "vtd_dmar: DMAR 4B memcpy test", "vtd_ir: IR IOAPIC", "vtd_ir: IR MSI"):
+        assert f"PASS: {check}" in console, console
+    assert "FAIL" not in console and "SKIP" not in console
+    assert result.returncode == 1, result.stderr
+
+
+def test_intel_iommu_guest_without_edu_skips_what_needs_it(tmp_path: Path) -> None:
+    log = tmp_path / "console.log"
+    result = pyhv("run", "--kernel", str(flat("intel-iommu")), "--machine", "qemu-test", "--device", "intel-iommu",
+                  "--timeout", "150", "--console", f"file:{log}")  # fmt: skip
+    console = log.read_text()
+    assert "PASS: vtd_init: IR enablement" in console and "SKIP: DMAR 4B memcpy test" in console, console
+    assert result.returncode == 1, result.stderr
+
+
+def test_pci_device_bad_input_is_one_line() -> None:
+    result = pyhv("run", "--device", "e1000", "--console", "none", timeout=60)
+    assert result.returncode == 2 and "Traceback" not in result.stderr  # click's usage error
+    result = pyhv("run", "--kernel", str(flat("smptest")), "--device", "intel-iommu", "--device", "intel-iommu",
+                  "--console", "none", "--timeout", "30", timeout=60)  # fmt: skip
+    assert result.returncode == 3 and "at most one intel-iommu" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_machine_with_pci_devices_refuses_to_be_saved(tmp_path: Path) -> None:
+    from hypervisor.errors import ConfigError
+    from hypervisor.machine import Machine
+    from hypervisor.snapshot.machine_state import save_machine
+
+    machine = Machine(16, pci_devices=["edu"])
+    try:
+        with pytest.raises(ConfigError, match="PCI devices"):
+            save_machine(machine, tmp_path / "snap")
+        assert not (tmp_path / "snap").exists()
+        with pytest.raises(ConfigError, match="unknown device"):
+            Machine(16, pci_devices=["e1000"])
+    finally:
+        machine.close()

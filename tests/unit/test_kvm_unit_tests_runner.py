@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from hypervisor.conformance.junit import junit_xml
-from hypervisor.conformance.qemu_params import plan_for
+from hypervisor.conformance.qemu_params import PyhvPlan, plan_for
 from hypervisor.conformance.runner import (
     Engine,
     Status,
@@ -141,11 +141,23 @@ def test_classify_names_a_failed_assert() -> None:
 
 
 def test_pyhv_command_uses_the_qemu_test_machine(tmp_path: Path) -> None:
-    command = pyhv_command(TestConfig("t", "a.flat", timeout=5), tmp_path, tmp_path / "t.log", 2, 128, "x y")
+    plan = PyhvPlan(cpus=2, memory_mib=128, test_args="x y")
+    command = pyhv_command(TestConfig("t", "a.flat", timeout=5), tmp_path, tmp_path / "t.log", plan)
     assert command[:4] == [sys.executable, "-m", "hypervisor", "run"]
     assert command[command.index("--machine") + 1] == "qemu-test"
     assert command[command.index("--append") + 1] == "x y"
     assert command[command.index("--timeout") + 1] == "5"
+    assert "--device" not in command
+
+
+def test_qemu_devices_pyhv_has_become_its_device_options(tmp_path: Path) -> None:
+    params = "-M q35,kernel-irqchip=split -device intel-iommu,intremap=on,eim=off -device edu"
+    plan = plan_for(params, 4, "")
+    assert plan.unsupported is None and plan.devices == ["intel-iommu", "edu"]
+    assert any("intremap=on,eim=off" in note for note in plan.notes)
+    command = pyhv_command(TestConfig("t", "a.flat"), tmp_path, tmp_path / "t.log", plan)
+    assert [command[i + 1] for i, word in enumerate(command) if word == "--device"] == ["intel-iommu", "edu"]
+    assert "pci-testdev" in (plan_for("-device pci-testdev", 1, "").unsupported or "")
 
 
 def test_a_skipped_test_runs_nothing_and_junit_reports_it(tmp_path: Path) -> None:

@@ -16,6 +16,8 @@ SIZES = {
     "struct kvm_userspace_memory_region": 32,
     "struct kvm_irq_level": 8,
     "struct kvm_irqfd": 32,
+    "struct kvm_msi": 32,
+    "struct kvm_irqchip": 520,
     "struct kvm_ioeventfd": 64,
     "struct kvm_pit_config": 64,
     "struct kvm_lapic_state": 1024,
