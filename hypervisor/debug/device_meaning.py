@@ -219,6 +219,46 @@ def describe_reset_register(event: Access, device: object) -> Meaning:
     return meaning
 
 
+# -- PCI configuration mechanism #1 (PCI Local Bus 3.0 §3.2.2.3.2), edu, VT-d --------------------
+
+
+def describe_pci_host(event: Access, device: object) -> Meaning:
+    if pm.is_reset_register_access(event.offset, event.size):
+        return describe_reset_register(event, device)
+    if event.offset == 0 and event.size == 4:
+        meaning = _rw(event, "CONFIG_ADDRESS", "pci")
+        address = _value(event.data)
+        if event.is_write and address >> 31:
+            bus, slot, function = (address >> 16) & 0xFF, (address >> 11) & 0x1F, (address >> 8) & 7
+            target = f"{bus:02x}:{slot:02x}.{function} register {address & 0xFF:#04x}"
+            return meaning._replace(detail=f"{meaning.detail} ({target})")
+        return meaning
+    if event.offset >= 4:
+        return _rw(event, f"CONFIG_DATA+{event.offset - 4}" if event.offset > 4 else "CONFIG_DATA", "pci")
+    return _rw(event, f"+{event.offset:#x}", "pci")
+
+
+_EDU_REGISTERS = {0x00: "ID", 0x04: "LIVENESS", 0x08: "FACTORIAL", 0x20: "STATUS", 0x24: "INTR_STATUS",
+                  0x60: "INTR_RAISE", 0x64: "INTR_ACK", 0x80: "DMA_SRC", 0x88: "DMA_DST", 0x90: "DMA_COUNT",
+                  0x98: "DMA_CMD"}  # fmt: skip
+
+
+def describe_edu(event: Access, device: object) -> Meaning:
+    return _rw(event, _EDU_REGISTERS.get(event.offset, f"+{event.offset:#x}"), "edu")
+
+
+_VTD_REGISTERS = {0x00: "VER", 0x08: "CAP", 0x0C: "CAP_HI", 0x10: "ECAP", 0x14: "ECAP_HI", 0x18: "GCMD",
+                  0x1C: "GSTS", 0x20: "RTADDR", 0x24: "RTADDR_HI", 0x28: "CCMD", 0x2C: "CCMD_HI", 0x34: "FSTS",
+                  0x38: "FECTL", 0x3C: "FEDATA", 0x40: "FEADDR", 0x44: "FEUADDR", 0x80: "IQH", 0x88: "IQT",
+                  0x90: "IQA", 0x94: "IQA_HI", 0x9C: "ICS", 0xA0: "IECTL", 0xA4: "IEDATA", 0xA8: "IEADDR",
+                  0xAC: "IEUADDR", 0xB8: "IRTA", 0xBC: "IRTA_HI", 0x200: "IVA", 0x208: "IOTLB",
+                  0x20C: "IOTLB_HI", 0x220: "FRCD", 0x228: "FRCD_HI", 0x22C: "FRCD_F"}  # fmt: skip
+
+
+def describe_intel_iommu(event: Access, device: object) -> Meaning:
+    return _rw(event, _VTD_REGISTERS.get(event.offset, f"+{event.offset:#x}"), "vt-d")
+
+
 # -- virtio-mmio (virtio 1.2 §4.2.2, Table "MMIO Device Register Layout") ---------------------------
 
 VIRTIO_MMIO_REGISTERS = {
@@ -303,6 +343,9 @@ _BY_NAME: tuple[tuple[re.Pattern[str], Describer], ...] = (
     (re.compile(r"ACPI PM timer$"), describe_pm_timer),
     (re.compile(r"ACPI reset register$"), describe_reset_register),
     (re.compile(r"vd[a-z]+$"), describe_virtio_mmio),
+    (re.compile(r"PCI host"), describe_pci_host),
+    (re.compile(r"edu "), describe_edu),
+    (re.compile(r"intel-iommu$"), describe_intel_iommu),
 )
 _BY_TYPE: dict[str, Describer] = {
     "Serial16550A": describe_uart,
@@ -313,6 +356,9 @@ _BY_TYPE: dict[str, Describer] = {
     "PmTimer": describe_pm_timer,
     "ResetRegister": describe_reset_register,
     "MmioTransport": describe_virtio_mmio,
+    "PciHost": describe_pci_host,
+    "EduDevice": describe_edu,
+    "IntelIommu": describe_intel_iommu,
 }
 
 

@@ -146,3 +146,13 @@ def test_unknown_devices_and_other_exits() -> None:
 @pytest.mark.parametrize("offset", [8, 100, -1])
 def test_odd_uart_offsets_do_not_fail(offset: int) -> None:
     assert text(io("COM1", offset, b"\x00")).startswith("serial +")
+
+
+def test_pci_config_vtd_and_edu_accesses_are_named() -> None:
+    host = "PCI host (and reset register)"
+    assert text(io(host, 0, (0x8000_1004).to_bytes(4, "little"), port=0xCF8)) == (
+        "pci CONFIG_ADDRESS 0x80001004 (00:02.0 register 0x04)")
+    assert text(io(host, 4, b"\x34\x12", write=False, port=0xCF8)) == "pci CONFIG_DATA -> 0x1234"
+    assert text(io(host, 1, b"\x06", port=0xCF8)) == "acpi RESET_REG 0x06 (reset)"
+    assert text(mmio("intel-iommu", 0x18, (1 << 31).to_bytes(4, "little"))) == "vt-d GCMD 0x80000000"
+    assert text(mmio("edu 00:02.0 BAR 0", 0x98, b"\x01\0\0\0")) == "edu DMA_CMD 0x00000001"
