@@ -98,6 +98,68 @@ static int take_kick(struct pyhv_vcpu *vcpu, struct pyhv_exit *out)
     return 1;
 }
 
+int pyhv_uart_init(struct pyhv_uart *uart)
+{
+    memset(uart, 0, sizeof(*uart));
+    return -pthread_mutex_init(&uart->lock, NULL);
+}
+
+void pyhv_uart_destroy(struct pyhv_uart *uart)
+{
+    pthread_mutex_destroy(&uart->lock);
+}
+
+/* Moves the waiting bytes to `out` (PYHV_UART_BUFFER_SIZE bytes) and returns how many. */
+uint32_t pyhv_uart_take(struct pyhv_uart *uart, uint8_t *out)
+{
+    pthread_mutex_lock(&uart->lock);
+    uint32_t count = uart->count;
+    memcpy(out, uart->buffer, count);
+    uart->count = 0;
+    pthread_mutex_unlock(&uart->lock);
+    return count;
+}
+
+/* Takes the waiting bytes (as pyhv_uart_take) and sets fast and lsr in the same critical
+ * section, so no byte can be appended under the old state after Python has drained. */
+uint32_t pyhv_uart_publish(struct pyhv_uart *uart, uint8_t *out, uint32_t fast, uint8_t lsr)
+{
+    pthread_mutex_lock(&uart->lock);
+    uint32_t count = uart->count;
+    memcpy(out, uart->buffer, count);
+    uart->count = 0;
+    uart->lsr = lsr;
+    uart->fast = fast;
+    pthread_mutex_unlock(&uart->lock);
+    return count;
+}
+
+/* A one-byte THR write or LSR read of a fast UART. Returns 1 when done here, 2 when done and the
+ * buffer must be drained (a newline, or full), 0 to go to Python. */
+static int handle_uart(struct pyhv_vcpu *vcpu, uint64_t offset, int is_in, uint8_t *data)
+{
+    struct pyhv_uart *uart = vcpu->uart;
+    /* PC16550D Table II: offset 0 is THR (the divisor latch is closed while fast), 5 is LSR. */
+    if (is_in) {
+        if (offset != 5 || !uart->fast)
+            return 0;
+        *data = uart->lsr;
+        __atomic_add_fetch(&uart->lsr_reads, 1, __ATOMIC_RELAXED);
+        return 1;
+    }
+    if (offset != 0)
+        return 0;
+    int result = 0;
+    pthread_mutex_lock(&uart->lock);
+    if (uart->fast && uart->count < PYHV_UART_BUFFER_SIZE) { /* checked again under the lock */
+        uart->buffer[uart->count++] = *data;
+        uart->bytes_taken++;
+        result = (*data == '\n' || uart->count == PYHV_UART_BUFFER_SIZE) ? 2 : 1;
+    }
+    pthread_mutex_unlock(&uart->lock);
+    return result;
+}
+
 /* Completes a port access in C when it can. Returns 1 when handled, 0 to go to Python. */
 static int handle_pio(struct pyhv_vcpu *vcpu, struct pyhv_exit *out)
 {
@@ -123,6 +185,16 @@ static int handle_pio(struct pyhv_vcpu *vcpu, struct pyhv_exit *out)
             memset(data, range->fill, bytes);
         vcpu->stats.pio_sink++;
         return 1;
+    }
+    if (range->action == PYHV_RANGE_UART && vcpu->uart && bytes == 1) {
+        int done = handle_uart(vcpu, run->io.port - range->base, is_in, data);
+        if (done == 1)
+            return 1;
+        if (done == 2) {
+            out->kind = PYHV_EXIT_UART_FLUSH;
+            out->device_id = range->device_id;
+            return 0;
+        }
     }
     out->kind = is_in ? PYHV_EXIT_PIO_IN : PYHV_EXIT_PIO_OUT;
     out->address = run->io.port;

@@ -28,6 +28,7 @@
 /* What the loop does with an access that falls in a range. */
 #define PYHV_RANGE_PYTHON 0 /* return the exit to Python with the range's device id */
 #define PYHV_RANGE_SINK 1   /* writes are dropped, reads return the range's fill byte */
+#define PYHV_RANGE_UART 2   /* a 16550A: THR writes and LSR reads done here while uart->fast */
 
 /* pyhv_exit.kind */
 #define PYHV_EXIT_PIO_IN 1
@@ -39,6 +40,9 @@
 #define PYHV_EXIT_BUDGET 7      /* exit_budget exits have been handled */
 #define PYHV_EXIT_KVM 8         /* any other KVM exit: read exit_reason (and kvm_run) */
 #define PYHV_EXIT_ERROR 9       /* KVM_RUN failed; error holds the errno */
+#define PYHV_EXIT_UART_FLUSH 10 /* the UART's transmit buffer took a newline or is full */
+
+#define PYHV_UART_BUFFER_SIZE 4096
 
 struct pyhv_range {
     uint64_t base;
@@ -84,6 +88,25 @@ struct pyhv_stats {
     uint64_t eagain;
 };
 
+/* The transmit side of a 16550A, shared by every vCPU of the machine. The Python UART model
+ * (hypervisor/devices/serial.py) stays the one source of register semantics: it sets `fast`
+ * only while a THR write has no effect but its byte (divisor latch closed, THR-empty interrupt
+ * disabled, no loopback) and an LSR read has none at all (no error bit to clear), and publishes
+ * the LSR value to answer. Then the loop appends THR bytes to `buffer` and answers LSR reads
+ * itself; Python drains the buffer (pyhv_uart_take) before it touches the UART, on a newline
+ * (PYHV_EXIT_UART_FLUSH), when it is full, and from the machine's wait loop, so the bytes keep
+ * their order. `fast` (1 while the loop may take THR writes and LSR reads) and `lsr` are set only
+ * through pyhv_uart_publish. */
+struct pyhv_uart {
+    volatile uint32_t fast;  /* C only */
+    volatile uint8_t lsr;    /* C only */
+    uint32_t count;          /* bytes waiting in buffer */
+    uint64_t bytes_taken;    /* THR writes completed in C, in all */
+    uint64_t lsr_reads;      /* LSR reads answered in C, in all */
+    pthread_mutex_t lock;    /* C only */
+    uint8_t buffer[PYHV_UART_BUFFER_SIZE];
+};
+
 struct pyhv_vcpu {
     int fd;
     struct kvm_run *run;
@@ -95,6 +118,7 @@ struct pyhv_vcpu {
     pthread_t thread;                   /* C only */
     uint64_t exit_budget; /* 0: unlimited; otherwise return PYHV_EXIT_BUDGET after this many */
     struct pyhv_stats stats;
+    struct pyhv_uart *uart; /* the machine's COM1 for PYHV_RANGE_UART, or NULL */
 };
 
 int pyhv_ioctl(int fd, unsigned long request, void *arg);
@@ -108,6 +132,10 @@ int pyhv_vcpu_kick(struct pyhv_vcpu *vcpu);
 void pyhv_vcpu_clear_kick(struct pyhv_vcpu *vcpu);
 int pyhv_vcpu_inject_exception(struct pyhv_vcpu *vcpu, uint32_t vector, int has_error_code, uint32_t error_code);
 int pyhv_bench_raw_loop(struct pyhv_vcpu *vcpu, uint64_t exits);
+int pyhv_uart_init(struct pyhv_uart *uart);
+void pyhv_uart_destroy(struct pyhv_uart *uart);
+uint32_t pyhv_uart_take(struct pyhv_uart *uart, uint8_t *out);
+uint32_t pyhv_uart_publish(struct pyhv_uart *uart, uint8_t *out, uint32_t fast, uint8_t lsr);
 int pyhv_cmpxchg16b(uint8_t *address, uint64_t *expected, uint64_t desired_low, uint64_t desired_high);
 /* PYHV_CFFI_END */
 

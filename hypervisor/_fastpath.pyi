@@ -14,7 +14,6 @@ class _Lib:
     KVM_CAP_IRQCHIP: int
     KVM_CAP_IRQFD: int
     KVM_CAP_IRQ_ROUTING: int
-    KVM_CAP_SIGNAL_MSI: int
     KVM_CAP_MAX_VCPUS: int
     KVM_CAP_MP_STATE: int
     KVM_CAP_NR_MEMSLOTS: int
@@ -23,6 +22,7 @@ class _Lib:
     KVM_CAP_SET_GUEST_DEBUG: int
     KVM_CAP_SET_IDENTITY_MAP_ADDR: int
     KVM_CAP_SET_TSS_ADDR: int
+    KVM_CAP_SIGNAL_MSI: int
     KVM_CAP_TSC_CONTROL: int
     KVM_CAP_USER_MEMORY: int
     KVM_CAP_VCPU_EVENTS: int
@@ -120,12 +120,12 @@ class _Lib:
     KVM_SET_REGS: int
     KVM_SET_SREGS: int
     KVM_SET_TSC_KHZ: int
-    KVM_SIGNAL_MSI: int
     KVM_SET_TSS_ADDR: int
     KVM_SET_USER_MEMORY_REGION: int
     KVM_SET_VCPU_EVENTS: int
     KVM_SET_XCRS: int
     KVM_SET_XSAVE: int
+    KVM_SIGNAL_MSI: int
     KVM_SYSTEM_EVENT_CRASH: int
     KVM_SYSTEM_EVENT_RESET: int
     KVM_SYSTEM_EVENT_SHUTDOWN: int
@@ -142,10 +142,13 @@ class _Lib:
     PYHV_EXIT_MMIO_WRITE: int
     PYHV_EXIT_PIO_IN: int
     PYHV_EXIT_PIO_OUT: int
+    PYHV_EXIT_UART_FLUSH: int
     PYHV_MAX_EXIT_REASONS: int
     PYHV_MAX_RANGES: int
     PYHV_RANGE_PYTHON: int
     PYHV_RANGE_SINK: int
+    PYHV_RANGE_UART: int
+    PYHV_UART_BUFFER_SIZE: int
     def pyhv_ioctl(self, fd: int, request: int, arg: Any) -> int: ...
     def pyhv_ioctl_value(self, fd: int, request: int, arg: int) -> int: ...
     def pyhv_install_kick_handler(self) -> int: ...
@@ -157,6 +160,10 @@ class _Lib:
     def pyhv_vcpu_clear_kick(self, vcpu: Any) -> None: ...
     def pyhv_vcpu_inject_exception(self, vcpu: Any, vector: int, has_error_code: int, error_code: int) -> int: ...
     def pyhv_bench_raw_loop(self, vcpu: Any, exits: int) -> int: ...
+    def pyhv_uart_init(self, uart: Any) -> int: ...
+    def pyhv_uart_destroy(self, uart: Any) -> None: ...
+    def pyhv_uart_take(self, uart: Any, out: Any) -> Any: ...
+    def pyhv_uart_publish(self, uart: Any, out: Any, fast: int, lsr: Any) -> Any: ...
     def pyhv_cmpxchg16b(self, address: Any, expected: Any, desired_low: int, desired_high: int) -> int: ...
 
 lib: _Lib

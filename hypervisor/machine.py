@@ -43,6 +43,7 @@ from hypervisor.vcpu.stats import merge_statistics, vcpu_statistics
 if TYPE_CHECKING:
     from hypervisor.block.backend import BlockBackend
     from hypervisor.devices.intel_iommu import IntelIommu
+    from hypervisor.kvm.uart import UartTransmitBuffer
     from hypervisor.virtio.blk import VirtioBlock
     from hypervisor.virtio.mmio import MmioTransport
     from hypervisor.virtio.worker import QueueWorker
@@ -153,6 +154,7 @@ class Machine:
         machine_type: str = "pc",
         memory_file: int = -1,
         pci_devices: Sequence[str] = (),
+        serial_fast_path: bool = True,
     ) -> None:
         if memory_mib <= 0:
             raise ConfigError(f"guest memory must be at least 1 MiB, not {memory_mib} MiB")
@@ -177,7 +179,12 @@ class Machine:
         self._threads: list[threading.Thread] = []
         self.disks: list[AttachedDisk] = []
         self.exit_hooks: list[ExitHook] = []  # seen by every vCPU runner, also while running
-        self.breakpoints = BreakpointTable()
+        self.breakpoints = BreakpointTable(on_change=self._observers_changing)
+        # COM1's THR writes and LSR reads served in the C loop (hypervisor/kvm/uart.py) while
+        # nothing observes exits; created at start.
+        self._serial_fast_path_wanted = serial_fast_path
+        self.uart_buffer: UartTransmitBuffer | None = None
+        self._observed_from_start = False
         # The last exits that reached Python, for post-mortems (0: not kept).
         self.exit_history: deque[ExitEvent] | None = deque(maxlen=exit_history) if exit_history > 0 else None
         self._started_at = time.monotonic()
@@ -485,18 +492,33 @@ class Machine:
     def install_range_tables(self) -> None:
         """Freezes the buses into every vCPU's C range table (done by `start`)."""
         sink_ids = {sink.device_id for sink in self._sinks}
-        pio = [TableRange(r.base, r.size, r.device_id) for r in self.pio_bus.ranges() if r.device_id not in sink_ids]
+        pio = [TableRange(r.base, r.size, r.device_id, uart=r.device is self.serial)
+               for r in self.pio_bus.ranges() if r.device_id not in sink_ids]  # fmt: skip
         pio += self._sinks
         mmio = [TableRange(r.base, r.size, r.device_id) for r in self.mmio_bus.ranges()]
         for vcpu in self.vcpus:
             vcpu.set_range_tables(pio, mmio)
+        if self._serial_fast_path_wanted and self.uart_buffer is None:
+            from hypervisor.kvm.uart import UartTransmitBuffer
+
+            self.uart_buffer = UartTransmitBuffer()
+            for vcpu in self.vcpus:
+                vcpu.attach_uart(self.uart_buffer)
+            self.serial.attach_fast_path(self.uart_buffer)
 
     def start(self, paused: bool = False) -> None:
         """Starts the vCPU threads (and the console); `wait` collects the outcome. With `paused`,
         every vCPU parks before its first instruction until `resume()` (a debugger attaches)."""
         if paused:
             self.control.pause(wait=False)  # held by "user" until resume()
+        # A machine started for a debugger, a tracer, a post-mortem history or an output
+        # watcher that acts on the guest (--save-on, a console-triggered --fault rule: the guest
+        # must stop right after the pattern, not at the end of its line) sees every exit in
+        # Python for the whole run; otherwise only while a hook or breakpoint exists.
+        self._observed_from_start = (paused or self.exit_history is not None or bool(self.exit_hooks)
+                                     or bool(self.output_watchers))  # fmt: skip
         self.install_range_tables()
+        self._observers_changing(False)
         for disk in self.disks:
             disk.worker.start()
         if self.console is not None:
@@ -509,7 +531,8 @@ class Machine:
         for vcpu in self.vcpus:
             runner = VcpuRunner(vcpu, self.pio_bus, self.mmio_bus, self.control, self.emulator,
                                 hooks=self.exit_hooks, breakpoints=self.breakpoints, history=self.exit_history,
-                                memory=self.memory, machine=self)  # fmt: skip
+                                memory=self.memory, machine=self,
+                                flush_uart=self.serial.flush_fast_path)  # fmt: skip
             self.runners.append(runner)
             self.control.thread_started(vcpu.id)  # counted live before it runs: see pause()
             thread = threading.Thread(target=self._vcpu_thread, args=(runner,), name=f"vcpu{vcpu.id}", daemon=True)
@@ -535,6 +558,7 @@ class Machine:
                     self.control.request_stop(Outcome(OutcomeKind.TIMEOUT, f"no outcome within {timeout:g} s"))
                     break
                 self.control.finished.wait(0.25 if remaining is None else min(remaining, 0.25))
+                self.serial.flush_fast_path(wait=False)  # a prompt without a newline
                 self._run_main_thread_calls()
                 over_budget = self.exit_budget.check(self.vcpus) if self.exit_budget is not None else None
                 if over_budget is not None:
@@ -552,11 +576,15 @@ class Machine:
             self.control.request_stop(Outcome(OutcomeKind.INTERRUPTED, "interrupted on the host"))
         wall = time.monotonic() - self._started_at
         self._join_threads()
+        self.serial.flush_fast_path(wait=False)  # the last bytes, before the console is read
         outcome = self.control.outcome
         assert outcome is not None
         outcome = self.observer.explain(outcome)
         per_vcpu = [vcpu_statistics(vcpu) for vcpu in self.vcpus]
         statistics = merge_statistics(per_vcpu)
+        # COM1 accesses the C loop served (counted among the exits handled in C).
+        statistics["uart_thr_writes_in_c"] = self.uart_buffer.bytes_taken if self.uart_buffer else 0
+        statistics["uart_lsr_reads_in_c"] = self.uart_buffer.line_status_reads if self.uart_buffer else 0
         self._warn_about_unmapped(statistics)
         reports = self.observer.kernel_log.reports.to_dict() if self.observer.linux_rules else None
         return RunResult(outcome, wall, statistics, per_vcpu, reports)
@@ -643,10 +671,19 @@ class Machine:
     def add_exit_hook(self, hook: ExitHook) -> None:
         """`hook(event, ctx)` for every real exit that reaches Python, on the vCPU's thread,
         after the device served it (hypervisor.vcpu.context.ExitContext)."""
+        self._observers_changing(True)
         self.exit_hooks.append(hook)
 
     def remove_exit_hook(self, hook: ExitHook) -> None:
         self.exit_hooks.remove(hook)
+        self._observers_changing(False)
+
+    def _observers_changing(self, adding: bool) -> None:
+        """Keeps COM1's C path off while anything observes exits (a breakpoint on port 0x3f8
+        counts every write); called before an observer is added and after one goes."""
+        if self.uart_buffer is not None:
+            observed = adding or self._observed_from_start or bool(self.exit_hooks) or len(self.breakpoints) > 0
+            self.serial.allow_fast_path(not observed)
 
     def break_on(
         self,
@@ -766,6 +803,8 @@ class Machine:
             disk.interrupt.close()
         if self.vm is not None:
             self.vm.close()
+        if self.uart_buffer is not None:
+            self.uart_buffer.close()  # no vCPU loop points at it any more
         if self.memory is not None:
             self.memory.close()
         if self.kvm is not None:

@@ -41,6 +41,8 @@ def build_report(
             "by_reason": stats["exits_by_reason"],
             "handled_in_c": int(stats["total_exits"]) - int(stats["python_exits"]),  # type: ignore[call-overload]
             "handled_in_python": stats["python_exits"],
+            "serial_in_c": {"thr_writes": stats.get("uart_thr_writes_in_c", 0),
+                            "lsr_reads": stats.get("uart_lsr_reads_in_c", 0)},  # fmt: skip
             "unmapped_port_accesses": int(stats["pio_unmapped_reads"]) + int(stats["pio_unmapped_writes"]),  # type: ignore[call-overload]
             "unmapped_mmio_accesses": int(stats["mmio_unmapped_reads"]) + int(stats["mmio_unmapped_writes"]),  # type: ignore[call-overload]
             "first_unmapped_port": stats["first_unmapped_port"],

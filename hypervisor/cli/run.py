@@ -156,7 +156,7 @@ def run_options_from(options: dict[str, object]) -> RunOptions:
         disks=_parse_disks(options["disks"]),  # type: ignore[arg-type]
         root=options["root"],  # type: ignore[arg-type]
         machine=str(options["machine_type"]),
-        pci_devices=tuple(options["pci_devices"]),  # type: ignore[arg-type]
+        pci_devices=tuple(options.get("pci_devices", ())),  # type: ignore[arg-type]
     )
 
 
@@ -209,7 +209,7 @@ def _run(options: dict[str, object]) -> int:
         if trace is not None:
             from hypervisor.debug.trace import ExitTracer  # only when asked: start-up is a target
 
-            machine.exit_hooks.append(ExitTracer(trace))
+            machine.add_exit_hook(ExitTracer(trace))
         debug_outputs.attach(machine)
         gdb = _start_gdb(options["gdb_spec"], machine)  # type: ignore[arg-type]
         try:

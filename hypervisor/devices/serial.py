@@ -35,6 +35,12 @@ What is modelled and why:
   board gates the UART's INTR pin with OUT2) and never in loopback, where the data sheet forces the
   OUT pins inactive. Linux's 8250 driver sets OUT2 before it expects interrupts.
 
+The C vCPU loop may serve THR writes and LSR reads itself (`attach_fast_path`,
+hypervisor/kvm/uart.py): the model publishes when that is exact -- divisor latch closed, THR-empty
+interrupt disabled, no loopback, no error bit that an LSR read would clear -- together with the
+LSR value to answer, and collects the bytes the loop buffered before it handles any access of
+its own, so the model stays the one source of register semantics and the output keeps its order.
+
 The UART has no lock of its own: `feed()` runs on the console thread while the guest accesses
 registers from a vCPU thread, and both run under the one lock the bus gives the device
 (hypervisor.devices.gate). Transmitted bytes and interrupt line changes are posted as effects and
@@ -48,6 +54,7 @@ from __future__ import annotations
 import collections
 import logging
 from collections.abc import Callable
+from typing import Any, Protocol
 
 from hypervisor.devices.bus import InterruptLine, NullInterruptLine
 from hypervisor.devices.state import StatefulDevice
@@ -126,6 +133,14 @@ DEFAULT_DIVISOR = 12
 HOST_ORIGIN = 0x100  # tag bit on FIFO entries that came from feed(), not loopback
 
 
+class TransmitFastPath(Protocol):
+    """The C loop's transmit buffer (hypervisor.kvm.uart.UartTransmitBuffer)."""
+
+    def take(self) -> bytes: ...
+
+    def publish(self, fast: bool, line_status: int) -> bytes: ...
+
+
 class Serial16550A(StatefulDevice):
     """A 16550A UART implementing the bus `Device` protocol over eight byte registers."""
 
@@ -158,6 +173,8 @@ class Serial16550A(StatefulDevice):
         self._thr_empty_pending = False
         self._line_level = False
         self._input_released = not hold_input_until_driver
+        self._fast_path: TransmitFastPath | None = None
+        self._fast_path_allowed = True
 
     # ----------------------------------------------------------------- host side
 
@@ -172,6 +189,58 @@ class Serial16550A(StatefulDevice):
         self._line_level = False
         self._update_interrupt()
 
+    def attach_fast_path(self, fast_path: TransmitFastPath | None) -> None:
+        """Lets the C loop take THR writes and LSR reads while that is exact (module docstring)."""
+        self._serialised(self._attach_fast_path, fast_path)
+
+    def _attach_fast_path(self, fast_path: TransmitFastPath | None) -> None:
+        self._drain_fast_path()
+        if self._fast_path is not None:
+            self._emit_taken(self._fast_path.publish(False, 0))
+        self._fast_path = fast_path
+        self._publish_fast_path()
+
+    def allow_fast_path(self, allowed: bool) -> None:
+        """The machine turns the C path off while exits are observed (a breakpoint on this
+        port must see every write); the bytes it buffered come out first."""
+        self._serialised(self._allow_fast_path, allowed)
+
+    def _allow_fast_path(self, allowed: bool) -> None:
+        self._fast_path_allowed = allowed
+        self._drain_fast_path()
+        self._publish_fast_path()
+
+    def flush_fast_path(self, wait: bool = True) -> None:
+        """Sends the bytes the C loop buffered: on its newline/full exit (`wait`: the vCPU goes
+        on once they are out, as after a THR write here) or from the machine's timer."""
+        if self._fast_path is not None:
+            (self._access if wait else self._serialised)(self._drain_fast_path)
+
+    def _drain_fast_path(self) -> None:
+        if self._fast_path is not None:
+            self._emit_taken(self._fast_path.take())
+
+    def _emit_taken(self, data: bytes) -> None:
+        if data:
+            self._thr_empty_pending = True  # as _transmit leaves it after the last byte
+            self._post(self._on_output, data)
+
+    def _publish_fast_path(self) -> None:
+        if self._fast_path is None:
+            return
+        fast = (self._fast_path_allowed and not self._lcr & LCR_DLAB and not self._ier & IER_ETBEI
+                and not self._loopback and not self._lsr & LSR_OVERRUN_ERROR)  # fmt: skip
+        self._emit_taken(self._fast_path.publish(fast, self._line_status()))
+
+    def _encoded_fields(self) -> dict[str, Any]:
+        self._drain_fast_path()  # the buffered bytes are output before the state is taken
+        return super()._encoded_fields()
+
+    def _set_fields(self, decoded: dict[str, object]) -> None:
+        self._drain_fast_path()
+        super()._set_fields(decoded)
+        self._publish_fast_path()
+
     def feed(self, data: bytes) -> int:
         """Queue host input for the guest; returns how many bytes were accepted (thread-safe)."""
         return self._serialised(self._feed, data)
@@ -185,6 +254,7 @@ class Serial16550A(StatefulDevice):
         self._host_queue.extend(accepted)
         self._refill_from_host()
         self._update_interrupt()
+        self._publish_fast_path()  # LSR.DR may have changed
         return len(accepted)
 
     def pending_input(self) -> int:
@@ -214,16 +284,20 @@ class Serial16550A(StatefulDevice):
         self._access(self._write_registers, offset, data)
 
     def _read_registers(self, offset: int, data: memoryview) -> None:
+        self._drain_fast_path()  # bytes the C loop took come before anything this access does
         # A wider access on this 8-bit ISA device is a run of byte accesses to consecutive ports.
         for index in range(len(data)):
             data[index] = self._read_register(offset + index)
         self._update_interrupt()
+        self._publish_fast_path()
 
     def _write_registers(self, offset: int, data: bytes) -> None:
+        self._drain_fast_path()
         for index, value in enumerate(data):
             self._write_register(offset + index, value)
         self._release_input_once_a_driver_listens()
         self._update_interrupt()
+        self._publish_fast_path()
 
     # ----------------------------------------------------------------- registers
 

@@ -26,6 +26,7 @@ class ExitKind(enum.IntEnum):
     BUDGET = lib.PYHV_EXIT_BUDGET
     KVM = lib.PYHV_EXIT_KVM
     ERROR = lib.PYHV_EXIT_ERROR
+    UART_FLUSH = lib.PYHV_EXIT_UART_FLUSH
 
 
 DEVICE_EXIT_KINDS = (ExitKind.PIO_IN, ExitKind.PIO_OUT, ExitKind.MMIO_READ, ExitKind.MMIO_WRITE)

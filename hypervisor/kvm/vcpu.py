@@ -18,6 +18,7 @@ from hypervisor.kvm.fpu import fpu_from_xsave, xsave_with_fpu
 
 if TYPE_CHECKING:
     from hypervisor.boot.cpuid import CpuidEntry
+    from hypervisor.kvm.uart import UartTransmitBuffer
     from hypervisor.kvm.vm import Vm
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,7 @@ class TableRange:
     device_id: int
     sink: bool = False
     fill: int = 0xFF
+    uart: bool = False  # the UART whose THR/LSR the loop may serve (attach_uart)
 
 
 def _install_kick_handler() -> None:
@@ -106,6 +108,7 @@ class Vcpu:
         self.exit_record = ffi.new("struct pyhv_exit *")
         self.guest_debug_control = 0  # the KVM_GUESTDBG_* flags last set (the runner reads them)
         self._has_xsave: bool | None = None  # KVM_GET_XSAVE answered; None until first asked
+        self._uart: UartTransmitBuffer | None = None
 
     # -- general purpose registers ---------------------------------------------------------
 
@@ -322,10 +325,17 @@ class Vcpu:
                 target.base = entry.base
                 target.size = entry.size
                 target.device_id = entry.device_id
-                target.action = lib.PYHV_RANGE_SINK if entry.sink else lib.PYHV_RANGE_PYTHON
+                target.action = (lib.PYHV_RANGE_SINK if entry.sink
+                                 else lib.PYHV_RANGE_UART if entry.uart else lib.PYHV_RANGE_PYTHON)  # fmt: skip
                 target.fill = entry.fill
             table.count = len(ordered)
             table.unmapped_fill = fill
+
+    def attach_uart(self, buffer: UartTransmitBuffer) -> None:
+        """Lets this vCPU's loop serve the UART range (TableRange.uart) through `buffer`, which
+        must outlive the vCPU's runs. Call before the vCPU thread runs."""
+        self.state.uart = buffer.state
+        self._uart = buffer  # keeps the C struct alive as long as the vCPU points at it
 
     def run_once(self) -> Any:
         """Runs until an exit the C loop cannot finish; returns the `struct pyhv_exit *`."""

@@ -115,7 +115,11 @@ NO_BREAKPOINTS: tuple[Breakpoint, ...] = ()
 class BreakpointTable:
     """The machine's breakpoints, indexed for the vCPU threads' per-exit check."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_change: Callable[[bool], None] | None = None) -> None:
+        # `on_change(True)` before a breakpoint is added, `on_change(False)` after one goes:
+        # the machine turns C-served exits off first (hypervisor.devices.serial fast path), so a
+        # new breakpoint sees every exit from its first.
+        self._on_change = on_change
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
         self._all: dict[int, Breakpoint] = {}
@@ -131,6 +135,8 @@ class BreakpointTable:
         self.active = False
 
     def add(self, breakpoint: Breakpoint) -> Breakpoint:
+        if self._on_change is not None:
+            self._on_change(True)
         with self._lock:
             if breakpoint.id == 0:
                 breakpoint.id = next(self._ids)
@@ -144,6 +150,8 @@ class BreakpointTable:
         with self._lock:
             found = self._all.pop(breakpoint_id, None) is not None
             self._rebuild()
+        if self._on_change is not None:
+            self._on_change(False)
         return found
 
     def set_enabled(self, breakpoint_id: int, enabled: bool) -> bool:
@@ -159,6 +167,8 @@ class BreakpointTable:
         with self._lock:
             self._all.clear()
             self._rebuild()
+        if self._on_change is not None:
+            self._on_change(False)
 
     def __iter__(self):  # type: ignore[no-untyped-def]
         with self._lock:

@@ -53,6 +53,7 @@ PIO_IN = ExitKind.PIO_IN
 PIO_OUT = ExitKind.PIO_OUT
 MMIO_WRITE = ExitKind.MMIO_WRITE
 KICKED = ExitKind.KICKED
+UART_FLUSH = ExitKind.UART_FLUSH
 INTERRUPTED = ExitKind.INTERRUPTED
 BUDGET = ExitKind.BUDGET
 RUN_ERROR = ExitKind.ERROR
@@ -119,8 +120,11 @@ class VcpuRunner:
         history: deque[ExitEvent] | None = None,
         memory: GuestMemory | None = None,
         machine: object = None,
+        flush_uart: Callable[[], None] | None = None,
     ) -> None:
         self.vcpu = vcpu
+        # Sends the bytes the C loop buffered for the UART (a PYHV_EXIT_UART_FLUSH exit).
+        self._flush_uart = flush_uart
         self.control = control
         self.emulator = emulator
         self.hooks: list[ExitHook] = hooks if hooks is not None else []
@@ -200,6 +204,10 @@ class VcpuRunner:
                     log.exception("device error on %s at %#x", "port" if is_port else "MMIO", record.address)
                 if observe and not self._observe_access(kind, is_port, device, data, started, candidates):
                     return
+                continue
+            if kind == UART_FLUSH:  # the C loop's console buffer took a newline or is full
+                if self._flush_uart is not None:
+                    self._flush_uart()
                 continue
             if kind == KICKED or kind == INTERRUPTED or kind == BUDGET:
                 if control.stop_requested:
