@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from re import Pattern
 
 from hypervisor.block.locking import lock_image
-from hypervisor.block.qcow2.refcount import encode_block, refcount_typecode
+from hypervisor.block.qcow2.refcount import encode_block, refcount_structure_size, refcount_typecode
 from hypervisor.block.qcow2.staging import staged
 from hypervisor.errors import ConfigError, ImageError
 
@@ -271,17 +271,11 @@ def _plan(options: Qcow2CreateOptions) -> _Layout:
     prealloc = options.preallocation == "metadata"
     l2_tables = l1_size if prealloc else 0
     allocated_data = data_clusters if prealloc else 0
-    refcounts_per_block = cs * 8 // options.refcount_bits
-    # Fixed point: the refcount structures must also count themselves.
-    table_clusters, blocks = 1, 1
-    while True:
-        total = 1 + table_clusters + blocks + l1_clusters + l2_tables + allocated_data
-        need_blocks = (total + refcounts_per_block - 1) // refcounts_per_block
-        need_table = max(1, (need_blocks * 8 + cs - 1) // cs)
-        if need_blocks <= blocks and need_table <= table_clusters:
-            break
-        blocks, table_clusters = max(blocks, need_blocks), max(table_clusters, need_table)
-    return _Layout(table_clusters, blocks, l1_size, l1_clusters, l2_tables, allocated_data)
+    # Every cluster of the new image is in use, so only how many there are matters for the
+    # refcount structure, not where it sits: it covers the header, the L1 (and preallocated
+    # tables and data) and itself.
+    refcounts = refcount_structure_size(1 + l1_clusters + l2_tables + allocated_data, cs, options.refcount_bits)
+    return _Layout(refcounts.table_clusters, refcounts.blocks, l1_size, l1_clusters, l2_tables, allocated_data)
 
 
 def _refcount_block(first_cluster: int, in_use: int, options: Qcow2CreateOptions) -> bytes:

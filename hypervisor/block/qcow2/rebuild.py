@@ -10,12 +10,13 @@ bit is cleared last; the old structure simply stops being referenced.
 from __future__ import annotations
 
 import logging
+from array import array
 from collections import Counter
 from typing import TYPE_CHECKING
 
 from hypervisor.block.qcow2 import format as fmt
 from hypervisor.block.qcow2.bitmaps import load_directory, referenced_clusters
-from hypervisor.block.qcow2.refcount import RefcountBlockCodec, Refcounts, dump_u64_table
+from hypervisor.block.qcow2.refcount import RefcountBlockCodec, Refcounts, dump_u64_table, refcount_structure_size
 from hypervisor.block.qcow2.snapshot_table import stored_table_size, table_size_bound
 from hypervisor.errors import ImageError
 
@@ -69,15 +70,11 @@ def rebuild_refcounts(image: ImageState) -> None:
     if overflow:
         raise ImageError(f"{image.path}: cluster {overflow[0]} has more references than refcount_bits allows")
     first_free = max(max(refs, default=0) + 1, -(-image._hf.size // cs))
-    # Place table + blocks at first_free; they must cover themselves too.
-    blocks = table_clusters = 1
-    while True:
-        end = first_free + table_clusters + blocks
-        need_blocks = -(-end // codec.entries)
-        need_table = max(1, -(-need_blocks * 8 // cs))
-        if need_blocks <= blocks and need_table <= table_clusters:
-            break
-        blocks, table_clusters = max(blocks, need_blocks), max(table_clusters, need_table)
+    # Table + blocks go at first_free and count every cluster before them (in use or not: this
+    # writes every block up to the end) and themselves.
+    size = refcount_structure_size(first_free, cs, codec.bits)
+    blocks, table_clusters = size.blocks, size.table_clusters
+    end = first_free + size.clusters
     table_offset = first_free << cb
     for cluster in range(first_free, first_free + table_clusters + blocks):
         refs[cluster] += 1
@@ -90,8 +87,6 @@ def rebuild_refcounts(image: ImageState) -> None:
         for cluster in range(base, min(base + codec.entries, end)):
             values[cluster - base] = refs.get(cluster, 0)
         image._hf.pwrite(block_offset, codec.encode(values))
-    from array import array
-
     image._hf.pwrite(table_offset, dump_u64_table(array("Q", table)))
     image._hf.sync()
     hdr.refcount_table_offset = table_offset

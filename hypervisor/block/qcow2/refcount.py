@@ -15,7 +15,9 @@ from __future__ import annotations
 import logging
 import sys
 from array import array
-from collections.abc import Callable, Iterator
+from bisect import bisect_left
+from collections.abc import Callable, Iterator, Sequence
+from typing import NamedTuple
 
 from hypervisor.block.qcow2 import format as fmt
 from hypervisor.block.qcow2.hostfile import HostFile
@@ -95,6 +97,68 @@ def encode_block(values: array[int] | list[int], refcount_bits: int, block_size:
         table = bytes(((value & mask) << shift) & 0xFF for value in range(256))
         combined |= int.from_bytes(lanes[slot::per_byte].translate(table), "big")
     return combined.to_bytes(block_size, "big")
+
+
+def refcounts_per_block(cluster_size: int, refcount_bits: int) -> int:
+    """qcow2.rst "Host cluster management": a refcount block is one cluster of refcount_bits-wide
+    entries, i.e. cluster_size * 8 / refcount_bits of them."""
+    return cluster_size * 8 // refcount_bits
+
+
+def blocks_covering(start: int, stop: int, per_block: int) -> range:
+    """Indices of the refcount blocks that hold the refcounts of clusters [start, stop)."""
+    if stop <= start:
+        return range(0)
+    return range(start // per_block, (stop - 1) // per_block + 1)
+
+
+class RefcountStructureSize(NamedTuple):
+    """How big a refcount structure is: its refcount blocks and refcount table clusters."""
+
+    blocks: int
+    table_clusters: int
+
+    @property
+    def clusters(self) -> int:
+        return self.blocks + self.table_clusters
+
+
+def refcount_structure_size(
+    first_free: int, cluster_size: int, refcount_bits: int, counted_blocks: Sequence[int] | None = None
+) -> RefcountStructureSize:
+    """The smallest refcount table + blocks that, stored in the clusters from `first_free` on,
+    count every cluster below `first_free` and also their own clusters.
+
+    qcow2.rst "Host cluster management": every host cluster has a refcount, the refcount table and
+    blocks included, so the structure must cover itself; a block holds cluster_size * 8 /
+    refcount_bits refcounts and the table one 8-byte entry per block index up to the highest one
+    in use (a zero entry stands for a block of zeros). This is QEMU's fixed point of
+    qcow2_refcount_metadata_size (qcow2-refcount.c calc_refcount_table_size for the table).
+
+    `counted_blocks` are the sorted indices of the blocks needed for the clusters below
+    `first_free`; None means all of them (every cluster below `first_free` is in use, as in a new
+    or rebuilt image). The structure's own clusters then need blocks_covering(first_free,
+    first_free + clusters, per_block) as well. The one sizing rule of the creator, the engine's
+    rebuild and the checker's rebuild.
+    """
+    per_block = refcounts_per_block(cluster_size, refcount_bits)
+    entries_per_table_cluster = cluster_size // 8  # qcow2.rst: refcount table entries are 64 bits
+    counted = range(-(-first_free // per_block)) if counted_blocks is None else counted_blocks
+    # Start below the answer (no blocks, the one table cluster every image has) and apply the
+    # rule until nothing changes: each step only grows, as more clusters never need fewer blocks,
+    # so the first size that describes itself is the smallest one.
+    size = RefcountStructureSize(0, 1)
+    while True:
+        own = blocks_covering(first_free, first_free + size.clusters, per_block)
+        shared = bisect_left(counted, own.stop) - bisect_left(counted, own.start)
+        highest = max(own[-1], counted[-1]) if counted else own[-1]
+        needed = RefcountStructureSize(
+            blocks=len(counted) + len(own) - shared,
+            table_clusters=-(-(highest + 1) // entries_per_table_cluster),
+        )
+        if needed == size:
+            return size
+        size = needed
 
 
 class RefcountBlockCodec:
