@@ -2,7 +2,9 @@
 
 Used on a read-write open of an image whose dirty bit is set (qcow2.rst: "If this bit is set then
 refcounts may be inconsistent, make sure to scan L1/L2 tables to repair refcounts before
-accessing the image") and available to the checker's repair. The new table and blocks go after
+accessing the image"). It works on the open image's state; `check -r all` rebuilds the refcounts
+of an image file without opening it as an engine image (check.rebuild_refcount_structure). Both
+size the new structure with refcount.refcount_structure_size. The new table and blocks go after
 every cluster in use, are written and synced before the header points at them, and the dirty
 bit is cleared last; the old structure simply stops being referenced.
 """
@@ -58,8 +60,10 @@ def count_references(image: ImageState) -> Counter[int]:
     return refs
 
 
-def rebuild_refcounts(image: ImageState) -> None:
-    """Replace the image's refcount structure with one recounted from its references."""
+def rebuild_open_image_refcounts(image: ImageState) -> None:
+    """Replace an open image's refcount structure with one recounted from its references, and
+    its in-memory refcounts with the new ones (the checker's file-level rebuild is
+    check.rebuild_refcount_structure)."""
     if image._read_only:
         raise ImageError(f"{image.path}: cannot rebuild refcounts of a read-only image")
     cb, cs, hdr = image._cb, image._cs, image._header
