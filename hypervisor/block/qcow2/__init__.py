@@ -41,7 +41,7 @@ Public API (what the device layer and the `pyhv image` tools use)::
     img.file_size -> int                             # bytes of the image file
 
     # Refcount rebuild (also run automatically on a read-write open of a dirty image)
-    from hypervisor.block.qcow2.rebuild import rebuild_refcounts   # rebuild_refcounts(img) -> None
+    from hypervisor.block.qcow2.rebuild import rebuild_open_image_refcounts   # (img) -> None
 """
 
 from __future__ import annotations

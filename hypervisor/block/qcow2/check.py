@@ -256,11 +256,12 @@ def _clear_flags(image: ImageFile, flags: int) -> None:
     os.fdatasync(image.fd)
 
 
-def rebuild_refcounts(image: ImageFile, messages: list[str] | None = None) -> None:
-    """Replace the refcount table and blocks with ones computed from every reference.
+def rebuild_refcount_structure(image: ImageFile, messages: list[str] | None = None) -> None:
+    """Replace the refcount table and blocks of an image file with ones computed from every
+    reference (`check -r all`; QEMU's qcow2-refcount.c rebuild_refcount_structure).
 
-    `image` is an ImageFile from `read_image_file(fd, path)` whose fd is open read-write (the
-    engine's own dirty-bit repair is hypervisor/block/qcow2/rebuild.py; this one serves `check -r`).
+    `image` is an ImageFile from `read_image_file(fd, path)` whose fd is open read-write. An open
+    Qcow2Image recounts its own refcounts with rebuild.rebuild_open_image_refcounts instead.
     """
     log_lines: list[str] = messages if messages is not None else []
     image_file = image
@@ -286,7 +287,7 @@ def _check_open_image(image: ImageFile, repair: str | None) -> CheckResult:
         leaks_found = scan.leaks
         corruptions_found = scan.corruptions + copied_errors
         if repair == "all" and scan.too_low:
-            rebuild_refcounts(image, messages)
+            rebuild_refcount_structure(image, messages)
             result.leaks_fixed = leaks_found
             result.corruptions_fixed = scan.too_low
         elif scan.leaks:
@@ -346,4 +347,4 @@ def check_image(path_or_image: str | Any, repair: str | None = None) -> CheckRes
         os.close(fd)
 
 
-__all__ = ["CheckResult", "check_image", "rebuild_refcounts", "REPAIR_MODES"]
+__all__ = ["CheckResult", "check_image", "rebuild_refcount_structure", "REPAIR_MODES"]

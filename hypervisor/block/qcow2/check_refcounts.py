@@ -17,7 +17,7 @@ from array import array
 
 from hypervisor.block.qcow2 import format as fmt
 from hypervisor.block.qcow2.check_walk import ExpectedCounts, ImageFile, ReferenceCounter
-from hypervisor.block.qcow2.refcount import decode_block, encode_block
+from hypervisor.block.qcow2.refcount import blocks_covering, decode_block, encode_block, refcount_structure_size
 from hypervisor.errors import ImageCorruptError
 
 
@@ -112,17 +112,14 @@ def write_refcount_structure(image: ImageFile, counter: ReferenceCounter) -> tup
     counts = counter.counts
     per_block = counts.per_block
     first_free = _highest_cluster_in_use(image, counts)
-    referenced = {index for index, span in counts.spans.items() if span.count(0) != len(span)}
-    n_blocks, table_clusters = 0, 1
-    while True:  # the new structure must describe itself; both sizes only grow, so this ends
-        end = first_free + n_blocks + table_clusters
-        blocks = sorted(referenced | set(range(first_free // per_block, (end - 1) // per_block + 1)))
-        need_table = -(-((blocks[-1] + 1) * 8) // cs)
-        if len(blocks) == n_blocks and need_table <= table_clusters:
-            break
-        n_blocks, table_clusters = len(blocks), max(table_clusters, need_table)
-        if table_clusters * cs > fmt.MAX_REFCOUNT_TABLE_BYTES:
-            raise ImageCorruptError(f"{image.path}: rebuilt refcount table would be too large")
+    referenced = sorted(index for index, span in counts.spans.items() if span.count(0) != len(span))
+    size = refcount_structure_size(first_free, cs, bits, referenced)
+    if size.table_clusters * cs > fmt.MAX_REFCOUNT_TABLE_BYTES:
+        raise ImageCorruptError(f"{image.path}: rebuilt refcount table would be too large")
+    n_blocks, table_clusters = size.blocks, size.table_clusters
+    end = first_free + size.clusters
+    blocks = sorted(set(referenced).union(blocks_covering(first_free, end, per_block)))
+    assert len(blocks) == n_blocks
     own = range(first_free, end)
     table = bytearray(table_clusters * cs)
     for position, block_index in enumerate(blocks):

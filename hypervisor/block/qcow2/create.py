@@ -23,55 +23,19 @@ from dataclasses import dataclass
 from re import Pattern
 
 from hypervisor.block.locking import lock_image
-from hypervisor.block.qcow2.refcount import encode_block, refcount_typecode
+from hypervisor.block.qcow2 import format as fmt
+from hypervisor.block.qcow2.refcount import encode_block, refcount_structure_size, refcount_typecode
 from hypervisor.block.qcow2.staging import staged
 from hypervisor.errors import ConfigError, ImageError
 
 log = logging.getLogger(__name__)
 
-# qcow2.rst "Header": magic 'Q','F','I',0xfb; header lengths of version 2 and of version 3 with
-# the compression_type byte (padded to a multiple of 8).
-QCOW2_MAGIC = 0x514649FB
-V2_HEADER_LENGTH = 72
-V3_HEADER_LENGTH = 112
-# qcow2.rst: "cluster_bits ... must not be less than 9 (i.e. 512 byte clusters)"; QEMU caps at 2 MiB.
-MIN_CLUSTER_BITS = 9
-MAX_CLUSTER_BITS = 21
-# qcow2.rst: extended L2 subclusters need 32 subclusters of at least 512 bytes (QEMU: 16 KiB).
-MIN_EXTENDED_L2_CLUSTER_SIZE = 16384
-SUBCLUSTERS_PER_CLUSTER = 32
-# qcow2.rst "Header": backing_file_size "Must not be longer than 1023 bytes".
-MAX_BACKING_NAME_LENGTH = 1023
-
+# Smallest header cluster QEMU writes the feature name table into (see _header_cluster).
 FEATURE_TABLE_MIN_CLUSTER_SIZE = 8192
-
-# qcow2.rst feature bits.
-INCOMPAT_COMPRESSION_TYPE = 1 << 3
-INCOMPAT_EXTENDED_L2 = 1 << 4
-COMPAT_LAZY_REFCOUNTS = 1 << 0
-COMPRESSION_TYPES = {"zlib": 0, "zstd": 1}
-
-# qcow2.rst "Header extensions".
-EXT_END = 0x00000000
-EXT_BACKING_FORMAT = 0xE2792ACA
-EXT_FEATURE_NAME_TABLE = 0x6803F857
-
-# The feature name table QEMU writes into every v3 image (type, bit, name); qcow2.rst
-# "Feature name table": type 0 incompatible, 1 compatible, 2 autoclear; names of 46 bytes.
-FEATURE_NAMES: tuple[tuple[int, int, str], ...] = (
-    (0, 0, "dirty bit"),
-    (0, 1, "corrupt bit"),
-    (0, 2, "external data file"),
-    (0, 3, "compression type"),
-    (0, 4, "extended L2 entries"),
-    (1, 0, "lazy refcounts"),
-    (2, 0, "bitmaps"),
-    (2, 1, "raw external data"),
-)
-
-# qcow2.rst L1/L2 entry bit 63: "the cluster is used exactly once" (refcount 1).
-QCOW_OFLAG_COPIED = 1 << 63
-
+# compression_type names as `-o compression_type=` takes them (qcow2.rst "compression_type").
+COMPRESSION_TYPES = {name: code for code, name in fmt.COMPRESSION_NAMES.items()}
+# qcow2.rst "Extended L2 Entries": 32 subclusters of at least 512 bytes (QEMU: 16 KiB clusters).
+MIN_EXTENDED_L2_CLUSTER_SIZE = 1 << fmt.MIN_CLUSTER_BITS_EXTENDED_L2
 MAX_VIRTUAL_SIZE = 1 << 55
 
 BACKING_FORMATS = ("qcow2", "raw")
@@ -108,7 +72,7 @@ class Qcow2CreateOptions:
     @property
     def rounded_size(self) -> int:
         """QEMU rounds a qcow2 virtual size up to whole 512-byte sectors."""
-        return (self.size + 511) // 512 * 512
+        return fmt.align_up(self.size, fmt.SECTOR_SIZE)
 
 
 def validate(options: Qcow2CreateOptions) -> None:
@@ -116,7 +80,7 @@ def validate(options: Qcow2CreateOptions) -> None:
     if options.size < 0:
         raise ConfigError(f"invalid image size {options.size}")
     cs = options.cluster_size
-    if cs & (cs - 1) or not (1 << MIN_CLUSTER_BITS) <= cs <= (1 << MAX_CLUSTER_BITS):
+    if cs & (cs - 1) or not (1 << fmt.MIN_CLUSTER_BITS) <= cs <= (1 << fmt.MAX_CLUSTER_BITS):
         raise ConfigError("Cluster size must be a power of two between 512 and 2048k")
     rb = options.refcount_bits
     if rb < 1 or rb > 64 or rb & (rb - 1):
@@ -147,8 +111,8 @@ def validate(options: Qcow2CreateOptions) -> None:
         if options.backing_format not in BACKING_FORMATS:
             raise ConfigError(f"Unsupported backing format '{options.backing_format}' (qcow2 or raw)")
         name = options.backing_file.encode()
-        if not name or len(name) > MAX_BACKING_NAME_LENGTH:
-            raise ConfigError(f"Backing file name must be 1 to {MAX_BACKING_NAME_LENGTH} bytes long")
+        if not name or len(name) > fmt.MAX_BACKING_NAME:
+            raise ConfigError(f"Backing file name must be 1 to {fmt.MAX_BACKING_NAME} bytes long")
         if b"\0" in name:
             raise ConfigError("Backing file name contains a NUL byte")
         if options.preallocation != "off":
@@ -162,12 +126,16 @@ def validate(options: Qcow2CreateOptions) -> None:
 
 def _header_extension(ext_type: int, data: bytes) -> bytes:
     """qcow2.rst "Header extensions": type, length, data padded to a multiple of 8 bytes."""
-    padding = -len(data) % 8
+    padding = -len(data) % fmt.EXTENSION_ALIGN
     return struct.pack(">II", ext_type, len(data)) + data + b"\0" * padding
 
 
 def _feature_name_table() -> bytes:
-    return b"".join(struct.pack(">BB46s", kind, bit, name.encode()) for kind, bit, name in FEATURE_NAMES)
+    """qcow2.rst "Feature name table": the names QEMU writes into every v3 image, in its order."""
+    return b"".join(
+        fmt.FeatureNameEntry.build({"type": kind, "bit": bit, "name": name.encode().ljust(46, b"\0")})
+        for (kind, bit), name in fmt.BUILTIN_FEATURE_NAMES.items()
+    )
 
 
 def _header_cluster(
@@ -175,17 +143,17 @@ def _header_cluster(
 ) -> bytes:
     """Cluster 0: header fields, extensions, end marker, backing file name (qcow2.rst "Header")."""
     version = options.version
-    header_length = V2_HEADER_LENGTH if version == 2 else V3_HEADER_LENGTH
+    header_length = fmt.HEADER_V2_LENGTH if version == 2 else fmt.HEADER_V3_LENGTH
     extensions = b""
     if options.backing_format is not None:
-        extensions += _header_extension(EXT_BACKING_FORMAT, options.backing_format.encode())
+        extensions += _header_extension(fmt.EXT_BACKING_FORMAT, options.backing_format.encode())
     backing_name = options.backing_file.encode() if options.backing_file else b""
-    end = _header_extension(EXT_END, b"")
+    end = _header_extension(fmt.EXT_END, b"")
     if version == 3:
         # QEMU 7.2 writes the feature name table only into header clusters of 8 KiB or more
         # (observed with qemu-img create; smaller images carry none, which the spec allows).
         if options.cluster_size >= FEATURE_TABLE_MIN_CLUSTER_SIZE:
-            extensions += _header_extension(EXT_FEATURE_NAME_TABLE, _feature_name_table())
+            extensions += _header_extension(fmt.EXT_FEATURE_NAMES, _feature_name_table())
     extensions += end
     backing_offset = header_length + len(extensions) if backing_name else 0
     if header_length + len(extensions) + len(backing_name) > options.cluster_size:
@@ -194,14 +162,14 @@ def _header_cluster(
     incompatible = 0
     compatible = 0
     if options.extended_l2:
-        incompatible |= INCOMPAT_EXTENDED_L2
+        incompatible |= fmt.INCOMPAT_EXTL2
     if options.compression_type != "zlib":
-        incompatible |= INCOMPAT_COMPRESSION_TYPE
+        incompatible |= fmt.INCOMPAT_COMPRESSION
     if options.lazy_refcounts:
-        compatible |= COMPAT_LAZY_REFCOUNTS
+        compatible |= fmt.COMPAT_LAZY_REFCOUNTS
     fields = struct.pack(
-        ">IIQIIQIIQQIIQ",
-        QCOW2_MAGIC,
+        ">4sIQIIQIIQQIIQ",
+        fmt.MAGIC,
         version,
         backing_offset,
         len(backing_name),
@@ -271,17 +239,11 @@ def _plan(options: Qcow2CreateOptions) -> _Layout:
     prealloc = options.preallocation == "metadata"
     l2_tables = l1_size if prealloc else 0
     allocated_data = data_clusters if prealloc else 0
-    refcounts_per_block = cs * 8 // options.refcount_bits
-    # Fixed point: the refcount structures must also count themselves.
-    table_clusters, blocks = 1, 1
-    while True:
-        total = 1 + table_clusters + blocks + l1_clusters + l2_tables + allocated_data
-        need_blocks = (total + refcounts_per_block - 1) // refcounts_per_block
-        need_table = max(1, (need_blocks * 8 + cs - 1) // cs)
-        if need_blocks <= blocks and need_table <= table_clusters:
-            break
-        blocks, table_clusters = max(blocks, need_blocks), max(table_clusters, need_table)
-    return _Layout(table_clusters, blocks, l1_size, l1_clusters, l2_tables, allocated_data)
+    # Every cluster of the new image is in use, so only how many there are matters for the
+    # refcount structure, not where it sits: it covers the header, the L1 (and preallocated
+    # tables and data) and itself.
+    refcounts = refcount_structure_size(1 + l1_clusters + l2_tables + allocated_data, cs, options.refcount_bits)
+    return _Layout(refcounts.table_clusters, refcounts.blocks, l1_size, l1_clusters, l2_tables, allocated_data)
 
 
 def _refcount_block(first_cluster: int, in_use: int, options: Qcow2CreateOptions) -> bytes:
@@ -354,11 +316,11 @@ def _write_preallocated_tables(fd: int, options: Qcow2CreateOptions, layout: _La
     l1 = bytearray(layout.l1_size * 8)
     for table in range(layout.l2_tables):
         l2_offset = cluster * cs
-        struct.pack_into(">Q", l1, table * 8, QCOW_OFLAG_COPIED | l2_offset)
+        struct.pack_into(">Q", l1, table * 8, fmt.OFLAG_COPIED | l2_offset)
         count = min(entries_per_l2, remaining)
         l2 = bytearray(cs)
         for i in range(count):
-            struct.pack_into(">Q", l2, i * entry_size, QCOW_OFLAG_COPIED | (cluster + 1 + i) * cs)
+            struct.pack_into(">Q", l2, i * entry_size, fmt.OFLAG_COPIED | (cluster + 1 + i) * cs)
         os.pwrite(fd, bytes(l2), l2_offset)
         remaining -= count
         cluster += 1 + count
@@ -368,7 +330,7 @@ def _write_preallocated_tables(fd: int, options: Qcow2CreateOptions, layout: _La
     if options.extended_l2 and tail:
         # QEMU ends the file at the subcluster holding the last virtual byte (qcow2.rst
         # "Extended L2 Entries": 32 subclusters per cluster).
-        subcluster = cs // SUBCLUSTERS_PER_CLUSTER
+        subcluster = cs // fmt.SUBCLUSTERS_PER_CLUSTER
         end -= cs - (tail + subcluster - 1) // subcluster * subcluster
     return end
 
@@ -409,7 +371,7 @@ def write_raw(path: str, size: int, shown_as: str | None = None) -> None:
     if size < 0:
         raise ConfigError(f"invalid image size {size}")
     shown = shown_as or path
-    rounded = (size + 511) // 512 * 512
+    rounded = fmt.align_up(size, fmt.SECTOR_SIZE)
     fd = _open_for_replacing(path, shown)
     try:
         os.ftruncate(fd, rounded)

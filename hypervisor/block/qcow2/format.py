@@ -22,6 +22,9 @@ SUPPORTED_VERSIONS = (2, 3)
 HEADER_V2_LENGTH = 72  # "For version 2, the header is exactly 72 bytes"
 HEADER_V3_MIN_LENGTH = 104  # "For version 3 ... at least 104 bytes"
 HEADER_COMPRESSION_TYPE_OFFSET = 104  # "Additional fields": compression_type at byte 104
+# What QEMU writes for v3: the 104 bytes, compression_type, padding to 112 ("header_length ...
+# must be a multiple of 8").
+HEADER_V3_LENGTH = 112
 # QEMU keeps a disk's length in 512-byte sectors (block_int.h BDRV_SECTOR_SIZE, total_sectors).
 SECTOR_SIZE = 512
 MAX_BACKING_NAME = 1023  # backing_file_size "Must not be longer than 1023 bytes"

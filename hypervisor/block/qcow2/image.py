@@ -27,7 +27,7 @@ from hypervisor.block.qcow2.hostfile import HostFile
 from hypervisor.block.qcow2.l2cache import L2Cache
 from hypervisor.block.qcow2.ops import OpsMixin
 from hypervisor.block.qcow2.read import ReadMixin
-from hypervisor.block.qcow2.rebuild import rebuild_refcounts
+from hypervisor.block.qcow2.rebuild import rebuild_open_image_refcounts
 from hypervisor.block.qcow2.refcount import Refcounts, dump_u64_table, load_u64_table
 from hypervisor.block.qcow2.snapshot_table import SnapshotEntry, parse_snapshot_table, table_size_bound
 from hypervisor.block.qcow2.write import WriteMixin
@@ -120,7 +120,7 @@ class Qcow2Image(ReadMixin, WriteMixin, OpsMixin):
             self._open_external_files()
             if hdr.incompatible_features & fmt.INCOMPAT_DIRTY and not read_only:
                 log.warning("%s: image was not closed cleanly; rebuilding refcounts", path)
-                rebuild_refcounts(self)
+                rebuild_open_image_refcounts(self)
         except BaseException:
             self._close_external()
             raise

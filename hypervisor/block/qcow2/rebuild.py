@@ -2,7 +2,9 @@
 
 Used on a read-write open of an image whose dirty bit is set (qcow2.rst: "If this bit is set then
 refcounts may be inconsistent, make sure to scan L1/L2 tables to repair refcounts before
-accessing the image") and available to the checker's repair. The new table and blocks go after
+accessing the image"). It works on the open image's state; `check -r all` rebuilds the refcounts
+of an image file without opening it as an engine image (check.rebuild_refcount_structure). Both
+size the new structure with refcount.refcount_structure_size. The new table and blocks go after
 every cluster in use, are written and synced before the header points at them, and the dirty
 bit is cleared last; the old structure simply stops being referenced.
 """
@@ -10,12 +12,13 @@ bit is cleared last; the old structure simply stops being referenced.
 from __future__ import annotations
 
 import logging
+from array import array
 from collections import Counter
 from typing import TYPE_CHECKING
 
 from hypervisor.block.qcow2 import format as fmt
 from hypervisor.block.qcow2.bitmaps import load_directory, referenced_clusters
-from hypervisor.block.qcow2.refcount import RefcountBlockCodec, Refcounts, dump_u64_table
+from hypervisor.block.qcow2.refcount import RefcountBlockCodec, Refcounts, dump_u64_table, refcount_structure_size
 from hypervisor.block.qcow2.snapshot_table import stored_table_size, table_size_bound
 from hypervisor.errors import ImageError
 
@@ -57,8 +60,10 @@ def count_references(image: ImageState) -> Counter[int]:
     return refs
 
 
-def rebuild_refcounts(image: ImageState) -> None:
-    """Replace the image's refcount structure with one recounted from its references."""
+def rebuild_open_image_refcounts(image: ImageState) -> None:
+    """Replace an open image's refcount structure with one recounted from its references, and
+    its in-memory refcounts with the new ones (the checker's file-level rebuild is
+    check.rebuild_refcount_structure)."""
     if image._read_only:
         raise ImageError(f"{image.path}: cannot rebuild refcounts of a read-only image")
     cb, cs, hdr = image._cb, image._cs, image._header
@@ -69,15 +74,11 @@ def rebuild_refcounts(image: ImageState) -> None:
     if overflow:
         raise ImageError(f"{image.path}: cluster {overflow[0]} has more references than refcount_bits allows")
     first_free = max(max(refs, default=0) + 1, -(-image._hf.size // cs))
-    # Place table + blocks at first_free; they must cover themselves too.
-    blocks = table_clusters = 1
-    while True:
-        end = first_free + table_clusters + blocks
-        need_blocks = -(-end // codec.entries)
-        need_table = max(1, -(-need_blocks * 8 // cs))
-        if need_blocks <= blocks and need_table <= table_clusters:
-            break
-        blocks, table_clusters = max(blocks, need_blocks), max(table_clusters, need_table)
+    # Table + blocks go at first_free and count every cluster before them (in use or not: this
+    # writes every block up to the end) and themselves.
+    size = refcount_structure_size(first_free, cs, codec.bits)
+    blocks, table_clusters = size.blocks, size.table_clusters
+    end = first_free + size.clusters
     table_offset = first_free << cb
     for cluster in range(first_free, first_free + table_clusters + blocks):
         refs[cluster] += 1
@@ -90,8 +91,6 @@ def rebuild_refcounts(image: ImageState) -> None:
         for cluster in range(base, min(base + codec.entries, end)):
             values[cluster - base] = refs.get(cluster, 0)
         image._hf.pwrite(block_offset, codec.encode(values))
-    from array import array
-
     image._hf.pwrite(table_offset, dump_u64_table(array("Q", table)))
     image._hf.sync()
     hdr.refcount_table_offset = table_offset

@@ -8,6 +8,13 @@ freed cluster is reused only once the change that freed it is on disk.
 
 Blocks are kept decoded as arrays of ints (any width 1..64 bits); sub-byte widths pack the least
 significant bits first ("bit 0 means the least significant bit").
+
+The decoded blocks are a bounded least-recently-used cache (QEMU's refcount cache, docs/qcow2-cache.txt):
+a dirty block is written to its cluster before it is dropped, which is the first step of the flush
+order above (blocks, sync, table entries, then L2/L1) taken early: the flush still syncs before any
+table entry or L2/L1 entry that depends on the block, so early writes only make refcounts reach the
+disk sooner, never later. During a MetadataTransaction dirty blocks must stay in memory (their new
+values go to copies, not over the old state), so there the cache may overflow until the commit.
 """
 
 from __future__ import annotations
@@ -15,7 +22,10 @@ from __future__ import annotations
 import logging
 import sys
 from array import array
-from collections.abc import Callable, Iterator
+from bisect import bisect_left
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import NamedTuple
 
 from hypervisor.block.qcow2 import format as fmt
 from hypervisor.block.qcow2.hostfile import HostFile
@@ -24,6 +34,13 @@ from hypervisor.errors import ImageCorruptError, ImageFormatError
 log = logging.getLogger(__name__)
 
 _BIG_ENDIAN_HOST = sys.byteorder == "big"
+# QEMU never caches fewer than 4 clusters of refcount blocks (qcow2.h MIN_REFCOUNT_CACHE_SIZE); a
+# refcount change can touch the block of the cluster, of a new block and of that block's cluster
+# at once, and all of them must stay cached meanwhile.
+MIN_CACHED_BLOCKS = 4
+# Refcount blocks (counted as stored, one cluster each) kept decoded by default: 16 blocks of
+# 64 KiB clusters, each counting 32768 clusters (2 GiB) at 16 bits.
+DEFAULT_CACHE_BYTES = 1 << 20
 _TYPECODE_BY_BYTES = {1: "B", 2: "H", 4: "I" if array("I").itemsize == 4 else "L", 8: "Q"}
 
 
@@ -97,6 +114,68 @@ def encode_block(values: array[int] | list[int], refcount_bits: int, block_size:
     return combined.to_bytes(block_size, "big")
 
 
+def refcounts_per_block(cluster_size: int, refcount_bits: int) -> int:
+    """qcow2.rst "Host cluster management": a refcount block is one cluster of refcount_bits-wide
+    entries, i.e. cluster_size * 8 / refcount_bits of them."""
+    return cluster_size * 8 // refcount_bits
+
+
+def blocks_covering(start: int, stop: int, per_block: int) -> range:
+    """Indices of the refcount blocks that hold the refcounts of clusters [start, stop)."""
+    if stop <= start:
+        return range(0)
+    return range(start // per_block, (stop - 1) // per_block + 1)
+
+
+class RefcountStructureSize(NamedTuple):
+    """How big a refcount structure is: its refcount blocks and refcount table clusters."""
+
+    blocks: int
+    table_clusters: int
+
+    @property
+    def clusters(self) -> int:
+        return self.blocks + self.table_clusters
+
+
+def refcount_structure_size(
+    first_free: int, cluster_size: int, refcount_bits: int, counted_blocks: Sequence[int] | None = None
+) -> RefcountStructureSize:
+    """The smallest refcount table + blocks that, stored in the clusters from `first_free` on,
+    count every cluster below `first_free` and also their own clusters.
+
+    qcow2.rst "Host cluster management": every host cluster has a refcount, the refcount table and
+    blocks included, so the structure must cover itself; a block holds cluster_size * 8 /
+    refcount_bits refcounts and the table one 8-byte entry per block index up to the highest one
+    in use (a zero entry stands for a block of zeros). This is QEMU's fixed point of
+    qcow2_refcount_metadata_size (qcow2-refcount.c calc_refcount_table_size for the table).
+
+    `counted_blocks` are the sorted indices of the blocks needed for the clusters below
+    `first_free`; None means all of them (every cluster below `first_free` is in use, as in a new
+    or rebuilt image). The structure's own clusters then need blocks_covering(first_free,
+    first_free + clusters, per_block) as well. The one sizing rule of the creator, the engine's
+    rebuild and the checker's rebuild.
+    """
+    per_block = refcounts_per_block(cluster_size, refcount_bits)
+    entries_per_table_cluster = cluster_size // 8  # qcow2.rst: refcount table entries are 64 bits
+    counted = range(-(-first_free // per_block)) if counted_blocks is None else counted_blocks
+    # Start below the answer (no blocks, the one table cluster every image has) and apply the
+    # rule until nothing changes: each step only grows, as more clusters never need fewer blocks,
+    # so the first size that describes itself is the smallest one.
+    size = RefcountStructureSize(0, 1)
+    while True:
+        own = blocks_covering(first_free, first_free + size.clusters, per_block)
+        shared = bisect_left(counted, own.stop) - bisect_left(counted, own.start)
+        highest = max(own[-1], counted[-1]) if counted else own[-1]
+        needed = RefcountStructureSize(
+            blocks=len(counted) + len(own) - shared,
+            table_clusters=-(-(highest + 1) // entries_per_table_cluster),
+        )
+        if needed == size:
+            return size
+        size = needed
+
+
 class RefcountBlockCodec:
     """One image's refcount blocks: `1 << order` bit entries in a cluster (decode_block and
     encode_block with the image's geometry)."""
@@ -118,6 +197,13 @@ class RefcountBlockCodec:
         return encode_block(values, self.bits, self.cluster_size)
 
 
+def cache_capacity(cluster_size: int, cache_bytes: int | None = None) -> int:
+    """How many refcount blocks the cache holds: `cache_bytes` (default DEFAULT_CACHE_BYTES) of
+    clusters, at least MIN_CACHED_BLOCKS."""
+    wanted = DEFAULT_CACHE_BYTES if cache_bytes is None else cache_bytes
+    return max(MIN_CACHED_BLOCKS, wanted // cluster_size)
+
+
 class Refcounts:
     """The refcount structure of one image, with a first-fit cluster allocator."""
 
@@ -129,6 +215,7 @@ class Refcounts:
         table_offset: int,
         table_clusters: int,
         on_table_moved: Callable[[int, int], None],
+        cache_blocks: int | None = None,
     ) -> None:
         self.hf = hf
         self.cluster_bits = cluster_bits
@@ -143,7 +230,12 @@ class Refcounts:
             self._check_table_entry(index, entry)
         while self.table and self.table[-1] == 0:
             self.table.pop()
-        self.blocks: dict[int, array] = {}
+        # Decoded blocks by block index, least recently used first; every dirty block is in it.
+        self.blocks: OrderedDict[int, array] = OrderedDict()
+        self.cache_capacity = max(MIN_CACHED_BLOCKS, cache_blocks or cache_capacity(self.cluster_size))
+        # Set by MetadataTransaction: dirty blocks then stay cached instead of being written over
+        # the old state's blocks (see module doc).
+        self.keep_dirty_blocks = False
         self.dirty_blocks: set[int] = set()
         self.changed_table_entries: set[int] = set()
         self.table_relocation_needed = False
@@ -178,13 +270,50 @@ class Refcounts:
     def _block(self, block_index: int) -> array | None:
         block = self.blocks.get(block_index)
         if block is not None:
+            self.blocks.move_to_end(block_index)
             return block
         if block_index >= len(self.table) or not self.table[block_index]:
             return None
         raw = self.hf.pread(self.table[block_index], self.cluster_size)
         block = self.codec.decode(raw)
-        self.blocks[block_index] = block
+        self._cache(block_index, block)
         return block
+
+    def _cache(self, block_index: int, block: array) -> None:
+        """Keep `block` as the most recently used one and drop the least recently used others
+        beyond the capacity, writing dirty ones first (never `block_index` itself: the caller is
+        about to use it)."""
+        self.blocks[block_index] = block
+        self.blocks.move_to_end(block_index)
+        self._trim(keep=block_index)
+
+    def _trim(self, keep: int | None = None) -> None:
+        """Drop least recently used blocks (but `keep`) down to the capacity."""
+        excess = len(self.blocks) - self.cache_capacity
+        if excess <= 0:
+            return
+        victims = []
+        for index in self.blocks:
+            if index == keep or (self.keep_dirty_blocks and index in self.dirty_blocks):
+                continue
+            victims.append(index)
+            if len(victims) == excess:
+                break
+        # A dirty block is written to its cluster before it is dropped: the same write as at the
+        # flush (write_back's first step), only sooner; its table entry, if new, still waits
+        # for write_back, which syncs the block before writing the entry.
+        self._write_blocks(index for index in victims if index in self.dirty_blocks)
+        for index in victims:
+            del self.blocks[index]
+
+    def hold_dirty_blocks(self, hold: bool) -> None:
+        """While held, dirty blocks stay cached (MetadataTransaction: their new values must go to
+        copies at the commit, never over the old state's blocks); the cache may overflow."""
+        self.keep_dirty_blocks = hold
+
+    def trim_cache(self) -> None:
+        """Give back what the cache holds beyond its capacity (after a transaction's commit)."""
+        self._trim()
 
     def get(self, cluster_index: int) -> int:
         block = self._block(cluster_index // self.codec.entries)
@@ -200,7 +329,10 @@ class Refcounts:
         if block is None:
             if delta < 0:
                 raise ImageCorruptError(f"{self.hf.path}: refcount of cluster {cluster_index} would drop below 0")
-            block = self._new_block(block_index)
+            self._new_block(block_index)
+            # Looked up again: placing the new block touched other blocks of the cache.
+            block = self._block(block_index)
+            assert block is not None
         value = block[slot] + delta
         if value < 0:
             raise ImageCorruptError(f"{self.hf.path}: refcount of cluster {cluster_index} would drop below 0")
@@ -225,12 +357,12 @@ class Refcounts:
                 break
             self._new_block(owner)  # the candidate's own range needs a block first
         block = self.codec.empty()
-        self.blocks[block_index] = block
         while len(self.table) <= block_index:
             self.table.append(0)
         self.table[block_index] = candidate << self.cluster_bits
         self.changed_table_entries.add(block_index)
         self.dirty_blocks.add(block_index)
+        self._cache(block_index, block)
         if len(self.table) > self.table_clusters * self.cluster_size // 8:
             self.table_relocation_needed = True
         self.change(candidate, +1)
@@ -335,10 +467,11 @@ class Refcounts:
             if pending:
                 self.hf.sync()
 
-    def _write_blocks(self) -> None:
-        for block_index in sorted(self.dirty_blocks):
+    def _write_blocks(self, indices: Iterable[int] | None = None) -> None:
+        """Write dirty blocks (`indices`, default all of them) to their clusters; caller syncs."""
+        for block_index in sorted(self.dirty_blocks if indices is None else indices):
             self.hf.pwrite(self.table[block_index], self.codec.encode(self.blocks[block_index]))
-        self.dirty_blocks.clear()
+            self.dirty_blocks.discard(block_index)
 
     def _relocate_table(self) -> None:
         """Allocate a bigger refcount table; its own clusters may need new blocks, hence the loop."""

@@ -57,6 +57,9 @@ class MetadataTransaction:
     def __init__(self, image: ImageState) -> None:
         self.image = image
         self.refs: Refcounts = image._refs
+        # Blocks changed for the new state go to copies (_shadow_refcounts); the cache must not
+        # write them over the old state's blocks before the commit point, so they stay cached.
+        self.refs.hold_dirty_blocks(True)
         self.net: Counter[int] = Counter()
         self._old_blocks = {index: offset for index, offset in enumerate(self.refs.table) if offset}
         self._old_table = (self.refs.table_offset, self.refs.table_clusters)
@@ -70,6 +73,7 @@ class MetadataTransaction:
     def __exit__(self, exc_type: object, exc: object, traceback: object) -> None:
         if exc_type is not None and not self.committed:
             self.abandon()
+        self.refs.hold_dirty_blocks(False)
 
     # -- building the new state ---------------------------------------------------------------
     def after(self, cluster: int) -> int:
@@ -144,6 +148,8 @@ class MetadataTransaction:
             self.abandon()
             raise
         self.committed = True
+        refs.hold_dirty_blocks(False)  # the written state is the image now
+        refs.trim_cache()
         log.debug("%s: metadata committed (refcount table at 0x%x)", image.path, table_offset)
 
     def _apply_increments(self) -> None:
