@@ -20,7 +20,7 @@ from hypervisor.kvm.registers import FpuState, LapicState, SystemRegisters
 from hypervisor.kvm.stats import VcpuStats, read_stats
 
 if TYPE_CHECKING:
-    from hypervisor.boot.cpuid import CpuidEntry
+    from hypervisor.kvm.protocols import CpuidLeaf
     from hypervisor.kvm.vm import Vm
 
 log = logging.getLogger(__name__)
@@ -188,7 +188,7 @@ class Vcpu:
             failed = items[written][0]
             raise KvmError("KVM_SET_MSRS", errno.EINVAL, f"MSR {failed:#x} was refused")
 
-    def set_cpuid(self, entries: Iterable[CpuidEntry]) -> None:
+    def set_cpuid(self, entries: Iterable[CpuidLeaf]) -> None:
         entry_list = list(entries)
         cpuid = ffi.new("struct kvm_cpuid2 *", {"nent": len(entry_list), "entries": len(entry_list)})
         for slot, entry in enumerate(entry_list):
