@@ -627,7 +627,7 @@ class Machine:
         return restore_machine(path, console, verify_memory=verify_memory, disk_overlay=disk_overlay)
 
     def _exit_count(self) -> int:
-        return sum(int(vcpu.stats.kvm_run_calls) for vcpu in self.vcpus)
+        return sum(vcpu.run_calls for vcpu in self.vcpus)
 
     def exit_count(self) -> int:
         """VM exits so far, all vCPUs (KVM_RUN returns); safe to call from any thread while running."""

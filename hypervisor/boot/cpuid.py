@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import Literal, Protocol
 
 from hypervisor.errors import ConfigError
 
@@ -53,6 +53,26 @@ KVM_HYPERCALL_FEATURES = (
 Register = Literal["eax", "ebx", "ecx", "edx"]
 
 
+class CpuidSource(Protocol):
+    """A CPUID entry from anywhere (KVM's supported list is hypervisor.kvm's CpuidRecord): the
+    struct kvm_cpuid_entry2 fields, read-only."""
+
+    @property
+    def function(self) -> int: ...
+    @property
+    def index(self) -> int: ...
+    @property
+    def flags(self) -> int: ...
+    @property
+    def eax(self) -> int: ...
+    @property
+    def ebx(self) -> int: ...
+    @property
+    def ecx(self) -> int: ...
+    @property
+    def edx(self) -> int: ...
+
+
 @dataclass(frozen=True)
 class CpuidEntry:
     """One struct kvm_cpuid_entry2 (function = leaf, index = subleaf)."""
@@ -64,6 +84,10 @@ class CpuidEntry:
     ebx: int
     ecx: int
     edx: int
+
+    @classmethod
+    def of(cls, entry: CpuidSource) -> CpuidEntry:
+        return cls(entry.function, entry.index, entry.flags, entry.eax, entry.ebx, entry.ecx, entry.edx)
 
 
 @dataclass(frozen=True)
@@ -140,7 +164,7 @@ def _adjust(entry: CpuidEntry, apic_id: int, cpus: int) -> CpuidEntry:
 
 
 def guest_cpuid(
-    supported: Sequence[CpuidEntry],
+    supported: Sequence[CpuidSource],
     vcpu_id: int,
     cpus: int,
     clear: Iterable[FeatureBit] = (),
@@ -155,7 +179,7 @@ def guest_cpuid(
     if not 0 <= vcpu_id < cpus:
         raise ConfigError(f"vCPU id {vcpu_id} is outside 0..{cpus - 1}")
     entries = [
-        _adjust(entry, vcpu_id, cpus)
+        _adjust(CpuidEntry.of(entry), vcpu_id, cpus)
         for entry in supported
         if entry.function not in (LEAF_KVM_SIGNATURE, LEAF_KVM_FEATURES)
     ]

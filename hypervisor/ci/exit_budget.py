@@ -66,12 +66,9 @@ class ExitBudget:
         each counter is a 64-bit word only its vCPU thread writes)."""
         totals = dict.fromkeys((kind for kind, _ in self.limits), 0)
         for vcpu in vcpus:
-            stats = vcpu.stats
+            stats = vcpu.read_stats()  # a copy four times a second, not per exit
             for kind in totals:
-                if kind == TOTAL:
-                    totals[kind] += int(stats.total_exits)
-                else:
-                    totals[kind] += int(stats.exits_by_reason[REASON_KINDS[kind]])
+                totals[kind] += stats.total_exits if kind == TOTAL else stats.exits(REASON_KINDS[kind])
         return totals
 
     def check(self, vcpus: Iterable[Vcpu]) -> Outcome | None:

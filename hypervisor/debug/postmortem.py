@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
     from hypervisor.debug.console_observer import ConsoleObserver
     from hypervisor.debug.symbols import SymbolTable
+    from hypervisor.kvm.registers import SystemRegisters
     from hypervisor.vcpu.events import ExitEvent
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,7 @@ class VcpuLike(Protocol):
 
     def get_regs(self) -> dict[str, int]: ...
 
-    def get_sregs(self) -> Any: ...
+    def get_sregs(self) -> SystemRegisters: ...
 
     def translate(self, linear_address: int) -> int | None: ...
 
@@ -111,13 +112,12 @@ def cpu_mode(sregs: dict[str, int]) -> str:
     return "protected"
 
 
-def summarize_sregs(sregs: Any) -> dict[str, int]:
-    """cr0, cr2, cr3, cr4, efer and cs of a `struct kvm_sregs`."""
+def summarize_sregs(sregs: SystemRegisters) -> dict[str, int]:
+    """cr0, cr2, cr3, cr4, efer and cs of the special registers."""
     cs = sregs.cs
     return {
-        "cr0": int(sregs.cr0), "cr2": int(sregs.cr2), "cr3": int(sregs.cr3), "cr4": int(sregs.cr4),
-        "efer": int(sregs.efer), "cs": int(cs.selector), "cs_base": int(cs.base), "cs_l": int(cs.l),
-        "cs_db": int(cs.db), "cpl": int(cs.selector) & 3,
+        "cr0": sregs.cr0, "cr2": sregs.cr2, "cr3": sregs.cr3, "cr4": sregs.cr4, "efer": sregs.efer,
+        "cs": cs.selector, "cs_base": cs.base, "cs_l": cs.l, "cs_db": cs.db, "cpl": cs.selector & 3,
     }  # fmt: skip
 
 

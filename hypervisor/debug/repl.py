@@ -35,7 +35,8 @@ from hypervisor.debug.repl_syntax import (
     parse_set_memory,
 )
 from hypervisor.errors import HypervisorError
-from hypervisor.kvm.vcpu import GPR_NAMES, SEGMENT_NAMES
+from hypervisor.kvm.registers import SEGMENT_NAMES
+from hypervisor.kvm.vcpu import GPR_NAMES
 from hypervisor.vcpu.context import ExitContext
 from hypervisor.vcpu.events import describe_event
 
@@ -242,13 +243,13 @@ class ExitDebugger(cmd.Cmd):
         getattr(self, f"_info_{topic}")(words[1:])
 
     def _info_exits(self, words: list[str]) -> None:
-        from hypervisor.vcpu.stats import merge_statistics, vcpu_statistics
+        from hypervisor.vcpu.stats import exits_by_reason_name, total_stats
 
         last = evaluate(words[0]) if words else 10
-        statistics = merge_statistics([vcpu_statistics(vcpu) for vcpu in self.machine.vcpus])
-        self.out(f"exits: {statistics['total_exits']} in all, {statistics['python_exits']} reached Python, "
-                 f"{statistics['pio_sink']} port and {statistics['mmio_sink']} MMIO completed in C")  # fmt: skip
-        for reason, count in sorted(statistics["exits_by_reason"].items(), key=lambda item: -item[1]):  # type: ignore[attr-defined]
+        stats = total_stats(self.machine.vcpus)
+        self.out(f"exits: {stats.total_exits} in all, {stats.python_exits} reached Python, "
+                 f"{stats.pio_sink} port and {stats.mmio_sink} MMIO completed in C")  # fmt: skip
+        for reason, count in sorted(exits_by_reason_name(stats).items(), key=lambda item: -item[1]):
             self.out(f"  {reason:<16} {count}")
         history = list(self.machine.exit_history or ())
         if history and last:
@@ -267,7 +268,7 @@ class ExitDebugger(cmd.Cmd):
     def _info_sregs(self, words: list[str]) -> None:
         sregs = self.vcpu.get_sregs()
         for name in SEGMENT_NAMES:
-            segment = getattr(sregs, name)
+            segment = sregs.segment(name)
             self.out(f"{name:<4}selector {segment.selector:#06x} base {segment.base:#018x} limit {segment.limit:#010x}"
                      f" type {segment.type:#x} dpl {segment.dpl} {'present' if segment.present else 'not present'}"
                      f"{' l' if segment.l else ''}{' db' if segment.db else ''}")  # fmt: skip
@@ -275,7 +276,7 @@ class ExitDebugger(cmd.Cmd):
             table = getattr(sregs, name)
             self.out(f"{name:<4}base {table.base:#018x} limit {table.limit:#06x}")
         for name in ("cr0", "cr2", "cr3", "cr4", "cr8", "efer", "apic_base"):
-            self.out(f"{name:<10}{int(getattr(sregs, name)):#018x}")
+            self.out(f"{name:<10}{getattr(sregs, name):#018x}")
 
     def _info_devices(self, words: list[str]) -> None:
         for bus, label, width in ((self.machine.pio_bus, "port", 4), (self.machine.mmio_bus, "mmio", 12)):

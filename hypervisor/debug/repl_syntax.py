@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 from hypervisor.errors import HypervisorError
 from hypervisor.kvm.vcpu import GPR_NAMES
+
+if TYPE_CHECKING:
+    from hypervisor.kvm.registers import SystemRegisters
 
 MAX_EXAMINE_BYTES = 64 * 1024
 VALUE_MASK = (1 << 64) - 1
@@ -182,7 +185,7 @@ def disassemble(code: bytes, address: int, bits: int, limit: int) -> list[str]:
     return lines
 
 
-def code_bits(sregs: Any) -> int:
+def code_bits(sregs: SystemRegisters) -> int:
     """16, 32 or 64: the default operand size of the code segment (SDM Vol. 3 §3.4.5, CS.L/CS.D)."""
     if not sregs.cr0 & CR0_PE:
         return 16

@@ -17,18 +17,16 @@ ioctls on a host without XSAVE.
 from __future__ import annotations
 
 import struct
-from typing import Any
 
-from hypervisor.kvm.ffi import ffi
+from hypervisor.kvm.registers import FPR_SLOTS, SLOT_BYTES, XMM_SLOTS, FpuState
 
 # The legacy region of the XSAVE area is the FXSAVE image (SDM Vol. 1 §10.5.1, Table 10-2, the
 # 64-bit layout: FPU IP and DP are 64 bits).
 _CONTROL = struct.Struct("<HHBxHQQI")  # FCW, FSW, abridged FTW, reserved, FOP, FIP, FDP, MXCSR
 _FPR_OFFSET = 32  # ST0/MM0..ST7/MM7, 16 bytes a slot
 _XMM_OFFSET = 160  # XMM0..XMM15, 16 bytes each
-_SLOT = 16
-_FPR_SLOTS = 8
-_XMM_SLOTS = 16
+_FPR_END = _FPR_OFFSET + FPR_SLOTS * SLOT_BYTES
+_XMM_END = _XMM_OFFSET + XMM_SLOTS * SLOT_BYTES
 # XSAVE header (SDM Vol. 1 §13.4.2): XSTATE_BV at byte 512 of the area.
 _XSTATE_BV = struct.Struct("<Q")
 XSTATE_BV_OFFSET = 512
@@ -36,25 +34,29 @@ XFEATURE_X87 = 1 << 0
 XFEATURE_SSE = 1 << 1
 
 
-def fpu_from_xsave(area: bytes) -> Any:
-    """A `struct kvm_fpu *` holding the x87/SSE part of a KVM_GET_XSAVE area."""
-    fpu = ffi.new("struct kvm_fpu *")
+def _slots(data: bytes, count: int) -> tuple[bytes, ...]:
+    return tuple(data[slot * SLOT_BYTES : (slot + 1) * SLOT_BYTES] for slot in range(count))
+
+
+def fpu_from_xsave(area: bytes) -> FpuState:
+    """The x87/SSE part of a KVM_GET_XSAVE area."""
     fcw, fsw, ftw, fop, fip, fdp, mxcsr = _CONTROL.unpack_from(area, 0)
-    fpu.fcw, fpu.fsw, fpu.ftwx, fpu.last_opcode = fcw, fsw, ftw, fop
-    fpu.last_ip, fpu.last_dp, fpu.mxcsr = fip, fdp, mxcsr
-    ffi.memmove(fpu.fpr, area[_FPR_OFFSET : _FPR_OFFSET + _FPR_SLOTS * _SLOT], _FPR_SLOTS * _SLOT)
-    ffi.memmove(fpu.xmm, area[_XMM_OFFSET : _XMM_OFFSET + _XMM_SLOTS * _SLOT], _XMM_SLOTS * _SLOT)
-    return fpu
+    return FpuState(
+        fpr=_slots(area[_FPR_OFFSET:_FPR_END], FPR_SLOTS),
+        fcw=fcw, fsw=fsw, ftwx=ftw, last_opcode=fop, last_ip=fip, last_dp=fdp,
+        xmm=_slots(area[_XMM_OFFSET:_XMM_END], XMM_SLOTS),
+        mxcsr=mxcsr,
+    )  # fmt: skip
 
 
-def xsave_with_fpu(area: bytes, fpu: Any) -> bytes:
+def xsave_with_fpu(area: bytes, fpu: FpuState) -> bytes:
     """`area` (a KVM_GET_XSAVE area) with the x87/SSE state of `fpu` and both components marked
     present in XSTATE_BV, so that KVM_SET_XSAVE and the next XRSTOR keep them. MXCSR_MASK and the
     rest of the area are kept."""
     out = bytearray(area)
     _CONTROL.pack_into(out, 0, fpu.fcw, fpu.fsw, fpu.ftwx, fpu.last_opcode, fpu.last_ip, fpu.last_dp, fpu.mxcsr)
-    out[_FPR_OFFSET : _FPR_OFFSET + _FPR_SLOTS * _SLOT] = bytes(ffi.buffer(fpu.fpr))
-    out[_XMM_OFFSET : _XMM_OFFSET + _XMM_SLOTS * _SLOT] = bytes(ffi.buffer(fpu.xmm))
+    out[_FPR_OFFSET:_FPR_END] = b"".join(fpu.fpr)
+    out[_XMM_OFFSET:_XMM_END] = b"".join(fpu.xmm)
     (present,) = _XSTATE_BV.unpack_from(out, XSTATE_BV_OFFSET)
     _XSTATE_BV.pack_into(out, XSTATE_BV_OFFSET, present | XFEATURE_X87 | XFEATURE_SSE)
     return bytes(out)

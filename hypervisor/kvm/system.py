@@ -8,9 +8,9 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from hypervisor.boot.cpuid import CpuidEntry
 from hypervisor.errors import KvmError, KvmUnavailableError
 from hypervisor.kvm.ffi import ffi, ioctl, ioctl_value, lib
+from hypervisor.kvm.vcpu import CpuidRecord
 from hypervisor.kvm.vm import Vm
 
 log = logging.getLogger(__name__)
@@ -98,7 +98,8 @@ class Kvm:
     def max_vcpus(self) -> int:
         return self.check_extension("KVM_CAP_MAX_VCPUS") or self.recommended_vcpus
 
-    def supported_cpuid(self) -> list[CpuidEntry]:
+    def supported_cpuid(self) -> list[CpuidRecord]:
+        """KVM_GET_SUPPORTED_CPUID: the ceiling hypervisor.boot.cpuid.guest_cpuid adjusts."""
         count = INITIAL_CPUID_ENTRIES
         while True:
             buffer = ffi.new("struct kvm_cpuid2 *", {"nent": count, "entries": count})
@@ -110,7 +111,7 @@ class Kvm:
                     continue
                 raise
             return [
-                CpuidEntry(e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx)
+                CpuidRecord(int(e.function), int(e.index), int(e.flags), int(e.eax), int(e.ebx), int(e.ecx), int(e.edx))
                 for e in buffer.entries[0 : buffer.nent]
             ]
 

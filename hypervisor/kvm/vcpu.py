@@ -6,6 +6,7 @@ kvm_run, the frozen range tables, the counters) and exposes it to Python.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 from collections.abc import Iterable, Sequence
@@ -15,9 +16,11 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from hypervisor.errors import KvmError
 from hypervisor.kvm.ffi import ffi, ioctl, lib, read_struct, write_struct
 from hypervisor.kvm.fpu import fpu_from_xsave, xsave_with_fpu
+from hypervisor.kvm.registers import FpuState, LapicState, SystemRegisters
+from hypervisor.kvm.stats import VcpuStats, read_stats
 
 if TYPE_CHECKING:
-    from hypervisor.boot.cpuid import CpuidEntry
+    from hypervisor.kvm.protocols import CpuidLeaf
     from hypervisor.kvm.uart import UartTransmitBuffer
     from hypervisor.kvm.vm import Vm
 
@@ -27,8 +30,6 @@ GPR_NAMES = (
     "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp",
     "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15", "rip", "rflags",
 )  # fmt: skip
-SEGMENT_NAMES = ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt")
-SEGMENT_FIELDS = ("base", "limit", "selector", "type", "present", "dpl", "db", "s", "l", "g", "avl", "unusable")
 
 MP_STATE_HALTED: int = lib.KVM_MP_STATE_HALTED  # api.rst KVM_GET_MP_STATE
 _kick_handler_installed = False
@@ -129,39 +130,33 @@ class Vcpu:
 
     # -- system registers ------------------------------------------------------------------
 
-    def get_sregs(self) -> Any:
-        """A `struct kvm_sregs *` copy; change it and pass it to set_sregs."""
-        sregs = ffi.new("struct kvm_sregs *")
-        ioctl(self.fd, "KVM_GET_SREGS", sregs)
-        return sregs
+    def get_sregs(self) -> SystemRegisters:
+        """The special registers; change a copy (dataclasses.replace) and pass it to set_sregs."""
+        return SystemRegisters.from_bytes(read_struct(self.fd, "KVM_GET_SREGS", "struct kvm_sregs"))
 
-    def set_sregs(self, sregs: Any) -> None:
-        ioctl(self.fd, "KVM_SET_SREGS", sregs)
+    def set_sregs(self, sregs: SystemRegisters) -> None:
+        write_struct(self.fd, "KVM_SET_SREGS", "struct kvm_sregs", sregs.to_bytes())
 
-    def get_fpu(self) -> Any:
-        """The x87/SSE state as a `struct kvm_fpu *`, read through KVM_GET_XSAVE where the host
-        has it (KVM_GET_FPU reads stale registers for a component in its initial state: see
-        hypervisor/kvm/fpu.py)."""
+    def get_fpu(self) -> FpuState:
+        """The x87/SSE state, read through KVM_GET_XSAVE where the host has it (KVM_GET_FPU
+        reads stale registers for a component in its initial state: see hypervisor/kvm/fpu.py)."""
         area = self._xsave_area()
         if area is not None:
             return fpu_from_xsave(area)
-        fpu = ffi.new("struct kvm_fpu *")
-        ioctl(self.fd, "KVM_GET_FPU", fpu)
-        return fpu
+        return FpuState.from_bytes(read_struct(self.fd, "KVM_GET_FPU", "struct kvm_fpu"))
 
     def set_fpu(self, fcw: int = 0x37F, mxcsr: int = 0x1F80) -> None:
         """Resets the x87/SSE state to the values the boot protocol expects (FNINIT, SDM 8.1.10)."""
         fpu = ffi.new("struct kvm_fpu *", {"fcw": fcw, "mxcsr": mxcsr})
         ioctl(self.fd, "KVM_SET_FPU", fpu)
 
-    def set_fpu_state(self, fpu: Any) -> None:
-        """Writes a `struct kvm_fpu *` from get_fpu (changed by the caller), through KVM_SET_XSAVE
-        with the x87 and SSE components marked present where the host has XSAVE, so that the
-        guest sees the new registers (KVM_SET_FPU's are lost when a component was in its initial
-        state)."""
+    def set_fpu_state(self, fpu: FpuState) -> None:
+        """Writes an FpuState (get_fpu's, changed by the caller) through KVM_SET_XSAVE with the
+        x87 and SSE components marked present where the host has XSAVE, so that the guest sees
+        the new registers (KVM_SET_FPU's are lost when a component was in its initial state)."""
         area = self._xsave_area()
         if area is None:
-            ioctl(self.fd, "KVM_SET_FPU", fpu)
+            write_struct(self.fd, "KVM_SET_FPU", "struct kvm_fpu", fpu.to_bytes())
             return
         write_struct(self.fd, "KVM_SET_XSAVE", "struct kvm_xsave", xsave_with_fpu(area, fpu))
 
@@ -194,9 +189,9 @@ class Vcpu:
         written = ioctl(self.fd, "KVM_SET_MSRS", msrs)
         if written != len(items):
             failed = items[written][0]
-            raise KvmError("KVM_SET_MSRS", 22, f"MSR {failed:#x} was refused")
+            raise KvmError("KVM_SET_MSRS", errno.EINVAL, f"MSR {failed:#x} was refused")
 
-    def set_cpuid(self, entries: Iterable[CpuidEntry]) -> None:
+    def set_cpuid(self, entries: Iterable[CpuidLeaf]) -> None:
         entry_list = list(entries)
         cpuid = ffi.new("struct kvm_cpuid2 *", {"nent": len(entry_list), "entries": len(entry_list)})
         for slot, entry in enumerate(entry_list):
@@ -205,15 +200,12 @@ class Vcpu:
                 setattr(target, field, getattr(entry, field))
         ioctl(self.fd, "KVM_SET_CPUID2", cpuid)
 
-    def get_lapic(self) -> bytearray:
-        lapic = ffi.new("struct kvm_lapic_state *")
-        ioctl(self.fd, "KVM_GET_LAPIC", lapic)
-        return bytearray(ffi.buffer(lapic.regs))
+    def get_lapic(self) -> LapicState:
+        """The in-kernel local APIC's register page (api.rst KVM_GET_LAPIC)."""
+        return LapicState(read_struct(self.fd, "KVM_GET_LAPIC", "struct kvm_lapic_state"))
 
-    def set_lapic(self, registers: bytes) -> None:
-        lapic = ffi.new("struct kvm_lapic_state *")
-        ffi.memmove(lapic.regs, registers, len(registers))
-        ioctl(self.fd, "KVM_SET_LAPIC", lapic)
+    def set_lapic(self, lapic: LapicState) -> None:
+        write_struct(self.fd, "KVM_SET_LAPIC", "struct kvm_lapic_state", lapic.registers)
 
     def get_mp_state(self) -> int:
         state = ffi.new("struct kvm_mp_state *")
@@ -356,10 +348,16 @@ class Vcpu:
     def exit_budget(self, exits: int) -> None:
         self.state.exit_budget = exits
 
+    def read_stats(self) -> VcpuStats:
+        """A copy of the C loop's counters (hypervisor.vcpu.stats formats it). For reports and
+        periodic checks; safe from any thread while the vCPU runs (kvm/stats.py)."""
+        return read_stats(self.state)
+
     @property
-    def stats(self) -> Any:
-        """The live `struct pyhv_stats` of the C loop (read it; hypervisor.vcpu formats it)."""
-        return self.state.stats
+    def run_calls(self) -> int:
+        """KVM_RUN returns so far: the one counter read often (the machine's quiet-guest probe
+        and the fault injector's exit trigger), so it is read alone, without a full copy."""
+        return int(self.state.stats.kvm_run_calls)
 
     def clear_kick(self) -> None:
         """Forgets a pending kick (only the vCPU's own thread, outside KVM_RUN)."""

@@ -12,8 +12,8 @@ from hypervisor.kvm.ffi import ffi, ioctl, ioctl_value, lib, read_struct, write_
 from hypervisor.kvm.vcpu import Vcpu
 
 if TYPE_CHECKING:
+    from hypervisor.kvm.protocols import SlotMemory
     from hypervisor.kvm.system import Kvm
-    from hypervisor.memory import GuestMemory
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ class Vm:
         )
         ioctl(self.fd, "KVM_SET_USER_MEMORY_REGION", region)
 
-    def map_memory(self, memory: GuestMemory) -> None:
+    def map_memory(self, memory: SlotMemory) -> None:
         """Registers every region of `memory` as a memory slot."""
         for region in memory.regions:
             self.set_user_memory_region(self._next_slot, region.gpa, region.size, region.host_address)

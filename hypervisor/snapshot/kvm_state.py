@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from hypervisor.errors import KvmError
+from hypervisor.kvm.registers import LapicState
 
 if TYPE_CHECKING:
     from hypervisor.kvm import Kvm, Vcpu, Vm
@@ -45,7 +46,7 @@ BLOB_CAPABILITIES = {"xsave": "KVM_CAP_XSAVE", "xcrs": "KVM_CAP_XCRS", "debugreg
 class VcpuState:
     blobs: dict[str, bytes] = field(default_factory=dict)
     msrs: dict[int, int] = field(default_factory=dict)
-    lapic: bytes = b""
+    lapic: bytes = b""  # LapicState.registers: the page as KVM_GET_LAPIC gives it
     events: bytes = b""
     mp_state: int = 0
 
@@ -74,7 +75,7 @@ def capture_vcpu(vcpu: Vcpu, msr_indices: list[int]) -> VcpuState:
             log.debug("vCPU %d: %s not saved: %s", vcpu.id, name, error)
     # KVM_GET_MSRS stops at the first MSR it cannot read; read one at a time past those.
     state.msrs = _readable_msrs(vcpu, msr_indices)
-    state.lapic = bytes(vcpu.get_lapic())
+    state.lapic = vcpu.get_lapic().registers
     state.events = vcpu.get_state_blob("KVM_GET_VCPU_EVENTS", "struct kvm_vcpu_events")
     state.mp_state = vcpu.get_mp_state()
     return state
@@ -112,7 +113,11 @@ def restore_vcpu(vcpu: Vcpu, state: VcpuState) -> None:
         vcpu.set_state_blob(set_ioctl, struct, blob)
     if state.msrs:
         _write_msrs(vcpu, state.msrs)
-    vcpu.set_lapic(state.lapic)
+    try:
+        lapic = LapicState(state.lapic)
+    except ValueError as error:
+        raise KvmError("KVM_SET_LAPIC", errno.EINVAL, f"vCPU {vcpu.id}: {error}") from error
+    vcpu.set_lapic(lapic)
     vcpu.set_state_blob("KVM_SET_VCPU_EVENTS", "struct kvm_vcpu_events", state.events)
     vcpu.set_mp_state(state.mp_state)
 

@@ -15,6 +15,7 @@ from hypervisor.errors import GuestMemoryError
 if TYPE_CHECKING:
     from hypervisor.devices.bus import Device
     from hypervisor.kvm import Vcpu
+    from hypervisor.kvm.registers import SystemRegisters
     from hypervisor.memory import GuestMemory
 
 PAGE_SIZE = 4096
@@ -44,7 +45,7 @@ class ExitContext:
     def set_regs(self, **values: int) -> None:
         self.vcpu.set_regs(**values)
 
-    def sregs(self) -> Any:
+    def sregs(self) -> SystemRegisters:
         return self.vcpu.get_sregs()
 
     # -- the access's data ---------------------------------------------------------------------

@@ -16,10 +16,12 @@ exception or interrupt.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from hypervisor.errors import HypervisorError, KvmError
 from hypervisor.kvm.loop import cmpxchg16b
+from hypervisor.kvm.registers import FpuState
 
 if TYPE_CHECKING:
     from hypervisor.kvm import Vcpu
@@ -32,6 +34,7 @@ EFER_LMA = 1 << 10  # SDM vol. 3A §2.2.1
 CR0_PE = 1 << 0
 CR4_PGE = 1 << 7
 CPUID_FLAG_SIGNIFICANT_INDEX = 1  # struct kvm_cpuid_entry2 flags (linux/kvm.h)
+X87_REGISTER_BYTES = 10  # an 80-bit x87 register, the low part of its 16-byte FXSAVE slot
 
 
 def guest_cpuid_map(entries: Any, count: int) -> GuestCpuid:
@@ -77,10 +80,7 @@ def flush_guest_tlb(vcpu: Vcpu) -> None:
     CR4 change). Flipping it and flipping it back is a superset of every INVPCID type, each of
     which invalidates a subset of those entries; the guest's CR4 ends as it was."""
     sregs = vcpu.get_sregs()
-    original = sregs.cr4
-    sregs.cr4 = original ^ CR4_PGE
-    vcpu.set_sregs(sregs)
-    sregs.cr4 = original
+    vcpu.set_sregs(replace(sregs, cr4=sregs.cr4 ^ CR4_PGE))
     vcpu.set_sregs(sregs)
 
 
@@ -104,9 +104,9 @@ X87_CONTROL = (b"\xdb\xe2", b"\x0f\x77")  # FNCLEX, EMMS
 MMX_MOVES = (b"\x0f\x6e", b"\x0f\x7e")  # NP 0F 6E / 0F 7E (with 66 they are SSE: see emulate.py)
 
 
-def _x87_registers(fpu: Any) -> tuple[bytes, ...]:
+def _x87_registers(fpu: FpuState) -> tuple[bytes, ...]:
     """ST(0)..ST(7), 10 bytes each: kvm_fpu.fpr keeps them in FXSAVE order, 16 bytes a slot."""
-    return tuple(bytes(fpu.fpr[index][byte] for byte in range(10)) for index in range(8))
+    return tuple(slot[:X87_REGISTER_BYTES] for slot in fpu.fpr)
 
 
 class PvmEmulator:
@@ -192,11 +192,12 @@ class PvmEmulator:
             return False
         self.refusals.pop(vcpu.id, None)
         if result.x87 is not None and fpu is not None:
-            fpu.fsw, fpu.ftwx = result.x87.fsw, result.x87.ftw
+            fpu = replace(fpu, fsw=result.x87.fsw, ftwx=result.x87.ftw)
             if result.x87.st is not None:
-                for index, register in enumerate(result.x87.st):
-                    for byte, value in enumerate(register[:10]):
-                        fpu.fpr[index][byte] = value
+                # The 80-bit register is the slot's low 10 bytes; the 6 above it are kept.
+                fpr = tuple(bytes(register[:X87_REGISTER_BYTES]) + slot[X87_REGISTER_BYTES:]
+                            for register, slot in zip(result.x87.st, fpu.fpr, strict=True))  # fmt: skip
+                fpu = replace(fpu, fpr=fpr)
             vcpu.set_fpu_state(fpu)
         vcpu.set_regs(**result.registers.as_dict())
         if result.flush_tlb:

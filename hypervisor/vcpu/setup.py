@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-import struct
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from hypervisor.boot.cpu_state import EntryState, Segment
+from hypervisor.boot.cpu_state import EntryState
+from hypervisor.boot.cpu_state import Segment as BootSegment
+from hypervisor.kvm.registers import APIC_LVT_LINT0, APIC_LVT_LINT1, DescriptorTable, Segment
 
 if TYPE_CHECKING:
     from hypervisor.kvm import Vcpu
 
-# Local APIC register offsets and LVT delivery modes, Intel SDM vol. 3A §10.4.1 table 10-1 and
-# §10.5.1 figure 10-8. LINT0 as ExtINT lets the 8259 PIC deliver through the LAPIC, LINT1 as NMI
-# is the PC wiring the MP spec (§5.1, default configuration) describes.
-APIC_LVT_LINT0 = 0x350
-APIC_LVT_LINT1 = 0x360
+# LVT delivery modes, Intel SDM vol. 3A §10.5.1 figure 10-8 (the LINT0/LINT1 register offsets
+# are kvm/registers.py's). LINT0 as ExtINT lets the 8259 PIC deliver through the LAPIC, LINT1 as
+# NMI is the PC wiring the MP spec (§5.1, default configuration) describes.
 APIC_DELIVERY_MODE_MASK = 0x700
 APIC_MODE_EXTINT = 0x700
 APIC_MODE_NMI = 0x400
@@ -47,19 +47,24 @@ BOOT_MSRS = {
 }
 
 
-def _copy_segment(target: object, segment: Segment) -> None:
-    for name in ("base", "limit", "selector", "type", "present", "dpl", "db", "s", "l", "g", "avl", "unusable"):
-        setattr(target, name, getattr(segment, name))
+def _kvm_segment(segment: BootSegment) -> Segment:
+    # boot/ keeps its own Segment (pure data, no KVM import); the field names are the same.
+    return Segment(base=segment.base, limit=segment.limit, selector=segment.selector, type=segment.type,
+                   present=segment.present, dpl=segment.dpl, db=segment.db, s=segment.s, l=segment.l,
+                   g=segment.g, avl=segment.avl, unusable=segment.unusable)  # fmt: skip
 
 
 def apply_entry_state(vcpu: Vcpu, state: EntryState) -> None:
-    """Loads `state` into the vCPU's special and general purpose registers."""
-    sregs = vcpu.get_sregs()
-    for name in ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt"):
-        _copy_segment(getattr(sregs, name), getattr(state, name))
-    sregs.gdt.base, sregs.gdt.limit = state.gdt.base, state.gdt.limit
-    sregs.idt.base, sregs.idt.limit = state.idt.base, state.idt.limit
-    sregs.cr0, sregs.cr3, sregs.cr4, sregs.efer = state.cr0, state.cr3, state.cr4, state.efer
+    """Loads `state` into the vCPU's special and general purpose registers; the rest of the
+    special registers (CR2, CR8, the APIC base, the interrupt bitmap) stay as KVM has them."""
+    sregs = replace(
+        vcpu.get_sregs(),
+        cs=_kvm_segment(state.cs), ds=_kvm_segment(state.ds), es=_kvm_segment(state.es),
+        fs=_kvm_segment(state.fs), gs=_kvm_segment(state.gs), ss=_kvm_segment(state.ss),
+        tr=_kvm_segment(state.tr), ldt=_kvm_segment(state.ldt),
+        gdt=DescriptorTable(state.gdt.base, state.gdt.limit), idt=DescriptorTable(state.idt.base, state.idt.limit),
+        cr0=state.cr0, cr3=state.cr3, cr4=state.cr4, efer=state.efer,
+    )  # fmt: skip
     vcpu.set_sregs(sregs)
     registers = {name: 0 for name in ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp")}
     registers.update(state.gprs)
@@ -68,12 +73,10 @@ def apply_entry_state(vcpu: Vcpu, state: EntryState) -> None:
 
 def configure_lapic(vcpu: Vcpu) -> None:
     """LINT0 as ExtINT, LINT1 as NMI (the PC wiring Linux expects with an MP table)."""
-    registers = vcpu.get_lapic()
+    lapic = vcpu.get_lapic()
     for offset, mode in ((APIC_LVT_LINT0, APIC_MODE_EXTINT), (APIC_LVT_LINT1, APIC_MODE_NMI)):
-        (value,) = struct.unpack_from("<I", registers, offset)
-        value = (value & ~APIC_DELIVERY_MODE_MASK) | mode
-        struct.pack_into("<I", registers, offset, value)
-    vcpu.set_lapic(bytes(registers))
+        lapic = lapic.with_register(offset, (lapic.register(offset) & ~APIC_DELIVERY_MODE_MASK) | mode)
+    vcpu.set_lapic(lapic)
 
 
 def configure_boot_msrs(vcpu: Vcpu) -> None:

@@ -117,7 +117,7 @@ def test_start_paused_and_step_exit(guest_binary) -> None:
     with machine:
         machine.start(paused=True)
         assert machine.pause(wait=True, timeout=5)  # already parked before the first instruction
-        assert console.data() == b"" and machine.vcpus[0].stats.total_exits == 0
+        assert console.data() == b"" and machine.vcpus[0].read_stats().total_exits == 0
         steps = [machine.step_exit(0, timeout=10) for _ in range(6)]
         assert all(isinstance(step, PortIo) for step in steps)
         # The greeting's first byte is written after polling LSR: the steps see both, in order.

@@ -29,7 +29,10 @@ from hypervisor.debug.repl_syntax import (
     parse_set_memory,
 )
 from hypervisor.devices.bus import Bus
+from hypervisor.kvm.exits import ExitReason
 from hypervisor.kvm.ffi import ffi
+from hypervisor.kvm.registers import SystemRegisters
+from hypervisor.kvm.stats import MAX_EXIT_REASONS, VcpuStats
 from hypervisor.kvm.vcpu import GPR_NAMES
 from hypervisor.memory import GuestMemory
 from hypervisor.outcome import Outcome, OutcomeKind
@@ -121,13 +124,13 @@ def test_memory_lines_look_like_gdb() -> None:
 
 
 def test_code_bits_follow_cs() -> None:
-    sregs = ffi.new("struct kvm_sregs *")
+    sregs = SystemRegisters()
     assert code_bits(sregs) == 16  # real mode
-    sregs.cr0 = 1
+    sregs = sregs.with_control("cr0", 1)
     assert code_bits(sregs) == 16
-    sregs.cs.db = 1
+    sregs = sregs.with_segment("cs", db=1)
     assert code_bits(sregs) == 32
-    sregs.cs.l = 1
+    sregs = sregs.with_segment("cs", l=1)
     assert code_bits(sregs) == 64
 
 
@@ -156,7 +159,7 @@ class FakeVcpu:
     def __init__(self, index: int) -> None:
         self.id = index
         self.registers = {name: 0 for name in GPR_NAMES} | {"rip": 0x1000, "rsp": 0x7000}
-        self.sregs = ffi.new("struct kvm_sregs *")
+        self.sregs = SystemRegisters()
         self.exit_record = ffi.new("struct pyhv_exit *")
 
     def get_regs(self) -> dict[str, int]:
@@ -168,8 +171,13 @@ class FakeVcpu:
                 raise ValueError(f"unknown register {name!r}")
             self.registers[name] = value
 
-    def get_sregs(self) -> Any:
+    def get_sregs(self) -> SystemRegisters:
         return self.sregs
+
+    def read_stats(self) -> VcpuStats:
+        reasons = [0] * MAX_EXIT_REASONS
+        reasons[ExitReason.IO], reasons[ExitReason.HLT] = 5 + self.id, 1
+        return VcpuStats(tuple(reasons), total_exits=6 + self.id, python_exits=2, pio_sink=4 + self.id)
 
     def translate(self, address: int) -> int | None:
         return address + 0x10000 if address < 0x10000 else None  # a fixed offset: virtual != physical
@@ -370,6 +378,9 @@ def test_info_exits_devices_and_sregs(session: Any) -> None:
     sregs = run("info sregs")
     assert "cs  selector 0x0000" in sregs and "efer" in sregs and "cr3" in sregs
     assert "unknown topic" in run("info nothing") and "info what?" in run("info")
+    exits = run("info exits 0")  # the two vCPUs' counters summed, the most frequent reason first
+    assert "exits: 13 in all, 4 reached Python, 9 port and 0 MMIO completed in C" in exits
+    assert exits.index("IO") < exits.index("HLT") and "11" in exits
 
 
 def test_trace_hooks_print_from_other_threads(session: Any) -> None:

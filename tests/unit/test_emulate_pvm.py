@@ -1,15 +1,17 @@
 """The glue between the kvm_pvm emulator and a vCPU (hypervisor/vcpu/pvm.py), with a fake vCPU
-that holds real `struct kvm_sregs`/`kvm_fpu` records and real guest memory."""
+that holds the typed special registers and x87/SSE state (hypervisor/kvm/registers.py) and real
+guest memory."""
 
 from __future__ import annotations
 
 import errno
-from typing import Any
+from dataclasses import replace
 
 import pytest
 
 from hypervisor.errors import KvmError
 from hypervisor.kvm.ffi import ffi
+from hypervisor.kvm.registers import DescriptorTable, FpuState, Segment, SystemRegisters
 from hypervisor.memory.guest_memory import GuestMemory
 from hypervisor.vcpu import pvm
 from hypervisor.vcpu.pvm import CR4_PGE, PvmEmulator, flush_guest_tlb, guest_cpuid_map
@@ -53,16 +55,10 @@ class FakeVcpu:
             )
         }
         self.registers.update(registers, rip=rip, rflags=0x2)
-        self.sregs = ffi.new("struct kvm_sregs *")
-        self.sregs.efer = EFER_LMA_LME
-        self.sregs.cs.l = 1
-        self.sregs.cr0 = 0x80050033
-        self.sregs.cr4 = CR4_PAE | CR4_PGE
-        self.sregs.idt.base = 0x3000
-        self.sregs.idt.limit = 0xFFF
-        self.sregs.gdt.base = 0x2000
-        self.sregs.gdt.limit = 0x17
-        self.sregs.ldt.unusable = 1
+        self.sregs = SystemRegisters(
+            efer=EFER_LMA_LME, cs=Segment(l=1), cr0=0x80050033, cr4=CR4_PAE | CR4_PGE,
+            idt=DescriptorTable(0x3000, 0xFFF), gdt=DescriptorTable(0x2000, 0x17), ldt=Segment(unusable=1),
+        )  # fmt: skip
         self.set_sregs_calls: list[int] = []
         self.exceptions: list[tuple[int, int | None]] = []
 
@@ -72,19 +68,17 @@ class FakeVcpu:
     def set_regs(self, **values: int) -> None:
         self.registers.update(values)
 
-    def get_sregs(self) -> Any:
-        copy = ffi.new("struct kvm_sregs *")
-        ffi.memmove(copy, self.sregs, ffi.sizeof("struct kvm_sregs"))
-        return copy
+    def get_sregs(self) -> SystemRegisters:
+        return self.sregs
 
-    def set_sregs(self, sregs: Any) -> None:
-        self.set_sregs_calls.append(int(sregs.cr4))
-        ffi.memmove(self.sregs, sregs, ffi.sizeof("struct kvm_sregs"))
+    def set_sregs(self, sregs: SystemRegisters) -> None:
+        self.set_sregs_calls.append(sregs.cr4)
+        self.sregs = sregs
 
-    def get_fpu(self) -> Any:
-        return ffi.new("struct kvm_fpu *")
+    def get_fpu(self) -> FpuState:
+        return FpuState()
 
-    def set_fpu_state(self, fpu: Any) -> None:
+    def set_fpu_state(self, fpu: FpuState) -> None:
         raise AssertionError("no x87 state changes here")
 
     def translate(self, linear: int) -> int | None:
@@ -123,7 +117,7 @@ def test_flush_toggles_cr4_pge_and_restores_it() -> None:
 
 def test_flush_without_global_pages_also_toggles() -> None:
     vcpu = FakeVcpu()
-    vcpu.sregs.cr4 = CR4_PAE
+    vcpu.sregs = replace(vcpu.sregs, cr4=CR4_PAE)
     flush_guest_tlb(vcpu)  # type: ignore[arg-type]
     assert vcpu.set_sregs_calls == [CR4_PAE | CR4_PGE, CR4_PAE]
 
@@ -193,7 +187,7 @@ def test_xcr0_is_read_for_xgetbv_only(memory: GuestMemory, monkeypatch: pytest.M
     monkeypatch.setattr(pvm, "read_xcr0", fake_xcr0)
     emulator = PvmEmulator(memory)
     vcpu = FakeVcpu(rcx=0)
-    vcpu.sregs.cr4 |= 1 << 18  # OSXSAVE
+    vcpu.sregs = replace(vcpu.sregs, cr4=vcpu.sregs.cr4 | 1 << 18)  # OSXSAVE
     with_cpuid(emulator, vcpu, {(0x1, 0): (0, 0, 1 << 26, 0), (0x7, 0): (0, 1 << 24, 0, 0)})
     assert emulator(vcpu, bytes.fromhex("0f01d0"))  # type: ignore[arg-type]  # xgetbv
     assert (vcpu.registers["rax"], vcpu.registers["rdx"], reads) == (7, 0, [1])
@@ -207,17 +201,15 @@ class FpuVcpu(FakeVcpu):
 
     def __init__(self, **registers: int) -> None:
         super().__init__(**registers)
-        self.fpu = ffi.new("struct kvm_fpu *")
+        self.fpu = FpuState()
         self.fpu_sets = 0
 
-    def get_fpu(self) -> Any:
-        copy = ffi.new("struct kvm_fpu *")
-        ffi.memmove(copy, self.fpu, ffi.sizeof("struct kvm_fpu"))
-        return copy
+    def get_fpu(self) -> FpuState:
+        return self.fpu
 
-    def set_fpu_state(self, fpu: Any) -> None:
+    def set_fpu_state(self, fpu: FpuState) -> None:
         self.fpu_sets += 1
-        ffi.memmove(self.fpu, fpu, ffi.sizeof("struct kvm_fpu"))
+        self.fpu = fpu
 
 
 def test_mmx_moves_go_through_kvm_fpu_both_ways(memory: GuestMemory) -> None:
@@ -228,7 +220,7 @@ def test_mmx_moves_go_through_kvm_fpu_both_ways(memory: GuestMemory) -> None:
     assert vcpu.fpu_sets == 1
     # MM0 is the mantissa of physical register 0, which is ST(0) with TOP = 0; the exponent
     # bits become all ones and every tag valid (SDM Vol. 1 §9.5.1).
-    assert bytes(vcpu.fpu.fpr[0][byte] for byte in range(10)) == bytes.fromhex("8877665544332211ffff")
+    assert vcpu.fpu.fpr[0][:10] == bytes.fromhex("8877665544332211ffff")
     assert vcpu.fpu.ftwx == 0xFF
     vcpu.registers["rip"] = 0x1000
     assert emulator(vcpu, bytes.fromhex("480f7ec3"))  # type: ignore[arg-type]  # movq rbx, mm0
@@ -239,7 +231,7 @@ def test_x87_state_is_read_only_for_the_instructions_that_use_it(memory: GuestMe
     class CountingVcpu(FpuVcpu):
         reads = 0
 
-        def get_fpu(self) -> Any:
+        def get_fpu(self) -> FpuState:
             self.reads += 1
             return super().get_fpu()
 

@@ -8,7 +8,8 @@ from hypervisor.debug.gdb.debug_registers import DR7_RESERVED_ONE, DebugRegister
 from hypervisor.debug.gdb.registers import abridged_tag, apply_fpu, apply_system, collect, full_tag_word, split_writes
 from hypervisor.debug.gdb.software_breakpoints import INT3, SoftwareBreakpoints
 from hypervisor.debug.gdb.target import BreakKind, GdbTargetError
-from hypervisor.kvm.ffi import ffi, lib
+from hypervisor.kvm.ffi import lib
+from hypervisor.kvm.registers import DescriptorTable, FpuState, Segment, SystemRegisters
 from hypervisor.memory import GuestMemory
 
 
@@ -79,17 +80,13 @@ def test_software_breakpoints_shadow_and_restore() -> None:
 
 
 def test_registers_from_kvm_structures() -> None:
-    sregs = ffi.new("struct kvm_sregs *")
-    sregs.cs.selector, sregs.cs.base = 0x10, 0x1000
-    sregs.fs.base, sregs.gs.base = 0x7000, 0x8000
-    sregs.cr0, sregs.cr3, sregs.efer = 0x80050033, 0x9000, 0xD01
-    sregs.gdt.base, sregs.gdt.limit = 0x5000, 0x27
-    fpu = ffi.new("struct kvm_fpu *")
-    fpu.fcw, fpu.fsw, fpu.mxcsr = 0x37F, 0, 0x1F80
+    sregs = SystemRegisters(
+        cs=Segment(selector=0x10, base=0x1000), fs=Segment(base=0x7000), gs=Segment(base=0x8000),
+        cr0=0x80050033, cr3=0x9000, efer=0xD01, gdt=DescriptorTable(0x5000, 0x27),
+    )  # fmt: skip
     one = (0x3FFF << 64) | (1 << 63)  # 1.0 in the 80-bit format
-    fpu.fpr[0] = list(one.to_bytes(10, "little") + bytes(6))
-    fpu.ftwx = 0b1
-    fpu.xmm[3] = list(range(16))
+    fpu = FpuState(fcw=0x37F, fsw=0, mxcsr=0x1F80, ftwx=0b1)
+    fpu = fpu.with_fpr(0, one.to_bytes(10, "little") + bytes(6)).with_xmm(3, bytes(range(16)))
     values = collect({"rax": 1, "rip": 0x1000, "rflags": 2}, sregs, fpu, {0xC0000102: 0xABC})
     assert values["cs"] == 0x10 and values["cs_base"] == 0x1000
     assert values["fs_base"] == 0x7000 and values["gs_base"] == 0x8000 and values["k_gs_base"] == 0xABC
@@ -99,11 +96,13 @@ def test_registers_from_kvm_structures() -> None:
     assert values["xmm3"] == int.from_bytes(bytes(range(16)), "little")
     gprs, system, fpu_values, msrs = split_writes({"rax": 5, "cr3": 0xA000, "cs_base": 0, "st1": one, "k_gs_base": 1})
     assert gprs == {"rax": 5} and system == {"cr3": 0xA000, "cs_base": 0} and msrs == {0xC0000102: 1}
-    apply_system(sregs, system)
-    assert sregs.cr3 == 0xA000 and sregs.cs.base == 0 and sregs.cs.selector == 0x10
-    apply_fpu(fpu, fpu_values | {"ftag": 0xFFF0, "fioff": 0x1234, "xmm0": 7})
-    assert int.from_bytes(bytes(fpu.fpr[1])[:10], "little") == one
-    assert fpu.ftwx == 0b11 and fpu.last_ip == 0x1234 and fpu.xmm[0][0] == 7
+    written = apply_system(sregs, system)
+    assert written.cr3 == 0xA000 and written.cs.base == 0 and written.cs.selector == 0x10
+    assert sregs.cr3 == 0x9000 and written.fs == sregs.fs  # a new value; the rest as it was
+    changed = apply_fpu(fpu, fpu_values | {"ftag": 0xFFF0, "fioff": 0x1234, "xmm0": 7})
+    assert int.from_bytes(changed.fpr[1][:10], "little") == one
+    assert changed.ftwx == 0b11 and changed.last_ip == 0x1234 and changed.xmm[0][0] == 7
+    assert changed.xmm[3] == fpu.xmm[3] and changed.fcw == 0x37F
 
 
 def test_full_tag_word_follows_top_of_stack() -> None:
@@ -120,7 +119,7 @@ class FakeVcpu:
 
     def __init__(self) -> None:
         self.regs = {"rip": 0x1000, "rflags": 2}
-        self.sregs = ffi.new("struct kvm_sregs *")
+        self.sregs = SystemRegisters()
         self.debug: list[tuple[int, list[int]]] = []
 
     def translate(self, linear: int) -> int | None:
@@ -132,7 +131,7 @@ class FakeVcpu:
     def set_regs(self, **values: int) -> None:
         self.regs.update(values)
 
-    def get_sregs(self):  # type: ignore[no-untyped-def]
+    def get_sregs(self) -> SystemRegisters:
         return self.sregs
 
     def set_guest_debug(self, control: int, debugregs: list[int] | tuple[int, ...] = ()) -> None:

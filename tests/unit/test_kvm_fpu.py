@@ -1,4 +1,4 @@
-"""struct kvm_fpu through the XSAVE area (hypervisor/kvm/fpu.py): the FXSAVE legacy region's
+"""The x87/SSE state (FpuState) through the XSAVE area (hypervisor/kvm/fpu.py): the FXSAVE legacy region's
 layout (SDM Vol. 1 §10.5.1) and XSTATE_BV (§13.4.2)."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import struct
 from hypothesis import given
 from hypothesis import strategies as st
 
-from hypervisor.kvm.ffi import ffi
 from hypervisor.kvm.fpu import XSTATE_BV_OFFSET, fpu_from_xsave, xsave_with_fpu
+from hypervisor.kvm.registers import FpuState
 
 AREA_BYTES = 4096  # struct kvm_xsave
 
@@ -41,8 +41,7 @@ def test_a_write_marks_x87_and_sse_present_and_keeps_the_rest() -> None:
     area = area_with(mxcsr_mask=0xFFBF)
     struct.pack_into("<Q", area, XSTATE_BV_OFFSET, 0b100)  # AVX present, x87 and SSE initial
     area[576:580] = b"\xaa\xbb\xcc\xdd"  # AVX's YMM_Hi128 component
-    fpu = ffi.new("struct kvm_fpu *", {"fcw": 0x37F, "fsw": 0x0100, "ftwx": 0xFF, "mxcsr": 0x1F80})
-    fpu.fpr[0][0] = 0x42
+    fpu = FpuState(fcw=0x37F, fsw=0x0100, ftwx=0xFF, mxcsr=0x1F80).with_fpr(0, b"\x42" + bytes(15))
     written = xsave_with_fpu(bytes(area), fpu)
     assert len(written) == AREA_BYTES
     assert struct.unpack_from("<Q", written, XSTATE_BV_OFFSET)[0] == 0b111

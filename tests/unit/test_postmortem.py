@@ -20,6 +20,7 @@ from hypervisor.debug.postmortem_files import (
 )
 from hypervisor.debug.symbols import parse_system_map
 from hypervisor.errors import ConfigError, KvmError
+from hypervisor.kvm.registers import Segment, SystemRegisters
 from hypervisor.memory import GuestMemory
 from hypervisor.outcome import Outcome, OutcomeKind, is_crash
 from hypervisor.vcpu.events import PortIo, Shutdown
@@ -41,9 +42,9 @@ class FakeVcpu:
                                           "r10", "r11", "r12", "r13", "r14", "r15", "rip", "rflags")}  # fmt: skip
         self.regs.update(rip=rip, rsp=rsp, rflags=2)
         values = {**LONG_MODE, **(sregs or {})}
-        self.sregs = SimpleNamespace(
+        self.sregs = SystemRegisters(
             cr0=values["cr0"], cr2=0, cr3=0x9000, cr4=0x20, efer=values["efer"],
-            cs=SimpleNamespace(selector=0x10, base=values.get("base", 0), l=values["l"], db=values["db"]),
+            cs=Segment(selector=0x10, base=values.get("base", 0), l=values["l"], db=values["db"]),
         )  # fmt: skip
         self.fail = fail
 
@@ -52,7 +53,7 @@ class FakeVcpu:
             raise KvmError("KVM_GET_REGS", 9)
         return dict(self.regs)
 
-    def get_sregs(self) -> SimpleNamespace:
+    def get_sregs(self) -> SystemRegisters:
         return self.sregs
 
     def translate(self, address: int) -> int | None:

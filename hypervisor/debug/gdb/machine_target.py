@@ -122,13 +122,9 @@ class MachineTarget:
         if gprs:
             kvm_vcpu.set_regs(**gprs)
         if system:
-            sregs = kvm_vcpu.get_sregs()
-            apply_system(sregs, system)
-            kvm_vcpu.set_sregs(sregs)
+            kvm_vcpu.set_sregs(apply_system(kvm_vcpu.get_sregs(), system))
         if fpu:
-            state = kvm_vcpu.get_fpu()
-            apply_fpu(state, fpu)
-            kvm_vcpu.set_fpu_state(state)
+            kvm_vcpu.set_fpu_state(apply_fpu(kvm_vcpu.get_fpu(), fpu))
         if msrs:
             kvm_vcpu.set_msrs(msrs)
 
@@ -281,7 +277,7 @@ class MachineTarget:
 
     def _linear_pc(self, vcpu: int) -> int:
         kvm_vcpu = self.machine.vcpus[vcpu]
-        return (int(kvm_vcpu.get_sregs().cs.base) + kvm_vcpu.get_regs()["rip"]) & 0xFFFF_FFFF_FFFF_FFFF
+        return (kvm_vcpu.get_sregs().cs.base + kvm_vcpu.get_regs()["rip"]) & 0xFFFF_FFFF_FFFF_FFFF
 
     def _suppress_instruction_breakpoints(self) -> None:
         executes = {slot.address for slot in self.hardware.slots if slot and slot.kind is BreakKind.HARDWARE}

@@ -68,14 +68,14 @@ class MonitorCommands:
         return f"saved the machine to {arguments[0]}\n"
 
     def _exits(self) -> str:
-        from hypervisor.vcpu.stats import merge_statistics, vcpu_statistics
+        from hypervisor.vcpu.stats import exits_by_reason_name, statistics_dict, total_stats
 
-        statistics = merge_statistics([vcpu_statistics(vcpu) for vcpu in self.machine.vcpus])
+        stats = total_stats(self.machine.vcpus)
         lines = ["exits by KVM reason:"]
-        by_reason: dict[str, int] = statistics.get("exits_by_reason", {})  # type: ignore[assignment]
+        by_reason = exits_by_reason_name(stats)
         lines += [f"  {reason:<16} {count}" for reason, count in sorted(by_reason.items())] or ["  (none yet)"]
         lines.append("fast path:")
-        for name, value in statistics.items():
+        for name, value in statistics_dict(stats).items():
             if name != "exits_by_reason" and isinstance(value, int):
                 lines.append(f"  {name:<20} {value}")
         return "\n".join(lines)

@@ -9,8 +9,9 @@ from each register's contents as FXSAVE's description says (§10.5.1.1, table 10
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import replace
 
+from hypervisor.kvm.registers import FpuState, SystemRegisters
 from hypervisor.kvm.vcpu import GPR_NAMES
 
 MSR_KERNEL_GS_BASE = 0xC0000102
@@ -19,6 +20,7 @@ CONTROL_REGISTERS = ("cr0", "cr2", "cr3", "cr4", "cr8", "efer")
 TAG_VALID, TAG_ZERO, TAG_SPECIAL, TAG_EMPTY = 0, 1, 2, 3
 EXPONENT_MASK = 0x7FFF
 INTEGER_BIT = 1 << 63
+X87_REGISTER_BYTES = 10  # the 80-bit register in the low part of its 16-byte FXSAVE slot
 
 
 def _x87_tag(value: int) -> int:
@@ -53,33 +55,33 @@ def abridged_tag(full: int) -> int:
     return sum(1 << n for n in range(8) if (full >> (2 * n)) & 3 != TAG_EMPTY)
 
 
-def collect(regs: dict[str, int], sregs: Any, fpu: Any, msrs: dict[int, int]) -> dict[str, int]:
+def collect(regs: dict[str, int], sregs: SystemRegisters, fpu: FpuState | None, msrs: dict[int, int]) -> dict[str, int]:
     values = dict(regs)
     for name in SEGMENTS:
-        segment = getattr(sregs, name)
-        values[name] = int(segment.selector)
-        values[f"{name}_base"] = int(segment.base)
+        segment = sregs.segment(name)
+        values[name] = segment.selector
+        values[f"{name}_base"] = segment.base
     for name in CONTROL_REGISTERS:
-        values[name] = int(getattr(sregs, name))
-    values["gdtr_base"], values["gdtr_limit"] = int(sregs.gdt.base), int(sregs.gdt.limit)
-    values["idtr_base"], values["idtr_limit"] = int(sregs.idt.base), int(sregs.idt.limit)
+        values[name] = getattr(sregs, name)
+    values["gdtr_base"], values["gdtr_limit"] = sregs.gdt.base, sregs.gdt.limit
+    values["idtr_base"], values["idtr_limit"] = sregs.idt.base, sregs.idt.limit
     if MSR_KERNEL_GS_BASE in msrs:
         values["k_gs_base"] = msrs[MSR_KERNEL_GS_BASE]
     if fpu is not None:
-        st = [int.from_bytes(bytes(fpu.fpr[i])[:10], "little") for i in range(8)]
+        st = [int.from_bytes(slot[:X87_REGISTER_BYTES], "little") for slot in fpu.fpr]
         for index, value in enumerate(st):
             values[f"st{index}"] = value
-        values["fctrl"] = int(fpu.fcw)
-        values["fstat"] = int(fpu.fsw)
-        values["ftag"] = full_tag_word(int(fpu.ftwx), int(fpu.fsw), st)
-        values["fioff"] = int(fpu.last_ip) & 0xFFFF_FFFF
-        values["fiseg"] = (int(fpu.last_ip) >> 32) & 0xFFFF
-        values["fooff"] = int(fpu.last_dp) & 0xFFFF_FFFF
-        values["foseg"] = (int(fpu.last_dp) >> 32) & 0xFFFF
-        values["fop"] = int(fpu.last_opcode) & 0x7FF
-        for index in range(16):
-            values[f"xmm{index}"] = int.from_bytes(bytes(fpu.xmm[index]), "little")
-        values["mxcsr"] = int(fpu.mxcsr)
+        values["fctrl"] = fpu.fcw
+        values["fstat"] = fpu.fsw
+        values["ftag"] = full_tag_word(fpu.ftwx, fpu.fsw, st)
+        values["fioff"] = fpu.last_ip & 0xFFFF_FFFF
+        values["fiseg"] = (fpu.last_ip >> 32) & 0xFFFF
+        values["fooff"] = fpu.last_dp & 0xFFFF_FFFF
+        values["foseg"] = (fpu.last_dp >> 32) & 0xFFFF
+        values["fop"] = fpu.last_opcode & 0x7FF
+        for index, register in enumerate(fpu.xmm):
+            values[f"xmm{index}"] = int.from_bytes(register, "little")
+        values["mxcsr"] = fpu.mxcsr
     return values
 
 
@@ -96,8 +98,8 @@ def split_writes(values: dict[str, int]) -> tuple[dict[str, int], dict[str, int]
     return gprs, system, fpu, msrs
 
 
-def apply_system(sregs: Any, values: dict[str, int]) -> None:
-    """Writes selectors, bases, descriptor tables and control registers into `sregs`.
+def apply_system(sregs: SystemRegisters, values: dict[str, int]) -> SystemRegisters:
+    """`sregs` with the selectors, bases, descriptor tables and control registers of `values`.
 
     A selector written from gdb changes only the selector: the hidden descriptor cache (base,
     limit, access rights) keeps what the guest loaded, as a debugger writing `$cs` expects;
@@ -105,40 +107,43 @@ def apply_system(sregs: Any, values: dict[str, int]) -> None:
     """
     for name, value in values.items():
         if name in SEGMENTS:
-            getattr(sregs, name).selector = value & 0xFFFF
+            sregs = sregs.with_segment(name, selector=value & 0xFFFF)
         elif name.endswith("_base") and name[:2] in SEGMENTS:
-            getattr(sregs, name[:2]).base = value
+            sregs = sregs.with_segment(name[:2], base=value)
         elif name in CONTROL_REGISTERS:
-            setattr(sregs, name, value)
+            sregs = sregs.with_control(name, value)
         elif name in ("gdtr_base", "idtr_base"):
-            getattr(sregs, name[:3]).base = value
+            sregs = sregs.with_table(name[:3], base=value)
         elif name in ("gdtr_limit", "idtr_limit"):
-            getattr(sregs, name[:3]).limit = value & 0xFFFF
+            sregs = sregs.with_table(name[:3], limit=value & 0xFFFF)
+    return sregs
 
 
-def apply_fpu(fpu: Any, values: dict[str, int]) -> None:
+def apply_fpu(fpu: FpuState, values: dict[str, int]) -> FpuState:
+    """`fpu` with the x87 and SSE registers of `values` (gdb's names) written."""
     for name, value in values.items():
         if name.startswith("st"):
             index = int(name[2:])
-            current = bytes(fpu.fpr[index])
-            fpu.fpr[index] = list((value & ((1 << 80) - 1)).to_bytes(10, "little") + current[10:16])
+            register = (value & ((1 << 80) - 1)).to_bytes(X87_REGISTER_BYTES, "little")
+            fpu = fpu.with_fpr(index, register + fpu.fpr[index][X87_REGISTER_BYTES:])
         elif name.startswith("xmm"):
-            fpu.xmm[int(name[3:])] = list((value & ((1 << 128) - 1)).to_bytes(16, "little"))
+            fpu = fpu.with_xmm(int(name[3:]), (value & ((1 << 128) - 1)).to_bytes(16, "little"))
         elif name == "fctrl":
-            fpu.fcw = value & 0xFFFF
+            fpu = replace(fpu, fcw=value & 0xFFFF)
         elif name == "fstat":
-            fpu.fsw = value & 0xFFFF
+            fpu = replace(fpu, fsw=value & 0xFFFF)
         elif name == "ftag":
-            fpu.ftwx = abridged_tag(value)
+            fpu = replace(fpu, ftwx=abridged_tag(value))
         elif name == "fop":
-            fpu.last_opcode = value & 0x7FF
+            fpu = replace(fpu, last_opcode=value & 0x7FF)
         elif name == "fioff":
-            fpu.last_ip = (int(fpu.last_ip) & ~0xFFFF_FFFF) | (value & 0xFFFF_FFFF)
+            fpu = replace(fpu, last_ip=(fpu.last_ip & ~0xFFFF_FFFF) | (value & 0xFFFF_FFFF))
         elif name == "fiseg":
-            fpu.last_ip = (int(fpu.last_ip) & 0xFFFF_FFFF) | ((value & 0xFFFF) << 32)
+            fpu = replace(fpu, last_ip=(fpu.last_ip & 0xFFFF_FFFF) | ((value & 0xFFFF) << 32))
         elif name == "fooff":
-            fpu.last_dp = (int(fpu.last_dp) & ~0xFFFF_FFFF) | (value & 0xFFFF_FFFF)
+            fpu = replace(fpu, last_dp=(fpu.last_dp & ~0xFFFF_FFFF) | (value & 0xFFFF_FFFF))
         elif name == "foseg":
-            fpu.last_dp = (int(fpu.last_dp) & 0xFFFF_FFFF) | ((value & 0xFFFF) << 32)
+            fpu = replace(fpu, last_dp=(fpu.last_dp & 0xFFFF_FFFF) | ((value & 0xFFFF) << 32))
         elif name == "mxcsr":
-            fpu.mxcsr = value & 0xFFFF_FFFF
+            fpu = replace(fpu, mxcsr=value & 0xFFFF_FFFF)
+    return fpu
