@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from hypervisor.errors import ConfigError
+from hypervisor.process_signals import SignalCleanup
 
 log = logging.getLogger(__name__)
 
@@ -263,9 +264,10 @@ class StdioConsole(ConsoleBase):
     """Guest output to stdout, host stdin to the guest.
 
     On a terminal, stdin is put in raw mode (restored by `close`, by an atexit hook, and on
-    SIGTERM/SIGHUP) and Ctrl-A works as QEMU's escape key: Ctrl-A x quits, Ctrl-A Ctrl-A sends a
-    Ctrl-A, Ctrl-A h prints help on stderr. From a pipe, bytes are forwarded as they are and the
-    end of input only stops reading: the guest keeps running.
+    SIGTERM/SIGHUP through hypervisor.process_signals.SignalCleanup) and Ctrl-A works as QEMU's
+    escape key: Ctrl-A x quits, Ctrl-A Ctrl-A sends a Ctrl-A, Ctrl-A h prints help on stderr.
+    From a pipe, bytes are forwarded as they are and the end of input only stops reading: the
+    guest keeps running.
     """
 
     def __init__(self, stdin_fd: int = 0, stdout_fd: int = 1, stderr_fd: int = 2,
@@ -276,7 +278,7 @@ class StdioConsole(ConsoleBase):
         self._stdin, self._stdout, self._stderr = stdin_fd, stdout_fd, stderr_fd
         self._handle_signals = handle_signals
         self._saved_attributes: list[Any] | None = None
-        self._previous_handlers: dict[int, Any] = {}
+        self._signal_cleanup = SignalCleanup(self._restore_terminal, RESTORING_SIGNALS)
         self._output_broken = False
         self._thread: threading.Thread | None = None
         self._wake_read, self._wake_write = -1, -1
@@ -325,11 +327,8 @@ class StdioConsole(ConsoleBase):
     def _enter_raw_mode(self) -> None:
         self._saved_attributes = termios.tcgetattr(self._stdin)
         atexit.register(self._restore_terminal)
-        if self._handle_signals and threading.current_thread() is threading.main_thread():
-            for signum in RESTORING_SIGNALS:
-                # None means a handler installed outside Python (C): leave that one alone.
-                if signal.getsignal(signum) is not None:
-                    self._previous_handlers[signum] = signal.signal(signum, self._on_signal)
+        if self._handle_signals:
+            self._signal_cleanup.install()
         termios.tcsetattr(self._stdin, termios.TCSADRAIN, raw_terminal_attributes(self._saved_attributes))
 
     def _restore_terminal(self) -> None:
@@ -341,20 +340,7 @@ class StdioConsole(ConsoleBase):
             except termios.error as error:  # the terminal went away (hang-up): nothing to restore
                 log.debug("could not restore the terminal: %s", error)
         atexit.unregister(self._restore_terminal)
-        if threading.current_thread() is threading.main_thread():
-            for signum, handler in self._previous_handlers.items():
-                signal.signal(signum, handler)
-        self._previous_handlers = {}
-
-    def _on_signal(self, signum: int, frame: object) -> None:
-        previous = self._previous_handlers.get(signum, signal.SIG_DFL)
-        self._restore_terminal()
-        if callable(previous):
-            previous(signum, frame)
-        elif previous != signal.SIG_IGN:
-            # Die of the same signal, as the default action would have done.
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
+        self._signal_cleanup.uninstall()
 
     # ------------------------------------------------------------- input
 

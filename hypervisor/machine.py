@@ -8,7 +8,6 @@ load a guest, run the vCPU threads until an outcome, and tear everything down.
 from __future__ import annotations
 
 import logging
-import signal
 import threading
 import time
 from collections import deque
@@ -32,6 +31,7 @@ from hypervisor.kvm.irq import IrqFdLine, KvmIrqLine
 from hypervisor.kvm.vcpu import MP_STATE_HALTED, TableRange
 from hypervisor.memory import GuestMemory
 from hypervisor.outcome import Outcome, OutcomeKind
+from hypervisor.process_signals import block_terminal_signals
 from hypervisor.vcpu.breakpoints import Action, Breakpoint, BreakpointTable, Condition
 from hypervisor.vcpu.control import RunControl, Stop
 from hypervisor.vcpu.events import ExitEvent
@@ -520,7 +520,7 @@ class Machine:
     def _vcpu_thread(runner: VcpuRunner) -> None:
         # Terminal signals belong to the main thread, which turns them into an outcome; a vCPU
         # thread only ever sees the kick signal.
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
+        block_terminal_signals()
         runner.run()
 
     def wait(self, timeout: float | None = None) -> RunResult:
