@@ -18,7 +18,8 @@ from pathlib import Path
 
 import click
 
-from hypervisor.console import ConsoleBase, FileConsole, NullConsole, write_all
+from hypervisor.console import ConsoleBase, FileConsole, NullConsole
+from hypervisor.console.file import write_all
 from hypervisor.errors import ConfigError, HypervisorError
 from hypervisor.outcome import Outcome, OutcomeKind
 from hypervisor.process_signals import sigterm_raises

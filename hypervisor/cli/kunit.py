@@ -130,9 +130,9 @@ def _kunit(options: dict[str, object]) -> int:
             timeout=float(options["timeout"]),  # type: ignore[arg-type]
         )
         console = MemoryConsole()
-        if options["show_console"]:
-            console.add_watcher(_copy_to_stderr)
         machine, info = create_machine(run_options, console)
+        if options["show_console"]:
+            machine.output_watchers.append(_copy_to_stderr)
         machine.exit_budget = exit_budget
         try:
             with sigterm_raises():  # as Ctrl-C: wait() turns it into the outcome "interrupted", 130
