@@ -7,6 +7,7 @@ load a guest, run the vCPU threads until an outcome, and tear everything down.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -463,7 +464,8 @@ class Machine:
                 watcher(data)
             except Exception:  # a broken watcher (a closed stderr) must not take the vCPU thread down
                 log.exception("output watcher %r failed; removing it", watcher)
-                self.output_watchers.remove(watcher)
+                with contextlib.suppress(ValueError):  # another vCPU's output met the failure first
+                    self.output_watchers.remove(watcher)
         if self.console is not None:
             self.console.write(data)
 
