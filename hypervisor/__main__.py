@@ -1,7 +1,7 @@
 """`python -m hypervisor`: the pyhv command."""
 
 from hypervisor.cli import main
-from hypervisor.cli.interrupts import forget_caught_interrupts
+from hypervisor.process_signals import forget_caught_interrupts
 
 try:
     main(prog_name="pyhv")

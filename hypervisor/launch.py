@@ -14,11 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from hypervisor.console.protocol import Console
 from hypervisor.disk_spec import DiskSpec
 from hypervisor.errors import ConfigError
 from hypervisor.guest_images import default_guest
 from hypervisor.kvm import kvm_is_pvm
-from hypervisor.machine import Console, Machine, host_memory_bytes
+from hypervisor.machine import Machine, host_memory_bytes
 
 if TYPE_CHECKING:
     from hypervisor.boot.layout import MmioWindow

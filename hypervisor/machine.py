@@ -7,8 +7,8 @@ load a guest, run the vCPU threads until an outcome, and tear everything down.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import signal
 import threading
 import time
 from collections import deque
@@ -20,6 +20,7 @@ from hypervisor.boot.cpu_state import EntryState
 from hypervisor.boot.cpuid import guest_cpuid
 from hypervisor.boot.layout import MmioWindow, virtio_mmio_window
 from hypervisor.boot.raw import load_raw, prepare_raw
+from hypervisor.console.protocol import Console
 from hypervisor.debug.console_observer import ConsoleObserver
 from hypervisor.devices.bus import Bus, Device
 from hypervisor.devices.cmos import PORT_COUNT as CMOS_PORT_COUNT
@@ -32,6 +33,7 @@ from hypervisor.kvm.irq import IrqFdLine, KvmIrqLine
 from hypervisor.kvm.vcpu import MP_STATE_HALTED, TableRange
 from hypervisor.memory import GuestMemory
 from hypervisor.outcome import Outcome, OutcomeKind
+from hypervisor.process_signals import block_terminal_signals
 from hypervisor.vcpu.breakpoints import Action, Breakpoint, BreakpointTable, Condition
 from hypervisor.vcpu.control import RunControl, Stop
 from hypervisor.vcpu.events import ExitEvent
@@ -97,16 +99,6 @@ class ExitBudgetCheck(Protocol):
     """What Machine.exit_budget must do (hypervisor.ci.exit_budget.ExitBudget does it)."""
 
     def check(self, vcpus: Sequence[Vcpu]) -> Outcome | None: ...
-
-
-class Console(Protocol):
-    """Where the guest's serial output goes and its input comes from (hypervisor.console)."""
-
-    def write(self, data: bytes) -> None: ...
-
-    def start(self, feed: Callable[[bytes], object], on_quit: Callable[[], None]) -> None: ...
-
-    def close(self) -> None: ...
 
 
 @dataclass
@@ -189,7 +181,8 @@ class Machine:
         self.exit_history: deque[ExitEvent] | None = deque(maxlen=exit_history) if exit_history > 0 else None
         self._started_at = time.monotonic()
         self._main_thread_calls: list[Callable[[], None]] = []
-        # Called with every chunk of console output, on the vCPU thread (keep them cheap).
+        # Called with every chunk of console output, on the vCPU thread (keep them cheap), before
+        # the console gets it and whatever the console is; one that raises is logged and dropped.
         self.output_watchers: list[Callable[[bytes], None]] = []
         # `--max-exits` (hypervisor.ci.exit_budget.ExitBudget): checked by wait() every quarter
         # second, so a run may overshoot its budget by that long's exits.
@@ -473,8 +466,13 @@ class Machine:
 
     def _serial_output(self, data: bytes) -> None:
         self.observer.feed(data)
-        for watcher in self.output_watchers:
-            watcher(data)
+        for watcher in list(self.output_watchers):
+            try:
+                watcher(data)
+            except Exception:  # a broken watcher (a closed stderr) must not take the vCPU thread down
+                log.exception("output watcher %r failed; removing it", watcher)
+                with contextlib.suppress(ValueError):  # another vCPU's output met the failure first
+                    self.output_watchers.remove(watcher)
         if self.console is not None:
             self.console.write(data)
 
@@ -543,7 +541,7 @@ class Machine:
     def _vcpu_thread(runner: VcpuRunner) -> None:
         # Terminal signals belong to the main thread, which turns them into an outcome; a vCPU
         # thread only ever sees the kick signal.
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
+        block_terminal_signals()
         runner.run()
 
     def wait(self, timeout: float | None = None) -> RunResult:

@@ -9,18 +9,20 @@ is not a terminal (scripts and CI). The exit status is the guest's outcome, as w
 
 from __future__ import annotations
 
-import signal
 import sys
 import threading
 from collections import deque
 from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
 
 import click
 
-from hypervisor.console import ConsoleBase, FileConsole, NullConsole, write_all
+from hypervisor.console import ConsoleBase, FileConsole, NullConsole
+from hypervisor.console.file import write_all
 from hypervisor.errors import ConfigError, HypervisorError
 from hypervisor.outcome import Outcome, OutcomeKind
+from hypervisor.process_signals import sigterm_raises
 
 MAX_SCRIPT_BYTES = 1 << 20  # a command file is typed by hand: a larger one is a wrong path
 MAX_LINE_BYTES = 64 * 1024
@@ -175,7 +177,7 @@ def _debug(options: dict[str, object]) -> int:
 
     machine = None
     timer: threading.Timer | None = None
-    previous = signal.getsignal(signal.SIGTERM)
+    signals = ExitStack()  # SIGTERM's handler while the guest runs, put back in `finally`
     try:
         run_options = run_options_from(options)
         breaks = [str(text) for text in options["breaks"]]  # type: ignore[attr-defined]
@@ -203,7 +205,9 @@ def _debug(options: dict[str, object]) -> int:
         for text in breaks:
             number = debugger.add_breakpoint(text)
             click.echo(f"breakpoint {number}: {debugger.expressions[number]}")
-        signal.signal(signal.SIGTERM, _raise_terminated)
+        # Its own exception, not KeyboardInterrupt: Ctrl-C only pauses the guest or interrupts a
+        # command (hypervisor.debug.repl), while SIGTERM must end the session.
+        signals.enter_context(sigterm_raises(_Terminated))
         machine.start(paused=True)
         timeout = options["timeout"]
         if timeout is not None:
@@ -247,7 +251,7 @@ def _debug(options: dict[str, object]) -> int:
         click.echo(f"pyhv: internal error: {error!r} (run with -vv for the traceback)", err=True)
         return 1
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        signals.close()
         if timer is not None:
             timer.cancel()
     click.echo(f"pyhv: {result.outcome.describe()} (exit status {result.exit_status})", err=True)
@@ -263,7 +267,3 @@ def _start_timer(machine: object, seconds: float) -> threading.Timer:
     timer.daemon = True
     timer.start()
     return timer
-
-
-def _raise_terminated(signum: int, frame: object) -> None:
-    raise _Terminated

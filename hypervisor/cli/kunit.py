@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import logging
 import re
-import signal
 import sys
 from pathlib import Path
 
 import click
 
-from hypervisor.cli.interrupts import raise_keyboard_interrupt
 from hypervisor.errors import ConfigError, HypervisorError
+from hypervisor.process_signals import sigterm_raises
 
 log = logging.getLogger(__name__)
 
@@ -131,15 +130,14 @@ def _kunit(options: dict[str, object]) -> int:
             timeout=float(options["timeout"]),  # type: ignore[arg-type]
         )
         console = MemoryConsole()
-        if options["show_console"]:
-            console.add_watcher(_copy_to_stderr)
         machine, info = create_machine(run_options, console)
+        if options["show_console"]:
+            machine.output_watchers.append(_copy_to_stderr)
         machine.exit_budget = exit_budget
-        previous = signal.signal(signal.SIGTERM, raise_keyboard_interrupt)
         try:
-            result = machine.run(run_options.timeout)
+            with sigterm_raises():  # as Ctrl-C: wait() turns it into the outcome "interrupted", 130
+                result = machine.run(run_options.timeout)
         finally:
-            signal.signal(signal.SIGTERM, previous)
             machine.close()
         return _conclude(result, info, machine.observer.timeline(), console.data(), outputs)  # type: ignore[arg-type]
     except HypervisorError as error:

@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import logging
-import signal
 import sys
+from contextlib import ExitStack
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
 import click
 
-from hypervisor.cli.interrupts import raise_keyboard_interrupt
 from hypervisor.cli.run_debug_outputs import DebugOutputs, debug_output_options
 from hypervisor.console import FileConsole, NullConsole, StdioConsole
 from hypervisor.errors import ConfigError, HypervisorError
+from hypervisor.process_signals import sigterm_raises
 from hypervisor.units import parse_size
 
 if TYPE_CHECKING:
@@ -167,8 +167,10 @@ def _run(options: dict[str, object]) -> int:
     machine = None
     disk_session = None
     # SIGTERM (and Ctrl-C) from the very start: one arriving while the machine is being built
-    # still ends in status 130 with the temporary overlays removed, never a traceback.
-    previous_sigterm = signal.signal(signal.SIGTERM, raise_keyboard_interrupt)
+    # still ends in status 130 with the temporary overlays removed, never a traceback. A stack,
+    # not a `with`, so that the old handler is back before the overlays go (below).
+    signals = ExitStack()
+    signals.enter_context(sigterm_raises())
     try:
         run_options = run_options_from(options)
         if options["report"]:
@@ -254,7 +256,7 @@ def _run(options: dict[str, object]) -> int:
         click.echo(f"pyhv: internal error: {error!r} (run with -vv for the traceback)", err=True)
         return 1
     finally:
-        signal.signal(signal.SIGTERM, previous_sigterm)
+        signals.close()
         if disk_session is not None:
             disk_session.close()  # temporary overlays go, whatever ended the run
     return result.exit_status

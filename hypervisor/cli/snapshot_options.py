@@ -8,11 +8,12 @@ from typing import TYPE_CHECKING
 
 import click
 
-from hypervisor.console import PhaseWatcher
+from hypervisor.debug.phase_watcher import PhaseWatcher
 from hypervisor.errors import ConfigError, HypervisorError
 
 if TYPE_CHECKING:
-    from hypervisor.machine import Console, Machine
+    from hypervisor.console.protocol import Console
+    from hypervisor.machine import Machine
 
 log = logging.getLogger(__name__)
 

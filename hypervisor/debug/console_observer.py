@@ -10,8 +10,8 @@ import re
 import threading
 import time
 
-from hypervisor.console import PhaseWatcher
 from hypervisor.debug.kernel_log import KernelLogScanner
+from hypervisor.debug.phase_watcher import PhaseWatcher
 from hypervisor.outcome import (
     PANIC_SOURCE_CONSOLE,
     PANIC_SOURCE_PVPANIC,

@@ -52,7 +52,8 @@ from hypervisor.snapshot.kvm_state import (
 )
 
 if TYPE_CHECKING:
-    from hypervisor.machine import Console, Machine
+    from hypervisor.console.protocol import Console
+    from hypervisor.machine import Machine
 
 log = logging.getLogger(__name__)
 

@@ -63,6 +63,30 @@ def test_serial_output_arrives(guest_binary, name: str) -> None:
     assert console.data() == GREETINGS[name]
 
 
+def test_output_watchers_see_the_stream_and_a_broken_one_is_dropped(guest_binary) -> None:
+    """Machine.output_watchers, the one output-watcher API: every chunk, before the console gets it;
+    a watcher that raises is logged and removed, and the guest and the other watchers go on."""
+    machine, console = boot(guest_binary, "real_mode")
+    seen: list[tuple[int, bytes]] = []  # (bytes the console had when the watcher ran, the chunk)
+    calls: list[bytes] = []
+
+    def broken(data: bytes) -> None:
+        calls.append(data)
+        raise BrokenPipeError("stderr went away")
+
+    def recording(data: bytes) -> None:
+        seen.append((len(console.data()), data))
+
+    with machine:
+        machine.output_watchers.extend([broken, recording])
+        result = machine.run(timeout=30)
+    assert result.outcome.kind is OutcomeKind.DEBUG_EXIT
+    chunks = [chunk for _, chunk in seen]
+    assert b"".join(chunks) == console.data() == GREETINGS["real_mode"]
+    assert [had for had, _ in seen] == [sum(map(len, chunks[:index])) for index in range(len(chunks))]
+    assert len(calls) == 1 and machine.output_watchers == [recording]
+
+
 @pytest.mark.parametrize("name", ["long_mode", "user_mode"])
 def test_mmio_reaches_the_device_and_returns_its_data(guest_binary, name: str) -> None:
     machine, _ = boot(guest_binary, name)

@@ -1,4 +1,7 @@
-"""Console backends: memory capture, files, watchers, and the terminal console on a real pty."""
+"""Console backends: memory capture, files, output bookkeeping, and the terminal console on a real pty.
+
+Watching the output stream is Machine.output_watchers' job (tests/kvm/test_guests.py), and boot
+phases are tests/unit/test_phase_watcher.py's."""
 
 from __future__ import annotations
 
@@ -16,10 +19,10 @@ import pytest
 
 from hypervisor.console import (
     Console,
+    ConsoleBase,
     FileConsole,
     MemoryConsole,
     NullConsole,
-    PhaseWatcher,
     StdioConsole,
 )
 from hypervisor.errors import ConfigError
@@ -81,46 +84,49 @@ def test_memory_console_wait_for_across_threads() -> None:
     timer.join()
 
 
-def test_first_output_time_and_watchers() -> None:
+def test_first_output_time_and_byte_count() -> None:
     console = NullConsole()
-    seen: list[bytes] = []
-    console.add_watcher(seen.append)
     assert console.first_output_time is None
     before = time.monotonic()
+    console.write(b"")  # nothing came: no first byte yet
+    assert console.first_output_time is None
     console.write(b"a")
+    first = console.first_output_time
     console.write(b"bc")
-    assert console.first_output_time is not None and console.first_output_time >= before
-    assert seen == [b"a", b"bc"]
+    assert first is not None and first >= before
+    assert console.first_output_time == first  # the first byte's time, not the latest
     assert console.bytes_written == 3
 
 
-def test_broken_watcher_is_dropped_not_raised() -> None:
-    console = MemoryConsole()
+def test_every_backend_keeps_the_bookkeeping(tmp_path: Path) -> None:
+    read_end, write_end = os.pipe()
+    backends = [MemoryConsole(), NullConsole(), FileConsole(tmp_path / "out"),
+                StdioConsole(stdin_fd=read_end, stdout_fd=write_end, handle_signals=False)]  # fmt: skip
+    try:
+        for console in backends:
+            console.write(b"hello")
+            assert console.bytes_written == 5 and console.first_output_time is not None, console
+    finally:
+        for console in backends:
+            console.close()
+        os.close(read_end)
+        os.close(write_end)
 
-    def broken(data: bytes) -> None:
-        raise ValueError("bug")
 
-    console.add_watcher(broken)
-    console.write(b"x")
-    console.write(b"y")
-    assert console.data() == b"xy"
+def test_console_package_names_its_modules() -> None:
+    """The public names stay importable from hypervisor.console, each defined in its own module."""
+    import hypervisor.console as package
 
-
-def test_phase_watcher_matches_across_byte_chunks() -> None:
-    matches: list[str] = []
-    clock = iter(range(1000))
-    watcher = PhaseWatcher(
-        {"banner": b"Linux version", "init": b"Run /init as init process", "panic": b"Kernel panic"},
-        on_match=lambda name, when: matches.append(name),
-        clock=lambda: float(next(clock)),
-    )
-    console = NullConsole()
-    console.add_watcher(watcher)
-    for byte in b"[0.0] Linux version 6.1 ...\r\n[90.0] Run /init as init process\r\n":
-        console.write(bytes((byte,)))
-    assert matches == ["banner", "init"]
-    assert watcher.seen["banner"] < watcher.seen["init"]
-    assert "panic" not in watcher.seen
+    classes = [name for name in package.__all__ if name != "Feed"]  # Feed is a type alias
+    assert {name: getattr(package, name).__module__ for name in classes} == {
+        "Console": "hypervisor.console.protocol",
+        "ConsoleBase": "hypervisor.console.protocol",
+        "FileConsole": "hypervisor.console.file",
+        "MemoryConsole": "hypervisor.console.memory",
+        "NullConsole": "hypervisor.console.memory",
+        "StdioConsole": "hypervisor.console.terminal",
+    }
+    assert not hasattr(ConsoleBase(), "add_watcher")  # one output-watcher API: Machine.output_watchers
 
 
 def test_file_console_appends(tmp_path: Path) -> None:
