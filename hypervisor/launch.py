@@ -12,7 +12,7 @@ import logging
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from hypervisor.console.protocol import Console
 from hypervisor.disk_spec import DiskSpec
@@ -59,6 +59,7 @@ class RunOptions:
     root: str | None = None
     machine: str = "pc"  # "pc" or "qemu-test" (machine.MACHINE_TYPES)
     pci_devices: tuple[str, ...] = ()  # `--device`: machine.PCI_DEVICE_TYPES
+    serial_fast_path: bool = True  # COM1's THR/LSR in the C loop (Machine(serial_fast_path=...))
     exit_history: int = 0  # the last exits kept for a post-mortem (Machine(exit_history=N)); 0: none
 
 
@@ -139,6 +140,16 @@ def _attach_disks(machine: Machine, specs: list[DiskSpec], session: DiskSession 
     return machine.attach_disks(specs)
 
 
+def _machine_settings(options: RunOptions) -> dict[str, Any]:
+    """The Machine arguments that come from the options as they are, for both kinds of guest."""
+    return {
+        "cpus": options.cpus, "debug_exit_port": options.debug_exit_port,
+        "debug_exit_qemu": options.debug_exit_qemu, "hugepages": options.hugepages,
+        "machine_type": options.machine, "pci_devices": options.pci_devices,
+        "serial_fast_path": options.serial_fast_path, "exit_history": options.exit_history,
+    }  # fmt: skip
+
+
 def create_machine(
     options: RunOptions, console: Console | None, disks: DiskSession | None = None
 ) -> tuple[Machine, LaunchInfo]:
@@ -151,11 +162,8 @@ def create_machine(
         path, address = options.raw
         _check_memory_fits_host(options.memory_mib or DEFAULT_RAW_MEMORY_MIB)
         data = _read(path, "raw guest", (options.memory_mib or DEFAULT_RAW_MEMORY_MIB) * MiB)
-        machine = Machine(options.memory_mib or DEFAULT_RAW_MEMORY_MIB, cpus=options.cpus, console=console,
-                          debug_exit_port=options.debug_exit_port, debug_exit_qemu=options.debug_exit_qemu,
-                          pvm_emulation=pvm, hugepages=options.hugepages,
-                          machine_type=options.machine, pci_devices=options.pci_devices,
-                          exit_history=options.exit_history)  # fmt: skip
+        machine = Machine(options.memory_mib or DEFAULT_RAW_MEMORY_MIB, console=console, pvm_emulation=pvm,
+                          **_machine_settings(options))  # fmt: skip
         try:
             _attach_disks(machine, options.disks, disks)  # found by the guest at the virtio-mmio windows
             machine.load_raw_bytes(data, address, str(path))
@@ -191,11 +199,8 @@ def create_machine(
     kernel = decompress_if_xz(kernel, layout.ram_size, "kernel")
     kind = detect_kernel_format(kernel, str(kernel_path))
 
-    machine = Machine(memory_mib, cpus=options.cpus, console=console,
-                      debug_exit_port=options.debug_exit_port, debug_exit_qemu=options.debug_exit_qemu,
-                      memory_regions=list(layout.memory_regions), pvm_emulation=pvm,
-                      hugepages=options.hugepages, machine_type=options.machine, pci_devices=options.pci_devices,
-                      exit_history=options.exit_history)  # fmt: skip
+    machine = Machine(memory_mib, console=console, memory_regions=list(layout.memory_regions), pvm_emulation=pvm,
+                      **_machine_settings(options))  # fmt: skip
     try:
         assert machine.memory is not None
         if kind == "multiboot":
