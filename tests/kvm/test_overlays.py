@@ -169,7 +169,12 @@ def test_the_overlay_goes_when_the_run_is_ended_from_outside(guest_binary, tmp_p
             time.sleep(0.5)  # the guest is reading through the overlay now
         # "-at-once": while the machine is still being built around the new overlay.
         process.send_signal(getattr(signal, how.split("-")[0]))
-    _, stderr = process.communicate(timeout=60)
+    try:
+        _, stderr = process.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.kill()  # never leave a spinning guest behind a failed test
+        process.communicate()
+        raise
     assert process.returncode == (124 if how == "timeout" else 130), stderr
     assert os.listdir(scratch) == []
     assert base.read_bytes() == bytes(4 * MiB)
