@@ -210,3 +210,33 @@ def test_a_halt_with_interrupts_on_is_not_final() -> None:
         machine.load_raw_bytes(bytes([0xFB, 0xF4, 0xEB, 0xFD]), 0x1000)  # sti; hlt; jmp back
         result = machine.run(2.5)
     assert result.outcome.kind is OutcomeKind.TIMEOUT
+
+
+def test_a_breakpoint_added_while_com1_is_served_in_c_sees_every_write_after_it(guest_binary) -> None:
+    """A plain run serves COM1's THR writes in C; adding a breakpoint turns that off before the
+    breakpoint is live, so not one write after it is taken by C (hypervisor/kvm/uart.py)."""
+    console = MemoryConsole()
+    machine = Machine(16, console=console)
+    machine.load_raw_bytes(with_parameters(guest_binary("long_mode").read_bytes(), mode=MODE_OUT_FOREVER, port=COM1),
+                           GUEST_BASE, "long_mode")  # fmt: skip
+    with machine:
+        machine.start()
+        buffer = machine.uart_buffer
+        assert buffer is not None
+        deadline = time.monotonic() + 30
+        while buffer.bytes_taken < 1000 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert buffer.bytes_taken >= 1000, "the C path took no THR write"
+        fifth = machine.break_on("io", port=COM1, is_write=True, count=5)
+        taken = buffer.bytes_taken
+        stop = machine.wait_for_stop(30)
+        assert stop is not None and stop.breakpoint is fifth and fifth.hits == 5
+        assert buffer.bytes_taken == taken
+        machine.delete_breakpoint(fifth.id)  # and with no observer left, C serves COM1 again
+        machine.resume()
+        deadline = time.monotonic() + 30
+        while buffer.bytes_taken == taken and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert buffer.bytes_taken > taken
+        machine.request_stop(Outcome(OutcomeKind.INTERRUPTED, "test done"))
+        machine.wait(30)
