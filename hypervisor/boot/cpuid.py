@@ -15,9 +15,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
-from typing import Literal, Protocol
+from typing import Literal
 
 from hypervisor.errors import ConfigError
+from hypervisor.kvm.protocols import CpuidLeaf  # an entry from anywhere: KVM's list, a test's
 
 # struct kvm_cpuid_entry2 flags (include/uapi/linux/kvm.h, KVM_CPUID_FLAG_SIGNIFCANT_INDEX).
 CPUID_FLAG_SIGNIFICANT_INDEX = 1
@@ -53,26 +54,6 @@ KVM_HYPERCALL_FEATURES = (
 Register = Literal["eax", "ebx", "ecx", "edx"]
 
 
-class CpuidSource(Protocol):
-    """A CPUID entry from anywhere (KVM's supported list is hypervisor.kvm's CpuidRecord): the
-    struct kvm_cpuid_entry2 fields, read-only."""
-
-    @property
-    def function(self) -> int: ...
-    @property
-    def index(self) -> int: ...
-    @property
-    def flags(self) -> int: ...
-    @property
-    def eax(self) -> int: ...
-    @property
-    def ebx(self) -> int: ...
-    @property
-    def ecx(self) -> int: ...
-    @property
-    def edx(self) -> int: ...
-
-
 @dataclass(frozen=True)
 class CpuidEntry:
     """One struct kvm_cpuid_entry2 (function = leaf, index = subleaf)."""
@@ -86,7 +67,7 @@ class CpuidEntry:
     edx: int
 
     @classmethod
-    def of(cls, entry: CpuidSource) -> CpuidEntry:
+    def of(cls, entry: CpuidLeaf) -> CpuidEntry:
         return cls(entry.function, entry.index, entry.flags, entry.eax, entry.ebx, entry.ecx, entry.edx)
 
 
@@ -164,7 +145,7 @@ def _adjust(entry: CpuidEntry, apic_id: int, cpus: int) -> CpuidEntry:
 
 
 def guest_cpuid(
-    supported: Sequence[CpuidSource],
+    supported: Sequence[CpuidLeaf],
     vcpu_id: int,
     cpus: int,
     clear: Iterable[FeatureBit] = (),

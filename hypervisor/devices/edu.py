@@ -29,6 +29,8 @@ from typing import Protocol
 
 from hypervisor.devices.gate import GatedDevice
 from hypervisor.devices.pci import (
+    BAR0,
+    COMMAND,
     COMMAND_BUS_MASTER,
     COMMAND_INTX_DISABLE,
     COMMAND_MEMORY,
@@ -114,7 +116,7 @@ class EduDevice(GatedDevice):
         self.config.set_interrupt(pin=1, line=interrupt_line)
         # Firmware enables memory decoding for a device whose BAR it assigned (SeaBIOS does);
         # bus mastering is the driver's to enable.
-        self.config.put(0x04, 2, COMMAND_MEMORY)
+        self.config.put(COMMAND, 2, COMMAND_MEMORY)
         self.msi_offset = self.config.add_capability(MSI_CAPABILITY_ID, MSI_BODY, MSI_WRITE_MASK)
         self._liveness = 0
         self._factorial = 0
@@ -136,9 +138,9 @@ class EduDevice(GatedDevice):
         self._access(self._config_write, offset, size, value)
 
     def _config_write(self, offset: int, size: int, value: int) -> None:
-        before = self.config.get(0x10, 4)
+        before = self.config.get(BAR0, 4)
         self.config.guest_write(offset, size, value)
-        bar = self.config.get(0x10, 4)
+        bar = self.config.get(BAR0, 4)
         if bar != before and bar != self.bar_address and bar != (~(BAR_SIZE - 1) & 0xFFFF_FFFF):
             log.warning("edu: the guest moved BAR 0 to %#x; pyhv's PCI does not relocate BARs, its "
                         "registers stay at %#x", bar, self.bar_address)  # fmt: skip
