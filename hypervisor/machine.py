@@ -75,6 +75,7 @@ FIRST_PCI_SLOT = 2
 MAX_PCI_FUNCTIONS = 4
 PCI_BAR_WINDOW = 0xFE00_0000
 PCI_FIRST_GSI = 23
+S3_PAUSE = "s3"  # the RunControl hold of a machine suspended to RAM
 QEMU_DEBUG_EXIT_PORT = 0xF4
 QEMU_DEBUG_EXIT_SIZE = 4
 # A run whose vCPUs made no exit for this long is probed for a halt nothing can end (below).
@@ -177,6 +178,7 @@ class Machine:
         self._serial_fast_path_wanted = serial_fast_path
         self.uart_buffer: UartTransmitBuffer | None = None
         self._observed_from_start = False
+        self._asleep_until: float | None = None  # S3: the RTC alarm's host time (inf: no wake source)
         # The last exits that reached Python, for post-mortems (0: not kept).
         self.exit_history: deque[ExitEvent] | None = deque(maxlen=exit_history) if exit_history > 0 else None
         self._started_at = time.monotonic()
@@ -266,7 +268,7 @@ class Machine:
         # The ACPI fixed hardware the FADT describes (hypervisor/boot/acpi.py).
         power_off = Outcome(OutcomeKind.POWER_OFF, "the guest entered ACPI S5 (SLP_EN in PM1a_CNT)")
         reset = Outcome(OutcomeKind.RESET, "the guest reset the machine through the ACPI reset register")
-        self.pm1 = pm.Pm1Registers(lambda: self.control.request_stop(power_off))
+        self.pm1 = pm.Pm1Registers(lambda: self.control.request_stop(power_off), on_suspend=self._suspend_requested)
         self.add_port_device(self.pm1, pm.PM1A_EVENT_PORT, pm.Pm1Registers.SIZE, "ACPI PM1a")
         self.pm_timer = pm.PmTimer()
         self.add_port_device(self.pm_timer, pm.PM_TIMER_PORT, pm.PM_TIMER_LENGTH, "ACPI PM timer")
@@ -476,6 +478,58 @@ class Machine:
         if self.console is not None:
             self.console.write(data)
 
+    # -- ACPI S3, suspend to RAM (ACPI 6.5 §7.4.2.4, §16.1.3; devices/pm.py) ----------------------
+
+    @property
+    def asleep(self) -> bool:
+        """Suspended to RAM (S3), waiting for its wake event."""
+        return self._asleep_until is not None
+
+    def _suspend_requested(self) -> None:
+        """On the vCPU that wrote SLP_EN: every vCPU parks before its next instruction (the
+        kick is taken before KVM_RUN), and the main thread puts the machine to sleep."""
+        self.control.pause(wait=False, owner=S3_PAUSE)
+        self.call_from_main_thread(self._enter_s3)
+
+    def _enter_s3(self) -> None:
+        if not self.control.pause(wait=True, timeout=10, owner=S3_PAUSE):
+            log.error("S3: the vCPUs did not stop within 10 s; the machine stays paused")
+        wake = self.rtc.next_alarm(time.time()) if self.pm1.rtc_wake_enabled() else None
+        self._asleep_until = float("inf") if wake is None else wake
+        if wake is None:
+            log.warning("the guest suspended to RAM (S3) with no wake source (RTC_EN and the RTC's "
+                        "alarm interrupt): it sleeps until the run ends")  # fmt: skip
+        else:
+            log.info("the guest suspended to RAM (S3); the RTC alarm wakes it in %.2f s", wake - time.time())
+
+    def _wake_from_s3(self) -> None:
+        """What firmware does on an S3 resume: the BSP starts in real mode at the FACS waking
+        vector (§5.2.10: CS = vector >> 4, IP = vector & 0xF, the same linear address), the APs
+        wait for a SIPI, PM1_STS says WAK_STS and RTC_STS, the RTC says its alarm fired. RAM and
+        the devices are as the guest left them."""
+        from hypervisor.boot.acpi import FACS_WAKING_VECTOR_OFFSET, facs_address
+        from hypervisor.boot.cpu_state import real_mode_state
+        from hypervisor.kvm.vcpu import MP_STATE_INIT_RECEIVED, MP_STATE_RUNNABLE
+
+        assert self.memory is not None
+        self._asleep_until = None
+        facs = facs_address()
+        vector = 0
+        if self.memory.contains(facs, 64) and self.memory.read(facs, 4) == b"FACS":
+            vector = self.memory.read_u32(facs + FACS_WAKING_VECTOR_OFFSET)
+        if not vector:
+            # Firmware with no waking vector boots the machine again; pyhv ends the run instead.
+            self.control.request_stop(Outcome(OutcomeKind.RESET, "woke from S3 with no FACS waking vector"))
+        else:
+            log.info("waking from S3 at the FACS waking vector %#x", vector)
+            self.vcpus[0].set_mp_state(MP_STATE_RUNNABLE)  # in case it had halted
+            self.set_entry_state(real_mode_state(vector), 0)
+            for vcpu in self.vcpus[1:]:
+                vcpu.set_mp_state(MP_STATE_INIT_RECEIVED)
+            self.pm1.woke(by_rtc=True)
+            self.rtc.alarm_fired()
+        self.control.resume(owner=S3_PAUSE)
+
     def _guest_debug_exit(self, status: int) -> None:
         self.control.request_stop(Outcome(OutcomeKind.DEBUG_EXIT, code=status))
 
@@ -558,6 +612,8 @@ class Machine:
                 self.control.finished.wait(0.25 if remaining is None else min(remaining, 0.25))
                 self.serial.flush_fast_path(wait=False)  # a prompt without a newline
                 self._run_main_thread_calls()
+                if self._asleep_until is not None and time.time() >= self._asleep_until:
+                    self._wake_from_s3()
                 over_budget = self.exit_budget.check(self.vcpus) if self.exit_budget is not None else None
                 if over_budget is not None:
                     self.control.request_stop(over_budget)

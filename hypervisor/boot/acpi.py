@@ -77,6 +77,8 @@ FACS_FORMAT = "<4sIIIIIQB3sI24s"
 FACS_SIZE = struct.calcsize(FACS_FORMAT)
 FACS_ALIGNMENT = 64
 FACS_VERSION = 2
+FACS_WAKING_VECTOR_OFFSET = 12  # Firmware Waking Vector: the real-mode resume address (§5.2.10)
+FACS_X_WAKING_VECTOR_OFFSET = 24  # X_Firmware_Waking_Vector: 0 unless the OS resumes in 32/64-bit
 
 # MADT (§5.2.12 tables 5.19-5.30).
 MADT_REVISION = 5
@@ -317,6 +319,11 @@ class AcpiTables:
 
 def _align(value: int, alignment: int) -> int:
     return -(-value // alignment) * alignment
+
+
+def facs_address(base: int = ACPI_TABLES_START) -> int:
+    """Where build_acpi_tables puts the FACS: first after the RSDP, 64-byte aligned."""
+    return _align(base + RSDP_SIZE, FACS_ALIGNMENT)
 
 
 def build_acpi_tables(cpus: int, base: int = ACPI_TABLES_START, pvpanic_port: int | None = PVPANIC_PORT) -> AcpiTables:

@@ -16,9 +16,11 @@ pyhv describes no PCI host bridge, so those other accesses answer as an empty bu
 (all-ones, writes dropped), which is how Linux's pci_check_type1/type2 conclude "no PCI".
 
 A write of SLP_EN with the S5 sleep type (the \\_S5 package of the DSDT) powers the machine off;
-other sleep types (S1-S4) are not implemented and are ignored with a warning, as a system
-without those states would do. pyhv never raises the SCI: no fixed event (power button, timer
-carry) is generated, so the status bits only ever read back as 0.
+with QEMU's S3 sleep type (1) it suspends to RAM (the machine parks the vCPUs and resumes them at
+the FACS waking vector when the RTC alarm fires); other sleep types (S1, S2, S4) are not
+implemented and are ignored with a warning, as a system without those states would do. pyhv
+never raises the SCI: no fixed event (power button, timer carry) is generated, so the status
+bits read back as 0 except WAK_STS and RTC_STS after a wake from S3.
 
 The devices have no locks of their own: each runs under the bus lock of its own
 (hypervisor.devices.gate), and a power-off or reset request is an effect, performed after that
@@ -62,6 +64,13 @@ SLP_TYP_MASK = 0x7 << SLP_TYP_SHIFT
 SLP_EN = 1 << 13
 # The sleep type the DSDT's \_S5 package names (QEMU's PIIX4 value, so hard-coded guests agree).
 S5_SLEEP_TYPE = 0
+# QEMU's PIIX4 value for S3 (suspend to RAM), which kvm-unit-tests' s3 writes. The DSDT has no
+# \_S3 package, so an OS that reads it (Linux) does not offer suspend; a guest that knows the
+# value suspends and is woken by the RTC alarm (hypervisor/machine.py).
+S3_SLEEP_TYPE = 1
+WAK_STS = 1 << 15  # PM1_STS: the system woke from a sleeping state (§4.8.3.1.1 table 4.13)
+RTC_STS = 1 << 10  # PM1_STS: the RTC alarm fired
+RTC_EN = 1 << 10  # PM1_EN: the RTC alarm may wake the system
 # PM1 status bits a guest can clear (§4.8.3.1.1 table 4.13: write 1 to clear).
 PM1_STATUS_BITS = 0x8D31
 PM1_ENABLE_BITS = 0x0521  # TMR_EN, GBL_EN, PWRBTN_EN, SLPBTN_EN, RTC_EN
@@ -120,8 +129,9 @@ class Pm1Registers(StatefulDevice):
 
     STATE_FIELDS = ("_registers",)
 
-    def __init__(self, on_power_off: Callable[[], None]) -> None:
+    def __init__(self, on_power_off: Callable[[], None], on_suspend: Callable[[], None] | None = None) -> None:
         self._on_power_off = on_power_off
+        self._on_suspend = on_suspend  # S3: the machine parks the vCPUs and waits for a wake event
         self._registers = bytearray(self.SIZE)
         # SMI_CMD is 0 in the FADT: the machine is always in ACPI mode, so SCI_EN reads as 1
         # (§4.8.3.2.1: "hardware-only ... if SMI_CMD is zero").
@@ -155,9 +165,23 @@ class Pm1Registers(StatefulDevice):
             if sleep_type == S5_SLEEP_TYPE:
                 log.debug("guest wrote SLP_EN with the S5 sleep type: power off")
                 self._post(self._on_power_off)
+            elif sleep_type == S3_SLEEP_TYPE and self._on_suspend is not None:
+                log.debug("guest wrote SLP_EN with the S3 sleep type: suspend to RAM")
+                self._post(self._on_suspend)
             else:
                 log.warning("the guest asked for ACPI sleep type %d, which pyhv does not implement; "
-                            "only S5 (power off) is offered", sleep_type)  # fmt: skip
+                            "S5 (power off) and S3 (suspend to RAM) are offered", sleep_type)  # fmt: skip
+
+    def rtc_wake_enabled(self) -> bool:
+        return bool(self._serialised(lambda: self._registers[2] | self._registers[3] << 8) & RTC_EN)
+
+    def woke(self, by_rtc: bool) -> None:
+        """Resume from S3: WAK_STS, and RTC_STS when the alarm woke the system (§4.8.3.1.1)."""
+        self._serialised(self._set_status, WAK_STS | (RTC_STS if by_rtc else 0))
+
+    def _set_status(self, bits: int) -> None:
+        status = (self._registers[0] | self._registers[1] << 8) | bits
+        self._registers[0:2] = status.to_bytes(2, "little")
 
 
 def is_reset_register_access(offset: int, size: int) -> bool:

@@ -32,6 +32,8 @@ GPR_NAMES = (
 )  # fmt: skip
 
 MP_STATE_HALTED: int = lib.KVM_MP_STATE_HALTED  # api.rst KVM_GET_MP_STATE
+MP_STATE_INIT_RECEIVED: int = lib.KVM_MP_STATE_INIT_RECEIVED  # an AP waiting for its SIPI
+MP_STATE_RUNNABLE: int = lib.KVM_MP_STATE_RUNNABLE
 _kick_handler_installed = False
 
 

@@ -113,6 +113,9 @@ def save_machine(machine: Machine, path: str | os.PathLike[str]) -> Path:
     assert machine.kvm is not None and machine.vm is not None and machine.memory is not None
     if machine.control.stop_requested:
         raise ConfigError("the machine has stopped; there is nothing left to save")
+    if machine.asleep:
+        # The wake-up (RTC alarm, FACS vector) is the machine's, not in the saved state.
+        raise ConfigError("the guest is suspended to RAM (S3); save it while it is awake")
     if machine.config.get("pci_devices"):
         # Their state (configuration space, remapping registers) has no snapshot form yet.
         raise ConfigError("a machine with PCI devices (--device) cannot be saved yet")

@@ -119,3 +119,14 @@ def test_a_machine_with_pci_devices_refuses_to_be_saved(tmp_path: Path) -> None:
             Machine(16, pci_devices=["e1000"])
     finally:
         machine.close()
+
+
+@pytest.mark.timeout(200)
+def test_s3_suspends_and_the_rtc_alarm_resumes_at_the_facs_waking_vector(tmp_path: Path) -> None:
+    """kvm-unit-tests' s3: the guest sets the FACS waking vector and an RTC alarm, writes S3 to
+    PM1a_CNT; the resume code at the vector reports 0 (nothing ran after the sleep request)."""
+    log = tmp_path / "console.log"
+    result = pyhv("run", "--kernel", str(flat("s3")), "--machine", "qemu-test", "--timeout", "60",
+                  "--console", f"file:{log}")  # fmt: skip
+    assert "PM1a event registers at 600" in log.read_text()
+    assert result.returncode == 1, result.stderr  # (0 << 1) | 1 from the resume code

@@ -3,10 +3,13 @@ import pytest
 from hypervisor.devices.pm import (
     PM_TIMER_HZ,
     RESET_OFFSET,
+    RTC_EN,
+    RTC_STS,
     S5_SLEEP_TYPE,
     SCI_EN,
     SLP_EN,
     SLP_TYP_SHIFT,
+    WAK_STS,
     Pm1Registers,
     PmTimer,
     ResetRegister,
@@ -57,7 +60,7 @@ def test_s5_with_slp_en_powers_off_and_other_states_do_not() -> None:
     events: list[str] = []
     registers = Pm1Registers(lambda: events.append("off"))
     assert read(registers, 4, 2) & SCI_EN  # always in ACPI mode (SMI_CMD = 0)
-    registers.write(4, ((1 << SLP_TYP_SHIFT) | SLP_EN).to_bytes(2, "little"))  # S3: not offered
+    registers.write(4, ((1 << SLP_TYP_SHIFT) | SLP_EN).to_bytes(2, "little"))  # S3: no handler here
     assert events == []
     assert read(registers, 4, 2) & SLP_EN == 0  # SLP_EN reads as 0
     registers.write(4, (S5_SLEEP_TYPE << SLP_TYP_SHIFT).to_bytes(2, "little"))  # no SLP_EN: nothing
@@ -94,3 +97,18 @@ def test_the_pci_config_address_dword_around_the_reset_register_is_an_empty_bus(
     register.read(offset, memoryview(data))
     assert data == b"\xff" * size and resets == []
     assert read(register, RESET_OFFSET, 1) == 0  # the reset register itself was not written
+
+
+def test_s3_with_slp_en_suspends_and_the_wake_sets_wak_sts_and_rtc_sts() -> None:
+    events: list[str] = []
+    registers = Pm1Registers(lambda: events.append("off"), on_suspend=lambda: events.append("s3"))
+    registers.write(2, RTC_EN.to_bytes(2, "little"))
+    assert registers.rtc_wake_enabled()
+    registers.write(4, (0x2400).to_bytes(2, "little"))  # kvm-unit-tests' s3: SLP_TYP 1 | SLP_EN
+    assert events == ["s3"]
+    registers.write(4, ((2 << SLP_TYP_SHIFT) | SLP_EN).to_bytes(2, "little"))  # S2: not offered
+    assert events == ["s3"]
+    registers.woke(by_rtc=True)
+    assert read(registers, 0, 2) == WAK_STS | RTC_STS
+    registers.write(0, (WAK_STS | RTC_STS).to_bytes(2, "little"))  # write 1 to clear
+    assert read(registers, 0, 2) == 0
