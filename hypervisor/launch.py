@@ -58,7 +58,7 @@ class RunOptions:
     disks: list[DiskSpec] = field(default_factory=list)
     root: str | None = None
     machine: str = "pc"  # "pc" or "qemu-test" (machine.MACHINE_TYPES)
-    pci_devices: tuple[str, ...] = ()  # `--device`: machine.PCI_DEVICE_TYPES
+    pci_devices: tuple[str, ...] = ()  # `--device`: hypervisor.devices.PCI_DEVICE_TYPES
     serial_fast_path: bool = True  # COM1's THR/LSR in the C loop (Machine(serial_fast_path=...))
     exit_history: int = 0  # the last exits kept for a post-mortem (Machine(exit_history=N)); 0: none
 

@@ -22,6 +22,7 @@ from hypervisor.boot.layout import MmioWindow, virtio_mmio_window
 from hypervisor.boot.raw import load_raw, prepare_raw
 from hypervisor.console.protocol import Console
 from hypervisor.debug.console_observer import ConsoleObserver
+from hypervisor.devices import PCI_DEVICE_TYPES
 from hypervisor.devices.bus import Bus, Device
 from hypervisor.devices.cmos import PORT_COUNT as CMOS_PORT_COUNT
 from hypervisor.devices.cmos import CmosRtc
@@ -68,9 +69,8 @@ STOP_GRACE_SECONDS = 5.0
 # "pc": pyhv's own PC; "qemu-test": plus QEMU's isa-debug-exit (0xf4, 4 ports) and pc-testdev,
 # the devices kvm-unit-tests' x86/run adds to QEMU (docs/conformance.md).
 MACHINE_TYPES = ("pc", "qemu-test")
-# PCI devices a machine can have (`pyhv run --device`); each function gets 00:SLOT.0 from slot 2
-# on, a 1 MiB BAR window from 0xfe000000 and an IOAPIC input from 23 down (docs/conformance.md).
-PCI_DEVICE_TYPES = ("edu", "intel-iommu")
+# Each PCI function (hypervisor.devices.PCI_DEVICE_TYPES) gets 00:SLOT.0 from slot 2 on, a 1 MiB
+# BAR window from 0xfe000000 and an IOAPIC input from 23 down (docs/conformance.md).
 FIRST_PCI_SLOT = 2
 MAX_PCI_FUNCTIONS = 4
 PCI_BAR_WINDOW = 0xFE00_0000

@@ -12,6 +12,7 @@ import click
 
 from hypervisor.cli.run_debug_outputs import DebugOutputs, debug_output_options
 from hypervisor.console import FileConsole, NullConsole, StdioConsole
+from hypervisor.devices import PCI_DEVICE_TYPES
 from hypervisor.errors import ConfigError, HypervisorError
 from hypervisor.process_signals import sigterm_raises
 from hypervisor.units import parse_size
@@ -103,7 +104,7 @@ def _make_console(spec: str) -> object:
 @click.option("--machine", "machine_type", type=click.Choice(["pc", "qemu-test"]), default="pc", show_default=True,
               help="qemu-test adds QEMU's isa-debug-exit (0xf4) and pc-testdev, for kvm-unit-tests "
                    "(docs/conformance.md).")
-@click.option("--device", "pci_devices", multiple=True, type=click.Choice(["edu", "intel-iommu"]),
+@click.option("--device", "pci_devices", multiple=True, type=click.Choice(PCI_DEVICE_TYPES),
               help="A PCI device (repeatable): QEMU's edu test device, or an Intel VT-d IOMMU with DMA "
                    "and interrupt remapping (docs/conformance.md).")
 @click.option("--save", type=click.Path(path_type=Path, file_okay=False),

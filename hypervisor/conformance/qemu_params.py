@@ -3,7 +3,7 @@
 unittests.cfg gives each test QEMU command-line options (`qemu_params`, formerly `extra_params`).
 pyhv honours those that have a pyhv equivalent (`-m`, `-smp`, `-append`) and says what it leaves
 out: a CPU model (`-cpu`: a pyhv guest sees the CPUID this host's KVM supports) and machine
-properties. A QEMU `-device` that pyhv has (`edu`, `intel-iommu`: PYHV_DEVICES) becomes pyhv's
+properties. A QEMU `-device` that pyhv has (`edu`, `intel-iommu`: PCI_DEVICE_TYPES) becomes pyhv's
 `--device`, with its QEMU properties noted; any other makes the test a SKIP, since the test
 needs it.
 
@@ -19,13 +19,12 @@ import shlex
 import time
 from dataclasses import dataclass, field
 
+from hypervisor.devices import PCI_DEVICE_TYPES
+
 QEMU_DEFAULT_MEMORY_MIB = 128  # QEMU's -m default, which the suite is written against
 BACKTICK = re.compile(r"`([^`]*)`")
 SIZE = re.compile(r"(\d+)([kKmMgGtT]?)[bB]?")
 SIZE_UNITS_MIB = {"": 1, "m": 1, "g": 1024, "t": 1024 * 1024}
-# QEMU device names with a pyhv equivalent of the same name (`pyhv run --device`). pyhv's
-# intel-iommu always remaps interrupts in xAPIC format, which is QEMU's intremap=on,eim=off.
-PYHV_DEVICES = ("edu", "intel-iommu")
 
 
 @dataclass
@@ -100,10 +99,12 @@ def plan_for(params: str, smp: int, test_args: str, now: float | None = None) ->
             plan.notes.append(f"-cpu {value} not applied (pyhv offers the CPUID this host's KVM supports)")
         elif option == "-device":
             name, _, properties = value.partition(",")
-            if name not in PYHV_DEVICES:
+            if name not in PCI_DEVICE_TYPES:
                 plan.unsupported = f"needs QEMU's -device {name}, which pyhv does not have"
                 return plan
             plan.devices.append(name)
+            # pyhv's intel-iommu always remaps interrupts in xAPIC format, which is QEMU's
+            # intremap=on,eim=off: the properties are noted, not applied.
             if properties:
                 plan.notes.append(f"-device {name} properties {properties} not applied")
         elif option in ("-machine", "-M", "-global", "-overcommit"):

@@ -26,13 +26,20 @@ from collections.abc import Callable
 from typing import Protocol
 
 from hypervisor.devices.gate import GatedDevice
-from hypervisor.devices.pm import ResetControl, is_reset_register_access
+from hypervisor.devices.pm import (
+    PCI_CONFIG_ADDRESS_PORT,
+    PCI_CONFIG_DATA_PORT,
+    PCI_CONFIG_DATA_SIZE,
+    ResetControl,
+    is_reset_register_access,
+)
 
 log = logging.getLogger(__name__)
 
-CONFIG_ADDRESS_PORT = 0xCF8
-CONFIG_PORTS_SIZE = 8  # CONFIG_ADDRESS (0xcf8-0xcfb, with RESET_REG at 0xcf9) and CONFIG_DATA
-CONFIG_DATA_OFFSET = 4
+# The same ports as the empty-bus window of devices/pm.py, which this host replaces.
+CONFIG_ADDRESS_PORT = PCI_CONFIG_ADDRESS_PORT
+CONFIG_DATA_OFFSET = PCI_CONFIG_DATA_PORT - PCI_CONFIG_ADDRESS_PORT
+CONFIG_PORTS_SIZE = CONFIG_DATA_OFFSET + PCI_CONFIG_DATA_SIZE  # CONFIG_ADDRESS (with RESET_REG), CONFIG_DATA
 CONFIG_ENABLE = 1 << 31
 CONFIG_SPACE_SIZE = 256  # conventional PCI: a function's configuration space
 DEVFN_COUNT = 256  # 32 devices of 8 functions on bus 0

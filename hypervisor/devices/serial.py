@@ -194,8 +194,7 @@ class Serial16550A(StatefulDevice):
         self._serialised(self._attach_fast_path, fast_path)
 
     def _attach_fast_path(self, fast_path: TransmitFastPath | None) -> None:
-        self._drain_fast_path()
-        if self._fast_path is not None:
+        if self._fast_path is not None:  # the old one stops, and what it took comes out
             self._emit_taken(self._fast_path.publish(False, 0))
         self._fast_path = fast_path
         self._publish_fast_path()
@@ -207,8 +206,7 @@ class Serial16550A(StatefulDevice):
 
     def _allow_fast_path(self, allowed: bool) -> None:
         self._fast_path_allowed = allowed
-        self._drain_fast_path()
-        self._publish_fast_path()
+        self._publish_fast_path()  # which sends what the loop took under the old setting
 
     def flush_fast_path(self, wait: bool = True) -> None:
         """Sends the bytes the C loop buffered: on its newline/full exit (`wait`: the vCPU goes
