@@ -678,7 +678,7 @@ class Machine:
         temporary folder removed at close)."""
         from hypervisor.snapshot.machine_state import restore_machine
 
-        return restore_machine(path, console, verify_memory=verify_memory, disk_overlay=disk_overlay)
+        return restore_machine(cls, path, console, verify_memory=verify_memory, disk_overlay=disk_overlay)
 
     def _exit_count(self) -> int:
         return sum(vcpu.run_calls for vcpu in self.vcpus)
