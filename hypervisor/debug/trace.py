@@ -46,6 +46,7 @@ from hypervisor.vcpu.events import (
 
 if TYPE_CHECKING:
     from hypervisor.machine import RunResult
+    from hypervisor.vcpu.stats import Counter
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ TRACE_FORMAT = "pyhv-exit-trace"
 TRACE_VERSION = 1
 # The C loop's counters of exits it completed without Python (hypervisor/vcpu/stats.py), with the
 # kind, device and register a summary files them under.
-C_PATH_COUNTERS = {
+C_PATH_COUNTERS: dict[Counter, tuple[str, str, str]] = {
     "pio_sink": ("io", "sink", "write or read"),
     "mmio_sink": ("mmio", "sink", "write or read"),
     "pio_unmapped_reads": ("io", "unmapped port", "read"),
@@ -150,13 +151,13 @@ class JsonTracer:
                              "count": emulated})  # fmt: skip
         for index, stats in enumerate(result.per_vcpu):
             for counter, (kind, device, register) in C_PATH_COUNTERS.items():
-                count = int(stats.get(counter, 0) or 0)  # type: ignore[call-overload]
+                count = stats[counter]
                 if count:
                     self._write({"type": "aggregate", "vcpu": index, "counter": counter, "kind": kind,
                                  "device": device, "register": register, "count": count})  # fmt: skip
         self._write({"type": "end", "outcome": result.outcome.kind.value, "wall_seconds": round(result.wall_seconds, 3),
-                     "total_exits": result.statistics.get("total_exits"),
-                     "python_exits": result.statistics.get("python_exits"), "traced": self.records})  # fmt: skip
+                     "total_exits": result.statistics["total_exits"],
+                     "python_exits": result.statistics["python_exits"], "traced": self.records})  # fmt: skip
         self.flush()
 
     def flush(self) -> None:

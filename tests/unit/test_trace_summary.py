@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -15,9 +16,11 @@ from hypervisor.debug.trace import JsonTracer
 from hypervisor.debug.trace_summary import format_summary, parse_trace, read_trace, summarize
 from hypervisor.devices.serial import Serial16550A
 from hypervisor.errors import ConfigError
+from hypervisor.kvm.stats import VcpuStats
 from hypervisor.machine import RunResult
 from hypervisor.outcome import Outcome, OutcomeKind
 from hypervisor.vcpu.events import MmioAccess, PortIo, Shutdown
+from hypervisor.vcpu.stats import merge_statistics, statistics_dict
 
 
 class Context:
@@ -40,8 +43,8 @@ def write_trace(path: Path) -> None:
     tracer(PortIo(0, 0x3FD, 1, 1, False, b"\x60", "COM1", 5, 10_000), Context())  # type: ignore[arg-type]
     tracer(MmioAccess(0, 0xD000_0000, 4, False, b"virt", "vda", 0, 4000), Context())  # type: ignore[arg-type]
     tracer(Shutdown(0, 1000), Context())  # type: ignore[arg-type]
-    tracer.finish(RunResult(Outcome(OutcomeKind.TRIPLE_FAULT), 0.5, {"total_exits": 12, "python_exits": 7},
-                            [{"pio_sink": 5}]))  # fmt: skip
+    per_vcpu = [statistics_dict(replace(VcpuStats.zero(), total_exits=12, python_exits=7, pio_sink=5))]
+    tracer.finish(RunResult(Outcome(OutcomeKind.TRIPLE_FAULT), 0.5, merge_statistics(per_vcpu, 0, 0), per_vcpu))
     path.write_text(stream.getvalue())
 
 
