@@ -55,8 +55,11 @@ class SmpPort(GatedDevice):
     work would invite), so two threads inside it at once would show as an overlap or a lost count.
     `host_access` is how another host thread (a disk's I/O thread) uses it, under the same lock."""
 
-    def __init__(self) -> None:
+    def __init__(self, vcpu1_waits_for: int = 0) -> None:
         self.gate_open = False
+        # The gate stays shut for vCPU 1 until vCPU 0 wrote this many times (vCPU 0 is then
+        # provably running whatever vCPU 1 does next).
+        self.vcpu1_waits_for = vcpu1_waits_for
         self.gate_reads = 0
         self.total = 0
         self.overlaps = 0
@@ -82,7 +85,10 @@ class SmpPort(GatedDevice):
 
     def _read(self, data: memoryview) -> None:
         self.gate_reads += 1
-        data[:] = int(self.gate_open).to_bytes(len(data), "little")
+        is_open = self.gate_open
+        if threading.current_thread().name == "vcpu1" and self.by_tag[0] < self.vcpu1_waits_for:
+            is_open = False
+        data[:] = int(is_open).to_bytes(len(data), "little")
 
     def _write(self, data: bytes) -> None:
         if len(data) != 4:
@@ -107,11 +113,11 @@ class SmpPort(GatedDevice):
         return who
 
 
-def smp_machine(guest_binary, mode: int, count: int = 0) -> tuple[Machine, SmpPort]:
+def smp_machine(guest_binary, mode: int, count: int = 0, port: SmpPort | None = None) -> tuple[Machine, SmpPort]:
     machine = Machine(16, cpus=2, console=MemoryConsole())
     image = with_parameters(guest_binary("user_mode").read_bytes(), mode=mode, port=PORT, count=count)
     machine.load_raw_bytes(image, GUEST_BASE, "user_mode")
-    port = SmpPort()
+    port = port or SmpPort()
     machine.add_port_device(port, PORT, 4, "smp port")
     return machine, port
 
@@ -171,7 +177,8 @@ def test_start_and_stop_under_load_leave_no_thread_or_descriptor(guest_binary) -
     """20 machines whose two vCPUs both loop on port writes, stopped three ways: a requested stop,
     close() while running, close() while paused. Each time every vCPU thread ends and no KVM
     descriptor is left open."""
-    assert not vcpu_threads() and not kvm_fds()
+    vcpu_threads_before = set(vcpu_threads())  # none, unless an earlier test leaked some
+    kvm_fds_before = sorted(kvm_fds())
     descriptors_before = len(os.listdir("/proc/self/fd"))
     threads_before = set(threading.enumerate())
     for cycle in range(20):
@@ -192,9 +199,10 @@ def test_start_and_stop_under_load_leave_no_thread_or_descriptor(guest_binary) -
             closer.join(DEADLINE)
         assert not closer.is_alive(), f"cycle {cycle}: close() hung"
         assert machine.control.finished.is_set()
-        assert machine.stuck_vcpu_threads() == [] and not vcpu_threads(), f"cycle {cycle}: a vCPU thread lived on"
+        assert machine.stuck_vcpu_threads() == [], f"cycle {cycle}: a vCPU thread lived on"
+        assert set(vcpu_threads()) <= vcpu_threads_before
         assert set(threading.enumerate()) <= threads_before | {threading.current_thread()}
-        assert not kvm_fds(), f"cycle {cycle}: KVM descriptors left open"
+        assert sorted(kvm_fds()) == kvm_fds_before, f"cycle {cycle}: KVM descriptors left open"
         assert port.overlaps == 0 and port.odd_sizes == 0
     assert len(os.listdir("/proc/self/fd")) <= descriptors_before
 
@@ -227,11 +235,12 @@ def test_pause_and_resume_under_load_stop_and_restart_both_vcpus(guest_binary) -
 
 
 def test_a_triple_fault_on_vcpu_1_ends_the_run_naming_vcpu_1(guest_binary) -> None:
-    """vCPU 1 writes 300 times and triple-faults; vCPU 0 is writing all along. The run ends with
-    the triple fault (not a timeout), the outcome and the JSON report name vCPU 1, and vCPU 0's
-    thread is stopped too."""
+    """vCPU 1 starts once vCPU 0 wrote 100 times, writes 300 times and triple-faults while vCPU 0
+    goes on writing. The run ends with the triple fault (not a timeout), the outcome and the JSON
+    report name vCPU 1, and vCPU 0's thread is stopped too."""
     writes_before_fault = 300
-    machine, port = smp_machine(guest_binary, MODE_SMP_FOREVER, count=writes_before_fault)
+    port = SmpPort(vcpu1_waits_for=100)
+    machine, _ = smp_machine(guest_binary, MODE_SMP_FOREVER, count=writes_before_fault, port=port)
     with machine:
         start_both(machine, port)
         result = machine.wait(DEADLINE)
@@ -246,8 +255,8 @@ def test_a_triple_fault_on_vcpu_1_ends_the_run_naming_vcpu_1(guest_binary) -> No
     report = build_report(result, None, {})
     assert report["outcome"] == "triple-fault" and report["exit_status"] == 120
     assert report["outcome_data"] == {"vcpu": 1} and "vCPU 1" in str(report["detail"])
-    assert port.by_tag[1] == writes_before_fault  # every write before the fault, none after
-    assert port.by_tag[0] > 0 and port.threads_of_tag[0] == {"vcpu0"}  # vCPU 0 ran alongside
+    assert port.by_tag[1] == writes_before_fault and port.threads_of_tag[1] == {"vcpu1"}  # none after the fault
+    assert port.by_tag[0] >= 100 and port.threads_of_tag[0] == {"vcpu0"}  # vCPU 0 ran alongside
     assert all(stats["python_exits"] > 0 for stats in result.per_vcpu)
 
 
