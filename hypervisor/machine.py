@@ -561,6 +561,10 @@ class Machine:
     def start(self, paused: bool = False) -> None:
         """Starts the vCPU threads (and the console); `wait` collects the outcome. With `paused`,
         every vCPU parks before its first instruction until `resume()` (a debugger attaches)."""
+        if self._threads:
+            # A second start would run a second thread on every vCPU: the two share one kvm_run
+            # and one kick, so a pause waits for threads that never park and close() hangs.
+            raise RuntimeError("this machine was already started; start() runs once per machine")
         if paused:
             self.control.pause(wait=False)  # held by "user" until resume()
         # A machine started for a debugger, a tracer, a post-mortem history or an output
