@@ -286,7 +286,8 @@ def rebuild_refcount_structure(image: ImageFile, messages: list[str] | None = No
     """
     log_lines: list[str] = messages if messages is not None else []
     image_file = image
-    counter = ReferenceCounter(image_file, log_lines)
+    # The walk's lines were printed by the check that decided to rebuild; not again.
+    counter = ReferenceCounter(image_file, [])
     # The old table and blocks are not counted: once the header points at the new ones they are free.
     counter.count_everything(include_refcount_structure=False)
     log_lines.append("Rebuilding refcount structure")
@@ -302,7 +303,11 @@ def _fix_zero_clusters(image: ImageFile, scan: _Scan, messages: list[str]) -> in
     """Turn unaligned preallocated zero clusters into plain ones (QEMU's fix_l2_entry_by_zero):
     only zeros were there to read, so nothing is lost; the cluster it named becomes a leak."""
     fixed = 0
+    done: set[int] = set()
     for fix in scan.counter.zero_fixes:
+        if fix.file_offset in done:
+            continue  # a table walked from the active and a snapshot L1: QEMU fixes it once too
+        done.add(fix.file_offset)
         os.pwrite(image.fd, fix.replacement(), fix.file_offset)
         fixed += fix.weight
     if fixed:
@@ -317,9 +322,12 @@ def _refusal(scan: _Scan) -> str | None:
         # The walk could not read every table: what it did not see may still be in use.
         return "Not repairing: the check could not complete, the references found are incomplete"
     if scan.counter.unwalked_tables:
-        # The clusters an unaligned L2 table names look leaked; lowering their refcounts could
-        # free data that the entry, once corrected by hand, still references.
-        return "Not repairing refcounts: an L2 table is not cluster aligned, its references are unknown"
+        # The clusters an unaligned or cut-short table names look leaked (qemu-img walks such a
+        # table and counts them); lowering their refcounts could free data still in use.
+        return (
+            f"Not repairing refcounts: {scan.counter.unwalked_tables} L1/L2 tables are unaligned or cut short, "
+            "what they reference is unknown"
+        )
     return None
 
 

@@ -54,6 +54,9 @@ class RefcountReader:
             elif offset and offset + cs > image.file_size:
                 self._corrupt(f"ERROR refcount block {index} is outside image")
                 self.needs_rebuild = True
+                if offset >= 1 << 63:
+                    # Not a file offset at all (QEMU's int64_t): qemu-img cannot read it either.
+                    self.unreadable.add(index)
                 offset = 0
             self.block_offsets.append(offset)
         # Decoded blocks keyed by file offset: table entries naming the same cluster share one

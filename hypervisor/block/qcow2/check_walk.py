@@ -345,6 +345,8 @@ class ReferenceCounter:
     def _walk_l1(self, l1_offset: int, l1_size: int, active: bool, what: str, weight: int) -> None:
         self._weight = weight
         if not self._table_ok(what, l1_offset, l1_size * 8):
+            # QEMU reads what part of the table there is and walks it; the references are unknown.
+            self.unwalked_tables += weight
             return
         self.add_range(l1_offset, l1_size * 8)
         tables: Counter[int] = Counter()
@@ -365,6 +367,7 @@ class ReferenceCounter:
             # Stricter than QEMU, which reads a table cut short by the end of the file as zeros:
             # the engine refuses such an image, so the checker reports it.
             if not self._table_ok(f"L2 table (L1 index {index})", l2_offset, self.image.cluster_size):
+                self.unwalked_tables += self._weight
                 continue
             self.add_range(l2_offset, self.image.cluster_size)
             self._count_l2(l2_offset, active)
@@ -475,9 +478,9 @@ class ReferenceCounter:
             host_offset >= self.image.file_size and first_sector + span - self.image.file_size < self.image.cluster_size
         ):
             # Stricter than QEMU: data in the header cluster, or starting past the end of the
-            # file, cannot be a compressed cluster (the reader refuses both too).
+            # file, cannot be a compressed cluster (the reader refuses both too). Still counted
+            # as QEMU counts it, so that a repair never frees a cluster qemu-img sees in use.
             self.corrupt(f"ERROR compressed cluster at 0x{host_offset:x} is outside the image")
-            return
         if not self._inside_file(first_sector, span):
             return
         self.add_range(first_sector, span)
@@ -495,21 +498,21 @@ class ReferenceCounter:
         table_start = entry_end = offset
         # One read of at most QEMU's table limit (plus one fixed part, to report the entry that
         # crosses it); 65536 small reads, or construct's parser, take a minute on a full table.
+        # QEMU reads past the end of the file as zeros and accepts a table that ends less than a
+        # cluster past it (as any region, `_inside_file`); pread pads with zeros the same way.
+        cs = self.image.cluster_size
         table = self.image.pread(
-            min(SNAPSHOT_TABLE_MAX_BYTES + fmt.SNAPSHOT_ENTRY_FIXED, self.image.file_size - table_start), table_start
+            min(SNAPSHOT_TABLE_MAX_BYTES + fmt.SNAPSHOT_ENTRY_FIXED, self.image.file_size + cs - table_start),
+            table_start,
         )
         l1_tables: dict[tuple[int, int], list[int]] = {}  # (offset, size) -> snapshot numbers
         for number in range(header.nb_snapshots):
             position = offset - table_start
             if position + fmt.SNAPSHOT_ENTRY_FIXED > len(table):
                 self.corrupt(f"ERROR snapshot table runs past the end of the image (entry {number})")
+                self.unwalked_tables += 1  # the snapshots after it may name tables still in use
                 break
             l1_offset, l1_size, id_size, name_size, extra_size = _snapshot_fixed(table, position)
-            entry_end = offset + fmt.SNAPSHOT_ENTRY_FIXED + extra_size + id_size + name_size
-            offset = fmt.align_up(entry_end, 8)  # QEMU does not write the last entry's padding
-            if entry_end - table_start > SNAPSHOT_TABLE_MAX_BYTES or entry_end > self.image.file_size:
-                self.corrupt(f"ERROR snapshot table runs past the end of the image (entry {number})")
-                break
             if extra_size > fmt.MAX_SNAPSHOT_EXTRA:
                 # QEMU cannot read such a table and gives up the whole check (one check error,
                 # exit 1); its `-r all` drops the extra data, which pyhv does not do.
@@ -520,6 +523,12 @@ class ReferenceCounter:
                     f"Too much extra metadata in snapshot table entry {number}"
                 )
                 return
+            entry_end = offset + fmt.SNAPSHOT_ENTRY_FIXED + extra_size + id_size + name_size
+            offset = fmt.align_up(entry_end, 8)  # QEMU does not write the last entry's padding
+            if entry_end - table_start > SNAPSHOT_TABLE_MAX_BYTES or entry_end - self.image.file_size >= cs:
+                self.corrupt(f"ERROR snapshot table runs past the end of the image (entry {number})")
+                self.unwalked_tables += 1
+                break
             if header.version >= 3 and extra_size < fmt.SNAPSHOT_EXTRA_V3_MIN:
                 # qcow2.rst "Snapshot table": v3 entries carry at least vm_state_size_large and
                 # disk_size (QEMU's qcow2_check_read_snapshot_table words).
@@ -617,10 +626,12 @@ class ReferenceCounter:
             words = self._read_l2(l2_offset)
             for index in range(0, len(words), step):
                 entry = words[index]
-                if entry & fmt.OFLAG_COMPRESSED or (entry & fmt.OFLAG_ZERO and header.version < 3):
+                if entry & fmt.OFLAG_COMPRESSED:
                     continue
+                # As QEMU's check_oflag_copied: every entry with a host offset, also a zero flag
+                # in a version 2 image or an unaligned offset (the cluster it is counted in).
                 offset = entry & fmt.L2E_OFFSET_MASK
-                if not offset or offset & (cs - 1):
+                if not offset:
                     continue
                 item = CopiedFlagEntry(l2_offset + index * 8, entry, False, first_index[l2_offset], offset >> bits)
                 yield item, weight
