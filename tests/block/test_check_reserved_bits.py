@@ -404,8 +404,16 @@ def qemu_corruptions(path: Path) -> int | None:
     return int(data.get("corruptions", 0))
 
 
+def version_2(path: Path) -> Path:
+    plain(path, "compat=0.10")
+    qemu_img("snapshot", "-c", "s1", path)
+    qemu_io(path, "write -P 2 64k 64k")  # copy-on-write after the snapshot: refcounts 1 and 2
+    return path
+
+
 SEEDS: dict[str, Callable[[Path], Path]] = {
     "plain": plain,
+    "version 2": version_2,
     "extended": extended,
     "snapshot": with_snapshot,
     "compressed": compressed,

@@ -11,11 +11,16 @@ Then, as QEMU's qcow2-refcount.c does: a stored refcount below the count is a co
 cluster could be reused while in use), above it a leak (wasted space, no harm to data); an L1/L2
 entry whose COPIED flag disagrees with "refcount == 1" is a corruption too.
 
-Repair (`-r leaks` / `-r all`): leaks are fixed in place by lowering refcounts, which a crash can
+Repair (`-r leaks` / `-r all`), never after a walk that could not complete (a check error), and
+without touching refcounts after one that skipped a table (check_walk's `unwalked_tables`): with
+`-r all`, unaligned preallocated zero clusters become plain zero clusters first (QEMU's
+fix_l2_entry_by_zero). Leaks are fixed in place by lowering refcounts, which a crash can
 only undo, never make worse. Too-low refcounts are fixed by building a complete new refcount table
 and blocks after the end of the file, flushing them, and only then switching the header's
 refcount_table_offset/clusters with one 12-byte write: a crash before the switch leaves the old
-(still self-consistent) structures, after it the new ones. COPIED flags are fixed last.
+(still self-consistent) structures, after it the new ones; a refcount table entry with reserved
+bits, an unaligned, outside or shared refcount block are repaired the same way. COPIED flags are
+fixed last.
 """
 
 from __future__ import annotations

@@ -2,9 +2,15 @@
 
 Walks the structures qcow2.rst names ("Host cluster management", "Cluster mapping", "Snapshots",
 "Bitmaps", "Full disk encryption header pointer") and counts, per host cluster, how many
-references it should have. Entries that cannot be followed (unaligned, past the end of the file,
-reserved bits, zero flags in a v2 image) are reported as corruptions, in QEMU's words where QEMU
-has them, and not followed. Reads only; the header is parsed by the engine's `parse_header`.
+references it should have. Every reserved-bit and alignment rule of qcow2.rst is checked in every
+table walked, in the words and with the counting of QEMU's qcow2-refcount.c check_refcounts_l1/l2,
+check_refblocks and qcow2_check_read_snapshot_table (docs/robustness.md lists them).
+
+One rule decides what is counted: a cluster is counted wherever qemu-img counts it, even behind an
+entry pyhv reports and qemu-img accepts (a v2 zero flag, an unaligned data cluster), so a refcount
+repair never frees a cluster qemu-img still sees in use. A table pyhv does not walk although
+qemu-img does (an unaligned or cut-short L2 table) is recorded in `unwalked_tables`, and the
+checker then lowers no refcount. Reads only; the header is parsed by the engine's `parse_header`.
 """
 
 from __future__ import annotations
