@@ -17,8 +17,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
 from hypervisor.block.qcow2.check import CheckResult, check_image
+from hypervisor.cli import main
 from hypervisor.errors import ImageError
 from tests.block.qcow2_oracle import create, needs_qemu, qemu_img, qemu_io
 
@@ -172,6 +174,21 @@ def test_l2_reserved_bits_in_a_table_shared_with_a_snapshot_count_per_l1_naming_
     assert result.corruptions >= 2  # walked from the active and from the snapshot L1 table
 
 
+@pytest.mark.parametrize("rule", ["reserved bit", "unaligned data cluster", "unaligned preallocated"])
+def test_rules_in_an_l2_table_only_a_snapshot_names(tmp_path: Path, rule: str) -> None:
+    path = with_snapshot(tmp_path / "snap.qcow2")
+    qemu_io(path, "write -P 2 0 64k")  # copy-on-write: the active L1 now names a new L2 table
+    snapshot_l2 = be64(path, be64(path, snapshot_entry(path))) & OFFSET_MASK
+    assert snapshot_l2 != be64(path, l1_slot(path)) & OFFSET_MASK
+    change, line = {
+        "reserved bit": (1 << 58, "ERROR found l2 entry with reserved bits set"),
+        "unaligned data cluster": (0x200, "Data cluster is not properly aligned"),
+        "unaligned preallocated": (0x200 | ZERO, "Preallocated cluster is not properly aligned"),
+    }[rule]
+    poke64(path, snapshot_l2, be64(path, snapshot_l2) | change)
+    assert_as_qemu(path, line)
+
+
 def test_unaligned_data_cluster(tmp_path: Path) -> None:
     path = plain(tmp_path / "data.qcow2")
     poke64(path, l2_slot(path), be64(path, l2_slot(path)) | 0x200)
@@ -321,6 +338,16 @@ def test_unaligned_refcount_block(tmp_path: Path) -> None:
     assert qemu_check(path)[0] == 0
 
 
+def test_cli_exit_status_and_report_for_an_unaligned_refcount_block(tmp_path: Path) -> None:
+    path = plain(tmp_path / "r.qcow2")
+    poke64(path, reftable_slot(path), be64(path, reftable_slot(path)) | 0x200)
+    result = CliRunner().invoke(main, ["image", "check", str(path)], catch_exceptions=False)
+    qemu = qemu_img("check", path, check=False)
+    assert result.exit_code == qemu.returncode == 1
+    assert result.stdout == qemu.stdout  # "1 errors were found ... 7 internal errors have occurred"
+    assert "ERROR refcount block 0 is not cluster aligned; refcount table entry corrupted" in result.stderr
+
+
 def test_refcount_block_shared_with_data(tmp_path: Path) -> None:
     path = plain(tmp_path / "r.qcow2")
     data = be64(path, l2_slot(path)) & OFFSET_MASK
@@ -372,6 +399,19 @@ def test_snapshot_extra_data_over_1024_bytes_stops_the_check(tmp_path: Path) -> 
     assert any("Too much extra metadata in snapshot table entry 0" in line for line in result.messages)
     before = path.read_bytes()
     assert check_image(str(path), repair="all").exit_status == 1 and path.read_bytes() == before
+
+
+def test_snapshots_in_an_image_with_an_external_data_file(tmp_path: Path) -> None:
+    path = create(tmp_path / "d.qcow2", "4M", f"data_file={tmp_path / 'd.raw'}")
+    qemu_io(path, "write -P 1 0 64k")
+    # qemu-img refuses to make one: append a snapshot table naming the active L1 table.
+    cluster = 1 << 16
+    table = -(-path.stat().st_size // cluster) * cluster
+    l1_offset, l1_size = be64(path, 40), struct.unpack(">I", path.read_bytes()[36:40])[0]
+    entry = struct.pack(">QIHHIIQII", l1_offset, l1_size, 1, 2, 0, 0, 0, 0, 24) + bytes(24) + b"1s1"
+    poke(path, table, entry.ljust(cluster, b"\0"))
+    poke(path, 60, struct.pack(">IQ", 1, table))  # nb_snapshots, snapshots_offset
+    assert_as_qemu(path, "ERROR 1 snapshots in image with data file")
 
 
 # -- fuzz: random bit flips in the tables ---------------------------------------------------------
