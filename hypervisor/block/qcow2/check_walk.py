@@ -525,7 +525,7 @@ class ReferenceCounter:
                 self.check_errors += 1
                 self.aborted = True
                 self.messages.append(
-                    "An error occurred while reading the snapshot table: "
+                    "ERROR failed to read the snapshot table: "
                     f"Too much extra metadata in snapshot table entry {number}"
                 )
                 return
