@@ -47,6 +47,7 @@ class ClusterMap:
         self._hf = hf
         self._geo = geometry
         self._alloc = allocator
+        self._metadata = allocator.metadata  # the same set for as long as the image is open
         self._header = header
         self._l1 = l1
         self._l1_offset = l1_offset
@@ -166,7 +167,7 @@ class ClusterMap:
             raise ImageCorruptError(
                 f"{self.path}: L2 entry for guest cluster {guest_cluster} points past the end of the file (0x{host:x})"
             )
-        if host >> geo.cluster_bits in self._alloc.metadata:
+        if host >> geo.cluster_bits in self._metadata:
             raise ImageCorruptError(
                 f"{self.path}: L2 entry for guest cluster {guest_cluster} points into metadata (0x{host:x})"
             )
@@ -181,7 +182,7 @@ class ClusterMap:
             raise ImageCorruptError(
                 f"{self.path}: compressed cluster for guest cluster {guest_cluster} at 0x{host:x} is outside the file"
             )
-        if host >> geo.cluster_bits in self._alloc.metadata:
+        if host >> geo.cluster_bits in self._metadata:
             raise ImageCorruptError(f"{self.path}: compressed cluster at 0x{host:x} overlaps metadata")
 
     # -- changes -----------------------------------------------------------------------------

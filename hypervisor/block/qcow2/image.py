@@ -73,44 +73,56 @@ class Qcow2Image:
         if self._closed:
             raise ImageError(f"{self.path}: image is closed")
 
-    def _check_writable_image(self) -> None:
+    def _check_writable_image(self) -> Engine:
         self._check_open()
         if self._read_only:
             raise ImageError(f"{self.path}: image is open read-only")
-        self._engine.prepare_for_write()
-
-    def _check_writable(self, offset: int, length: int) -> None:
-        self._check_writable_image()
         engine = self._engine
+        if not engine.prepared_for_write:
+            engine.prepare_for_write()
+        return engine
+
+    def _check_writable(self, offset: int, length: int) -> Engine:
+        """_check_writable_image plus the range and the data file (inlined: every write pays it)."""
+        if self._closed:
+            raise ImageError(f"{self.path}: image is closed")
+        if self._read_only:
+            raise ImageError(f"{self.path}: image is open read-only")
+        engine = self._engine
+        if not engine.prepared_for_write:
+            engine.prepare_for_write()
         if offset < 0 or length < 0 or offset + length > engine.size:
             raise ValueError(f"{self.path}: request [{offset}, +{length}) outside the disk ({engine.size} bytes)")
         if engine.geometry.has_data_file and engine.files.data is None:
             raise ImageError(f"{self.path}: external data file not opened (not allowed)")
+        return engine
 
     # -- BlockBackend ------------------------------------------------------------------------
     def readinto(self, offset: int, buffers: Sequence[memoryview]) -> None:
         views = fileio.as_byte_views(buffers)
         length = sum(view.nbytes for view in views)
-        size = self._engine.size
-        if offset < 0 or offset + length > size:
-            raise ValueError(f"{self.path}: read [{offset}, +{length}) outside the disk ({size} bytes)")
+        engine = self._engine
+        if offset < 0 or offset + length > engine.size:
+            raise ValueError(f"{self.path}: read [{offset}, +{length}) outside the disk ({engine.size} bytes)")
         with self._lock:
-            self._check_open()
-            self._engine.reader.read_views(offset, views, length)
+            if self._closed:
+                raise ImageError(f"{self.path}: image is closed")
+            engine.reader.read_views(offset, views, length)
 
     def write(self, offset: int, buffers: Sequence[memoryview | bytes]) -> None:
         views = fileio.as_byte_views(buffers)
         length = sum(view.nbytes for view in views)
         with self._lock:
-            self._check_writable(offset, length)
-            self._engine.writer.write_views(offset, views, length)
-            self._engine.flush_if_full()
+            engine = self._check_writable(offset, length)
+            engine.writer.write_views(offset, views, length)
+            if engine.cmap.needs_flush:
+                engine.flush()
 
     def write_zeroes(self, offset: int, length: int) -> None:
         with self._lock:
-            self._check_writable(offset, length)
-            self._engine.writer.zero_range(offset, length)
-            self._engine.flush_if_full()
+            engine = self._check_writable(offset, length)
+            engine.writer.zero_range(offset, length)
+            engine.flush_if_full()
 
     def discard(self, offset: int, length: int) -> None:
         """Reads as zeros afterwards (a deterministic choice), clusters freed where possible.
@@ -119,8 +131,7 @@ class Qcow2Image:
         leaves the data alone (allowed: "contents become unspecified").
         """
         with self._lock:
-            self._check_writable(offset, length)
-            engine = self._engine
+            engine = self._check_writable(offset, length)
             if not engine.geometry.v3 and engine.header.backing_file:
                 return
             engine.writer.zero_range(offset, length)
