@@ -8,6 +8,10 @@ management"): a reference is written only after the cluster's refcount is durabl
 refcount goes down only after the reference is gone durably, so a crash between any two writes
 leaves leaks at worst, never a reference to a cluster with refcount 0.
 
+Two orders are built from it: the engine's flush (engine.py: refcounts, L2 tables, the L1 table,
+the header when the L1 table moved, queued decrements) and a snapshot transaction's commit
+(transaction.py: the shadow refcount structure, then the header switch).
+
 Guest data is not tracked as dirty: `DATA` stands for whatever was written since the last flush
 (to the image file, or to the external data file), and is made durable before any step that
 depends on it and at the end of every flush (a flush is what makes guest writes durable).

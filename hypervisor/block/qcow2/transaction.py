@@ -36,6 +36,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from hypervisor.block.qcow2 import format as fmt
+from hypervisor.block.qcow2.flush import DATA, FlushOrder
 from hypervisor.block.qcow2.header import Qcow2Header
 from hypervisor.block.qcow2.refcount import Refcounts, dump_u64_table
 from hypervisor.errors import ImageFormatError
@@ -135,22 +136,33 @@ class MetadataTransaction:
         the in-memory state goes back to the old image (`abandon`) and the error propagates."""
         image, refs = self.image, self.refs
         header = image.header
-        try:
+        shadow: list[tuple[int, int]] = []
+
+        def write_refcounts() -> None:
             self._apply_increments()
             table_offset, table_clusters = self._shadow_refcounts()
             refs.table_offset, refs.table_clusters = table_offset, table_clusters
-            self.hf.sync()
+            shadow.append((table_offset, table_clusters))
+
+        def switch_header() -> None:  # the commit point
             update_header(header)
-            header.refcount_table_offset = table_offset
-            header.refcount_table_clusters = table_clusters
-            image.write_header_durably()  # the commit point, then sync
+            header.refcount_table_offset, header.refcount_table_clusters = shadow[0]
+            image.write_header()
+
+        # Steps 1-4 of the module doc in flush.py's terms: what `write` put in new clusters is the
+        # DATA the header switch waits for, with the shadow refcount structure.
+        order = FlushOrder(self.hf, lambda: None)  # no external data file: snapshots exclude one
+        order.add("shadow refcounts", lambda: True, write_refcounts)
+        order.add("header", lambda: True, switch_header, after=("shadow refcounts", DATA))
+        try:
+            order.flush()
         except BaseException:
             self.abandon()
             raise
         self.committed = True
         refs.hold_dirty_blocks(False)  # the written state is the image now
         refs.trim_cache()
-        log.debug("%s: metadata committed (refcount table at 0x%x)", image.path, table_offset)
+        log.debug("%s: metadata committed (refcount table at 0x%x)", image.path, shadow[0][0])
 
     def _apply_increments(self) -> None:
         refs = self.refs
