@@ -25,6 +25,7 @@ Public API (what the device layer and the `pyhv image` tools use)::
 
     # Allocation map, snapshots, resize, rebase
     img.map_extents() -> Iterator[Extent]      # Extent(start, length, kind, host_offset, compressed, depth)
+    img.layer_extents(start, end, depth) -> list[Extent]   # unmerged, this image as layer `depth`
     img.snapshots() -> list[SnapshotInfo]       # id, name, vm_state_size, date_sec, date_nsec, vm_clock_nsec,
                                                 # icount, disk_size, l1_table_offset, l1_size
     img.create_snapshot(name);  img.delete_snapshot(name_or_id);  img.apply_snapshot(name_or_id)

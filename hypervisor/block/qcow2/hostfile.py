@@ -2,6 +2,7 @@
 
 Every write and every sync of qcow2 metadata and data goes through `HostFile.pwritev` and
 `HostFile.sync`, so a test can record the exact write/flush sequence (crash-consistency replay).
+`ImageFiles` groups the files one open image uses (itself, its data file, its backing file).
 """
 
 from __future__ import annotations
