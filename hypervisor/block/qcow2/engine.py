@@ -126,7 +126,7 @@ class Engine:
         self.allocator.set_metadata(self.collect_metadata_clusters())
         self.reader = Reader(geo, self.cmap, self.allocator, self.files, hdr)
         self.writer = Writer(geo, self.cmap, self.allocator, self.files, hdr, self.reader)
-        self.flush_order = self._build_flush_order()
+        self._flush_order = self._build_flush_order()
         try:
             self._open_external_files()
         except BaseException:
@@ -264,7 +264,7 @@ class Engine:
     def flush(self) -> None:
         """Make everything written so far durable, metadata in the order above."""
         self.allocator.reset_compressed_cursor()  # its cluster could be freed and reused after this
-        self.flush_order.flush()
+        self._flush_order.flush()
 
     def flush_if_full(self) -> None:
         """Flush when the L2 cache holds nothing but dirty tables (it cannot evict any)."""
