@@ -25,7 +25,7 @@ from test_qcow2_read import BUILDERS
 from hypervisor.block.qcow2 import Qcow2Image
 from hypervisor.block.qcow2.compress import zstd_available
 from hypervisor.block.raw import RawFile
-from hypervisor.errors import ImageError
+from hypervisor.errors import ImageCorruptError, ImageError
 
 pytestmark = needs_qemu
 
@@ -209,6 +209,31 @@ def test_dirty_image_is_repaired_on_read_write_open(tmp_path: Path) -> None:
         assert read_all(image) == expected
         image.write(MIB, [b"\x05" * 64 * KIB])
     check_clean(path)
+
+
+def test_dirty_image_the_checker_cannot_repair_is_refused_for_writing(tmp_path: Path) -> None:
+    """The open-time repair is the checker's (check -r all); what it cannot fix (here a data
+    cluster past the end of the file) leaves the image dirty and refuses the read-write open with
+    one line, while a read-only open still works and changes nothing."""
+    path = create(tmp_path / "bad.qcow2", 4 * MIB, "lazy_refcounts=on")
+    qemu_io(path, "write -P 7 0 64k")
+    with Qcow2Image.open(str(path), read_only=True) as image:
+        l2_offset = image.l1_table[0] & ((1 << 56) - 1)
+    with path.open("r+b") as file:
+        file.seek(l2_offset)
+        file.write(struct.pack(">Q", (1 << 63) | (1 << 40)))  # COPIED, 1 TiB: past the end
+        file.seek(72)  # incompatible_features bit 0: dirty
+        features = struct.unpack(">Q", file.read(8))[0]
+        file.seek(72)
+        file.write(struct.pack(">Q", features | 1))
+    before = path.read_bytes()
+    with Qcow2Image.open(str(path), read_only=True) as image:
+        assert image.dirty
+    assert path.read_bytes() == before
+    with pytest.raises(ImageCorruptError, match="not closed cleanly and could not be repaired") as error:
+        Qcow2Image.open(str(path))
+    assert "\n" not in str(error.value)
+    assert struct.unpack_from(">Q", path.read_bytes(), 72)[0] & 1  # still dirty
 
 
 def test_bitmaps_marked_in_use_on_first_write(tmp_path: Path) -> None:

@@ -49,7 +49,7 @@ def _random_writes(image: Qcow2Image, twin: bytearray, rng: random.Random, count
         data = bytes([rng.randrange(1, 256)]) * length
         image.write(offset, [data])
         twin[offset : offset + length] = data
-        _assert_bounded(image._refs)
+        _assert_bounded(image.refcounts)
         if rng.random() < 0.1:
             image.flush()
 
@@ -72,10 +72,10 @@ def test_writes_over_many_more_blocks_than_cached_read_back_and_check_clean(tmp_
     twin = bytearray(8 * MIB)
     rng = random.Random(11)
     with Qcow2Image.open(str(path)) as image:
-        assert image._refs.cache_capacity == tiny_cache
+        assert image.refcounts.cache_capacity == tiny_cache
         _random_writes(image, twin, rng, 250)
         assert _read(image, len(twin)) == twin
-        _assert_bounded(image._refs)
+        _assert_bounded(image.refcounts)
         blocks_in_use = sum(1 for entry in image.refcount_table if entry)
         assert blocks_in_use > 10 * tiny_cache
         assert image.header.refcount_table_clusters > 1  # the table grew and moved, too
@@ -108,7 +108,7 @@ def test_unflushed_image_never_has_fewer_refcounts_than_references(tmp_path: Pat
 def test_a_dirty_block_is_on_disk_once_it_is_dropped(tmp_path: Path, tiny_cache: int) -> None:
     path = _new_image(tmp_path / "evict.qcow2")
     with Qcow2Image.open(str(path)) as image:
-        refs = image._refs
+        refs = image.refcounts
         for step in range(16):  # about 16 blocks of data clusters, then nothing dirty
             image.write(step * 256 * KIB, [b"\x05" * 32 * KIB])
         image.flush()
@@ -145,7 +145,7 @@ def test_snapshots_with_more_blocks_than_cached(tmp_path: Path, tiny_cache: int)
         assert _read(image, len(twin)) == twin
         image.apply_snapshot("one")
         assert _read(image, len(twin)) == first
-        _assert_bounded(image._refs)  # the commit gave the overflow back
+        _assert_bounded(image.refcounts)  # the commit gave the overflow back
     result = check_image(str(path))
     assert (result.corruptions, result.leaks, result.check_errors) == (0, 0, 0)
     if HAVE_QEMU:
@@ -168,7 +168,7 @@ def _written_image(path: Path, twin: bytearray, seed: int) -> list[int]:
 
 def test_open_time_rebuild_of_a_dirty_image_with_a_small_cache(tmp_path: Path, tiny_cache: int) -> None:
     """qcow2.rst "dirty bit": refcounts may be inconsistent, the engine recounts them on a
-    read-write open (rebuild.rebuild_open_image_refcounts)."""
+    read-write open (through the checker, engine.repair_dirty_image)."""
     path = _new_image(tmp_path / "dirty.qcow2", lazy_refcounts=True)
     twin = bytearray(8 * MIB)
     blocks = _written_image(path, twin, 3)
@@ -181,7 +181,7 @@ def test_open_time_rebuild_of_a_dirty_image_with_a_small_cache(tmp_path: Path, t
         file.write((features | 1).to_bytes(8, "big"))
     with Qcow2Image.open(str(path)) as image:
         assert not image.dirty
-        _assert_bounded(image._refs)
+        _assert_bounded(image.refcounts)
         assert _read(image, len(twin)) == twin
         image.write(MIB, [b"\x09" * 64 * KIB])
         twin[MIB : MIB + 64 * KIB] = b"\x09" * 64 * KIB

@@ -1,5 +1,5 @@
 """refcount.refcount_structure_size: the one rule for how many refcount blocks and refcount table
-clusters an image needs (creator, engine rebuild, checker rebuild). qcow2.rst "Host cluster
+clusters an image needs (creator, checker rebuild). qcow2.rst "Host cluster
 management": every cluster has a refcount, the refcount structure's own clusters included."""
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ import pytest
 from qcow2_oracle import KIB, MIB, check_clean, create, needs_qemu, qemu_img, qemu_io, to_raw
 
 from hypervisor.block.qcow2 import Qcow2Image
+from hypervisor.block.qcow2.clustermap import ClusterMap
 from hypervisor.errors import ImageFormatError
 
 pytestmark = needs_qemu
@@ -102,17 +103,17 @@ def test_error_while_building_forgets_the_allocations(tmp_path: Path, monkeypatc
     path = create(tmp_path / "img.qcow2", 1 * MIB, "cluster_size=512")
     qemu_io(path, "write -P 0x31 0 100k")  # several L2 tables, each copied by the snapshot
     image = Qcow2Image.open(str(path))
-    real_walk = Qcow2Image._l2_for_walk
+    real_walk = ClusterMap.l2_for_walk
     walks = []
 
-    def failing_walk(self: Qcow2Image, l1: object, l1_index: int) -> object:
+    def failing_walk(self: ClusterMap, l1: object, l1_index: int) -> object:
         walks.append(l1_index)
         if len(walks) == 2 * sum(1 for e in image.l1_table if e) - 1:  # counted, and all but one copied
             raise ImageFormatError("simulated bad L2 table")
         return real_walk(self, l1, l1_index)  # type: ignore[arg-type]
 
     with monkeypatch.context() as patch:
-        patch.setattr(Qcow2Image, "_l2_for_walk", failing_walk)
+        patch.setattr(ClusterMap, "l2_for_walk", failing_walk)
         with pytest.raises(ImageFormatError, match="simulated"):
             image.create_snapshot("s")
     image.write(200 * KIB, [b"\x32" * 4 * KIB])

@@ -25,6 +25,7 @@ Public API (what the device layer and the `pyhv image` tools use)::
 
     # Allocation map, snapshots, resize, rebase
     img.map_extents() -> Iterator[Extent]      # Extent(start, length, kind, host_offset, compressed, depth)
+    img.layer_extents(start, end, depth) -> list[Extent]   # unmerged, this image as layer `depth`
     img.snapshots() -> list[SnapshotInfo]       # id, name, vm_state_size, date_sec, date_nsec, vm_clock_nsec,
                                                 # icount, disk_size, l1_table_offset, l1_size
     img.create_snapshot(name);  img.delete_snapshot(name_or_id);  img.apply_snapshot(name_or_id)
@@ -40,8 +41,16 @@ Public API (what the device layer and the `pyhv image` tools use)::
     img.read_l2_table(l2_offset) -> list[int]        # entries as stored (2 words each with extended L2)
     img.file_size -> int                             # bytes of the image file
 
-    # Refcount rebuild (also run automatically on a read-write open of a dirty image)
-    from hypervisor.block.qcow2.rebuild import rebuild_open_image_refcounts   # (img) -> None
+    img.refcounts -> refcount.Refcounts              # the engine's refcount structure (block cache)
+
+    # A read-write open of a dirty image repairs it first through the checker
+    # (check.check_image(..., repair="all")), as QEMU's qcow2_open does.
+
+Inside (one direction, format -> tables -> engine -> open): geometry.py (the shape, a value),
+allocator.py (refcounts, metadata clusters, compressed bytes), clustermap.py (L1, L2 cache,
+validation), flush.py (the order metadata reaches the disk), read.py / write.py (Reader, Writer),
+engine.py (the parts wired together, open and repair), ops.py and transaction.py (snapshots,
+resize, rebase), image.py (the Qcow2Image facade).
 """
 
 from __future__ import annotations

@@ -2,14 +2,17 @@
 
 Every write and every sync of qcow2 metadata and data goes through `HostFile.pwritev` and
 `HostFile.sync`, so a test can record the exact write/flush sequence (crash-consistency replay).
+`ImageFiles` groups the files one open image uses (itself, its data file, its backing file).
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from hypervisor.block import fileio
+from hypervisor.block.backend import BlockBackend
 
 
 class HostFile:
@@ -49,7 +52,22 @@ class HostFile:
     def sync(self) -> None:
         os.fdatasync(self.fd)
 
+    def refresh_size(self) -> None:
+        """Take the file's size again (after another descriptor wrote to it, e.g. a repair)."""
+        self.size = os.fstat(self.fd).st_size
+
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+@dataclass
+class ImageFiles:
+    """The files one open image reads and writes: the image file itself, the external data file
+    (only for an image with one, and only once opened) and the backing file (if named and
+    opened). The backing file changes with a rebase (set_backing)."""
+
+    image: HostFile
+    data: HostFile | None = None
+    backing: BlockBackend | None = None

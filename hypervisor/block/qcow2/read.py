@@ -1,5 +1,8 @@
 """The qcow2 read path and the allocation map (qcow2.rst "Cluster mapping", "Extended L2 Entries").
 
+`Reader` works on the image's parts: the geometry, the cluster map (lookup and validation), the
+allocator's metadata set (for the inlined validation of the hot loop) and the files.
+
 A request is cut into segments of one kind (data, zeros, backing, compressed); neighbouring data
 clusters that are contiguous in the file merge into one segment, read with a single preadv
 straight into the caller's buffers. Entries are validated when met: corruption is an error,
@@ -10,11 +13,15 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 
-from hypervisor.block import extents, fileio
+from hypervisor.block import extents
 from hypervisor.block.capabilities import HostFile
 from hypervisor.block.qcow2 import format as fmt
+from hypervisor.block.qcow2.allocator import Allocator
+from hypervisor.block.qcow2.clustermap import ClusterMap
 from hypervisor.block.qcow2.compress import decompress
-from hypervisor.block.qcow2.state import ImageState
+from hypervisor.block.qcow2.geometry import Geometry
+from hypervisor.block.qcow2.header import Qcow2Header
+from hypervisor.block.qcow2.hostfile import ImageFiles
 from hypervisor.block.qcow2.types import EXTENT_DATA, EXTENT_UNALLOCATED, EXTENT_ZERO, Extent
 from hypervisor.errors import ImageCorruptError, ImageError
 
@@ -60,43 +67,55 @@ def zero_views(views: Sequence[memoryview]) -> None:
         view[:] = bytes(view.nbytes)
 
 
-class ReadMixin(ImageState):
-    """readinto / map_extents for Qcow2Image (shared state declared in state.py)."""
+class Reader:
+    """Reads guest content and the allocation map of one image."""
 
-    def readinto(self, offset: int, buffers: Sequence[memoryview]) -> None:
-        views = fileio.as_byte_views(buffers)
-        length = sum(view.nbytes for view in views)
-        if offset < 0 or offset + length > self._size:
-            raise ValueError(f"{self.path}: read [{offset}, +{length}) outside the disk ({self._size} bytes)")
-        with self._lock:
-            self._check_open()
-            self._read_views(offset, views, length)
+    def __init__(
+        self, geometry: Geometry, cmap: ClusterMap, allocator: Allocator, files: ImageFiles, header: Qcow2Header
+    ) -> None:
+        self._geo = geometry
+        self._cmap = cmap
+        self._alloc = allocator
+        self._files = files
+        self._header = header
+        self._decompressed: tuple[int, bytes] | None = None  # (compressed L2 entry, its data): last one read
 
-    def _read_views(self, offset: int, views: list[memoryview], length: int) -> None:
+    @property
+    def path(self) -> str:
+        return self._files.image.path
+
+    def read_views(self, offset: int, views: list[memoryview], length: int) -> None:
+        """Guest bytes [offset, offset+length) into `views` (no bounds check: the caller's)."""
         cursor = ViewCursor(views)
-        for seg_start, seg_len, kind, host in self._segments(offset, length):
+        files = self._files
+        for seg_start, seg_len, kind, host in self.segments(offset, length):
             dst = cursor.take(seg_len)
             if kind == SEG_DATA:
-                if self._has_data_file:
-                    if self._data is None:
+                if self._geo.has_data_file:
+                    if files.data is None:
                         raise ImageError(f"{self.path}: external data file not opened (not allowed)")
-                    self._data.preadv(host, dst)
+                    files.data.preadv(host, dst)
                 else:
-                    self._hf.preadv(host, dst)
+                    files.image.preadv(host, dst)
             elif kind == SEG_ZERO:
                 zero_views(dst)
             elif kind == SEG_BACKING:
                 self._read_backing(seg_start, seg_len, dst)
             else:
                 data = self._decompress_cluster(host)
-                start = seg_start & (self._cs - 1)
-                pos = start
+                pos = seg_start & (self._geo.cluster_size - 1)
                 for view in dst:
                     view[:] = data[pos : pos + view.nbytes]
                     pos += view.nbytes
 
+    def read_guest(self, offset: int, length: int) -> bytes:
+        """Current guest content (for copy-on-write); past the virtual end it reads zeros."""
+        buf = bytearray(length)
+        self.read_views(offset, [memoryview(buf)], length)
+        return bytes(buf)
+
     def _read_backing(self, offset: int, length: int, dst: list[memoryview]) -> None:
-        backing = self._backing
+        backing = self._files.backing
         if backing is None:
             if self._header.backing_file:
                 raise ImageError(f"{self.path}: backing file {self._header.backing_file} not opened (not allowed)")
@@ -115,71 +134,53 @@ class ReadMixin(ImageState):
         cached = self._decompressed
         if cached is not None and cached[0] == entry:
             return cached[1]
-        host, n = fmt.compressed_span(entry, self._cb)
-        data = decompress(self._hf.pread(host, n), self._cs, self._header.compression_type, self.path)
+        host, n = fmt.compressed_span(entry, self._geo.cluster_bits)
+        data = decompress(
+            self._files.image.pread(host, n), self._geo.cluster_size, self._header.compression_type, self.path
+        )
         self._decompressed = (entry, data)
         return data
 
     # -- classification ----------------------------------------------------------------------
-    def _entry_words(self, guest_cluster: int) -> tuple[int, int]:
-        """(L2 entry, subcluster bitmap) of a guest cluster; (0, 0) if it has no L2 table."""
-        table = self._l2_table(guest_cluster >> self._l2_bits)
-        if table is None:
-            return 0, 0
-        index = (guest_cluster & self._l2_mask) << self._ext_shift
-        if self._extl2:
-            return table[index], table[index + 1]
-        return table[index], 0
-
     def _classify(self, entry: int, guest_cluster: int) -> tuple[int, int]:
         """(kind, host offset or compressed entry) of a whole-cluster entry (no subclusters)."""
         if entry == 0:
             return SEG_BACKING, 0
         if entry & fmt.OFLAG_COMPRESSED:
-            self._check_compressed(entry, guest_cluster)
+            self._cmap.check_compressed(entry, guest_cluster)
             return SEG_COMPRESSED, entry
         if entry & fmt.L2E_STD_RESERVED_MASK:
             raise ImageCorruptError(
                 f"{self.path}: L2 entry for guest cluster {guest_cluster} has reserved bits set (0x{entry:x})"
             )
+        geo = self._geo
         if entry & fmt.OFLAG_ZERO:
-            if not self._v3:
+            if not geo.v3:
                 raise ImageCorruptError(f"{self.path}: zero flag in a version 2 image (guest cluster {guest_cluster})")
-            if self._extl2:
+            if geo.extended_l2:
                 raise ImageCorruptError(
                     f"{self.path}: bit 0 set in an extended L2 entry (guest cluster {guest_cluster})"
                 )
             return SEG_ZERO, 0
         host = entry & fmt.L2E_OFFSET_MASK
-        if not host and not self._has_data_file:
+        if not host and not geo.has_data_file:
             raise ImageCorruptError(
                 f"{self.path}: L2 entry for guest cluster {guest_cluster} has no offset (0x{entry:x})"
             )
-        self._check_data_offset(host, guest_cluster, entry)
+        self._cmap.check_data_offset(host, guest_cluster, entry)
         return SEG_DATA, host
-
-    def _check_compressed(self, entry: int, guest_cluster: int) -> None:
-        if self._has_data_file:
-            raise ImageCorruptError(f"{self.path}: compressed cluster in an image with an external data file")
-        host, n = fmt.compressed_span(entry, self._cb)
-        if host < self._cs or host >= self._hf.size:
-            raise ImageCorruptError(
-                f"{self.path}: compressed cluster for guest cluster {guest_cluster} at 0x{host:x} is outside the file"
-            )
-        if host >> self._cb in self._metadata:
-            raise ImageCorruptError(f"{self.path}: compressed cluster at 0x{host:x} overlaps metadata")
 
     def _cluster_pieces(self, guest_cluster: int, start: int, length: int) -> Iterator[tuple[int, int, int]]:
         """(length, kind, host) pieces of [start, start+length) inside one guest cluster."""
-        entry, bitmap = self._entry_words(guest_cluster)
-        if not self._extl2:
+        entry, bitmap = self._cmap.entry_words(guest_cluster)
+        if not self._geo.extended_l2:
             kind, host = self._classify(entry, guest_cluster)
             yield length, kind, (host + start if kind == SEG_DATA else host)
             return
         if entry & fmt.OFLAG_COMPRESSED:
             if bitmap:
                 raise ImageCorruptError(f"{self.path}: compressed cluster {guest_cluster} has a subcluster bitmap")
-            self._check_compressed(entry, guest_cluster)
+            self._cmap.check_compressed(entry, guest_cluster)
             yield length, SEG_COMPRESSED, entry
             return
         alloc = bitmap & _SUBCLUSTER_ALL
@@ -191,10 +192,10 @@ class ReadMixin(ImageState):
             if entry & (fmt.L2E_STD_RESERVED_MASK | fmt.OFLAG_ZERO):
                 raise ImageCorruptError(f"{self.path}: extended L2 entry has reserved bits set (0x{entry:x})")
             host = entry & fmt.L2E_OFFSET_MASK
-            if not host and not self._has_data_file:
+            if not host and not self._geo.has_data_file:
                 raise ImageCorruptError(f"{self.path}: allocated subclusters without a host cluster ({guest_cluster})")
-            self._check_data_offset(host, guest_cluster, entry)
-        sc_bits = self._sc_bits
+            self._cmap.check_data_offset(host, guest_cluster, entry)
+        sc_bits = self._geo.subcluster_bits
         pos, end = start, start + length
         while pos < end:
             sc = pos >> sc_bits
@@ -210,20 +211,22 @@ class ReadMixin(ImageState):
             yield run_end - pos, kind, (host + pos if kind == SEG_DATA else 0)
             pos = run_end
 
-    def _segments(self, offset: int, length: int) -> Iterator[tuple[int, int, int, int]]:
+    def segments(self, offset: int, length: int) -> Iterator[tuple[int, int, int, int]]:
         """(guest offset, length, kind, host) runs covering [offset, offset+length), merged."""
-        if not self._extl2 and not self._has_data_file:
+        if not self._geo.extended_l2 and not self._geo.has_data_file:
             return self._standard_segments(offset, length)
         return self._generic_segments(offset, length)
 
     def _standard_segments(self, offset: int, length: int) -> Iterator[tuple[int, int, int, int]]:
-        """The hot path of `_segments` for ordinary images: one inlined loop per cluster, plain data
+        """The hot path of `segments` for ordinary images: one inlined loop per cluster, plain data
         clusters validated inline (aligned, inside the file, not metadata), the rest classified."""
-        cb, cs = self._cb, self._cs
+        geo = self._geo
+        cb, cs = geo.cluster_bits, geo.cluster_size
         in_mask = cs - 1
-        l2_bits, l2_mask = self._l2_bits, self._l2_mask
+        l2_bits, l2_mask = geo.l2_bits, geo.l2_mask
         not_plain = _NOT_PLAIN_DATA
-        file_size, metadata = self._hf.size, self._metadata
+        file_size, metadata = self._files.image.size, self._alloc.metadata
+        l2_table = self._cmap.l2_table
         end = offset + length
         pos = offset
         cur_kind = -1
@@ -234,7 +237,7 @@ class ReadMixin(ImageState):
             guest_cluster = pos >> cb
             l1_index = guest_cluster >> l2_bits
             if l1_index != last_l1:
-                table = self._l2_table(l1_index)
+                table = l2_table(l1_index)
                 last_l1 = l1_index
             entry = table[guest_cluster & l2_mask] if table is not None else 0
             in_cluster = pos & in_mask
@@ -257,7 +260,7 @@ class ReadMixin(ImageState):
             yield cur_start, cur_len, cur_kind, cur_host
 
     def _generic_segments(self, offset: int, length: int) -> Iterator[tuple[int, int, int, int]]:
-        cb, cs = self._cb, self._cs
+        cb, cs = self._geo.cluster_bits, self._geo.cluster_size
         end = offset + length
         pos = offset
         cur_kind = -1
@@ -277,25 +280,23 @@ class ReadMixin(ImageState):
             yield cur_start, cur_len, cur_kind, cur_host
 
     # -- allocation map ----------------------------------------------------------------------
-    def map_extents(self) -> Iterator[Extent]:
-        """The allocation state of the whole disk through the backing chain, merged like qemu-img map."""
-        with self._lock:
-            self._check_open()
-            runs = list(self._extents(0, self._size, 0))
-        return iter(_merge_extents(runs))
+    def map_extents(self, size: int) -> list[Extent]:
+        """The allocation state of a disk of `size` bytes through the backing chain, merged like
+        qemu-img map."""
+        return merge_extents(list(self.extents(0, size, 0)))
 
-    def _extents(self, start: int, end: int, depth: int) -> Iterator[Extent]:
-        bytes_per_l2 = self._l2_entries << self._cb
+    def extents(self, start: int, end: int, depth: int) -> Iterator[Extent]:
+        """Unmerged extents of [start, end), this image being layer `depth` of the chain."""
+        geo = self._geo
+        bytes_per_l2 = geo.bytes_per_l2
         pos = start
         while pos < end:
-            if self._l2_table(pos >> self._cb >> self._l2_bits) is None:
+            if self._cmap.l2_table(pos >> geo.cluster_bits >> geo.l2_bits) is None:
                 stop = min(end, (pos // bytes_per_l2 + 1) * bytes_per_l2)
                 yield from self._unallocated_extents(pos, stop, depth)
                 pos = stop
                 continue
-            for seg_start, seg_len, kind, host in self._segments(
-                pos, min(end - pos, bytes_per_l2 - pos % bytes_per_l2)
-            ):
+            for seg_start, seg_len, kind, host in self.segments(pos, min(end - pos, bytes_per_l2 - pos % bytes_per_l2)):
                 if kind == SEG_DATA:
                     yield Extent(seg_start, seg_len, EXTENT_DATA, host, False, depth)
                 elif kind == SEG_ZERO:
@@ -307,16 +308,17 @@ class ReadMixin(ImageState):
                 pos = seg_start + seg_len
 
     def _unallocated_extents(self, start: int, end: int, depth: int) -> Iterator[Extent]:
-        backing = self._backing
+        backing = self._files.backing
         if backing is None:
             yield Extent(start, end - start, EXTENT_UNALLOCATED, None, False, depth)
             return
         inside_end = min(end, backing.size)
         if start < inside_end:
-            backing_extents = getattr(backing, "_extents", None)
-            if backing_extents is not None:
-                with backing._lock:  # type: ignore[attr-defined]
-                    yield from backing_extents(start, inside_end, depth + 1)
+            # A qcow2 backing file answers for its own layer (under its own lock), a raw one
+            # through SEEK_DATA/SEEK_HOLE.
+            layered = getattr(backing, "layer_extents", None)
+            if layered is not None:
+                yield from layered(start, inside_end, depth + 1)
             else:
                 yield from _raw_extents(backing, start, inside_end, depth + 1)
         if inside_end < end:  # past the backing file's end: zeros decided by this layer
@@ -333,7 +335,7 @@ def _raw_extents(backing: object, start: int, end: int, depth: int) -> Iterator[
         yield Extent(offset, length, EXTENT_DATA if is_data else EXTENT_ZERO, offset, False, depth)
 
 
-def _merge_extents(runs: list[Extent]) -> list[Extent]:
+def merge_extents(runs: list[Extent]) -> list[Extent]:
     merged: list[Extent] = []
     for ext in runs:
         if merged:

@@ -153,8 +153,8 @@ def refcount_structure_size(
     `counted_blocks` are the sorted indices of the blocks needed for the clusters below
     `first_free`; None means all of them (every cluster below `first_free` is in use, as in a new
     or rebuilt image). The structure's own clusters then need blocks_covering(first_free,
-    first_free + clusters, per_block) as well. The one sizing rule of the creator, the engine's
-    rebuild and the checker's rebuild.
+    first_free + clusters, per_block) as well. The one sizing rule of the creator and the
+    checker's rebuild (which also repairs dirty images when the engine opens them).
     """
     per_block = refcounts_per_block(cluster_size, refcount_bits)
     entries_per_table_cluster = cluster_size // 8  # qcow2.rst: refcount table entries are 64 bits

@@ -6,72 +6,57 @@ zero, compressed, shared with a snapshot) a new cluster is allocated, the parts 
 does not cover are filled with the current guest content (backing file, zeros, decompressed or
 shared data: copy-on-write), and the old cluster's reference is dropped with a *deferred*
 decrement. Data reaches the file at once; the L2/L1 entries and refcounts stay in the caches until
-flush, which writes them in a crash-safe order (image.py).
+flush, which writes them in a crash-safe order (flush.py).
+
+`Writer` works on the image's parts (geometry, cluster map, allocator, files) and reads the
+current content for copy-on-write through the `Reader`.
 """
 
 from __future__ import annotations
 
 from array import array
-from collections.abc import Sequence
 
-from hypervisor.block import fileio
-from hypervisor.block.qcow2 import bitmaps
 from hypervisor.block.qcow2 import format as fmt
-from hypervisor.block.qcow2.read import ViewCursor
-from hypervisor.block.qcow2.state import ImageState
-from hypervisor.errors import ImageError
+from hypervisor.block.qcow2.allocator import Allocator
+from hypervisor.block.qcow2.clustermap import ClusterMap
+from hypervisor.block.qcow2.geometry import Geometry
+from hypervisor.block.qcow2.header import Qcow2Header
+from hypervisor.block.qcow2.hostfile import ImageFiles
+from hypervisor.block.qcow2.read import Reader, ViewCursor
 
 _ALL_SUBCLUSTERS = fmt.SUBCLUSTER_ALLOC_MASK
 
 
-class WriteMixin(ImageState):
-    """write / write_zeroes / discard for Qcow2Image (shared state declared in state.py)."""
+class Writer:
+    """Writes guest content of one image: data to the file at once, metadata into the caches."""
 
-    def _check_writable(self, offset: int, length: int) -> None:
-        self._check_open()
-        if self._read_only:
-            raise ImageError(f"{self.path}: image is open read-only")
-        if offset < 0 or length < 0 or offset + length > self._size:
-            raise ValueError(f"{self.path}: request [{offset}, +{length}) outside the disk ({self._size} bytes)")
-        if self._has_data_file and self._data is None:
-            raise ImageError(f"{self.path}: external data file not opened (not allowed)")
-        if not self._prepared_for_write:
-            self._prepare_first_write()
-
-    def _prepare_first_write(self) -> None:
-        """Before the first change: bitmaps marked in use and unknown autoclear bits cleared (both
-        durable), as qcow2.rst requires of a writer that does not maintain them."""
-        hdr = self._header
-        changed = False
-        if self._bitmaps is not None and bitmaps.mark_all_in_use(self._hf, self._bitmaps):
-            changed = True
-        unknown_autoclear = hdr.autoclear_features & ~fmt.AUTOCLEAR_KNOWN
-        if unknown_autoclear:
-            hdr.autoclear_features &= ~unknown_autoclear
-            self._write_header()
-            changed = True
-        if changed:
-            self._hf.sync()
-        self._prepared_for_write = True
+    def __init__(
+        self,
+        geometry: Geometry,
+        cmap: ClusterMap,
+        allocator: Allocator,
+        files: ImageFiles,
+        header: Qcow2Header,
+        reader: Reader,
+    ) -> None:
+        self._geo = geometry
+        self._cmap = cmap
+        self._alloc = allocator
+        self._files = files
+        self._header = header
+        self._reader = reader
 
     # -- write -------------------------------------------------------------------------------
-    def write(self, offset: int, buffers: Sequence[memoryview | bytes]) -> None:
-        views = fileio.as_byte_views(buffers)
-        length = sum(view.nbytes for view in views)
-        with self._lock:
-            self._check_writable(offset, length)
-            self._write_views(offset, views, length)
-            if self._l2.needs_flush:
-                self._flush_metadata()
-
-    def _write_views(self, offset: int, views: list[memoryview], length: int) -> None:
-        cb, cs = self._cb, self._cs
+    def write_views(self, offset: int, views: list[memoryview], length: int) -> None:
+        """Guest bytes [offset, offset+length) from `views` (no checks: the caller's)."""
+        geo = self._geo
+        cb, cs = geo.cluster_bits, geo.cluster_size
         source = ViewCursor(views)
         runs: list[list] = []  # [host offset, buffers, byte length], merged when contiguous
         updates: list[tuple[array, int, int, int]] = []  # (table, index, entry, bitmap)
         frees: list[tuple[int, int]] = []
         pos, end = offset, offset + length
-        batchable = not self._extl2 and not self._has_data_file
+        batchable = not geo.extended_l2 and not geo.has_data_file
         while pos < end:
             in_cluster = pos & (cs - 1)
             if batchable and not in_cluster and end - pos >= 2 * cs:
@@ -89,17 +74,18 @@ class WriteMixin(ImageState):
                 else:
                     runs.append([host, list(buffers), size])
             pos += n
-        # `_data` is set only for an image with an external data file (and _check_writable refused one
-        # whose data file is not open), so this picks the data file exactly when there is one.
-        target = self._data if self._data is not None else self._hf
+        # `data` is set only for an image with an external data file (and the facade refuses a
+        # write when its data file is not open), so this picks the data file exactly when there is one.
+        target = self._files.data if self._files.data is not None else self._files.image
         for host, buffers, _size in runs:
             target.pwritev(host, buffers)
+        extl2 = geo.extended_l2
         for table, index, entry, bitmap in updates:
             table[index] = entry
-            if self._extl2:
+            if extl2:
                 table[index + 1] = bitmap
         for host, count in frees:
-            self._refs.free_later(host, count)
+            self._alloc.free_later(host, count)
 
     def _plan_fresh_run(
         self,
@@ -111,20 +97,19 @@ class WriteMixin(ImageState):
     ) -> int:
         """Fast path for whole unallocated clusters (the allocating-write case): one contiguous
         allocation and one write for the run, no copy-on-write needed. Returns the cluster count."""
-        table, index = self._l2_for_write(guest_cluster)
-        limit = min(max_count, self._l2_entries - (guest_cluster & self._l2_mask))
+        geo = self._geo
+        table, index = self._cmap.l2_for_write(guest_cluster)
+        limit = min(max_count, geo.l2_entries - (guest_cluster & geo.l2_mask))
         count = 0
         while count < limit and table[index + count] in (0, fmt.OFLAG_ZERO):
             count += 1
         if not count:
             return 0
-        cs = self._cs
-        host = self._refs.allocate(count)
-        metadata = self._metadata
+        cs = geo.cluster_size
+        host = self._alloc.allocate_data(count)
         for i in range(count):
-            metadata.discard((host >> self._cb) + i)
             updates.append((table, index + i, (host + i * cs) | fmt.OFLAG_COPIED, 0))
-        self._l2.mark_dirty(self._l1[guest_cluster >> self._l2_bits] & fmt.L1E_OFFSET_MASK)
+        self._cmap.mark_dirty(guest_cluster)
         buffers = source.take(count * cs)
         if runs and runs[-1][0] + runs[-1][2] == host:
             runs[-1][1].extend(buffers)
@@ -143,23 +128,25 @@ class WriteMixin(ImageState):
         frees: list[tuple[int, int]],
     ) -> list[tuple[int, list]]:
         """Decide where the bytes of one guest cluster go; returns [(host offset, buffers)]."""
-        cs = self._cs
-        entry, bitmap = self._entry_words(guest_cluster)
+        geo, cmap = self._geo, self._cmap
+        cs = geo.cluster_size
+        entry, bitmap = cmap.entry_words(guest_cluster)
         host = entry & fmt.L2E_OFFSET_MASK
         compressed = bool(entry & fmt.OFLAG_COMPRESSED)
-        if self._has_data_file:
-            host = guest_cluster << self._cb
+        if geo.has_data_file:
+            host = guest_cluster << geo.cluster_bits
         # Fast path: a normal cluster we own alone is written in place.
-        if not self._extl2 and entry & fmt.OFLAG_COPIED and not compressed and not entry & fmt.OFLAG_ZERO:
-            self._check_data_offset(host, guest_cluster, entry)
+        if not geo.extended_l2 and entry & fmt.OFLAG_COPIED and not compressed and not entry & fmt.OFLAG_ZERO:
+            cmap.check_data_offset(host, guest_cluster, entry)
             return [(host + start, data)]
-        guest_base = guest_cluster << self._cb
+        guest_base = guest_cluster << geo.cluster_bits
         owned = self._owns_cluster(entry, host, compressed)
-        table, index = self._l2_for_write(guest_cluster)
+        table, index = cmap.l2_for_write(guest_cluster)
         # A table COW may have changed the words' location, not their values.
-        if self._extl2:
-            first_sc = start >> self._sc_bits
-            last_sc = (start + n - 1) >> self._sc_bits
+        if geo.extended_l2:
+            sc_bits = geo.subcluster_bits
+            first_sc = start >> sc_bits
+            last_sc = (start + n - 1) >> sc_bits
             touched = ((1 << (last_sc + 1)) - 1) ^ ((1 << first_sc) - 1)
             alloc = bitmap & _ALL_SUBCLUSTERS
             zero = bitmap >> fmt.SUBCLUSTER_ZERO_SHIFT
@@ -167,112 +154,53 @@ class WriteMixin(ImageState):
                 write_from, write_to = 0, cs  # relocate all: copy every allocated subcluster
                 new_alloc = _ALL_SUBCLUSTERS if compressed else alloc | touched
             else:
-                write_from, write_to = first_sc << self._sc_bits, (last_sc + 1) << self._sc_bits
+                write_from, write_to = first_sc << sc_bits, (last_sc + 1) << sc_bits
                 new_alloc = alloc | touched
             new_bitmap = new_alloc | ((zero & ~touched & ~new_alloc) << fmt.SUBCLUSTER_ZERO_SHIFT)
         else:
-            write_from, write_to = 0, cs
+            write_from, write_to = 0, cs  # a whole new or preallocated zero cluster is filled
             new_bitmap = 0
-            if owned and not compressed and entry & fmt.OFLAG_ZERO:
-                write_from, write_to = 0, cs  # reuse a preallocated zero cluster: fill it all
         buffers: list = []
+        read_guest = self._reader.read_guest
         if start > write_from:
-            buffers.append(self._read_guest(guest_base + write_from, start - write_from))
+            buffers.append(read_guest(guest_base + write_from, start - write_from))
         buffers.extend(data)
         if write_to > start + n:
-            buffers.append(self._read_guest(guest_base + start + n, write_to - start - n))
-        if self._has_data_file:
+            buffers.append(read_guest(guest_base + start + n, write_to - start - n))
+        if geo.has_data_file:
             new_host = host
         elif owned and not compressed and host:
             new_host = host  # we own it alone: write in place (zero-allocated or subclusters)
         else:
-            new_host = self._refs.allocate(1)
-            self._note_allocated(new_host)
+            new_host = self._alloc.allocate_data(1)
             if compressed:
-                frees.extend(self._compressed_clusters(entry))
+                frees.extend(geo.compressed_clusters(entry))
             elif host:
                 frees.append((host, 1))  # drop this image's reference to the old cluster
-        new_entry = new_host | fmt.OFLAG_COPIED
-        updates.append((table, index, new_entry, new_bitmap))
-        self._l2.mark_dirty(self._l1[guest_cluster >> self._l2_bits] & fmt.L1E_OFFSET_MASK)
+        updates.append((table, index, new_host | fmt.OFLAG_COPIED, new_bitmap))
+        cmap.mark_dirty(guest_cluster)
         return [(new_host + write_from, buffers)]
 
     def _owns_cluster(self, entry: int, host: int, compressed: bool) -> bool:
         """True if the entry's host cluster is referenced by the active table alone (refcount 1)."""
-        if self._has_data_file:
+        if self._geo.has_data_file:
             return True
         if compressed or not host:
             return False
         if entry & fmt.OFLAG_COPIED:
             return True
-        return self._refs.get(host >> self._cb) == 1
-
-    def _compressed_clusters(self, entry: int) -> list[tuple[int, int]]:
-        """Host clusters a compressed extent touches; each holds one reference per extent."""
-        host, n = fmt.compressed_span(entry, self._cb)
-        first = host >> self._cb
-        last = (host + n - 1) >> self._cb
-        return [(c << self._cb, 1) for c in range(first, last + 1)]
-
-    def _note_allocated(self, host: int) -> None:
-        # a fresh data cluster may have been metadata before it was freed
-        self._metadata.discard(host >> self._cb)
-
-    def _l2_for_write(self, guest_cluster: int) -> tuple[array, int]:
-        """The L2 table for a guest cluster, allocated or copied so the active image owns it."""
-        l1_index = guest_cluster >> self._l2_bits
-        index = (guest_cluster & self._l2_mask) << self._ext_shift
-        if l1_index >= len(self._l1):
-            raise ImageError(f"{self.path}: guest cluster {guest_cluster} beyond the L1 table")
-        l1_entry = self._l1[l1_index]
-        offset = l1_entry & fmt.L1E_OFFSET_MASK
-        if offset and l1_entry & fmt.OFLAG_COPIED:
-            return self._l2_for_walk(self._l1, l1_index), index
-        words = self._cs // 8
-        if offset:
-            old = self._l2_for_walk(self._l1, l1_index)
-            if self._refs.get(offset >> self._cb) == 1:
-                self._l1[l1_index] = offset | fmt.OFLAG_COPIED  # flag was stale
-                self._l1_dirty = True
-                return old, index
-            table = array("Q", old)
-            step = 1 << self._ext_shift
-            for i in range(0, len(table), step):  # copied entries are shared now: no COPIED
-                table[i] &= ~fmt.OFLAG_COPIED
-            self._refs.free_later(offset, 1)
-        else:
-            table = array("Q", bytes(8 * words))
-        new_offset = self._refs.allocate(1)
-        self._metadata.add(new_offset >> self._cb)
-        self._l2.install(new_offset, table)
-        self._l1[l1_index] = new_offset | fmt.OFLAG_COPIED
-        self._l1_dirty = True
-        return table, index
+        return self._alloc.refcount(host >> self._geo.cluster_bits) == 1
 
     # -- zeroing and discard -----------------------------------------------------------------
-    def write_zeroes(self, offset: int, length: int) -> None:
-        with self._lock:
-            self._check_writable(offset, length)
-            self._zero_range(offset, length, discard=False)
-
-    def discard(self, offset: int, length: int) -> None:
-        """Reads as zeros afterwards (a deterministic choice), clusters freed where possible.
-
-        A version 2 image with a backing file cannot express zero clusters; there discard
-        leaves the data alone (allowed: "contents become unspecified").
-        """
-        with self._lock:
-            self._check_writable(offset, length)
-            if not self._v3 and self._header.backing_file:
-                return
-            self._zero_range(offset, length, discard=True)
-
-    def _zero_range(self, offset: int, length: int, discard: bool) -> None:
-        granule = self._cs >> 5 if self._extl2 else self._cs
+    def zero_range(self, offset: int, length: int) -> None:
+        """Make [offset, offset+length) read as zeros, whole clusters (subclusters with extended
+        L2) by their entries and freeing what they pointed to, the rest by writing zeros."""
+        geo = self._geo
+        granule = geo.cluster_size >> 5 if geo.extended_l2 else geo.cluster_size
         end = offset + length
         first = -(-offset // granule) * granule
         last = end // granule * granule
-        if self._has_data_file or (not self._v3 and self._header.backing_file) or first >= last:
+        if geo.has_data_file or (not geo.v3 and self._header.backing_file) or first >= last:
             self._write_zero_bytes(offset, length)
             return
         if first > offset:
@@ -280,36 +208,33 @@ class WriteMixin(ImageState):
         self._zero_granules(first, last)
         if end > last:
             self._write_zero_bytes(last, end - last)
-        if self._l2.needs_flush:
-            self._flush_metadata()
 
     def _write_zero_bytes(self, offset: int, length: int) -> None:
         chunk = 1 << 20
         while length > 0:
             n = min(chunk, length)
-            self._write_views(offset, [memoryview(bytes(n))], n)
+            self.write_views(offset, [memoryview(bytes(n))], n)
             offset += n
             length -= n
 
     def _zero_granules(self, start: int, end: int) -> None:
         """Mark whole clusters (subclusters with extended L2) in [start, end) as reading zeros."""
-        cb, cs = self._cb, self._cs
+        geo, cmap = self._geo, self._cmap
+        cb, cs = geo.cluster_bits, geo.cluster_size
         needs_zero_flag = bool(self._header.backing_file)
         pos = start
         while pos < end:
             guest_cluster = pos >> cb
             in_cluster = pos & (cs - 1)
             n = min(cs - in_cluster, end - pos)
-            entry, bitmap = self._entry_words(guest_cluster)
+            entry, bitmap = cmap.entry_words(guest_cluster)
             if entry == 0 and bitmap == 0 and not needs_zero_flag:
                 pos += n
                 continue  # already unallocated, no backing: reads zeros
-            whole = n == cs
-            table, index = self._l2_for_write(guest_cluster)
-            l2_offset = self._l1[guest_cluster >> self._l2_bits] & fmt.L1E_OFFSET_MASK
-            if whole:
-                self._drop_cluster_reference(entry)
-                if self._extl2:
+            table, index = cmap.l2_for_write(guest_cluster)
+            if n == cs:
+                self.drop_cluster_reference(entry)
+                if geo.extended_l2:
                     table[index] = 0
                     table[index + 1] = (_ALL_SUBCLUSTERS << fmt.SUBCLUSTER_ZERO_SHIFT) if needs_zero_flag else 0
                 else:
@@ -319,20 +244,45 @@ class WriteMixin(ImageState):
                     self._write_zero_bytes(pos, n)
                     pos += n
                     continue
-                first_sc = in_cluster >> self._sc_bits
-                count = n >> self._sc_bits
+                first_sc = in_cluster >> geo.subcluster_bits
+                count = n >> geo.subcluster_bits
                 mask = ((1 << count) - 1) << first_sc
                 alloc = (bitmap & _ALL_SUBCLUSTERS) & ~mask
                 zero = (bitmap >> fmt.SUBCLUSTER_ZERO_SHIFT) | mask
                 table[index + 1] = alloc | (zero << fmt.SUBCLUSTER_ZERO_SHIFT)
-            self._l2.mark_dirty(l2_offset)
+            cmap.mark_dirty(guest_cluster)
             pos += n
 
-    def _drop_cluster_reference(self, entry: int) -> None:
+    def drop_cluster_reference(self, entry: int) -> None:
+        """Queue the decrement of whatever a (dropped) L2 entry pointed to."""
         if entry & fmt.OFLAG_COMPRESSED:
-            for host, count in self._compressed_clusters(entry):
-                self._refs.free_later(host, count)
+            for host, count in self._geo.compressed_clusters(entry):
+                self._alloc.free_later(host, count)
             return
         host = entry & fmt.L2E_OFFSET_MASK
         if host:
-            self._refs.free_later(host, 1)
+            self._alloc.free_later(host, 1)
+
+    def clear_entry(self, guest_cluster: int) -> None:
+        """Unmap one guest cluster (shrinking): its entry and bitmap become 0."""
+        if self._cmap.l2_table(guest_cluster >> self._geo.l2_bits) is None:
+            return
+        entry, _ = self._cmap.entry_words(guest_cluster)
+        if entry or self._geo.extended_l2:
+            table, index = self._cmap.l2_for_write(guest_cluster)
+            self.drop_cluster_reference(entry)
+            table[index] = 0
+            if self._geo.extended_l2:
+                table[index + 1] = 0
+            self._cmap.mark_dirty(guest_cluster)
+
+    # -- compressed writes -------------------------------------------------------------------
+    def write_compressed_cluster(self, guest_cluster: int, packed: bytes) -> None:
+        """Store compressed data for an unallocated guest cluster (the caller checked)."""
+        host = self._alloc.allocate_compressed(len(packed))
+        self._files.image.pwrite(host, packed)
+        table, index = self._cmap.l2_for_write(guest_cluster)
+        table[index] = fmt.compressed_entry(host, len(packed), self._geo.cluster_bits)
+        if self._geo.extended_l2:
+            table[index + 1] = 0
+        self._cmap.mark_dirty(guest_cluster)
