@@ -167,6 +167,7 @@ class Virtqueue:
             _check_contiguous(memory, address, length, what)
         self.memory = memory
         self.size = size
+        self.parts = (desc_addr, driver_addr, device_addr)  # guest addresses, checked above
         self.event_idx = event_idx
         self.indirect = indirect
         self._ram = GuestRam(memory)
@@ -236,17 +237,35 @@ class Virtqueue:
         The index is consumed before each chain is walked, so a malformed chain is not seen
         again after the driver resets the queue.
         """
-        avail_idx = self._avail_idx()
-        pending = (avail_idx - self.next_avail) & 0xFFFF
-        if pending > self.size:
-            raise VirtqueueError(
-                f"available index moved from {self.next_avail} to {avail_idx}: "
-                f"more than the queue size {self.size} (§2.7.6)"
-            )
+        avail_idx = self._checked_avail_idx()
         while self.next_avail != avail_idx:
             head = self._avail[2 + self.next_avail % self.size]
             self.next_avail = (self.next_avail + 1) & 0xFFFF
             yield self.walk_chain(head)
+
+    def take_available(self) -> DescriptorChain | None:
+        """The next available chain, or None: one step of iter_available, with its checks."""
+        if self._checked_avail_idx() == self.next_avail:
+            return None
+        head = self._avail[2 + self.next_avail % self.size]
+        self.next_avail = (self.next_avail + 1) & 0xFFFF
+        return self.walk_chain(head)
+
+    def _checked_avail_idx(self) -> int:
+        avail_idx = self._avail_idx()
+        if (avail_idx - self.next_avail) & 0xFFFF > self.size:
+            raise VirtqueueError(
+                f"available index moved from {self.next_avail} to {avail_idx}: "
+                f"more than the queue size {self.size} (§2.7.6)"
+            )
+        return avail_idx
+
+    def advance(self, next_avail: int, next_used: int, completed: int) -> None:
+        """Take the positions from a fast path that completed `completed` chains in ring order
+        (each taken from the available ring and added to the used ring, as add_used does)."""
+        self.next_avail = next_avail & 0xFFFF
+        self.next_used = next_used & 0xFFFF
+        self._used_since_interrupt += completed
 
     def rearm(self) -> bool:
         """Ask the driver for a notification on the next buffer; True if more arrived meanwhile.
