@@ -22,6 +22,7 @@ import time
 
 from _common import emit, median
 
+from hypervisor.block.tools.copying import convert
 from hypervisor.console import NullConsole
 from hypervisor.disk_spec import DiskSpec
 from hypervisor.machine import Machine
@@ -35,10 +36,10 @@ SEQUENTIAL_SIZE, RANDOM_SIZE = MiB, 4096
 MAX_DEPTH = 5  # MAX_DEPTH of the guest: 3 descriptors per request in a 16-entry queue
 
 
-def guest_run_seconds(image_path: str, guest: bytes) -> float:
+def guest_run_seconds(image_path: str, guest: bytes, image_format: str = "raw") -> float:
     """Wall-clock seconds of one run of the guest on the disk attached as `--disk` does."""
     with Machine(GUEST_MEMORY_MIB, console=NullConsole()) as machine:
-        machine.attach_disks([DiskSpec(image_path, "raw", read_only=True)])
+        machine.attach_disks([DiskSpec(image_path, image_format, read_only=True)])
         machine.load_raw_bytes(guest, GUEST_BASE)
         start = time.perf_counter()
         result = machine.run(timeout=300)
@@ -48,14 +49,17 @@ def guest_run_seconds(image_path: str, guest: bytes) -> float:
     return elapsed
 
 
-def guest_round(image_path: str, long_guest: bytes, short_guest: bytes, c_path: bool) -> float:
+def guest_round(
+    image_path: str, long_guest: bytes, short_guest: bytes, c_path: bool, image_format: str = "raw"
+) -> float:
     """Seconds the device took for the requests the long run makes beyond the short one: the
     difference of the two runs, so starting the vCPU, probing the device and setting up the
     queue (the same in both) are not counted, and nothing is wrapped around the backend (the C
     path takes only a plain raw file)."""
     VirtioBlock.use_c_path = c_path
     try:
-        return guest_run_seconds(image_path, long_guest) - guest_run_seconds(image_path, short_guest)
+        long_run = guest_run_seconds(image_path, long_guest, image_format)
+        return long_run - guest_run_seconds(image_path, short_guest, image_format)
     finally:
         VirtioBlock.use_c_path = True
 
@@ -92,7 +96,7 @@ def main() -> None:
     except (OSError, RuntimeError) as error:
         raise SystemExit(f"cannot build the test guest virtio_blk: {error}") from None
 
-    keys = ("seq_c", "seq_py", "seq_host", "rand_c", "rand_py", "rand_host")
+    keys = ("seq_c", "seq_py", "seq_qcow2", "seq_host", "rand_c", "rand_py", "rand_qcow2", "rand_host")
     times: dict[str, list[float]] = {key: [] for key in keys}
     with tempfile.TemporaryDirectory() as tmp:
         image_path = os.path.join(tmp, "bench.raw")
@@ -100,6 +104,9 @@ def main() -> None:
             for _ in range(args.disk_mib):
                 image.write(os.urandom(MiB))
         disk = args.disk_mib * MiB
+        # The same data as a fully allocated qcow2 (random data: every cluster is stored).
+        qcow2_path = os.path.join(tmp, "bench.qcow2")
+        convert(image_path, qcow2_path, "raw", "qcow2", False, {})
         sequential_offsets = [(i * SEQUENTIAL_SIZE) % disk for i in range(requests)]
         random_offsets = [random.randrange(disk // RANDOM_SIZE) * RANDOM_SIZE for _ in range(requests)]
         host_round(image_path, SEQUENTIAL_SIZE, sequential_offsets)  # warm the page cache
@@ -107,12 +114,15 @@ def main() -> None:
             for name, mode, size, offsets in (("seq", MODE_SEQUENTIAL, SEQUENTIAL_SIZE, sequential_offsets),
                                               ("rand", MODE_RANDOM, RANDOM_SIZE, random_offsets)):  # fmt: skip
                 times[f"{name}_host"].append(host_round(image_path, size, offsets))
-                for path, c_path in (("c", True), ("py", False)):
-                    seconds = guest_round(image_path, guests[mode, args.count], guests[mode, short], c_path)
+                for path, c_path, disk_path, image_format in (("c", True, image_path, "raw"),
+                                                              ("py", False, image_path, "raw"),
+                                                              ("qcow2", True, qcow2_path, "qcow2")):  # fmt: skip
+                    long_guest, short_guest = guests[mode, args.count], guests[mode, short]
+                    seconds = guest_round(disk_path, long_guest, short_guest, c_path, image_format)
                     times[f"{name}_{path}"].append(max(seconds, 1e-9))
 
     rate = {key: requests / median(values) for key, values in times.items()}  # requests per second
-    seq = {key: rate[f"seq_{key}"] * SEQUENTIAL_SIZE / MiB for key in ("c", "py", "host")}  # MB/s
+    seq = {key: rate[f"seq_{key}"] * SEQUENTIAL_SIZE / MiB for key in ("c", "py", "qcow2", "host")}  # MB/s
     print(f"{requests} reads per round beyond a run of {short}, {args.rounds} rounds (medians), {depth} in flight, "
           f"page cache warm")  # fmt: skip
     print(f"sequential 1 MiB: C path {seq['c']:9.1f} MB/s  Python path {seq['py']:9.1f} MB/s  "
@@ -120,6 +130,9 @@ def main() -> None:
     print(f"random 4 KiB:     C path {rate['rand_c']:9.0f} IOPS  Python path {rate['rand_py']:9.0f} IOPS  "
           f"host preadv {rate['rand_host']:9.0f} IOPS  ratio {rate['rand_c'] / rate['rand_host']:.3f} "
           f"(target >= 0.25)")  # fmt: skip
+    print(f"qcow2, fully allocated (Python path): sequential {seq['qcow2']:9.1f} MB/s, ratio "
+          f"{seq['qcow2'] / seq['host']:.3f}; random {rate['rand_qcow2']:9.0f} IOPS, ratio "
+          f"{rate['rand_qcow2'] / rate['rand_host']:.3f}")  # fmt: skip
     emit({
         "seq_read_mb_s": round(seq["c"], 1),
         "seq_read_mb_s_python": round(seq["py"], 1),
@@ -132,6 +145,8 @@ def main() -> None:
         "rand_read_ratio": round(rate["rand_c"] / rate["rand_host"], 4),
         "rand_read_ratio_python": round(rate["rand_py"] / rate["rand_host"], 4),
         "c_over_python_rand": round(rate["rand_c"] / rate["rand_py"], 2),
+        "qcow2_seq_read_ratio": round(seq["qcow2"] / seq["host"], 3),
+        "qcow2_rand_read_ratio": round(rate["rand_qcow2"] / rate["rand_host"], 4),
         "depth": depth,
         "count": args.count,
         "rounds": args.rounds,
