@@ -38,13 +38,6 @@ DEFAULT_CMDLINE = "console=ttyS0 earlyprintk=ttyS0 reboot=k panic=-1"
 # patch (guest_images/README.md) to keep x87 instructions out of kernel mode from the start;
 # other kernels pass the unknown word on to init, which ignores it.
 PVM_CMDLINE = "noxsave pyhv.pvm"
-# Only for the bundled guest on kvm_pvm (a user's kernel gets what it asks for): hide ERMS and
-# FSRM (Linux feature numbers 9*32+9 and 18*32+4) so memset, memcpy and clear_page use
-# `rep stosq`/`rep movsq` instead of `rep stosb`/`rep movsb`. KVM's emulator pays per iteration,
-# so that is up to 8 times fewer iterations; `pyhv run` to `Run /init` 36.5 s -> 30.4 s here
-# (docs/performance.md, "Linux boot"). Hiding REP_GOOD (112) as well brings back the unrolled
-# loops and was slower (36.8 s). CPUID cannot hide them on kvm_pvm, only the kernel's clearcpuid=.
-BUNDLED_GUEST_PVM_CMDLINE = "clearcpuid=297,580"
 DEFAULT_LINUX_MEMORY_MIB = 256
 DEFAULT_RAW_MEMORY_MIB = 16
 
@@ -186,7 +179,6 @@ def create_machine(
     from hypervisor.boot.loader import prepare_kernel
 
     kernel_path, initrd_path = options.kernel, options.initrd
-    bundled = kernel_path is None
     if kernel_path is None:
         kernel_path, default_initrd = default_guest()
         initrd_path = initrd_path or default_initrd
@@ -214,7 +206,7 @@ def create_machine(
         if kind == "multiboot":
             cmdline, windows = options.append or "", []
         else:
-            cmdline = linux_cmdline(options.append, pvm, options.root, bundled=bundled)
+            cmdline = linux_cmdline(options.append, pvm, options.root)
             windows = _attach_disks(machine, options.disks, disks)
         image = prepare_kernel(machine.memory, layout, kernel, cmdline, initrd, options.cpus, windows,
                                entry="pvh" if options.pvh else "auto", name=str(kernel_path),
@@ -230,14 +222,11 @@ def create_machine(
     return machine, info
 
 
-def linux_cmdline(append: str | None, pvm: bool, root: str | None, bundled: bool = False) -> str:
-    """pyhv's defaults, the kvm_pvm fallback (and, for the bundled guest, its speed-ups there),
-    root=, then the user's own words (which win)."""
+def linux_cmdline(append: str | None, pvm: bool, root: str | None) -> str:
+    """pyhv's defaults, the kvm_pvm fallback, root=, then the user's own words (which win)."""
     parts = [DEFAULT_CMDLINE]
     if pvm:
         parts.append(PVM_CMDLINE)
-        if bundled:
-            parts.append(BUNDLED_GUEST_PVM_CMDLINE)
     if root:
         parts.append(f"root={root} rootwait")
     if append:
