@@ -189,3 +189,11 @@ int pyhv_blk_process(struct pyhv_blk_queue *q)
     q->next_used = next_used;
     return result;
 }
+
+uint32_t pyhv_store16_then_load16(uint64_t store_address, uint32_t value, uint64_t load_address)
+{
+    /* A sequentially consistent store is an XCHG on x86: nothing after it, the load included,
+     * is done before the store is visible to the driver's vCPU. */
+    __atomic_store_n((uint16_t *)(uintptr_t)store_address, (uint16_t)value, __ATOMIC_SEQ_CST);
+    return __atomic_load_n((const uint16_t *)(uintptr_t)load_address, __ATOMIC_SEQ_CST);
+}

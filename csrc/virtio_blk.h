@@ -51,6 +51,9 @@ struct pyhv_blk_queue {
 #define PYHV_BLK_WHY_IO 5          /* the transfer failed or was short */
 
 int pyhv_blk_process(struct pyhv_blk_queue *queue);
+/* Store a 16-bit ring field, then load another, with a full barrier between (x86 may otherwise
+ * let the load pass the store): the device's half of notification suppression (§2.7.10). */
+uint32_t pyhv_store16_then_load16(uint64_t store_address, uint32_t value, uint64_t load_address);
 /* PYHV_CFFI_END */
 
 #endif

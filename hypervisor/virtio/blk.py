@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from hypervisor.block.backend import BlockBackend
 from hypervisor.block.raw import RawFile
 from hypervisor.errors import ConfigError
-from hypervisor.kvm.virtio_blk_c import MAX_REGIONS, BlkFastQueue, RamRegion
+from hypervisor.kvm.virtio_c import MAX_REGIONS, BlkFastQueue, RamRegion
 from hypervisor.virtio.blk_request import (
     ID_BYTES,
     SECTOR_SIZE,

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from hypervisor.errors import HypervisorError
+from hypervisor.kvm.virtio_c import store_then_load_u16
 from hypervisor.memory.guest_memory import GuestMemory
 from hypervisor.virtio.spec import (
     AVAIL_F_NO_INTERRUPT,
@@ -25,6 +26,7 @@ from hypervisor.virtio.spec import (
     MAX_CHAIN_BYTES,
     MAX_QUEUE_SIZE,
     USED_ELEMENT_SIZE,
+    USED_F_NO_NOTIFY,
 )
 
 log = logging.getLogger(__name__)
@@ -185,6 +187,11 @@ class Virtqueue:
         self.next_used = 0  # the used ring index we publish next (free-running u16)
         self._signalled_used: int | None = None  # next_used when we last decided to interrupt
         self._used_since_interrupt = 0
+        # While the I/O thread polls the ring it asks the driver not to notify (§2.7.7, §2.7.10).
+        self._notifications = True
+        self._used_flags_host = memory.host_address(device_addr, 2)
+        self._avail_idx_host = memory.host_address(driver_addr + 2, 2)
+        self._avail_event_host = memory.host_address(device_addr + 2 * self._avail_event_index, 2)
 
     # ---- state as data (snapshots; hypervisor/devices/state.py) ----
 
@@ -274,9 +281,32 @@ class Virtqueue:
         buffer after our last read of avail.idx but before it sees the new avail_event, so the
         index is read again after publishing it and the caller loops while this returns True.
         """
-        if self.event_idx:
+        if self.event_idx and self._notifications:
             self._used16[self._avail_event_index] = self.next_avail
         return self._avail_idx() != self.next_avail
+
+    def set_notifications(self, enabled: bool) -> bool:
+        """Ask the driver to notify on new buffers again, or not to while the device polls the
+        ring anyway; True when buffers are available (after turning notifications back on the
+        device must look again: the driver may have added one without notifying meanwhile).
+
+        Without VIRTIO_F_EVENT_IDX this is VIRTQ_USED_F_NO_NOTIFY in used.flags (§2.7.7); with
+        it, avail_event is left behind while polling and set to the next index when turned back
+        on (§2.7.10), as QEMU's virtio_queue_set_notification does. The re-enabling store and
+        the load of avail.idx after it are fenced (on x86 the load could pass the store, and the
+        driver's fenced check of the flag on its side would then miss this one).
+        """
+        self._notifications = enabled
+        if not enabled:
+            if not self.event_idx:
+                self._used16[0] = self._used16[0] | USED_F_NO_NOTIFY
+            return self.has_available()
+        if self.event_idx:
+            avail_idx = store_then_load_u16(self._avail_event_host, self.next_avail, self._avail_idx_host)
+        else:
+            flags = self._used16[0] & ~USED_F_NO_NOTIFY
+            avail_idx = store_then_load_u16(self._used_flags_host, flags, self._avail_idx_host)
+        return avail_idx != self.next_avail
 
     # ---- descriptor chains ----
 

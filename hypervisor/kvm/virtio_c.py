@@ -1,4 +1,5 @@
-"""The C fast path of virtio-blk (csrc/virtio_blk.h): read and write requests on a raw file.
+"""The virtio devices' C helpers (csrc/virtio_blk.h): virtio-blk's read and write requests on a
+raw file, and the fenced store-then-load of notification suppression.
 
 Lives with the other wrappers of the compiled module (only this layer imports it). It knows
 nothing of virtqueues or block backends: the caller (hypervisor/virtio/blk.py) hands it plain
@@ -88,3 +89,11 @@ class BlkFastQueue:
             queue.completed - before,
             DECLINE_REASONS.get(queue.declined, "unknown"),
         )
+
+
+def store_then_load_u16(store_address: int, value: int, load_address: int) -> int:
+    """Store the 16-bit `value` at host address `store_address`, then load the 16-bit value at
+    `load_address`, with a full memory barrier between the two (virtio 1.2 §2.7.10: a device
+    that re-enables notifications must then look at the available index again, and on x86 only
+    a barrier keeps that load from passing the store)."""
+    return int(lib.pyhv_store16_then_load16(store_address, value, load_address))
