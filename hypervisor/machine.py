@@ -41,7 +41,7 @@ from hypervisor.vcpu.events import ExitEvent
 from hypervisor.vcpu.pvm import PvmEmulator
 from hypervisor.vcpu.runner import Emulator, ExitHook, VcpuRunner
 from hypervisor.vcpu.setup import apply_entry_state, configure_boot_msrs, configure_lapic
-from hypervisor.vcpu.stats import merge_statistics, vcpu_statistics
+from hypervisor.vcpu.stats import RunStatistics, VcpuStatistics, merge_statistics, vcpu_statistics
 
 if TYPE_CHECKING:
     from hypervisor.block.backend import BlockBackend
@@ -115,8 +115,8 @@ class AttachedDisk:
 class RunResult:
     outcome: Outcome
     wall_seconds: float
-    statistics: dict[str, object]
-    per_vcpu: list[dict[str, object]] = field(default_factory=list)
+    statistics: RunStatistics
+    per_vcpu: list[VcpuStatistics] = field(default_factory=list)
     # Linux guests: the kernel's trouble reports seen on the console (hypervisor.debug.kernel_log).
     kernel_reports: dict[str, object] | None = None
 
@@ -562,6 +562,10 @@ class Machine:
     def start(self, paused: bool = False) -> None:
         """Starts the vCPU threads (and the console); `wait` collects the outcome. With `paused`,
         every vCPU parks before its first instruction until `resume()` (a debugger attaches)."""
+        if self._threads:
+            # A second start would run a second thread on every vCPU: the two share one kvm_run
+            # and one kick, so a pause waits for threads that never park and close() hangs.
+            raise RuntimeError("this machine was already started; start() runs once per machine")
         if paused:
             self.control.pause(wait=False)  # held by "user" until resume()
         # A machine started for a debugger, a tracer, a post-mortem history or an output
@@ -636,10 +640,9 @@ class Machine:
         assert outcome is not None
         outcome = self.observer.explain(outcome)
         per_vcpu = [vcpu_statistics(vcpu) for vcpu in self.vcpus]
-        statistics = merge_statistics(per_vcpu)
         # COM1 accesses the C loop served (counted among the exits handled in C).
-        statistics["uart_thr_writes_in_c"] = self.uart_buffer.bytes_taken if self.uart_buffer else 0
-        statistics["uart_lsr_reads_in_c"] = self.uart_buffer.line_status_reads if self.uart_buffer else 0
+        uart = self.uart_buffer
+        statistics = merge_statistics(per_vcpu, uart.bytes_taken if uart else 0, uart.line_status_reads if uart else 0)
         self._warn_about_unmapped(statistics)
         reports = self.observer.kernel_log.reports.to_dict() if self.observer.linux_rules else None
         return RunResult(outcome, wall, statistics, per_vcpu, reports)
@@ -679,7 +682,7 @@ class Machine:
         temporary folder removed at close)."""
         from hypervisor.snapshot.machine_state import restore_machine
 
-        return restore_machine(path, console, verify_memory=verify_memory, disk_overlay=disk_overlay)
+        return restore_machine(cls, path, console, verify_memory=verify_memory, disk_overlay=disk_overlay)
 
     def _exit_count(self) -> int:
         return sum(vcpu.run_calls for vcpu in self.vcpus)
@@ -804,8 +807,8 @@ class Machine:
                 log.error("vCPU thread %s did not stop within %g s", thread.name, STOP_GRACE_SECONDS)
 
     @staticmethod
-    def _warn_about_unmapped(statistics: dict[str, object]) -> None:
-        ports = int(statistics["pio_unmapped_reads"]) + int(statistics["pio_unmapped_writes"])  # type: ignore[call-overload]
+    def _warn_about_unmapped(statistics: RunStatistics) -> None:
+        ports = statistics["pio_unmapped_reads"] + statistics["pio_unmapped_writes"]
         if ports:
             log.warning(
                 "the guest made %d accesses to ports with no device (first at %#x): reads "
@@ -813,7 +816,7 @@ class Machine:
                 ports,
                 statistics["first_unmapped_port"],
             )
-        mmio = int(statistics["mmio_unmapped_reads"]) + int(statistics["mmio_unmapped_writes"])  # type: ignore[call-overload]
+        mmio = statistics["mmio_unmapped_reads"] + statistics["mmio_unmapped_writes"]
         if mmio:
             log.warning(
                 "the guest made %d accesses to MMIO addresses with no device (first at %#x): "

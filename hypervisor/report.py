@@ -39,12 +39,11 @@ def build_report(
         "exits": {
             "total": stats["total_exits"],
             "by_reason": stats["exits_by_reason"],
-            "handled_in_c": int(stats["total_exits"]) - int(stats["python_exits"]),  # type: ignore[call-overload]
+            "handled_in_c": stats["total_exits"] - stats["python_exits"],
             "handled_in_python": stats["python_exits"],
-            "serial_in_c": {"thr_writes": stats.get("uart_thr_writes_in_c", 0),
-                            "lsr_reads": stats.get("uart_lsr_reads_in_c", 0)},  # fmt: skip
-            "unmapped_port_accesses": int(stats["pio_unmapped_reads"]) + int(stats["pio_unmapped_writes"]),  # type: ignore[call-overload]
-            "unmapped_mmio_accesses": int(stats["mmio_unmapped_reads"]) + int(stats["mmio_unmapped_writes"]),  # type: ignore[call-overload]
+            "serial_in_c": {"thr_writes": stats["uart_thr_writes_in_c"], "lsr_reads": stats["uart_lsr_reads_in_c"]},
+            "unmapped_port_accesses": stats["pio_unmapped_reads"] + stats["pio_unmapped_writes"],
+            "unmapped_mmio_accesses": stats["mmio_unmapped_reads"] + stats["mmio_unmapped_writes"],
             "first_unmapped_port": stats["first_unmapped_port"],
             "first_unmapped_mmio": stats["first_unmapped_mmio"],
             "kicks": stats["kicks"],

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypedDict
 
-from hypervisor.debug.trace import exit_record
+from hypervisor.debug.trace import ExitRecord, exit_record
 from hypervisor.errors import HypervisorError
 from hypervisor.outcome import POST_MORTEM_EXIT_HISTORY, Outcome
 
@@ -55,6 +55,14 @@ class MemoryLike(Protocol):
     def read(self, gpa: int, size: int) -> bytes: ...
 
 
+class StackEntry(TypedDict):
+    """A word on the stack that points into kernel text: a candidate return address."""
+
+    address: int  # where on the stack (linear)
+    value: int
+    symbol: str  # "func+0x1c/0x80"
+
+
 @dataclass
 class VcpuPostMortem:
     index: int
@@ -65,7 +73,7 @@ class VcpuPostMortem:
     code_error: str = ""
     disassembly: list[str] = field(default_factory=list)
     rip_symbol: str = ""
-    stack: list[dict[str, object]] = field(default_factory=list)  # [{"address", "value", "symbol"}]
+    stack: list[StackEntry] = field(default_factory=list)
     error: str = ""
 
     def to_dict(self) -> dict[str, object]:
@@ -88,7 +96,7 @@ class VcpuPostMortem:
 class PostMortem:
     outcome: Outcome
     vcpus: list[VcpuPostMortem]
-    exits: list[dict[str, object]]
+    exits: list[ExitRecord]
     exit_history_kept: bool
     console_tail: bytes
     symbols: str = ""  # where symbols came from, if any
@@ -184,11 +192,11 @@ def disassemble(code: bytes, address: int, bits: int, limit: int = 4) -> list[st
 
 def stack_return_addresses(
     vcpu: VcpuLike, memory: MemoryLike, rsp: int, word: int, symbols: SymbolTable, limit: int = 16
-) -> list[dict[str, object]]:
+) -> list[StackEntry]:
     """Words on the stack from RSP up that point into a text symbol: candidate return addresses
     (the kernel's own oops "Call Trace" finds them the same way without frame pointers)."""
     data, _ = read_linear(vcpu, memory, rsp, STACK_WORDS * word)
-    found: list[dict[str, object]] = []
+    found: list[StackEntry] = []
     for position in range(0, len(data) - word + 1, word):
         value = int.from_bytes(data[position : position + word], "little")
         if value and symbols.is_text(value):
@@ -227,7 +235,7 @@ def console_tail(observer: ConsoleObserver) -> bytes:
     return observer.tail()
 
 
-def exit_records(history: Iterable[ExitEvent] | None) -> list[dict[str, object]]:
+def exit_records(history: Iterable[ExitEvent] | None) -> list[ExitRecord]:
     """The kept exits as trace objects (without times: the history keeps none)."""
     records = []
     for event in history or ():

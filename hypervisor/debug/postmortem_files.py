@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Literal
 
 from hypervisor.debug.postmortem import PostMortem, VcpuPostMortem
+from hypervisor.debug.trace import ExitRecord
 from hypervisor.errors import ConfigError
 
 POST_MORTEM_FILES = ("report.json", "regs.txt", "exits.jsonl", "console.txt")
@@ -15,6 +17,9 @@ SUMMARY_EXITS = 8  # exits shown on stderr; exits.jsonl has them all
 SUMMARY_CONSOLE_LINES = 10
 _GPR_ROWS = (("rax", "rbx", "rcx", "rdx"), ("rsi", "rdi", "rsp", "rbp"), ("r8", "r9", "r10", "r11"),
              ("r12", "r13", "r14", "r15"), ("rip", "rflags"))  # fmt: skip
+# What an exit line shows after the access, for the kinds that have it.
+_DETAIL_KEYS: tuple[Literal["instruction", "suberror", "reason", "exception"], ...] = (
+    "instruction", "suberror", "reason", "exception")  # fmt: skip
 
 
 def check_post_mortem_dir(path: Path) -> Path:
@@ -48,21 +53,21 @@ def _register_lines(vcpu: VcpuPostMortem) -> list[str]:
     lines.extend(f"    {line}" for line in vcpu.disassembly)
     if vcpu.stack:
         lines.append("  return addresses on the stack:")
-        lines.extend(f"    [{entry['address']:#x}] {entry['value']:#x} {entry['symbol']}" for entry in vcpu.stack)  # type: ignore[str-format]
+        lines.extend(f"    [{entry['address']:#x}] {entry['value']:#x} {entry['symbol']}" for entry in vcpu.stack)
     return lines
 
 
-def _exit_line(record: dict[str, object]) -> str:
-    parts = [f"vcpu{record['vcpu']}", str(record["kind"])]
+def _exit_line(record: ExitRecord) -> str:
+    parts = [f"vcpu{record['vcpu']}", record["kind"]]
     if "port" in record:
-        parts.append(f"{record['dir']} port={int(record['port']):#x}")  # type: ignore[call-overload]
+        parts.append(f"{record['dir']} port={record['port']:#x}")
     elif "addr" in record:
-        parts.append(f"{record['dir']} addr={int(record['addr']):#x}")  # type: ignore[call-overload]
+        parts.append(f"{record['dir']} addr={record['addr']:#x}")
     if "data" in record:
         parts.append(f"data={record['data']}")
     if "meaning" in record:
         parts.append(f"({record['meaning']})")
-    for key in ("instruction", "suberror", "reason", "exception"):
+    for key in _DETAIL_KEYS:
         if key in record:
             parts.append(f"{key}={record[key]}")
     return " ".join(parts)

@@ -24,8 +24,8 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
-from typing import IO, TYPE_CHECKING
+from collections.abc import Callable, Mapping, Sequence
+from typing import IO, TYPE_CHECKING, TypedDict
 
 from hypervisor.debug.device_meaning import device_meaning
 from hypervisor.errors import HypervisorError
@@ -46,6 +46,7 @@ from hypervisor.vcpu.events import (
 
 if TYPE_CHECKING:
     from hypervisor.machine import RunResult
+    from hypervisor.vcpu.stats import Counter
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ TRACE_FORMAT = "pyhv-exit-trace"
 TRACE_VERSION = 1
 # The C loop's counters of exits it completed without Python (hypervisor/vcpu/stats.py), with the
 # kind, device and register a summary files them under.
-C_PATH_COUNTERS = {
+C_PATH_COUNTERS: dict[Counter, tuple[str, str, str]] = {
     "pio_sink": ("io", "sink", "write or read"),
     "mmio_sink": ("mmio", "sink", "write or read"),
     "pio_unmapped_reads": ("io", "unmapped port", "read"),
@@ -65,9 +66,44 @@ C_PATH_COUNTERS = {
 }
 
 
-def exit_record(event: ExitEvent, t: float, device: object = None, rip: int | None = None) -> dict[str, object]:
+class _ExitRecordKeys(TypedDict):
+    type: str  # "exit"
+    vcpu: int
+    kind: str  # ExitEvent.kind: "io", "mmio", "shutdown", ...
+
+
+class ExitRecord(_ExitRecordKeys, total=False):
+    """One exit as the trace (and a post-mortem's exits.jsonl) writes it; which keys appear depends
+    on the exit's kind (docs/debugging.md, "Exit traces"). A TypedDict: a plain dict at run time,
+    with the keys' types for mypy."""
+
+    t: float  # seconds since the run started (a post-mortem's history keeps no times)
+    rip: int
+    port: int  # io
+    addr: int  # mmio
+    dir: str  # "in" or "out" (io), "read" or "write" (mmio)
+    size: int
+    count: int  # accesses of a rep ins/outs, when more than one
+    data: str | list[str]  # io and mmio: the bytes in hex; internal-error: the data words
+    device: str | None
+    register: str
+    meaning: str
+    exception: int
+    pc: int
+    dr6: int
+    dr7: int
+    instruction: str
+    suberror: int
+    event_type: int
+    hardware_reason: int
+    errno: int
+    reason: str
+    host_ns: int
+
+
+def exit_record(event: ExitEvent, t: float, device: object = None, rip: int | None = None) -> ExitRecord:
     """The JSON object of one exit (without serialising it): shared by the trace and post-mortems."""
-    record: dict[str, object] = {"type": "exit", "t": round(t, 6), "vcpu": event.vcpu, "kind": event.kind}
+    record: ExitRecord = {"type": "exit", "t": round(t, 6), "vcpu": event.vcpu, "kind": event.kind}
     if rip is not None:
         record["rip"] = rip
     if isinstance(event, (PortIo, MmioAccess)):
@@ -87,11 +123,16 @@ def exit_record(event: ExitEvent, t: float, device: object = None, rip: int | No
             record["register"] = meaning.register
             record["meaning"] = str(meaning)
     elif isinstance(event, DebugTrap):
-        record.update(exception=event.exception, pc=event.pc, dr6=event.dr6, dr7=event.dr7)
+        record["exception"] = event.exception
+        record["pc"] = event.pc
+        record["dr6"] = event.dr6
+        record["dr7"] = event.dr7
     elif isinstance(event, EmulationFailure):
-        record.update(instruction=event.instruction.hex(), rip=event.rip)
+        record["instruction"] = event.instruction.hex()
+        record["rip"] = event.rip
     elif isinstance(event, InternalError):
-        record.update(suberror=event.suberror, data=[f"{word:#x}" for word in event.data])
+        record["suberror"] = event.suberror
+        record["data"] = [f"{word:#x}" for word in event.data]
     elif isinstance(event, SystemEvent):
         record["event_type"] = event.type
     elif isinstance(event, EntryFailure):
@@ -150,13 +191,13 @@ class JsonTracer:
                              "count": emulated})  # fmt: skip
         for index, stats in enumerate(result.per_vcpu):
             for counter, (kind, device, register) in C_PATH_COUNTERS.items():
-                count = int(stats.get(counter, 0) or 0)  # type: ignore[call-overload]
+                count = stats[counter]
                 if count:
                     self._write({"type": "aggregate", "vcpu": index, "counter": counter, "kind": kind,
                                  "device": device, "register": register, "count": count})  # fmt: skip
         self._write({"type": "end", "outcome": result.outcome.kind.value, "wall_seconds": round(result.wall_seconds, 3),
-                     "total_exits": result.statistics.get("total_exits"),
-                     "python_exits": result.statistics.get("python_exits"), "traced": self.records})  # fmt: skip
+                     "total_exits": result.statistics["total_exits"],
+                     "python_exits": result.statistics["python_exits"], "traced": self.records})  # fmt: skip
         self.flush()
 
     def flush(self) -> None:
@@ -167,7 +208,7 @@ class JsonTracer:
                 except (OSError, ValueError) as error:
                     self.stop(error)
 
-    def _write(self, record: dict[str, object]) -> None:
+    def _write(self, record: Mapping[str, object]) -> None:
         line = _ENCODE(record) + "\n"
         with self._lock:
             if self.failed is not None:

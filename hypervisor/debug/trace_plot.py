@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hypervisor.debug.trace_summary import TraceFile, group_key
+from hypervisor.debug.trace_summary import TraceFile, counted_exits, group_key
 from hypervisor.errors import ConfigError
 
 DEFAULT_BINS = 100
@@ -22,10 +22,10 @@ def exit_series(
     trace: TraceFile, by: str = "reason", bins: int = DEFAULT_BINS
 ) -> tuple[list[float], dict[str, list[float]]]:
     """Bin centres (seconds) and, per group, exits per second in each bin."""
-    exits = [record for record in trace.records if record["type"] == "exit"]
+    exits = [record for record in trace.records if not record.aggregate]
     if not exits:
         return [], {}
-    times = [float(record["t"]) for record in exits]  # type: ignore[arg-type]
+    times = [record.t for record in exits]
     end = max(max(times), 1e-6)
     width = end / bins
     counts: dict[str, list[int]] = {}
@@ -67,7 +67,7 @@ def plot_trace(trace: TraceFile, output: Path, by: str = "reason", title: str | 
     centres, series = exit_series(trace, by)
     if not series:
         raise ConfigError("the trace holds no exits to plot")
-    counted = sum(int(record["count"]) for record in trace.records if record["type"] == "aggregate")  # type: ignore[call-overload]
+    counted = counted_exits(trace)
     figure, axes = plt.subplots(figsize=(9, 4.5), dpi=100)
     try:
         for key, rates in series.items():

@@ -6,7 +6,10 @@ Aggregates (the C fast path's sink ports and unmapped accesses, the instructions
 ran) add samples without times, as "io (counted)" and the like.
 
 A trace is untrusted input: lines that are not JSON objects of the format (a truncated last line
-after a crash, a hand-edited file) are counted and reported in one line, never a traceback.
+after a crash, a hand-edited file) are counted and reported in one line, never a traceback. Exit
+and aggregate lines are checked field by field into TraceRecords as they are read, so a line with
+a field of the wrong type (a string vCPU, a boolean count) or an impossible value (a negative count,
+a NaN time) is one of those bad lines too, and the summary and the plot read only typed fields.
 """
 
 from __future__ import annotations
@@ -24,9 +27,26 @@ GROUPINGS = ("reason", "device", "register")
 MAX_LINE_BYTES = 1 << 16  # an exit line is ~300 bytes; a longer "line" is not one of ours
 
 
+@dataclass(frozen=True, slots=True)
+class TraceRecord:
+    """An exit or aggregate line of a trace, checked when it is read (`trace_record`): the fields
+    the summary and the plot use, each of the type the tracer writes."""
+
+    aggregate: bool  # an "aggregate" line (exits only counted), else an "exit" line
+    vcpu: int
+    kind: str  # "io", "mmio", "shutdown", "emulation", ...
+    count: int = 1  # exits the line stands for: an aggregate's counter, 1 for an exit line
+    t: float = 0.0  # an exit's seconds since the run started
+    host_ns: int = 0  # an exit's host time
+    direction: str | None = None  # "in", "out", "read", "write"
+    device: str | None = None
+    register: str | None = None
+    where: int | None = None  # the exit's port or address
+
+
 @dataclass
 class TraceFile:
-    records: list[dict[str, object]]
+    records: list[TraceRecord]
     bad_lines: int = 0
     header: dict[str, object] | None = None
     end: dict[str, object] | None = None
@@ -73,8 +93,8 @@ def parse_trace(lines: Iterable[bytes | str | None], name: str = "the trace") ->
             trace.header = record
         elif kind == "end":
             trace.end = record
-        elif kind in ("exit", "aggregate") and _valid(record):
-            trace.records.append(record)
+        elif kind in ("exit", "aggregate") and (checked := trace_record(record)) is not None:
+            trace.records.append(checked)
         else:
             trace.bad_lines += 1
     if trace.header is None and not trace.records:
@@ -82,16 +102,48 @@ def parse_trace(lines: Iterable[bytes | str | None], name: str = "the trace") ->
     return trace
 
 
-def _valid(record: dict[str, object]) -> bool:
-    if not isinstance(record.get("kind"), str) or not isinstance(record.get("vcpu"), int):
-        return False
-    if record["type"] == "aggregate":
-        count = record.get("count")
-        return isinstance(count, int) and count >= 0
-    host_ns, t = record.get("host_ns", 0), record.get("t", 0)
-    if not isinstance(t, (int, float)) or isinstance(t, bool) or not math.isfinite(t) or t < 0:
-        return False  # json.loads accepts NaN and Infinity
-    return isinstance(host_ns, int) and not isinstance(host_ns, bool) and host_ns >= 0
+class _BadField(ValueError):
+    """A field of a trace line with the wrong type or an impossible value."""
+
+
+def _count(value: object) -> int:
+    # bool is an int to Python, not to JSON; counts, vCPU numbers, ports and times are >= 0.
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    raise _BadField
+
+
+def _seconds(value: object) -> float:
+    # json.loads accepts NaN and Infinity, which no clock gives.
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0:
+        return float(value)
+    raise _BadField
+
+
+def _text(value: object) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    raise _BadField
+
+
+def trace_record(record: dict[str, object]) -> TraceRecord | None:
+    """The typed record of an "exit" or "aggregate" object, or None when a field the summary or
+    the plot reads is missing, of the wrong type or impossible (the line is a bad line then)."""
+    kind = record.get("kind")
+    if not isinstance(kind, str):
+        return None
+    try:
+        vcpu = _count(record.get("vcpu"))
+        device, register = _text(record.get("device")), _text(record.get("register"))
+        where = record.get("port", record.get("addr"))
+        address = None if where is None else _count(where)
+        if record["type"] == "aggregate":
+            return TraceRecord(True, vcpu, kind, _count(record.get("count")), device=device, register=register,
+                               where=address)  # fmt: skip
+        t, host_ns, direction = _seconds(record.get("t", 0)), _count(record.get("host_ns", 0)), _text(record.get("dir"))
+    except _BadField:
+        return None
+    return TraceRecord(False, vcpu, kind, 1, t, host_ns, direction, device, register, address)
 
 
 def read_trace(path: Path) -> TraceFile:
@@ -136,23 +188,20 @@ class Summary:
     total_ns: int = 0
 
 
-def group_key(record: dict[str, object], by: str) -> str:
-    kind = str(record["kind"])
-    direction = record.get("dir")
-    if record["type"] == "aggregate":
-        direction = "(counted)"
+def group_key(record: TraceRecord, by: str) -> str:
+    kind = record.kind
+    direction = "(counted)" if record.aggregate else record.direction
     reason = f"{kind} {direction}" if direction else kind
     if by == "reason":
         return reason
-    device = str(record.get("device") or ("-" if kind not in ("io", "mmio") else "unknown"))
+    device = record.device or ("-" if kind not in ("io", "mmio") else "unknown")
     if by == "device":
         return device if kind in ("io", "mmio") else kind
     if kind not in ("io", "mmio"):
         return kind
-    register = record.get("register")
+    register = record.register
     if register is None:
-        where = record.get("port", record.get("addr"))
-        register = f"{where:#x}" if isinstance(where, int) else "?"
+        register = f"{record.where:#x}" if record.where is not None else "?"
     return f"{device} {register}"
 
 
@@ -164,15 +213,12 @@ def summarize(trace: TraceFile, by: str) -> Summary:
     for record in trace.records:
         key = group_key(record, by)
         row = rows.setdefault(key, Row(key))
-        if record["type"] == "aggregate":
-            count = int(record["count"])  # type: ignore[call-overload]
-            row.add(count, None)
+        if record.aggregate:
+            row.add(record.count, None)
         else:
-            count = 1
-            host_ns = int(record.get("host_ns", 0))  # type: ignore[call-overload]
-            row.add(1, host_ns)
-            summary.total_ns += host_ns
-        summary.samples += count
+            row.add(1, record.host_ns)
+            summary.total_ns += record.host_ns
+        summary.samples += record.count
     summary.rows = sorted(rows.values(), key=lambda row: (-row.samples, row.key))
     return summary
 
@@ -199,14 +245,19 @@ def format_summary(summary: Summary) -> str:
 
 def describe_trace(trace: TraceFile) -> str:
     """One line on what the trace holds: exits, aggregates, outcome and skipped lines."""
-    exits = sum(1 for record in trace.records if record["type"] == "exit")
-    counted = sum(int(record["count"]) for record in trace.records if record["type"] == "aggregate")  # type: ignore[call-overload]
+    exits = sum(1 for record in trace.records if not record.aggregate)
+    counted = counted_exits(trace)
     text = f"{exits} traced exits, {counted} only counted (C fast path, pyhv's instruction emulator)"
     if trace.end is not None:
         text += f"; run ended with {trace.end.get('outcome')} after {trace.end.get('wall_seconds')} s"
     else:
         text += "; no end line (the run did not finish writing the trace)"
     return text
+
+
+def counted_exits(trace: TraceFile) -> int:
+    """Exits the trace only counts (its aggregate lines' counts)."""
+    return sum(record.count for record in trace.records if record.aggregate)
 
 
 def bad_lines_notice(trace: TraceFile) -> str | None:

@@ -263,12 +263,17 @@ def _check_part(folder: Path, header: dict[str, Any], name: str, verify_hash: bo
 
 
 def restore_machine(
-    path: str | os.PathLike[str], console: Console | None, verify_memory: bool = True, disk_overlay: str | None = None
+    machine_class: type[Machine],
+    path: str | os.PathLike[str],
+    console: Console | None,
+    verify_memory: bool = True,
+    disk_overlay: str | None = None,
 ) -> Machine:
-    """`disk_overlay`: the folder for each disk's fresh overlay (None: a temporary folder that
-    is removed when the machine closes)."""
-    from hypervisor.machine import Machine
-
+    """A `machine_class` (hypervisor.machine.Machine, which calls this from Machine.restore)
+    rebuilt from the folder `path`. The class is passed in so that this module, which the
+    machine imports to save itself, does not import the machine back (tests/test_import_cycles.py).
+    `disk_overlay`: the folder for each disk's fresh overlay (None: a temporary folder that is
+    removed when the machine closes)."""
     folder = Path(path)
     header = read_header(folder)
     disks = parse_records(header.get("disks", []), folder)
@@ -297,7 +302,7 @@ def restore_machine(
         raise ConfigError(f"snapshot {folder}: the header's disks have no saved device state")
     descriptor = os.open(memory_path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        machine = Machine(
+        machine = machine_class(
             int(config["memory_mib"]), cpus=cpus, console=console, debug_exit_port=int(config["debug_exit_port"]),
             debug_exit_qemu=bool(config["debug_exit_qemu"]), memory_regions=regions,
             pvm_emulation=bool(config["pvm_emulation"]), machine_type=str(config.get("machine_type", "pc")),

@@ -12,6 +12,7 @@ in RunControl.park() outside KVM_RUN, which is the acknowledgement `pause(wait=T
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -313,7 +314,7 @@ class VcpuRunner:
         if not self._notify(event, None, None):
             return False
         if action.stop is not None:
-            self.control.request_stop(action.stop)
+            self.control.request_stop(met_on_vcpu(action.stop, vcpu.id))
             return False
         return True
 
@@ -362,6 +363,14 @@ class VcpuRunner:
             detail = f"vCPU {vcpu.id}: {detail}"
         data = {"instruction": insn.hex(), "name": describe_instruction(insn, bits), "rip": rip, "vcpu": vcpu.id}
         return Outcome(OutcomeKind.EMULATION_FAILURE, detail, data=data)
+
+
+def met_on_vcpu(outcome: Outcome, vcpu_id: int) -> Outcome:
+    """`outcome` naming the vCPU whose exit ended the run (a triple fault on vCPU 1 of 2 must not
+    read as the machine's), as an emulation failure does: "vcpu" in its data (the report's
+    outcome_data), and "vCPU N: " before the detail on any vCPU but the boot one."""
+    detail = f"vCPU {vcpu_id}: {outcome.detail}" if vcpu_id else outcome.detail
+    return dataclasses.replace(outcome, detail=detail, data={**outcome.data, "vcpu": vcpu_id})
 
 
 def _safe_call(function: Callable[[ExitEvent, ExitContext], object], event: ExitEvent, context: ExitContext) -> object:

@@ -26,6 +26,8 @@ MODE_OUT_FOREVER = 2
 MODE_OUT_COUNT = 3
 MODE_MMIO_COUNT = 4
 MODE_PIO_WIDE_COUNT = 5  # 32-bit in and out at the parameter port, count times each
+MODE_SMP_COUNT = 6  # every vCPU: gate, then count 32-bit writes of its APIC ID tag + i (common.S)
+MODE_SMP_FOREVER = 7  # every vCPU: gate, then its tag forever; with a count, vCPUs > 0 then triple-fault
 
 ASSEMBLE = ["gcc", "-c", "-m64", "-nostdlib", "-ffreestanding", "-fno-pic", "-I", str(HERE)]
 COMPILE_C = [

@@ -165,8 +165,33 @@ gdt_descriptor:
  *   2: write AL to `port` forever (the exit-overhead benchmark)
  *   3: write AL to `port` `count` times, then exit
  *   4: write a u32 at MMIO_BASE `count` times, then exit
+ *   5: a 32-bit in and out at `port`, `count` times each, then exit
+ *   6: SMP count: wait at the gate (below), then write the u32 TAG + i to `port` with a 32-bit
+ *      out for i = `count` down to 1, then spin (no exit: the other vCPUs finish their own)
+ *   7: SMP forever: wait at the gate, then write the u32 TAG to `port` forever. With a nonzero
+ *      `count`, every vCPU but the one with APIC ID 0 writes TAG `count` times and then
+ *      executes ud2, which with no IDT (its entries are zero) escalates to a triple fault on
+ *      that vCPU alone: #UD, #GP for the invalid gate, #DF, shutdown (SDM Vol. 3A §6.15, int 8)
  * and exit = write the exit code byte to the debug-exit port.
+ *
+ * The SMP modes (6, 7) are run by every vCPU: the test starts the others with the boot vCPU's
+ * registers while it waits at the gate. The gate is a 32-bit in from `port` repeated while it
+ * reads 0 (the test's device opens it); then each vCPU takes TAG = its local APIC ID register
+ * (xAPIC MMIO at LAPIC_ID, the ID in bits 31:24, SDM Vol. 3A §11.4.6), so with `count` below
+ * 2^24 each value says which vCPU wrote it. The loops use no stack: the vCPUs share it.
  */
+#define LAPIC_ID 0xfee00020
+/* The SMP modes' gate (see GUEST_BODY): leaves `port` in %edx and the vCPU's TAG in %ebx. */
+.macro SMP_GATE
+    movzwl (PARAM_PORT), %edx
+1:  in %dx, %eax
+    test %eax, %eax
+    jz 1b
+    mov $LAPIC_ID, %ebx /* an absolute disp32 would sign-extend: through a register */
+    mov (%rbx), %ebx
+    and $0xff000000, %ebx
+.endm
+
 .macro GUEST_BODY greeting
     mov $\greeting, %esi
     call puts64
@@ -181,6 +206,10 @@ gdt_descriptor:
     je mmio_count
     cmp $5, %eax
     je pio_wide_count
+    cmp $6, %eax
+    je smp_count
+    cmp $7, %eax
+    je smp_forever
     mov $MMIO_BASE, %ebx
     movl $0x12345678, (%rbx)
     mov 8(%rbx), %rax
@@ -221,6 +250,28 @@ pio_wide_count:
     mov $DEBUG_EXIT_PORT, %dx
     out %al, %dx
     jmp spin
+smp_count:
+    SMP_GATE
+    mov (PARAM_COUNT), %rcx
+1:  lea (%rbx,%rcx), %eax
+    out %eax, %dx
+    dec %rcx
+    jnz 1b
+    jmp spin
+smp_forever:
+    SMP_GATE
+    mov %ebx, %eax
+    mov (PARAM_COUNT), %rcx
+    test %ebx, %ebx
+    jz 1f
+    test %rcx, %rcx
+    jnz 2f
+1:  out %eax, %dx
+    jmp 1b
+2:  out %eax, %dx /* not the boot vCPU, and a count: write, then fault */
+    dec %rcx
+    jnz 2b
+    ud2
 exit:
     movzbl (PARAM_EXIT_CODE), %eax
     mov $DEBUG_EXIT_PORT, %dx

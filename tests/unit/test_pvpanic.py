@@ -18,6 +18,8 @@ from hypervisor.devices.pvpanic import (
     PvPanic,
 )
 from hypervisor.devices.state import StatefulDevice
+from hypervisor.kvm.exits import ExitReason
+from hypervisor.kvm.stats import VcpuStats
 from hypervisor.machine import RunResult
 from hypervisor.outcome import (
     PANIC_SOURCE_CONSOLE,
@@ -29,6 +31,7 @@ from hypervisor.outcome import (
     panic_source,
 )
 from hypervisor.report import build_report
+from hypervisor.vcpu.stats import RunStatistics, merge_statistics, statistics_dict
 
 
 def device() -> tuple[PvPanic, list[Outcome]]:
@@ -142,10 +145,10 @@ def test_panic_outcomes_name_a_known_source() -> None:
         panic_outcome("?", "the tea leaves")
 
 
-def statistics() -> dict[str, object]:
-    return {"total_exits": 3, "python_exits": 3, "exits_by_reason": {"IO": 3}, "pio_unmapped_reads": 0,
-            "pio_unmapped_writes": 0, "mmio_unmapped_reads": 0, "mmio_unmapped_writes": 0,
-            "first_unmapped_port": None, "first_unmapped_mmio": None, "kicks": 1}  # fmt: skip
+def statistics() -> RunStatistics:
+    exits = [0] * len(VcpuStats.zero().exits_by_reason)
+    exits[ExitReason.IO] = 3
+    return merge_statistics([statistics_dict(VcpuStats(tuple(exits), total_exits=3, python_exits=3, kicks=1))], 0, 0)
 
 
 def test_the_report_says_where_the_panic_came_from() -> None:

@@ -7,14 +7,17 @@ import io
 import json
 import logging
 import threading
+from dataclasses import replace
 from typing import Any
 
 from hypervisor.debug.trace import TRACE_FORMAT, TRACE_VERSION, ExitTracer, JsonTracer, exit_record
 from hypervisor.devices.serial import Serial16550A
 from hypervisor.errors import KvmError
+from hypervisor.kvm.stats import VcpuStats
 from hypervisor.machine import RunResult
 from hypervisor.outcome import Outcome, OutcomeKind
 from hypervisor.vcpu.events import EmulationFailure, MmioAccess, PortIo, Shutdown
+from hypervisor.vcpu.stats import merge_statistics, statistics_dict
 
 
 class FakeContext:
@@ -102,10 +105,11 @@ def test_finish_writes_c_path_aggregates_and_the_end() -> None:
     stream = io.StringIO()
     tracer = JsonTracer(stream)
     tracer(serial_write(), FakeContext())  # type: ignore[arg-type]
-    per_vcpu: list[dict[str, object]] = [{"pio_sink": 7, "mmio_sink": 0, "pio_unmapped_reads": 2}, {"pio_sink": 1}]
-    result = RunResult(
-        Outcome(OutcomeKind.DEBUG_EXIT, code=0), 1.2345, {"total_exits": 11, "python_exits": 1}, per_vcpu
-    )
+    per_vcpu = [
+        statistics_dict(replace(VcpuStats.zero(), total_exits=10, python_exits=1, pio_sink=7, pio_unmapped_reads=2)),
+        statistics_dict(replace(VcpuStats.zero(), total_exits=1, pio_sink=1)),
+    ]
+    result = RunResult(Outcome(OutcomeKind.DEBUG_EXIT, code=0), 1.2345, merge_statistics(per_vcpu, 0, 0), per_vcpu)
     tracer.finish(result)
     records = lines(stream)
     aggregates = [r for r in records if r["type"] == "aggregate"]

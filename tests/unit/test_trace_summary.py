@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -12,12 +13,14 @@ from click.testing import CliRunner
 
 from hypervisor.cli import main
 from hypervisor.debug.trace import JsonTracer
-from hypervisor.debug.trace_summary import format_summary, parse_trace, read_trace, summarize
+from hypervisor.debug.trace_summary import TraceRecord, format_summary, parse_trace, read_trace, summarize
 from hypervisor.devices.serial import Serial16550A
 from hypervisor.errors import ConfigError
+from hypervisor.kvm.stats import VcpuStats
 from hypervisor.machine import RunResult
 from hypervisor.outcome import Outcome, OutcomeKind
 from hypervisor.vcpu.events import MmioAccess, PortIo, Shutdown
+from hypervisor.vcpu.stats import merge_statistics, statistics_dict
 
 
 class Context:
@@ -40,8 +43,8 @@ def write_trace(path: Path) -> None:
     tracer(PortIo(0, 0x3FD, 1, 1, False, b"\x60", "COM1", 5, 10_000), Context())  # type: ignore[arg-type]
     tracer(MmioAccess(0, 0xD000_0000, 4, False, b"virt", "vda", 0, 4000), Context())  # type: ignore[arg-type]
     tracer(Shutdown(0, 1000), Context())  # type: ignore[arg-type]
-    tracer.finish(RunResult(Outcome(OutcomeKind.TRIPLE_FAULT), 0.5, {"total_exits": 12, "python_exits": 7},
-                            [{"pio_sink": 5}]))  # fmt: skip
+    per_vcpu = [statistics_dict(replace(VcpuStats.zero(), total_exits=12, python_exits=7, pio_sink=5))]
+    tracer.finish(RunResult(Outcome(OutcomeKind.TRIPLE_FAULT), 0.5, merge_statistics(per_vcpu, 0, 0), per_vcpu))
     path.write_text(stream.getvalue())
 
 
@@ -106,6 +109,78 @@ def test_impossible_times_are_bad_lines(trace_file: Path, t: str) -> None:
     from hypervisor.debug.trace_plot import exit_series
 
     assert exit_series(trace)[1]
+
+
+def test_records_are_read_into_typed_fields(trace_file: Path) -> None:
+    records = read_trace(trace_file).records
+    first = records[0]
+    assert first == TraceRecord(False, 0, "io", 1, first.t, 1000, "out", "COM1", "THR", 0x3F8)
+    assert isinstance(first.t, float) and first.t > 0
+    assert records[5] == TraceRecord(False, 0, "mmio", 1, records[5].t, 4000, "read", "vda", "MagicValue", 0xD000_0000)
+    assert records[-1] == TraceRecord(True, 0, "io", 5, device="sink", register="write or read")
+
+
+EXIT = {"type": "exit", "t": 0.5, "vcpu": 0, "kind": "io", "port": 0x3F8, "dir": "out", "device": "COM1",
+        "register": "THR", "host_ns": 700}  # fmt: skip
+AGGREGATE = {"type": "aggregate", "vcpu": 0, "counter": "pio_sink", "kind": "io", "device": "sink",
+             "register": "write or read", "count": 3}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("base", "change"),
+    [
+        (EXIT, {"kind": None}),  # missing
+        (EXIT, {"vcpu": None}),
+        (EXIT, {"kind": 3}),  # wrong types
+        (EXIT, {"vcpu": "0"}),
+        (EXIT, {"vcpu": True}),
+        (EXIT, {"vcpu": 0.0}),
+        (EXIT, {"host_ns": "700"}),
+        (EXIT, {"host_ns": 1.5}),
+        (EXIT, {"device": 7}),
+        (EXIT, {"register": ["THR"]}),
+        (EXIT, {"dir": False}),
+        (EXIT, {"port": "0x3f8"}),
+        (EXIT, {"vcpu": -1}),  # impossible values
+        (EXIT, {"host_ns": -700}),
+        (EXIT, {"port": -8}),
+        (EXIT, {"port": None, "addr": -4096}),
+        (AGGREGATE, {"count": None}),
+        (AGGREGATE, {"count": -3}),
+        (AGGREGATE, {"count": "3"}),
+        (AGGREGATE, {"count": True}),
+        (AGGREGATE, {"count": 2.5}),
+        (AGGREGATE, {"device": {"name": "sink"}}),
+    ],
+)
+def test_records_with_bad_fields_are_bad_lines(
+    trace_file: Path, base: dict[str, object], change: dict[str, object]
+) -> None:
+    record = {key: value for key, value in (base | change).items() if value is not None}
+    trace_file.write_text(trace_file.read_text() + json.dumps(record) + "\n")
+    trace = read_trace(trace_file)
+    assert trace.bad_lines == 1
+    assert summarize(trace, "register").samples == 12  # the line adds nothing
+
+
+def test_optional_fields_may_be_absent_or_null(trace_file: Path) -> None:
+    lines = [{"type": "exit", "vcpu": 1, "kind": "hlt"}, EXIT | {"device": None, "register": None},
+             AGGREGATE | {"register": None}]  # fmt: skip
+    trace_file.write_text(trace_file.read_text() + "".join(json.dumps(line) + "\n" for line in lines))
+    trace = read_trace(trace_file)
+    assert trace.bad_lines == 0 and trace.records[-3] == TraceRecord(False, 1, "hlt")
+    registers = rows(trace_file, "register")
+    assert registers["hlt"].samples == 1 and registers["unknown 0x3f8"].samples == 1  # type: ignore[attr-defined]
+    assert registers["sink ?"].samples == 3  # type: ignore[attr-defined]
+
+
+def test_cli_summarize_reports_a_badly_typed_record_in_one_line(trace_file: Path) -> None:
+    trace_file.write_text(trace_file.read_text() + json.dumps(AGGREGATE | {"count": -1}) + "\n")
+    result = CliRunner().invoke(main, ["trace", "summarize", str(trace_file)])
+    assert result.exit_code == 0 and "Traceback" not in result.output
+    assert [line for line in result.output.splitlines() if "pyhv: warning" in line] == [
+        f"pyhv: warning: {trace_file}: skipped 1 line(s) that are not trace records (truncated or not from pyhv)"
+    ]
 
 
 def test_overlong_lines_are_skipped(tmp_path: Path, trace_file: Path) -> None:

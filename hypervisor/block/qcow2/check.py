@@ -11,11 +11,16 @@ Then, as QEMU's qcow2-refcount.c does: a stored refcount below the count is a co
 cluster could be reused while in use), above it a leak (wasted space, no harm to data); an L1/L2
 entry whose COPIED flag disagrees with "refcount == 1" is a corruption too.
 
-Repair (`-r leaks` / `-r all`): leaks are fixed in place by lowering refcounts, which a crash can
+Repair (`-r leaks` / `-r all`), never after a walk that could not complete (a check error), and
+without touching refcounts after one that skipped a table (check_walk's `unwalked_tables`): with
+`-r all`, unaligned preallocated zero clusters become plain zero clusters first (QEMU's
+fix_l2_entry_by_zero). Leaks are fixed in place by lowering refcounts, which a crash can
 only undo, never make worse. Too-low refcounts are fixed by building a complete new refcount table
 and blocks after the end of the file, flushing them, and only then switching the header's
 refcount_table_offset/clusters with one 12-byte write: a crash before the switch leaves the old
-(still self-consistent) structures, after it the new ones. COPIED flags are fixed last.
+(still self-consistent) structures, after it the new ones; a refcount table entry with reserved
+bits, an unaligned, outside or shared refcount block are repaired the same way. COPIED flags are
+fixed last.
 """
 
 from __future__ import annotations
@@ -110,6 +115,12 @@ class _Scan:
     too_low: int
     corruptions: int
     image_end_offset: int
+    check_errors: int  # the walk's, plus one per cluster whose refcount block is unreadable
+
+    @property
+    def needs_rebuild(self) -> bool:
+        """Too-low refcounts, or a refcount table entry that only a new structure repairs."""
+        return bool(self.too_low or self.stored.needs_rebuild or self.counter.shared_refcount_blocks)
 
 
 def _last_nonzero(values: array[int], limit: int) -> int:
@@ -126,7 +137,7 @@ def _compared_blocks(image: ImageFile, counter: ReferenceCounter, stored: Refcou
     """
     per_block = counter.counts.per_block
     domain_end = max(-(-image.file_size // image.cluster_size), counter.size)
-    indices = set(counter.counts.spans) | set(stored.populated_blocks())
+    indices = set(counter.counts.spans) | set(stored.populated_blocks()) | stored.unreadable
     return [
         (index, min(per_block, domain_end - index * per_block))
         for index in sorted(indices)
@@ -134,16 +145,28 @@ def _compared_blocks(image: ImageFile, counter: ReferenceCounter, stored: Refcou
     ]
 
 
-def _scan(image: ImageFile, messages: list[str]) -> _Scan:
-    counter = ReferenceCounter(image, messages)
+def _scan(image: ImageFile, messages: list[str], repairing: bool = False) -> _Scan:
+    counter = ReferenceCounter(image, messages, repairing)
     counter.count_everything()
     stored = RefcountReader(image, messages)
     per_block = counter.counts.per_block
-    leaks = too_low = 0
-    highest = -1
+    leaks = too_low = unreadable = 0
+    highest = 0  # QEMU's compare_refcounts starts at cluster 0 too
     printed = 0
+    if counter.aborted:
+        return _Scan(counter, stored, 0, 0, 0, 0, counter.check_errors)
     for block_index, limit in _compared_blocks(image, counter, stored):
         base = block_index * per_block
+        if block_index in stored.unreadable:
+            # QEMU's compare_refcounts: every cluster whose refcount cannot be read is a check
+            # error, and is neither a leak nor a corruption.
+            unreadable += limit
+            for slot in range(limit):
+                if printed >= MAX_CLUSTER_MESSAGES:
+                    break
+                messages.append(f"Can't get refcount for cluster {base + slot}: Input/output error")
+                printed += 1
+            continue
         expected = counter.counts.span(block_index)
         actual = stored.block(block_index)
         last = max(
@@ -180,8 +203,8 @@ def _scan(image: ImageFile, messages: list[str]) -> _Scan:
             if printed < MAX_CLUSTER_MESSAGES:
                 messages.append(f"{kind} cluster {base + slot} refcount={have} reference={want}")
                 printed += 1
-    if printed >= MAX_CLUSTER_MESSAGES and leaks + too_low > printed:
-        messages.append(f"... and {leaks + too_low - printed} more clusters with a wrong refcount")
+    if printed >= MAX_CLUSTER_MESSAGES and leaks + too_low + unreadable > printed:
+        messages.append(f"... and {leaks + too_low + unreadable - printed} more clusters with a wrong refcount")
     return _Scan(
         counter,
         stored,
@@ -189,6 +212,7 @@ def _scan(image: ImageFile, messages: list[str]) -> _Scan:
         too_low,
         counter.corruptions + stored.corruptions + too_low,
         (highest + 1) * image.cluster_size,
+        counter.check_errors + unreadable,
     )
 
 
@@ -196,6 +220,8 @@ def _copied_flag_errors(image: ImageFile, scan: _Scan, messages: list[str], fix:
     """Active L1/L2 entries whose COPIED bit disagrees with the stored refcount being 1."""
     errors = 0
     for item, weight in scan.counter.copied_flag_entries():
+        if not scan.stored.readable(item.cluster_index):
+            continue  # QEMU skips these silently: the refcount is already a check error
         refcount = scan.stored.get(item.cluster_index)
         want = refcount == 1
         if bool(item.entry & fmt.OFLAG_COPIED) == want:
@@ -265,7 +291,8 @@ def rebuild_refcount_structure(image: ImageFile, messages: list[str] | None = No
     """
     log_lines: list[str] = messages if messages is not None else []
     image_file = image
-    counter = ReferenceCounter(image_file, log_lines)
+    # The walk's lines were printed by the check that decided to rebuild; not again.
+    counter = ReferenceCounter(image_file, [])
     # The old table and blocks are not counted: once the header points at the new ones they are free.
     counter.count_everything(include_refcount_structure=False)
     log_lines.append("Rebuilding refcount structure")
@@ -277,32 +304,85 @@ def rebuild_refcount_structure(image: ImageFile, messages: list[str] | None = No
     log.info("%s: rebuilt refcount structure at %#x (%d clusters)", image_file.path, table_offset, table_clusters)
 
 
+def _fix_zero_clusters(image: ImageFile, scan: _Scan, messages: list[str]) -> int:
+    """Turn unaligned preallocated zero clusters into plain ones (QEMU's fix_l2_entry_by_zero):
+    only zeros were there to read, so nothing is lost; the cluster it named becomes a leak."""
+    fixed = 0
+    done: set[int] = set()
+    for fix in scan.counter.zero_fixes:
+        if fix.file_offset in done:
+            continue  # a table walked from the active and a snapshot L1: QEMU fixes it once too
+        done.add(fix.file_offset)
+        os.pwrite(image.fd, fix.replacement(), fix.file_offset)
+        fixed += fix.weight
+    if fixed:
+        os.fdatasync(image.fd)
+        log.info("%s: %d unaligned preallocated zero clusters made plain zero clusters", image.path, fixed)
+    return fixed
+
+
+def _refusal(scan: _Scan) -> str | None:
+    """Why the refcounts must not be repaired from this scan, if they must not."""
+    if scan.counter.check_errors:
+        # The walk could not read every table: what it did not see may still be in use.
+        return "Not repairing: the check could not complete, the references found are incomplete"
+    if scan.counter.unwalked_tables:
+        # The clusters an unaligned or cut-short table names look leaked (qemu-img walks such a
+        # table and counts them); lowering their refcounts could free data still in use.
+        return (
+            f"Not repairing refcounts: {scan.counter.unwalked_tables} L1/L2 tables are unaligned or cut short, "
+            "what they reference is unknown"
+        )
+    return None
+
+
+def _repair(image: ImageFile, scan: _Scan, repair: str, result: CheckResult) -> _Scan:
+    """Repair what `repair` allows; returns a fresh scan of the repaired image."""
+    messages = result.messages
+    corruptions_found = scan.corruptions
+    if repair == "all" and scan.counter.zero_fixes:
+        result.corruptions_fixed += _fix_zero_clusters(image, scan, messages)
+        scan = _scan(image, [])
+    refusal = _refusal(scan)
+    if refusal is not None:
+        messages.append(refusal)
+    elif repair == "all" and scan.needs_rebuild:
+        before = scan.corruptions
+        leaks_found = scan.leaks
+        rebuild_refcount_structure(image, messages)
+        scan = _scan(image, [])
+        result.leaks_fixed = leaks_found
+        # As QEMU counts it: the corruptions the new structure made go away.
+        result.corruptions_fixed += max(0, before - scan.corruptions)
+    elif scan.leaks:
+        result.leaks_fixed = _fix_leaks(image, scan, messages)
+        scan = _scan(image, [])
+    if repair == "all" and refusal is None:
+        result.corruptions_fixed += _copied_flag_errors(image, scan, messages, fix=True)
+    result.repaired = True
+    log.info(
+        "%s: repaired %d leaks, %d of %d corruptions",
+        image.path,
+        result.leaks_fixed,
+        result.corruptions_fixed,
+        corruptions_found,
+    )
+    return scan
+
+
 def _check_open_image(image: ImageFile, repair: str | None) -> CheckResult:
     result = CheckResult(filename=image.path)
     messages = result.messages
-    scan = _scan(image, messages)
+    scan = _scan(image, messages, repairing=repair == "all")
+    if scan.counter.aborted:
+        # QEMU's check stops where it cannot read the snapshot table: only the check error.
+        result.check_errors = scan.check_errors
+        return result
     copied_messages: list[str] = []
     copied_errors = _copied_flag_errors(image, scan, copied_messages, fix=False)
-    if repair is not None and (scan.leaks or scan.too_low or copied_errors or scan.corruptions):
-        leaks_found = scan.leaks
-        corruptions_found = scan.corruptions + copied_errors
-        if repair == "all" and scan.too_low:
-            rebuild_refcount_structure(image, messages)
-            result.leaks_fixed = leaks_found
-            result.corruptions_fixed = scan.too_low
-        elif scan.leaks:
-            result.leaks_fixed = _fix_leaks(image, scan, messages)
-        if repair == "all":
-            scan = _scan(image, [])
-            result.corruptions_fixed += _copied_flag_errors(image, scan, messages, fix=True)
-        result.repaired = True
-        log.info(
-            "%s: repaired %d leaks, %d of %d corruptions",
-            image.path,
-            result.leaks_fixed,
-            result.corruptions_fixed,
-            corruptions_found,
-        )
+    problems = scan.leaks or scan.too_low or copied_errors or scan.corruptions or scan.check_errors
+    if repair is not None and problems:
+        _repair(image, scan, repair, result)
     if result.repaired:  # the result reported is the one of a second check after the repair
         final = _scan(image, messages)
         final_copied = _copied_flag_errors(image, final, messages, fix=False)
@@ -311,7 +391,7 @@ def _check_open_image(image: ImageFile, repair: str | None) -> CheckResult:
         final, final_copied = scan, copied_errors
     result.corruptions = final.corruptions + final_copied
     result.leaks = final.leaks
-    result.check_errors = final.counter.check_errors
+    result.check_errors = final.check_errors
     result.image_end_offset = final.image_end_offset
     stats = final.counter.stats
     result.total_clusters = stats.total_clusters

@@ -35,16 +35,28 @@ class RefcountReader:
         table_bytes = header.refcount_table_clusters * cs
         raw = image.pread(table_bytes, header.refcount_table_offset)
         self.block_offsets: list[int] = []
+        # Table entries naming an unaligned block: QEMU cannot read a refcount there ("Can't get
+        # refcount for cluster N", one check error per cluster of the block compared).
+        self.unreadable: set[int] = set()
+        # Only a rebuild of the refcount structure repairs the entry (QEMU sets `rebuild`).
+        self.needs_rebuild = False
         for index, entry in enumerate(struct.unpack(f">{table_bytes // 8}Q", raw)):
             offset = entry & fmt.REFT_OFFSET_MASK
             if entry & fmt.REFT_RESERVED_MASK:
                 # QEMU's check_refblocks words; like QEMU, the offset bits are still used to read.
                 self._corrupt(f"ERROR refcount table entry {index} has reserved bits set")
+                self.needs_rebuild = True
             if offset & (cs - 1):
                 self._corrupt(f"ERROR refcount block {index} is not cluster aligned; refcount table entry corrupted")
+                self.unreadable.add(index)
+                self.needs_rebuild = True
                 offset = 0
             elif offset and offset + cs > image.file_size:
                 self._corrupt(f"ERROR refcount block {index} is outside image")
+                self.needs_rebuild = True
+                if offset >= 1 << 63:
+                    # Not a file offset at all (QEMU's int64_t): qemu-img cannot read it either.
+                    self.unreadable.add(index)
                 offset = 0
             self.block_offsets.append(offset)
         # Decoded blocks keyed by file offset: table entries naming the same cluster share one
@@ -58,6 +70,10 @@ class RefcountReader:
     def populated_blocks(self) -> list[int]:
         """Indices of the refcount table entries that name a usable block."""
         return [index for index, offset in enumerate(self.block_offsets) if offset]
+
+    def readable(self, cluster_index: int) -> bool:
+        """False where the refcount table names an unaligned block (the refcount is unknown)."""
+        return cluster_index // self.per_block not in self.unreadable
 
     def block(self, block_index: int) -> array[int] | None:
         """The decoded refcount block `block_index`, or None if absent or all zeros."""

@@ -2,9 +2,15 @@
 
 Walks the structures qcow2.rst names ("Host cluster management", "Cluster mapping", "Snapshots",
 "Bitmaps", "Full disk encryption header pointer") and counts, per host cluster, how many
-references it should have. Entries that cannot be followed (unaligned, past the end of the file,
-reserved bits, zero flags in a v2 image) are reported as corruptions, in QEMU's words where QEMU
-has them, and not followed. Reads only; the header is parsed by the engine's `parse_header`.
+references it should have. Every reserved-bit and alignment rule of qcow2.rst is checked in every
+table walked, in the words and with the counting of QEMU's qcow2-refcount.c check_refcounts_l1/l2,
+check_refblocks and qcow2_check_read_snapshot_table (docs/robustness.md lists them).
+
+One rule decides what is counted: a cluster is counted wherever qemu-img counts it, even behind an
+entry pyhv reports and qemu-img accepts (a v2 zero flag, an unaligned data cluster), so a refcount
+repair never frees a cluster qemu-img still sees in use. A table pyhv does not walk although
+qemu-img does (an unaligned or cut-short L2 table) is recorded in `unwalked_tables`, and the
+checker then lowers no refcount. Reads only; the header is parsed by the engine's `parse_header`.
 """
 
 from __future__ import annotations
@@ -124,6 +130,26 @@ class CopiedFlagEntry:
 
 
 @dataclass
+class ZeroFix:
+    """A preallocated zero cluster at an unaligned offset, to become a plain zero cluster
+    (`check -r all`, QEMU's fix_l2_entry_by_zero)."""
+
+    file_offset: int  # where the L2 entry lives
+    entry: int
+    bitmap: int
+    extended: bool
+    weight: int  # how many L1 entries name the L2 table: the corruptions the fix removes
+
+    def replacement(self) -> bytes:
+        """The new entry: a plain zero cluster; with extended L2 entries, no host offset and
+        every allocated subcluster made a zero one (qcow2.rst "Extended L2 Entries")."""
+        if not self.extended:
+            return struct.pack(">Q", fmt.OFLAG_ZERO)
+        zeros = (self.bitmap | self.bitmap << fmt.SUBCLUSTER_ZERO_SHIFT) & ~fmt.SUBCLUSTER_ALLOC_MASK
+        return struct.pack(">QQ", 0, zeros & 0xFFFF_FFFF_FFFF_FFFF)
+
+
+@dataclass
 class FragmentationStats:
     """qemu-img check's BlockFragInfo, counted over the active L1 table only."""
 
@@ -188,13 +214,25 @@ class ReferenceCounter:
     check_refcounts_l1/l2 walk the same structures).
     """
 
-    def __init__(self, image: ImageFile, messages: list[str]) -> None:
+    def __init__(self, image: ImageFile, messages: list[str], repairing: bool = False) -> None:
         self.image = image
         self.messages = messages
+        # `check -r all`: entries that can be repaired in place are worded "Repairing" and listed
+        # in `zero_fixes`; the checker writes them (this class only reads).
+        self.repairing = repairing
+        self.zero_fixes: list[ZeroFix] = []
+        # L2 tables named but not walked (unaligned): what they reference is unknown, so a repair
+        # must not lower any refcount (the clusters they name would look leaked).
+        self.unwalked_tables = 0
+        # Refcount blocks whose cluster is also used by something else: only a rebuild fixes it.
+        self.shared_refcount_blocks = 0
         header = image.header
         self.counts = ExpectedCounts(image.cluster_size * 8 // header.refcount_bits, header.refcount_bits)
         self.corruptions = 0
         self.check_errors = 0
+        # The walk stopped where QEMU's check stops altogether (a snapshot table it cannot read):
+        # the counts are incomplete, so nothing may be compared or repaired.
+        self.aborted = False
         self.stats = FragmentationStats()
         self._next_contiguous = 0
         # How many times the table being walked is named. Tables named repeatedly (one L2 table
@@ -255,10 +293,12 @@ class ReferenceCounter:
         self.stats.total_clusters = -(-header.size // cs)
         self.add_range(0, cs)  # the header cluster
         self._count_l1(header.l1_table_offset, header.l1_size, active=True)
-        if include_refcount_structure:
-            self._count_refcount_structure()
         self._count_snapshots()
         self._count_bitmaps()
+        # Last, as in QEMU's calculate_refcounts: a refcount block must then have exactly one
+        # reference, its own, and anything else counted in its cluster shows it is shared.
+        if include_refcount_structure:
+            self._count_refcount_structure()
 
     def _count_refcount_structure(self) -> None:
         header = self.image.header
@@ -266,12 +306,18 @@ class ReferenceCounter:
         table_bytes = header.refcount_table_clusters * cs
         self.add_range(header.refcount_table_offset, table_bytes)
         table = self.image.pread(table_bytes, header.refcount_table_offset)
-        for entry in struct.unpack(f">{table_bytes // 8}Q", table):
+        for index, entry in enumerate(struct.unpack(f">{table_bytes // 8}Q", table)):
             block = entry & fmt.REFT_OFFSET_MASK
             if entry & fmt.REFT_RESERVED_MASK:
                 continue  # reported by the RefcountReader; QEMU does not count such a block either
             if block and not (block & (cs - 1)) and block + cs <= self.image.file_size:
                 self.add_range(block, cs)
+                refcount = self.counts.get(block >> self.image.cluster_bits)
+                if refcount != 1:
+                    # QEMU's check_refblocks: the block's cluster is named by something else too
+                    # (data, a table, another refcount table entry); only a rebuild separates them.
+                    self.corrupt(f"ERROR refcount block {index} refcount={refcount}")
+                    self.shared_refcount_blocks += 1
             # Unaligned or out-of-file blocks are reported by the RefcountReader.
 
     def _read_l1(self, l1_offset: int, l1_size: int) -> tuple[int, ...]:
@@ -287,15 +333,26 @@ class ReferenceCounter:
             return 0
         if l2_offset & (self.image.cluster_size - 1):
             if report:
+                # Stricter than QEMU, which counts the unaligned range and walks whatever is there
+                # (one flipped bit gave 129 errors from data read as entries): reported, not followed.
                 self.corrupt(f"ERROR l2_offset={l2_offset:x}: Table is not cluster aligned; L1 entry corrupted")
+                self.unwalked_tables += self._weight
             return 0
         return l2_offset
 
     def _count_l1(self, l1_offset: int, l1_size: int, active: bool, what: str = "L1 table", weight: int = 1) -> None:
         if l1_size == 0:
             return
+        try:
+            self._walk_l1(l1_offset, l1_size, active, what, weight)
+        finally:
+            self._weight = 1
+
+    def _walk_l1(self, l1_offset: int, l1_size: int, active: bool, what: str, weight: int) -> None:
         self._weight = weight
         if not self._table_ok(what, l1_offset, l1_size * 8):
+            # QEMU reads what part of the table there is and walks it; the references are unknown.
+            self.unwalked_tables += weight
             return
         self.add_range(l1_offset, l1_size * 8)
         tables: Counter[int] = Counter()
@@ -316,69 +373,103 @@ class ReferenceCounter:
             # Stricter than QEMU, which reads a table cut short by the end of the file as zeros:
             # the engine refuses such an image, so the checker reports it.
             if not self._table_ok(f"L2 table (L1 index {index})", l2_offset, self.image.cluster_size):
+                self.unwalked_tables += self._weight
                 continue
             self.add_range(l2_offset, self.image.cluster_size)
             self._count_l2(l2_offset, active)
-        self._weight = 1
 
     def _read_l2(self, l2_offset: int) -> tuple[int, ...]:
         return self.image.read_words(l2_offset, self.image.cluster_size // 8)
 
     def _count_l2(self, l2_offset: int, active: bool) -> None:
+        """One L2 table, entry by entry, in the order and words of QEMU's check_refcounts_l2
+        (qcow2.rst "Standard Cluster Descriptor", "Extended L2 Entries", "Compressed Clusters
+        Descriptor")."""
         header = self.image.header
-        cs = self.image.cluster_size
         words = self._read_l2(l2_offset)
         external_data = bool(header.incompatible_features & fmt.INCOMPAT_DATA_FILE)
         step = header.l2_entry_size // 8
+        extended = step == 2
         # Extended L2 entries keep zero flags in the bitmap, so bit 0 is reserved too (qcow2.rst
         # "Extended L2 Entries"); QEMU does not check it there: pyhv is stricter.
-        reserved = fmt.L2E_STD_RESERVED_MASK | (fmt.OFLAG_ZERO if step == 2 else 0)
+        reserved = fmt.L2E_STD_RESERVED_MASK | (fmt.OFLAG_ZERO if extended else 0)
         self._next_contiguous = 0  # QEMU measures fragmentation within each L2 table
-        weight = self._weight
         for index in range(0, len(words), step):
             entry = words[index]
-            bitmap = words[index + 1] if step == 2 else 0
+            bitmap = words[index + 1] if extended else 0
             if not entry and not bitmap:
                 continue
             if entry & fmt.OFLAG_COMPRESSED:
-                self._count_compressed(entry, bitmap, active)
+                self._count_compressed(index // step, entry, bitmap, active)
                 continue
             if entry & reserved:
                 self.corrupt(f"ERROR found l2 entry with reserved bits set: {entry:x}")
             offset = entry & fmt.L2E_OFFSET_MASK
-            if step == 2 and bitmap & fmt.SUBCLUSTER_ALLOC_MASK & (bitmap >> fmt.SUBCLUSTER_ZERO_SHIFT):
-                self.corrupt(f"ERROR invalid subcluster bitmap: l2_entry={entry:x} l2_bitmap={bitmap:x}")
-            if entry & fmt.OFLAG_ZERO and header.version < 3:
+            zero_flag = bool(entry & fmt.OFLAG_ZERO) and not extended
+            if zero_flag and header.version < 3:
+                # Stricter than QEMU, which reads the flag in any version: qcow2.rst reserves bit 0
+                # of a version 2 entry. The entry is then counted as QEMU counts it, so a repair
+                # never frees a cluster qemu-img still sees as in use.
                 self.corrupt(f"ERROR zero flag in a version 2 image: l2_entry={entry:x}")
+            if not offset and not (external_data and entry & fmt.OFLAG_COPIED and not zero_flag):
+                # Unallocated, or a plain zero cluster. Offset 0 is a valid offset in an external
+                # data file, where COPIED (always set there) disambiguates (QEMU qcow2.h).
+                if extended and bitmap & fmt.SUBCLUSTER_ALLOC_MASK:
+                    self.corrupt("ERROR: Unallocated cluster has non-zero subcluster allocation map")
                 continue
-            if not offset and not (external_data and entry & fmt.OFLAG_COPIED):
-                # Offset 0 means unallocated, except in an external data file where 0 is a
-                # valid offset and COPIED (always set there) disambiguates (QEMU qcow2.h).
-                if step == 2 and bitmap & fmt.SUBCLUSTER_ALLOC_MASK:
-                    self.corrupt(f"ERROR unallocated cluster with allocated subclusters: l2_bitmap={bitmap:x}")
-                continue
-            if offset & (cs - 1):
-                self.corrupt(f"ERROR offset={offset:x}: Data cluster is not properly aligned; L2 entry corrupted.")
-                continue
-            if active:
-                self.stats.allocated_clusters += weight
-                if self._next_contiguous and offset != self._next_contiguous:
-                    self.stats.fragmented_clusters += weight
-                self._next_contiguous = offset + cs
-            if external_data:
-                continue  # the data cluster lives in the external data file, not refcounted here
-            if not self._inside_file(offset, cs):
-                continue
-            self.add_range(offset, cs)
+            self._count_allocated(l2_offset + index * 8, entry, bitmap, zero_flag, active)
 
-    def _count_compressed(self, entry: int, bitmap: int, active: bool) -> None:
+    def _count_allocated(self, entry_offset: int, entry: int, bitmap: int, zero_flag: bool, active: bool) -> None:
+        """A standard cluster with a host offset: data, or preallocated zeros (QEMU's
+        QCOW2_CLUSTER_NORMAL and QCOW2_CLUSTER_ZERO_ALLOC)."""
+        header = self.image.header
+        cs = self.image.cluster_size
+        extended = header.l2_entry_size == 16
+        offset = entry & fmt.L2E_OFFSET_MASK
+        if extended and bitmap & fmt.SUBCLUSTER_ALLOC_MASK & (bitmap >> fmt.SUBCLUSTER_ZERO_SHIFT):
+            # A subcluster both allocated and zero (qcow2.rst "Extended L2 Entries").
+            self.corrupt(f"ERROR offset={offset:x}: Allocated cluster has corrupted subcluster allocation bitmap")
+        if offset & (cs - 1):
+            contains_data = bool(bitmap & fmt.SUBCLUSTER_ALLOC_MASK) if extended else not zero_flag
+            if contains_data:
+                self.corrupt(f"ERROR offset={offset:x}: Data cluster is not properly aligned; L2 entry corrupted.")
+            else:
+                # Only zeros to lose: `check -r all` makes it a plain zero cluster (QEMU's
+                # fix_l2_entry_by_zero); version 2 has no zero clusters to turn it into.
+                fixable = self.repairing and header.version >= 3
+                word = "Repairing" if fixable else "ERROR"
+                self.corrupt(
+                    f"{word} offset={offset:x}: Preallocated cluster is not properly aligned; L2 entry corrupted."
+                )
+                if fixable:
+                    self.zero_fixes.append(ZeroFix(entry_offset, entry, bitmap, extended, self._weight))
+                    return  # like QEMU, a repaired entry is not counted (it names no cluster now)
+            # Counted where QEMU counts it (the clusters the unaligned range touches), so that a
+            # refcount repair never frees a cluster qemu-img still sees as in use.
+        if active:
+            self.stats.allocated_clusters += self._weight
+            if self._next_contiguous and offset != self._next_contiguous:
+                self.stats.fragmented_clusters += self._weight
+            self._next_contiguous = offset + cs
+        if header.incompatible_features & fmt.INCOMPAT_DATA_FILE:
+            return  # the data cluster lives in the external data file, not refcounted here
+        if not self._inside_file(offset, cs):
+            return
+        self.add_range(offset, cs)
+
+    def _count_compressed(self, index: int, entry: int, bitmap: int, active: bool) -> None:
         host_offset, length = fmt.compressed_span(entry, self.image.cluster_bits)
         if entry & fmt.OFLAG_COPIED:
             self.corrupt(f"ERROR: coffset=0x{host_offset:x}: copied flag must never be set for compressed clusters")
-        if bitmap:
-            self.corrupt(f"ERROR compressed cluster with a subcluster bitmap: l2_bitmap={bitmap:x}")
+            entry &= ~fmt.OFLAG_COPIED
+        # QEMU's words and order; the entry is then neither counted nor followed.
         if self.image.header.incompatible_features & fmt.INCOMPAT_DATA_FILE:
-            self.corrupt("ERROR compressed cluster in an image with an external data file")
+            self.corrupt(f"ERROR compressed cluster {index} with data file, entry=0x{entry:x}")
+            return
+        if bitmap:
+            self.corrupt(
+                f"ERROR compressed cluster {index} with non-zero subcluster allocation bitmap, entry=0x{entry:x}"
+            )
             return
         if active:  # QEMU counts these before checking where the data is
             self.stats.allocated_clusters += self._weight
@@ -393,9 +484,9 @@ class ReferenceCounter:
             host_offset >= self.image.file_size and first_sector + span - self.image.file_size < self.image.cluster_size
         ):
             # Stricter than QEMU: data in the header cluster, or starting past the end of the
-            # file, cannot be a compressed cluster (the reader refuses both too).
+            # file, cannot be a compressed cluster (the reader refuses both too). Still counted
+            # as QEMU counts it, so that a repair never frees a cluster qemu-img sees in use.
             self.corrupt(f"ERROR compressed cluster at 0x{host_offset:x} is outside the image")
-            return
         if not self._inside_file(first_sector, span):
             return
         self.add_range(first_sector, span)
@@ -404,29 +495,64 @@ class ReferenceCounter:
         header = self.image.header
         if not header.nb_snapshots:
             return
+        if header.incompatible_features & fmt.INCOMPAT_DATA_FILE:
+            # qcow2.rst "External data file": snapshots cannot be used with one (QEMU's words).
+            self.corrupt(f"ERROR {header.nb_snapshots} snapshots in image with data file")
         offset = header.snapshots_offset
         if not self._table_ok("snapshot table", offset, fmt.SNAPSHOT_ENTRY_FIXED):
             return
         table_start = entry_end = offset
         # One read of at most QEMU's table limit (plus one fixed part, to report the entry that
         # crosses it); 65536 small reads, or construct's parser, take a minute on a full table.
+        # QEMU reads past the end of the file as zeros and accepts a table that ends less than a
+        # cluster past it (as any region, `_inside_file`); pread pads with zeros the same way.
+        cs = self.image.cluster_size
         table = self.image.pread(
-            min(SNAPSHOT_TABLE_MAX_BYTES + fmt.SNAPSHOT_ENTRY_FIXED, self.image.file_size - table_start), table_start
+            min(SNAPSHOT_TABLE_MAX_BYTES + fmt.SNAPSHOT_ENTRY_FIXED, self.image.file_size + cs - table_start),
+            table_start,
         )
         l1_tables: dict[tuple[int, int], list[int]] = {}  # (offset, size) -> snapshot numbers
         for number in range(header.nb_snapshots):
             position = offset - table_start
             if position + fmt.SNAPSHOT_ENTRY_FIXED > len(table):
                 self.corrupt(f"ERROR snapshot table runs past the end of the image (entry {number})")
+                self.unwalked_tables += 1  # the snapshots after it may name tables still in use
                 break
             l1_offset, l1_size, id_size, name_size, extra_size = _snapshot_fixed(table, position)
+            if extra_size > fmt.MAX_SNAPSHOT_EXTRA:
+                # QEMU cannot read such a table and gives up the whole check (one check error,
+                # exit 1); its `-r all` drops the extra data, which pyhv does not do.
+                self.check_errors += 1
+                self.aborted = True
+                self.messages.append(
+                    "ERROR failed to read the snapshot table: "
+                    f"Too much extra metadata in snapshot table entry {number}"
+                )
+                return
             entry_end = offset + fmt.SNAPSHOT_ENTRY_FIXED + extra_size + id_size + name_size
             offset = fmt.align_up(entry_end, 8)  # QEMU does not write the last entry's padding
-            if entry_end - table_start > SNAPSHOT_TABLE_MAX_BYTES or entry_end > self.image.file_size:
+            if entry_end - table_start > SNAPSHOT_TABLE_MAX_BYTES or entry_end - self.image.file_size >= cs:
                 self.corrupt(f"ERROR snapshot table runs past the end of the image (entry {number})")
+                self.unwalked_tables += 1
                 break
+            if header.version >= 3 and extra_size < fmt.SNAPSHOT_EXTRA_V3_MIN:
+                # qcow2.rst "Snapshot table": v3 entries carry at least vm_state_size_large and
+                # disk_size (QEMU's qcow2_check_read_snapshot_table words).
+                self.corrupt(f"ERROR snapshot table entry {number} is incomplete")
+            names = position + fmt.SNAPSHOT_ENTRY_FIXED + extra_size
+            snapshot_id = table[names : names + id_size].decode("utf-8", "replace")
+            name = table[names + id_size : names + id_size + name_size].decode("utf-8", "replace")
+            if l1_offset & (self.image.cluster_size - 1):
+                self.corrupt(
+                    f"ERROR snapshot {snapshot_id} ({name}) l1_offset={l1_offset:#x}: "
+                    "L1 table is not cluster aligned; snapshot table entry corrupted"
+                )
+                continue
             if l1_size * 8 > fmt.MAX_L1_BYTES:
-                self.corrupt(f"ERROR snapshot {number}: L1 table too large ({l1_size} entries)")
+                self.corrupt(
+                    f"ERROR snapshot {snapshot_id} ({name}) l1_size={l1_size:#x}: "
+                    "L1 table is too large; snapshot table entry corrupted"
+                )
                 continue
             l1_tables.setdefault((l1_offset, l1_size), []).append(number)
         for (l1_offset, l1_size), numbers in l1_tables.items():
@@ -506,10 +632,12 @@ class ReferenceCounter:
             words = self._read_l2(l2_offset)
             for index in range(0, len(words), step):
                 entry = words[index]
-                if entry & fmt.OFLAG_COMPRESSED or (entry & fmt.OFLAG_ZERO and header.version < 3):
+                if entry & fmt.OFLAG_COMPRESSED:
                     continue
+                # As QEMU's check_oflag_copied: every entry with a host offset, also a zero flag
+                # in a version 2 image or an unaligned offset (the cluster it is counted in).
                 offset = entry & fmt.L2E_OFFSET_MASK
-                if not offset or offset & (cs - 1):
+                if not offset:
                     continue
                 item = CopiedFlagEntry(l2_offset + index * 8, entry, False, first_index[l2_offset], offset >> bits)
                 yield item, weight
