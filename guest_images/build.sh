@@ -146,11 +146,13 @@ cpio_list=$OUT/initramfs.list
 	echo "dir /dev 0755 0 0"
 	# The kernel opens /dev/console for init before anything is mounted.
 	echo "nod /dev/console 0600 0 0 c 5 1"
-	for d in /proc /sys /tmp /mnt /newroot /root /bin /sbin /usr /usr/bin /usr/sbin; do
+	for d in /proc /sys /tmp /mnt /newroot /root /bin /sbin /usr /usr/bin /usr/sbin /etc; do
 		echo "dir $d 0755 0 0"
 	done
 	echo "file /bin/busybox $BUSYBOX 0755 0 0"
 	echo "file /init $HERE/init 0755 0 0"
+	# init's `mount -a`: /proc, /sys and /dev in one process.
+	echo "file /etc/fstab $HERE/fstab 0644 0 0"
 	# No applet symlinks but /bin/sh: creating the 268 others is about 12-17 s
 	# of an emulated boot on a kvm_pvm host (docs/performance.md), and
 	# Debian's busybox-static runs applets by name without them

@@ -155,9 +155,14 @@ def test_initramfs_holds_busybox_init_and_console() -> None:
     mode, _, target = entries["bin/sh"]
     # gen_init_cpio stores the link target with its terminating NUL.
     assert mode & S_IFMT == S_IFLNK and target.rstrip(b"\0") == b"/bin/busybox"
-    # Nothing but busybox, init, directories, symlinks and the console node.
+    mode, _, data = entries["etc/fstab"]
+    assert mode & S_IFMT == S_IFREG and data == (GUEST_IMAGES / "fstab").read_bytes()
+    assert [line.split()[1] for line in data.decode().splitlines() if not line.startswith("#")] == [
+        "/proc", "/sys", "/dev"
+    ]
+    # Nothing but busybox, init, fstab, directories, symlinks and the console node.
     regular = sorted(n for n, (m, _, _) in entries.items() if m & S_IFMT == S_IFREG)
-    assert regular == ["bin/busybox", "init"]
+    assert regular == ["bin/busybox", "etc/fstab", "init"]
 
 
 def init_functions() -> str:

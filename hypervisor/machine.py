@@ -419,7 +419,8 @@ class Machine:
             interrupt = IrqFdLine(self.vm, window.irq)
             transport = MmioTransport(device, self.memory, interrupt, name=name)
             # The disk's I/O thread, started with the vCPUs (`start`) and joined in `close`.
-            worker = QueueWorker(name, transport.queue_count, transport.process_queue, transport.has_pending)
+            worker = QueueWorker(name, transport.queue_count, transport.process_queue, transport.has_pending,
+                                 set_notifications=transport.set_notifications)
             transport.use_worker(worker)
             self.disks.append(AttachedDisk(name, spec, transport, interrupt, worker))
             self.add_mmio_device(transport, window.gpa, window.size, name)

@@ -227,6 +227,14 @@ def _progress_printer(enabled: bool) -> copying.Progress:
 @click.option("-o", "options", multiple=True, help="Create options of the output, as for create.")
 @click.option("-p", "progress", is_flag=True, help="Show a progress bar.")
 @click.option("-l", "snapshot_param", help="snapshot.name=NAME or snapshot.id=ID: copy that snapshot.")
+@click.option(
+    "-t",
+    "cache",
+    default=copying.DEFAULT_CONVERT_CACHE,
+    show_default=True,
+    help="Target cache mode: writeback syncs the new image before it takes the name; unsafe "
+    "(qemu-img's default) does not.",
+)
 @click.argument("source")
 @click.argument("target")
 def convert_command(
@@ -236,6 +244,7 @@ def convert_command(
     options: tuple[str, ...],
     progress: bool,
     snapshot_param: str | None,
+    cache: str,
     source: str,
     target: str,
 ) -> None:
@@ -253,6 +262,7 @@ def convert_command(
         parse_option_list(options),
         snapshot,
         _progress_printer(progress),
+        cache,
     )
     if progress:
         click.echo("")

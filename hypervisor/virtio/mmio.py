@@ -503,6 +503,15 @@ class MmioTransport(GatedDevice):
         ring = self._queues[index].ring if index < len(self._queues) else None
         return ring is not None and ring.has_available()
 
+    def set_notifications(self, index: int, enabled: bool) -> bool:
+        """Turn the driver's notifications of queue `index` on or off (Virtqueue.set_notifications)
+        while the I/O thread polls it; True when buffers are waiting. Under the pass lock, on the
+        live ring only: a ring a vCPU has just reset or replaced must not be written to, its
+        memory may be the driver's again."""
+        with self._pass_lock():
+            ring = self._serialised(self._live_ring, index)
+            return ring is not None and ring.set_notifications(enabled)
+
     def process_queue(self, index: int) -> None:
         """Run the requests of queue `index` in passes, one interrupt per pass if the driver
         wants it, until a pass finds nothing new. Called by the I/O thread; public so tests can

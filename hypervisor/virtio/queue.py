@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from hypervisor.errors import HypervisorError
+from hypervisor.kvm.virtio_c import store_then_load_u16
 from hypervisor.memory.guest_memory import GuestMemory
 from hypervisor.virtio.spec import (
     AVAIL_F_NO_INTERRUPT,
@@ -25,6 +26,7 @@ from hypervisor.virtio.spec import (
     MAX_CHAIN_BYTES,
     MAX_QUEUE_SIZE,
     USED_ELEMENT_SIZE,
+    USED_F_NO_NOTIFY,
 )
 
 log = logging.getLogger(__name__)
@@ -167,6 +169,7 @@ class Virtqueue:
             _check_contiguous(memory, address, length, what)
         self.memory = memory
         self.size = size
+        self.parts = (desc_addr, driver_addr, device_addr)  # guest addresses, checked above
         self.event_idx = event_idx
         self.indirect = indirect
         self._ram = GuestRam(memory)
@@ -184,6 +187,11 @@ class Virtqueue:
         self.next_used = 0  # the used ring index we publish next (free-running u16)
         self._signalled_used: int | None = None  # next_used when we last decided to interrupt
         self._used_since_interrupt = 0
+        # While the I/O thread polls the ring it asks the driver not to notify (§2.7.7, §2.7.10).
+        self._notifications = True
+        self._used_flags_host = memory.host_address(device_addr, 2)
+        self._avail_idx_host = memory.host_address(driver_addr + 2, 2)
+        self._avail_event_host = memory.host_address(device_addr + 2 * self._avail_event_index, 2)
 
     # ---- state as data (snapshots; hypervisor/devices/state.py) ----
 
@@ -236,17 +244,35 @@ class Virtqueue:
         The index is consumed before each chain is walked, so a malformed chain is not seen
         again after the driver resets the queue.
         """
-        avail_idx = self._avail_idx()
-        pending = (avail_idx - self.next_avail) & 0xFFFF
-        if pending > self.size:
-            raise VirtqueueError(
-                f"available index moved from {self.next_avail} to {avail_idx}: "
-                f"more than the queue size {self.size} (§2.7.6)"
-            )
+        avail_idx = self._checked_avail_idx()
         while self.next_avail != avail_idx:
             head = self._avail[2 + self.next_avail % self.size]
             self.next_avail = (self.next_avail + 1) & 0xFFFF
             yield self.walk_chain(head)
+
+    def take_available(self) -> DescriptorChain | None:
+        """The next available chain, or None: one step of iter_available, with its checks."""
+        if self._checked_avail_idx() == self.next_avail:
+            return None
+        head = self._avail[2 + self.next_avail % self.size]
+        self.next_avail = (self.next_avail + 1) & 0xFFFF
+        return self.walk_chain(head)
+
+    def _checked_avail_idx(self) -> int:
+        avail_idx = self._avail_idx()
+        if (avail_idx - self.next_avail) & 0xFFFF > self.size:
+            raise VirtqueueError(
+                f"available index moved from {self.next_avail} to {avail_idx}: "
+                f"more than the queue size {self.size} (§2.7.6)"
+            )
+        return avail_idx
+
+    def advance(self, next_avail: int, next_used: int, completed: int) -> None:
+        """Take the positions from a fast path that completed `completed` chains in ring order
+        (each taken from the available ring and added to the used ring, as add_used does)."""
+        self.next_avail = next_avail & 0xFFFF
+        self.next_used = next_used & 0xFFFF
+        self._used_since_interrupt += completed
 
     def rearm(self) -> bool:
         """Ask the driver for a notification on the next buffer; True if more arrived meanwhile.
@@ -255,9 +281,32 @@ class Virtqueue:
         buffer after our last read of avail.idx but before it sees the new avail_event, so the
         index is read again after publishing it and the caller loops while this returns True.
         """
-        if self.event_idx:
+        if self.event_idx and self._notifications:
             self._used16[self._avail_event_index] = self.next_avail
         return self._avail_idx() != self.next_avail
+
+    def set_notifications(self, enabled: bool) -> bool:
+        """Ask the driver to notify on new buffers again, or not to while the device polls the
+        ring anyway; True when buffers are available (after turning notifications back on the
+        device must look again: the driver may have added one without notifying meanwhile).
+
+        Without VIRTIO_F_EVENT_IDX this is VIRTQ_USED_F_NO_NOTIFY in used.flags (§2.7.7); with
+        it, avail_event is left behind while polling and set to the next index when turned back
+        on (§2.7.10), as QEMU's virtio_queue_set_notification does. The re-enabling store and
+        the load of avail.idx after it are fenced (on x86 the load could pass the store, and the
+        driver's fenced check of the flag on its side would then miss this one).
+        """
+        self._notifications = enabled
+        if not enabled:
+            if not self.event_idx:
+                self._used16[0] = self._used16[0] | USED_F_NO_NOTIFY
+            return self.has_available()
+        if self.event_idx:
+            avail_idx = store_then_load_u16(self._avail_event_host, self.next_avail, self._avail_idx_host)
+        else:
+            flags = self._used16[0] & ~USED_F_NO_NOTIFY
+            avail_idx = store_then_load_u16(self._used_flags_host, flags, self._avail_idx_host)
+        return avail_idx != self.next_avail
 
     # ---- descriptor chains ----
 

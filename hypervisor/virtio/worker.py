@@ -45,12 +45,16 @@ class QueueWorker:
         handler: Callable[[int], None],
         has_work: Callable[[int], bool] | None = None,
         poll_seconds: float = DEFAULT_POLL_SECONDS,
+        set_notifications: Callable[[int, bool], bool] | None = None,
     ) -> None:
         """`has_work(q)` is a cheap lock-free check for new buffers, used to poll before
-        sleeping; without it the thread only wakes on notifications."""
+        sleeping; without it the thread only wakes on notifications. `set_notifications(q, on)`
+        (MmioTransport.set_notifications) lets the thread ask the driver not to notify while it
+        polls, and must return whether buffers are waiting when it turns them back on."""
         self.name = name
         self._handler = handler
         self._has_work = has_work
+        self._set_notifications = set_notifications
         self.poll_seconds = poll_seconds if has_work is not None else 0.0
         flags = os.EFD_NONBLOCK | os.EFD_CLOEXEC
         self._queue_fds = [os.eventfd(0, flags) for _ in range(queue_count)]
@@ -139,9 +143,43 @@ class QueueWorker:
             log.exception("%s: queue %d handler failed", self.name, queue_index)
 
     def _poll_briefly(self) -> None:
-        """Look for new buffers for up to poll_seconds after the last work found."""
+        """Look for new buffers for up to poll_seconds after the last work found.
+
+        Meanwhile the driver is asked not to notify (each notify is a VM exit, tens of µs on
+        some hosts), and asked again before the thread sleeps; buffers that arrived while it was
+        not notifying are handled then and the polling goes on (virtio 1.2 §2.7.10).
+        """
         if not self.poll_seconds or self._has_work is None:
             return
+        queues = range(len(self._queue_fds))
+        suppress = self._set_notifications
+        try:
+            if suppress is not None:
+                for queue_index in queues:
+                    suppress(queue_index, False)
+            while True:
+                self._poll_until_quiet()
+                if suppress is None or self._stopping:
+                    return
+                waiting = [queue_index for queue_index in queues if suppress(queue_index, True)]
+                if not waiting:
+                    return
+                for queue_index in queues:
+                    suppress(queue_index, False)
+                for queue_index in waiting:
+                    self._handle(queue_index)
+        except Exception:  # the thread must outlive any bug; notifications end up on below
+            log.exception("%s: polling failed", self.name)
+        finally:
+            if suppress is not None:
+                for queue_index in queues:
+                    try:
+                        suppress(queue_index, True)
+                    except Exception:
+                        log.exception("%s: could not turn queue %d's notifications back on", self.name, queue_index)
+
+    def _poll_until_quiet(self) -> None:
+        assert self._has_work is not None
         deadline = time.monotonic() + self.poll_seconds
         while time.monotonic() < deadline and not self._stopping:
             found = False

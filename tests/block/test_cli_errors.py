@@ -119,6 +119,8 @@ BAD_USAGE: list[tuple[list[str], int]] = [
     (["resize", "--shrink", "good.qcow2", "512k"], CONFIG_ERROR),
     (["convert", "-O", "qcow2", "good.qcow2", "good.qcow2"], CONFIG_ERROR),
     (["convert", "-O", "raw", "-c", "good.qcow2", "out.raw"], CONFIG_ERROR),
+    (["convert", "-O", "raw", "-t", "none", "good.qcow2", "out.raw"], CONFIG_ERROR),
+    (["convert", "-O", "raw", "-t", "", "good.qcow2", "out.raw"], CONFIG_ERROR),
     (["convert", "-O", "qcow2", "-l", "snapshot.name=nope", "good.qcow2", "out.qcow2"], CONFIG_ERROR),
     (["snapshot", "-d", "nope", "good.qcow2"], CONFIG_ERROR),
     (["snapshot", "-a", "nope", "good.qcow2"], CONFIG_ERROR),

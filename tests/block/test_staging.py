@@ -16,7 +16,7 @@ from hypervisor.block.locking import lock_image
 from hypervisor.block.qcow2.create import Qcow2CreateOptions, create_qcow2, create_raw
 from hypervisor.block.qcow2.staging import remove_stale, staged, staging_prefix
 from hypervisor.block.tools import copying
-from hypervisor.errors import ImageError, ImageLockedError
+from hypervisor.errors import ConfigError, ImageError, ImageLockedError
 
 pytestmark = needs_qemu
 
@@ -119,6 +119,41 @@ def test_failed_convert_leaves_old_target_and_no_temporary(tmp_path: Path) -> No
     copying.convert(str(source), str(target), None, "raw", False, {})
     assert target.read_bytes() == to_raw(source, tmp_path / "check.raw")
     assert os.stat(target).st_blocks * 512 < 1 * MIB  # still sparse after the rename
+
+
+@pytest.mark.parametrize("target_format", ["raw", "qcow2"])
+def test_unsafe_convert_makes_the_same_image_without_syncing_a_raw_target(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, target_format: str
+) -> None:
+    source = create(tmp_path / "src.qcow2", 1 * MIB)
+    qemu_io(source, "write -P 0x42 0 100k", "write -P 0x17 512k 64k")
+    syncs: list[str] = []
+    real_fsync, real_fdatasync = os.fsync, os.fdatasync
+    monkeypatch.setattr(os, "fsync", lambda fd: (syncs.append("fsync"), real_fsync(fd))[1])
+    monkeypatch.setattr(os, "fdatasync", lambda fd: (syncs.append("fdatasync"), real_fdatasync(fd))[1])
+    target = tmp_path / f"out.{target_format}"
+    copying.convert(str(source), str(target), None, target_format, False, {}, cache="unsafe")
+    unsafe_syncs, syncs[:] = list(syncs), []
+    durable = tmp_path / f"durable.{target_format}"
+    copying.convert(str(source), str(durable), None, target_format, False, {})
+    # writeback syncs the image, then the file before the rename, then the folder.
+    assert syncs.count("fsync") >= 2
+    if target_format == "raw":
+        assert unsafe_syncs == []  # qemu-img's convert default makes no sync either
+        assert target.read_bytes() == durable.read_bytes() == to_raw(source, tmp_path / "check.raw")
+    else:  # the qcow2 engine's ordered metadata flush keeps its syncs; only the rename's go
+        assert len(unsafe_syncs) < len(syncs)
+        check_clean(target)
+        assert to_raw(target, tmp_path / "a.raw") == to_raw(source, tmp_path / "b.raw")
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".pyhv-")) == []
+
+
+def test_convert_refuses_cache_modes_it_cannot_honour(tmp_path: Path) -> None:
+    source = create(tmp_path / "src.qcow2", 1 * MIB)
+    for mode in ("none", "directsync", "writethrough", "Unsafe"):
+        with pytest.raises(ConfigError, match=f"Cache mode '{mode}' is not supported"):
+            copying.convert(str(source), str(tmp_path / "out.raw"), None, "raw", False, {}, cache=mode)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src.qcow2"]
 
 
 def test_missing_folder_names_the_target(tmp_path: Path) -> None:

@@ -239,3 +239,38 @@ def test_indirect_table_needs_only_8_byte_alignment(memory, allocator):
     driver.publish(0)
     (chain,) = device.iter_available()
     assert (chain.readable_length, chain.writable_length) == (16, 1)
+
+
+def used_flags(memory: GuestMemory, driver: DriverQueue) -> int:
+    return memory.read_u16(driver.used)
+
+
+def test_notifications_off_while_polling_without_event_idx(memory, allocator):
+    """§2.7.7: VIRTQ_USED_F_NO_NOTIFY while the device polls; turning it back on reports the
+    buffers a driver added meanwhile without notifying."""
+    driver, device = make_queue(memory, allocator)
+    assert device.set_notifications(False) is False
+    assert used_flags(memory, driver) & spec.USED_F_NO_NOTIFY
+    driver.publish(driver.add_chain([Buffer(0x9000, 1, True)]))  # the driver skips its notify
+    assert device.set_notifications(True) is True  # ... so the device must look again
+    assert not used_flags(memory, driver) & spec.USED_F_NO_NOTIFY
+    assert len(list(device.iter_available())) == 1
+    assert device.set_notifications(True) is False
+
+
+def test_notifications_off_while_polling_with_event_idx(memory, allocator):
+    """§2.7.10: avail_event stays behind while polling (the driver's vring_need_event is false),
+    and is set to the next index when notifications are turned back on."""
+    driver, device = make_queue(memory, allocator, event_idx=True)
+    driver.publish(driver.add_chain([Buffer(0x9000, 1, True)]))
+    assert device.set_notifications(False) is True
+    for chain in device.iter_available():
+        device.add_used(chain.head, 1)
+    assert device.rearm() is False
+    assert driver.avail_event() == 0  # not moved to 1 while polling
+    assert used_flags(memory, driver) == 0  # the flag is not used with EVENT_IDX
+    driver.publish(driver.add_chain([Buffer(0x9000, 1, True)]))
+    assert device.set_notifications(True) is True
+    assert driver.avail_event() == 1
+    list(device.iter_available())
+    assert device.rearm() is False and driver.avail_event() == 2

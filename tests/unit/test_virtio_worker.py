@@ -95,3 +95,61 @@ def test_stop_is_prompt_while_idle_and_close_is_idempotent():
     worker.close()
     worker.close()
     worker.kick(0)  # closed: ignored
+
+
+def test_polling_turns_notifications_off_and_on_and_loses_no_buffer():
+    """While it polls the thread asks for no notifications; before it sleeps it asks again, and
+    a buffer that came in between (reported by turning them on) is handled, not left waiting."""
+    calls: list[tuple[int, bool]] = []
+    arrive_when_reenabled = [True]
+    handled = threading.Event()
+    count = [0]
+
+    def set_notifications(index: int, enabled: bool) -> bool:
+        calls.append((index, enabled))
+        if enabled and arrive_when_reenabled[0]:
+            arrive_when_reenabled[0] = False
+            return True  # a buffer added while the driver was not notifying
+        return False
+
+    def handler(index: int) -> None:
+        count[0] += 1
+        if count[0] == 2:
+            handled.set()
+
+    worker = QueueWorker("test", 1, handler, has_work=lambda index: False, poll_seconds=0.01,
+                         set_notifications=set_notifications)  # fmt: skip
+    worker.start()
+    try:
+        worker.kick(0)
+        assert handled.wait(5)  # the kick, then the buffer found when turning notifications on
+        deadline = time.monotonic() + 5
+        while calls[-1:] != [(0, True)] and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        worker.close()
+    assert calls[0] == (0, False)
+    assert calls[-1] == (0, True)  # the thread sleeps with notifications on
+    assert (0, False) in calls[calls.index((0, True)) :]  # off again while it handled that one
+
+
+def test_stopping_while_polling_leaves_notifications_on():
+    state = {"enabled": True}
+    polling = threading.Event()
+
+    def set_notifications(index: int, enabled: bool) -> bool:
+        state["enabled"] = enabled
+        if not enabled:
+            polling.set()
+        return False
+
+    worker = QueueWorker("test", 1, lambda index: None, has_work=lambda index: False, poll_seconds=60.0,
+                         set_notifications=set_notifications)  # fmt: skip
+    worker.start()
+    try:
+        worker.kick(0)
+        assert polling.wait(5)
+        assert worker.stop()  # ends the 60 s poll at once
+        assert state["enabled"] is True  # a snapshot taken now must not tell the driver to stay quiet
+    finally:
+        worker.close()

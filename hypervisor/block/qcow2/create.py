@@ -366,8 +366,9 @@ def create_raw(path: str, size: int) -> None:
         stage.commit()
 
 
-def write_raw(path: str, size: int, shown_as: str | None = None) -> None:
-    """A sparse raw file of `size` bytes directly at `path` (no staging)."""
+def write_raw(path: str, size: int, shown_as: str | None = None, sync: bool = True) -> None:
+    """A sparse raw file of `size` bytes directly at `path` (no staging); `sync` false for a
+    caller that will not sync what it writes into it either (`convert -t unsafe`)."""
     if size < 0:
         raise ConfigError(f"invalid image size {size}")
     shown = shown_as or path
@@ -375,7 +376,8 @@ def write_raw(path: str, size: int, shown_as: str | None = None) -> None:
     fd = _open_for_replacing(path, shown)
     try:
         os.ftruncate(fd, rounded)
-        os.fsync(fd)
+        if sync:
+            os.fsync(fd)
     except OSError as error:
         raise ImageError(f"Could not resize '{shown}': {error.strerror}") from error
     finally:

@@ -54,14 +54,20 @@ class Stage:
     in_place: bool
     fd: int = -1  # the temporary, flocked while it is being built
 
-    def commit(self) -> None:
-        """Make the built file durable and give it the target's name (the commit point)."""
+    def commit(self, durable: bool = True) -> None:
+        """Make the built file durable and give it the target's name (the commit point).
+
+        With `durable` false (`convert -t unsafe`, qemu-img's default for convert) nothing is
+        synced: the rename is still atomic for other processes, but after a host crash the target
+        may hold the new name with data that never reached the disk, as with qemu-img."""
         if self.in_place:
             return
         try:
-            os.fsync(self.fd)
+            if durable:
+                os.fsync(self.fd)
             os.replace(self.path, self.target)
-            _sync_folder(os.path.dirname(self.target))
+            if durable:
+                _sync_folder(os.path.dirname(self.target))
         except OSError as error:
             raise ImageError(f"Could not replace '{self.target}': {error.strerror}") from error
         self.path = self.target

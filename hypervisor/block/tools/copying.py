@@ -36,6 +36,10 @@ COPY_CHUNK = 4 << 20
 WRITE_WORKERS = 8
 # Granularity of zero detection when no cluster size is known (QEMU convert's default min_sparse).
 DEFAULT_SPARSE_GRANULARITY = 4096
+# The target cache modes convert accepts (qemu-img's -t names); the others qemu-img knows (none,
+# directsync, writethrough) need O_DIRECT or per-write syncs, which pyhv's block layer lacks.
+CONVERT_CACHE_MODES = ("writeback", "unsafe")
+DEFAULT_CONVERT_CACHE = "writeback"
 
 
 # One shared all-zero buffer to compare against: allocating zeros per chunk costs a page fault per
@@ -95,9 +99,12 @@ def copy_data(
     progress: Progress = _no_progress,
     ranges: Iterator[tuple[int, int, int]] | None = None,
     write_zeroes: bool = False,
+    write_back: bool = True,
 ) -> None:
     """Copy the data ranges of `source` into `target`. All-zero runs are skipped (the target
-    must read as zeros there already) or, with `write_zeroes`, written as zeroes.
+    must read as zeros there already) or, with `write_zeroes`, written as zeroes. `write_back`
+    starts the page cache's write-back chunk by chunk (raw targets), for a short final flush;
+    a copy that will not be flushed (`convert -t unsafe`) leaves that to the kernel.
 
     This thread reads chunk after chunk; a small pool writes them, because on Linux one writer
     into the page cache is far slower than several (qemu-img convert also keeps 8 requests in
@@ -110,7 +117,7 @@ def copy_data(
         free_buffers.put(bytearray(COPY_CHUNK))
 
     # Backends that can (raw files) start write-back per chunk, so the final flush is short.
-    start_writeback = target.start_writeback if isinstance(target, HostFile) else None
+    start_writeback = target.start_writeback if write_back and isinstance(target, HostFile) else None
 
     def write_chunk(buffer: bytearray, offset: int, n: int) -> None:
         try:
@@ -174,8 +181,20 @@ def convert(
     options: dict[str, str],
     snapshot: str | None = None,
     progress: Progress = _no_progress,
+    cache: str = DEFAULT_CONVERT_CACHE,
 ) -> None:
-    """qemu-img convert: a new image `target_path` with the contents of `source_path`."""
+    """qemu-img convert: a new image `target_path` with the contents of `source_path`.
+
+    `cache` is the target's cache mode (qemu-img's `-t`): "writeback", pyhv's default, flushes
+    the target and syncs it and its folder before it takes the target's name, so a host crash
+    leaves the old target or the complete new one; "unsafe", qemu-img's default for convert
+    (qemu-img.c sets it unless -t is given; it makes no fdatasync), skips those syncs and the
+    write-back hints. A qcow2 target's metadata is always written in dependency order with its
+    syncs (the engine's flush), so only raw targets get faster with "unsafe".
+    """
+    if cache not in CONVERT_CACHE_MODES:
+        raise ConfigError(f"Cache mode '{cache}' is not supported by pyhv convert (writeback or unsafe)")
+    durable = cache == "writeback"
     if target_format not in ("raw", "qcow2"):
         raise ConfigError(f"Unknown output format '{target_format}' (qcow2 or raw)")
     if compress and target_format != "qcow2":
@@ -196,26 +215,29 @@ def convert(
         # Built under a temporary name and renamed over the target once complete (staging.py):
         # a crash leaves the old target, or nothing, and at most a temporary the next run removes.
         with staged(target_path, "convert") as stage:
-            _create(stage.path, target_format, qcow2_options, source.size, target_path)
+            _create(stage.path, target_format, qcow2_options, source.size, target_path, sync=durable)
             target = open_disk(stage.path, format=target_format, read_only=False, allow_backing=False)
             try:
                 cluster_size = qcow2_options.cluster_size if qcow2_options else 0
                 granularity = cluster_size if compress else DEFAULT_SPARSE_GRANULARITY
-                copy_data(source, target, granularity, compress, cluster_size, progress)
-                target.flush()
-                stage.commit()
+                copy_data(source, target, granularity, compress, cluster_size, progress, write_back=durable)
+                if durable or target_format == "qcow2":
+                    target.flush()
+                stage.commit(durable=durable)
             finally:
                 target.close()
     finally:
         source.close()
 
 
-def _create(path: str, image_format: str, options: Qcow2CreateOptions | None, size: int, shown_as: str) -> None:
+def _create(
+    path: str, image_format: str, options: Qcow2CreateOptions | None, size: int, shown_as: str, sync: bool = True
+) -> None:
     if image_format == "qcow2":
         assert options is not None
         write_qcow2(path, options, shown_as)
     else:
-        write_raw(path, size, shown_as)
+        write_raw(path, size, shown_as, sync=sync)
 
 
 def rebase(
