@@ -286,8 +286,9 @@ def rebuild_refcount_structure(image: ImageFile, messages: list[str] | None = No
     """Replace the refcount table and blocks of an image file with ones computed from every
     reference (`check -r all`; QEMU's qcow2-refcount.c rebuild_refcount_structure).
 
-    `image` is an ImageFile from `read_image_file(fd, path)` whose fd is open read-write. An open
-    Qcow2Image recounts its own refcounts with rebuild.rebuild_open_image_refcounts instead.
+    `image` is an ImageFile from `read_image_file(fd, path)` whose fd is open read-write. It is
+    also how a dirty image is repaired when it is opened read-write (engine.py runs the checker
+    with repair="all" before loading its tables, as QEMU's qcow2_open does).
     """
     log_lines: list[str] = messages if messages is not None else []
     image_file = image
