@@ -174,7 +174,11 @@ class QueueWorker:
             if suppress is not None:
                 for queue_index in queues:
                     try:
-                        suppress(queue_index, True)
+                        if suppress(queue_index, True):
+                            # Buffers the driver added without notifying, left for a stop or
+                            # an error: counted on the eventfd as a notify would have been, so
+                            # the next pass, or the next start() after a snapshot, takes them.
+                            self.kick(queue_index)
                     except Exception:
                         log.exception("%s: could not turn queue %d's notifications back on", self.name, queue_index)
 

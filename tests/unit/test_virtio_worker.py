@@ -153,3 +153,37 @@ def test_stopping_while_polling_leaves_notifications_on():
         assert state["enabled"] is True  # a snapshot taken now must not tell the driver to stay quiet
     finally:
         worker.close()
+
+
+def test_buffers_left_when_stopping_mid_poll_are_taken_after_the_next_start():
+    """A buffer the driver added while told not to notify, still there when the thread stops
+    (a snapshot's drain), is counted on the eventfd so the restarted thread handles it."""
+    waiting = threading.Event()
+    polling = threading.Event()
+    handled: list[int] = []
+    again = threading.Event()
+
+    def set_notifications(index: int, enabled: bool) -> bool:
+        if not enabled:
+            polling.set()
+        return enabled and waiting.is_set()
+
+    def handler(index: int) -> None:
+        handled.append(index)
+        if waiting.is_set():
+            waiting.clear()
+            again.set()
+
+    worker = QueueWorker("test", 1, handler, has_work=lambda index: False, poll_seconds=60.0,
+                         set_notifications=set_notifications)  # fmt: skip
+    worker.start()
+    try:
+        worker.kick(0)
+        assert polling.wait(5)
+        waiting.set()  # added silently; has_work is not asked again before the stop
+        assert worker.stop()
+        assert not again.is_set()
+        worker.start()
+        assert again.wait(5)  # taken by the restarted thread, without a new notify
+    finally:
+        worker.close()
