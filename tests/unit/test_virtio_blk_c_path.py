@@ -39,11 +39,10 @@ DESCRIPTOR = struct.Struct("<QIHH")
 class Descriptor:
     address: int
     length: int
-    flags: int
-    next: int
+    flags: int  # the `next` field is written by write_ring, which links each request in order
 
 
-def plain_request(slot: int, first: int, request_type: int, sector: int, lengths: list[int]) -> list[Descriptor]:
+def plain_request(slot: int, request_type: int, lengths: list[int]) -> list[Descriptor]:
     """Header, data buffers (device-writable for a read), status byte: a Linux-shaped request."""
     writable = DESC_F_WRITE if request_type != T_OUT else 0
     parts = [(HEADERS + 32 * slot, 16, 0)]
@@ -53,7 +52,7 @@ def plain_request(slot: int, first: int, request_type: int, sector: int, lengths
         offset += length
     parts.append((STATUS + 8 * slot, 1, DESC_F_WRITE))
     return [
-        Descriptor(address, length, flags | (DESC_F_NEXT if i < len(parts) - 1 else 0), first + i + 1)
+        Descriptor(address, length, flags | (DESC_F_NEXT if i < len(parts) - 1 else 0))
         for i, (address, length, flags) in enumerate(parts)
     ]
 
@@ -127,12 +126,12 @@ def write_ring(requests: list[list[Descriptor]], headers: list[tuple[int, int]],
 
 
 def reads(count: int, sectors: int = 8) -> tuple[list[list[Descriptor]], list[tuple[int, int]]]:
-    requests = [plain_request(slot, 0, T_IN, 0, [512 * sectors]) for slot in range(count)]
+    requests = [plain_request(slot, T_IN, [512 * sectors]) for slot in range(count)]
     return requests, [(T_IN, (slot * 13) % (DISK_SECTORS - sectors)) for slot in range(count)]
 
 
 def test_plain_reads_and_writes_are_done_in_c_with_the_same_result(tmp_path: Path) -> None:
-    requests = [plain_request(slot, 0, T_IN if slot % 2 else T_OUT, 0, [512, 1024]) for slot in range(6)]
+    requests = [plain_request(slot, T_IN if slot % 2 else T_OUT, [512, 1024]) for slot in range(6)]
     headers = [(T_IN if slot % 2 else T_OUT, slot * 7) for slot in range(6)]
     image = write_ring(requests, headers)
     both_paths(tmp_path, image)
@@ -150,9 +149,9 @@ def test_plain_reads_and_writes_are_done_in_c_with_the_same_result(tmp_path: Pat
 
 def test_a_request_c_declines_runs_in_python_in_ring_order(tmp_path: Path) -> None:
     requests, headers = reads(5)
-    requests[2] = plain_request(2, 0, T_GET_ID, 0, [20])  # Python's: GET_ID
+    requests[2] = plain_request(2, T_GET_ID, [20])  # Python's: GET_ID
     headers[2] = (T_GET_ID, 0)
-    requests[3] = plain_request(3, 0, T_IN, 0, [8 * 512])
+    requests[3] = plain_request(3, T_IN, [8 * 512])
     headers[3] = (T_IN, DISK_SECTORS)  # past the end: IOERR, decided by Python
     image = write_ring(requests, headers)
     both_paths(tmp_path, image)
@@ -177,7 +176,7 @@ def test_a_looping_chain_needs_reset_on_both_paths(tmp_path: Path) -> None:
 
 
 def test_writes_to_a_read_only_disk_are_refused_by_python(tmp_path: Path) -> None:
-    requests = [plain_request(0, 0, T_OUT, 0, [512])]
+    requests = [plain_request(0, T_OUT, [512])]
     both_paths(tmp_path, write_ring(requests, [(T_OUT, 0)]), read_only=True)
 
 
@@ -224,34 +223,34 @@ def bent_requests(draw: st.DrawFn) -> tuple[list[list[Descriptor]], list[tuple[i
         request_type = draw(st.sampled_from([T_IN, T_IN, T_OUT, T_FLUSH, T_GET_ID, 99]))
         lengths = draw(st.lists(st.sampled_from([512, 1024, 4096]), min_size=1, max_size=3))
         sector = draw(st.integers(0, DISK_SECTORS - 1))
-        request = plain_request(slot, 0, request_type, sector, lengths)
+        request = plain_request(slot, request_type, lengths)
         bend = draw(st.sampled_from(BENDS))
         data = 1 + draw(st.integers(0, len(lengths) - 1))  # index of one data descriptor
         d = request[data]
         if bend == "header-length":
-            request[0] = Descriptor(request[0].address, draw(st.sampled_from([8, 15, 17, 32])), request[0].flags, 0)
+            request[0] = Descriptor(request[0].address, draw(st.sampled_from([8, 15, 17, 32])), request[0].flags)
         elif bend == "status-length":
             last = request[-1]
-            request[-1] = Descriptor(last.address, draw(st.sampled_from([0, 2, 8])), last.flags, 0)
+            request[-1] = Descriptor(last.address, draw(st.sampled_from([0, 2, 8])), last.flags)
         elif bend == "indirect":
-            request[data] = Descriptor(d.address, 32, d.flags | DESC_F_INDIRECT, 0)
+            request[data] = Descriptor(d.address, 32, d.flags | DESC_F_INDIRECT)
         elif bend == "outside-ram":
-            request[data] = Descriptor(MEMORY + draw(st.integers(0, 1 << 40)), d.length, d.flags, 0)
+            request[data] = Descriptor(MEMORY + draw(st.integers(0, 1 << 40)), d.length, d.flags)
         elif bend == "straddle-ram":
-            request[data] = Descriptor(MEMORY - 256, d.length, d.flags, 0)
+            request[data] = Descriptor(MEMORY - 256, d.length, d.flags)
         elif bend == "zero-length":
-            request[data] = Descriptor(draw(st.sampled_from([d.address, 1 << 63])), 0, d.flags, 0)
+            request[data] = Descriptor(draw(st.sampled_from([d.address, 1 << 63])), 0, d.flags)
         elif bend == "mixed-direction":
-            request[data] = Descriptor(d.address, d.length, d.flags ^ DESC_F_WRITE, 0)
+            request[data] = Descriptor(d.address, d.length, d.flags ^ DESC_F_WRITE)
         elif bend == "odd-length":
-            request[data] = Descriptor(d.address, d.length - draw(st.integers(1, 511)), d.flags, 0)
+            request[data] = Descriptor(d.address, d.length - draw(st.integers(1, 511)), d.flags)
         elif bend == "past-end":
             sector = DISK_SECTORS - draw(st.integers(0, 2))
         elif bend == "type":
             request_type = draw(st.integers(0, 0xFFFFFFFF))
         elif bend == "no-status":
             request = request[:-1]
-            request[-1] = Descriptor(request[-1].address, request[-1].length, request[-1].flags & ~DESC_F_NEXT, 0)
+            request[-1] = Descriptor(request[-1].address, request[-1].length, request[-1].flags & ~DESC_F_NEXT)
         elif bend == "loop":
             overrides[index + draw(st.integers(0, len(request) - 2))] = index
         elif bend == "head-outside":
