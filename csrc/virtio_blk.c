@@ -50,7 +50,7 @@ static void read_desc(const struct pyhv_blk_queue *q, uint32_t index, struct des
 
 /* Complete the chain at `head` if it is a request C does exactly as Python would; 0 if declined
  * (nothing the guest can see has changed except, for a read, bytes of the data buffers, which
- * the Python path then writes again). */
+ * the Python path then writes again). Every "return 0" leaves the chain to Python. */
 static int run_chain(struct pyhv_blk_queue *q, uint32_t head, uint32_t *used_len)
 {
     struct iovec iov[PYHV_BLK_MAX_SEGMENTS];
@@ -61,71 +61,44 @@ static int run_chain(struct pyhv_blk_queue *q, uint32_t head, uint32_t *used_len
     uint8_t header[BLK_HEADER_BYTES];
     uint8_t *status = 0;
 
-    if (head >= q->size) {
-        q->declined = PYHV_BLK_WHY_CHAIN;
+    if (head >= q->size)
         return 0;
-    }
     for (;;) {
-        if (++steps > q->size) { /* a loop (§2.7.5.2); Python names it */
-            q->declined = PYHV_BLK_WHY_CHAIN;
+        if (++steps > q->size) /* a loop (§2.7.5.2); Python names it */
             return 0;
-        }
         read_desc(q, index, &d);
-        if (d.flags & DESC_F_INDIRECT) {
-            q->declined = PYHV_BLK_WHY_CHAIN;
-            return 0;
-        }
         chain_bytes += d.len;
-        if (chain_bytes > MAX_CHAIN_BYTES) {
-            q->declined = PYHV_BLK_WHY_CHAIN;
+        if ((d.flags & DESC_F_INDIRECT) || chain_bytes > MAX_CHAIN_BYTES)
             return 0;
-        }
         int last = !(d.flags & DESC_F_NEXT);
         int writable = (d.flags & DESC_F_WRITE) != 0;
         if (steps == 1) { /* the header: exactly struct virtio_blk_req's first 16 bytes */
+            if (writable || d.len != BLK_HEADER_BYTES || last)
+                return 0;
             uint8_t *host = host_buffer(q, d.addr, BLK_HEADER_BYTES);
-            if (writable || d.len != BLK_HEADER_BYTES || last) {
-                q->declined = PYHV_BLK_WHY_CHAIN;
+            if (!host)
                 return 0;
-            }
-            if (!host) {
-                q->declined = PYHV_BLK_WHY_BUFFER;
-                return 0;
-            }
             memcpy(header, host, sizeof(header));
         } else if (last) { /* the status byte, alone in the last descriptor */
-            if (!writable || d.len != 1) {
-                q->declined = PYHV_BLK_WHY_CHAIN;
+            if (!writable || d.len != 1 || !(status = host_buffer(q, d.addr, 1)))
                 return 0;
-            }
-            status = host_buffer(q, d.addr, 1);
-            if (!status) {
-                q->declined = PYHV_BLK_WHY_BUFFER;
-                return 0;
-            }
             break;
         } else { /* data, all in one direction; an empty descriptor is Python's (§2.7.4.2 order
                   * rules still apply to it there) */
             if (writes_to_guest < 0)
                 writes_to_guest = writable;
-            if (!d.len || writable != writes_to_guest || segments == PYHV_BLK_MAX_SEGMENTS) {
-                q->declined = PYHV_BLK_WHY_CHAIN;
+            if (!d.len || writable != writes_to_guest || segments == PYHV_BLK_MAX_SEGMENTS)
                 return 0;
-            }
             uint8_t *host = host_buffer(q, d.addr, d.len);
-            if (!host) {
-                q->declined = PYHV_BLK_WHY_BUFFER;
+            if (!host)
                 return 0;
-            }
             iov[segments].iov_base = host;
             iov[segments].iov_len = d.len;
             segments++;
             data_bytes += d.len;
         }
-        if (d.next >= q->size) {
-            q->declined = PYHV_BLK_WHY_CHAIN;
+        if (d.next >= q->size)
             return 0;
-        }
         index = d.next;
     }
 
@@ -137,17 +110,13 @@ static int run_chain(struct pyhv_blk_queue *q, uint32_t head, uint32_t *used_len
     int is_read = type == BLK_T_IN;
     if ((type != BLK_T_IN && type != BLK_T_OUT) || (segments && writes_to_guest != is_read) ||
         data_bytes % SECTOR_BYTES || sector > q->capacity_sectors || sectors > q->capacity_sectors - sector ||
-        (!is_read && q->read_only)) {
-        q->declined = PYHV_BLK_WHY_REQUEST;
+        (!is_read && q->read_only))
         return 0;
-    }
     if (segments) {
         off_t offset = (off_t)(sector * SECTOR_BYTES);
         ssize_t done = is_read ? preadv(q->fd, iov, (int)segments, offset) : pwritev(q->fd, iov, (int)segments, offset);
-        if (done < 0 || (uint64_t)done != data_bytes) { /* errors, EOF and short transfers: Python */
-            q->declined = PYHV_BLK_WHY_IO;
+        if (done < 0 || (uint64_t)done != data_bytes) /* errors, EOF and short transfers */
             return 0;
-        }
     }
     *status = BLK_S_OK;
     *used_len = (uint32_t)((is_read ? data_bytes : 0) + 1);
@@ -163,11 +132,8 @@ int pyhv_blk_process(struct pyhv_blk_queue *q)
      * descriptors the driver wrote before it are seen (§2.7.13.3). */
     uint16_t avail_idx = __atomic_load_n(&avail[1], __ATOMIC_ACQUIRE);
     uint16_t next_avail = (uint16_t)q->next_avail, next_used = (uint16_t)q->next_used;
-    q->declined = PYHV_BLK_WHY_NONE;
-    if ((uint16_t)(avail_idx - next_avail) > q->size) {
-        q->declined = PYHV_BLK_WHY_AVAIL_INDEX;
+    if ((uint16_t)(avail_idx - next_avail) > q->size) /* Python raises the reset */
         return PYHV_BLK_DECLINED;
-    }
     int result = PYHV_BLK_CAUGHT_UP;
     while (next_avail != avail_idx) {
         uint32_t head = avail[2 + next_avail % q->size], used_len = 0;

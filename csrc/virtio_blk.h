@@ -40,15 +40,7 @@ struct pyhv_blk_queue {
     int read_only;
     uint64_t capacity_sectors;
     uint64_t completed;  /* requests completed by C since the queue was set up */
-    uint32_t declined;   /* why the last call declined a chain (a PYHV_BLK_WHY_ value) */
 };
-
-#define PYHV_BLK_WHY_NONE 0
-#define PYHV_BLK_WHY_AVAIL_INDEX 1 /* avail.idx ran ahead by more than the queue size */
-#define PYHV_BLK_WHY_CHAIN 2       /* chain shape (indirect, lengths, flags, order, length) */
-#define PYHV_BLK_WHY_BUFFER 3      /* a buffer outside one RAM region */
-#define PYHV_BLK_WHY_REQUEST 4     /* type, alignment, range or read-only */
-#define PYHV_BLK_WHY_IO 5          /* the transfer failed or was short */
 
 int pyhv_blk_process(struct pyhv_blk_queue *queue);
 /* Store a 16-bit ring field, then load another, with a full barrier between (x86 may otherwise

@@ -17,17 +17,6 @@ from hypervisor.kvm.ffi import ffi, lib
 
 MAX_REGIONS = lib.PYHV_BLK_MAX_REGIONS
 
-# Why C left a chain to Python (pyhv_blk_queue.declined), for statistics and tests.
-DECLINE_REASONS = {
-    lib.PYHV_BLK_WHY_NONE: "none",
-    lib.PYHV_BLK_WHY_AVAIL_INDEX: "avail-index",
-    lib.PYHV_BLK_WHY_CHAIN: "chain",
-    lib.PYHV_BLK_WHY_BUFFER: "buffer",
-    lib.PYHV_BLK_WHY_REQUEST: "request",
-    lib.PYHV_BLK_WHY_IO: "io",
-}
-
-
 class RamRegion(NamedTuple):
     gpa: int
     size: int
@@ -39,7 +28,6 @@ class FastResult(NamedTuple):
     next_avail: int
     next_used: int
     completed: int  # requests this call completed
-    declined: str  # a DECLINE_REASONS value
 
 
 class BlkFastQueue:
@@ -87,7 +75,6 @@ class BlkFastQueue:
             queue.next_avail,
             queue.next_used,
             queue.completed - before,
-            DECLINE_REASONS.get(queue.declined, "unknown"),
         )
 
 
