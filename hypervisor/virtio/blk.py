@@ -161,7 +161,7 @@ class VirtioBlock(VirtioDevice):
         self._driver_features = 0
         self._executor.limits = self._limits()
 
-    # Off to measure or test the Python path alone (benchmarks/virtio_blk.py --python-only).
+    # False to measure or test the Python path alone (benchmarks/virtio_blk.py, the tests).
     use_c_path = True
 
     def process_queue(self, index: int, queue: Virtqueue) -> None:
@@ -202,14 +202,12 @@ class VirtioBlock(VirtioDevice):
         # Only a raw file is a plain fd to preadv/pwritev; qcow2 keeps its mapping in Python.
         if not self.use_c_path or type(backend) is not RawFile or len(regions) > MAX_REGIONS:
             return None
-        memory = queue.memory
-        desc, driver, device = queue.parts
         fast = BlkFastQueue(
             [RamRegion(region.gpa, region.size, region.host_address) for region in regions],
             queue.size,
-            memory.host_address(desc, 16 * queue.size),
-            memory.host_address(driver, 2),
-            memory.host_address(device, 4),
+            queue.desc_host,
+            queue.avail_host,
+            queue.used_host,
             backend.fd,
             read_only,
             self._executor.limits.capacity_sectors,

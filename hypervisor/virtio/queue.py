@@ -169,7 +169,11 @@ class Virtqueue:
             _check_contiguous(memory, address, length, what)
         self.memory = memory
         self.size = size
-        self.parts = (desc_addr, driver_addr, device_addr)  # guest addresses, checked above
+        # Host addresses of the three parts, each checked above to lie in one region: for C
+        # (virtio-blk's fast path, the fenced notification switch).
+        self.desc_host = memory.host_address(desc_addr, DESC_SIZE * size)
+        self.avail_host = memory.host_address(driver_addr, avail_ring_size(size))
+        self.used_host = memory.host_address(device_addr, used_ring_size(size))
         self.event_idx = event_idx
         self.indirect = indirect
         self._ram = GuestRam(memory)
@@ -189,9 +193,6 @@ class Virtqueue:
         self._used_since_interrupt = 0
         # While the I/O thread polls the ring it asks the driver not to notify (§2.7.7, §2.7.10).
         self._notifications = True
-        self._used_flags_host = memory.host_address(device_addr, 2)
-        self._avail_idx_host = memory.host_address(driver_addr + 2, 2)
-        self._avail_event_host = memory.host_address(device_addr + 2 * self._avail_event_index, 2)
 
     # ---- state as data (snapshots; hypervisor/devices/state.py) ----
 
@@ -246,14 +247,15 @@ class Virtqueue:
         """
         avail_idx = self._checked_avail_idx()
         while self.next_avail != avail_idx:
-            head = self._avail[2 + self.next_avail % self.size]
-            self.next_avail = (self.next_avail + 1) & 0xFFFF
-            yield self.walk_chain(head)
+            yield self._take_next()
 
     def take_available(self) -> DescriptorChain | None:
         """The next available chain, or None: one step of iter_available, with its checks."""
         if self._checked_avail_idx() == self.next_avail:
             return None
+        return self._take_next()
+
+    def _take_next(self) -> DescriptorChain:
         head = self._avail[2 + self.next_avail % self.size]
         self.next_avail = (self.next_avail + 1) & 0xFFFF
         return self.walk_chain(head)
@@ -301,11 +303,12 @@ class Virtqueue:
             if not self.event_idx:
                 self._used16[0] = self._used16[0] | USED_F_NO_NOTIFY
             return self.has_available()
+        avail_idx_host = self.avail_host + 2  # le16 flags, le16 idx (§2.7.6)
         if self.event_idx:
-            avail_idx = store_then_load_u16(self._avail_event_host, self.next_avail, self._avail_idx_host)
-        else:
-            flags = self._used16[0] & ~USED_F_NO_NOTIFY
-            avail_idx = store_then_load_u16(self._used_flags_host, flags, self._avail_idx_host)
+            avail_event_host = self.used_host + 2 * self._avail_event_index
+            avail_idx = store_then_load_u16(avail_event_host, self.next_avail, avail_idx_host)
+        else:  # used.flags is the used ring's first le16 (§2.7.8)
+            avail_idx = store_then_load_u16(self.used_host, self._used16[0] & ~USED_F_NO_NOTIFY, avail_idx_host)
         return avail_idx != self.next_avail
 
     # ---- descriptor chains ----
