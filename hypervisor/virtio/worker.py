@@ -153,25 +153,27 @@ class QueueWorker:
             return
         queues = range(len(self._queue_fds))
         suppress = self._set_notifications
+        waiting: list[int] = []  # queues found with buffers when notifications went back on
+        suppressed = False
         try:
-            if suppress is not None:
-                for queue_index in queues:
-                    suppress(queue_index, False)
             while True:
+                if suppress is not None:
+                    for queue_index in queues:
+                        suppress(queue_index, False)
+                    suppressed = True
+                for queue_index in waiting:
+                    self._handle(queue_index)
                 self._poll_until_quiet()
                 if suppress is None or self._stopping:
                     return
                 waiting = [queue_index for queue_index in queues if suppress(queue_index, True)]
+                suppressed = False
                 if not waiting:
                     return
-                for queue_index in queues:
-                    suppress(queue_index, False)
-                for queue_index in waiting:
-                    self._handle(queue_index)
         except Exception:  # the thread must outlive any bug; notifications end up on below
             log.exception("%s: polling failed", self.name)
         finally:
-            if suppress is not None:
+            if suppressed and suppress is not None:
                 for queue_index in queues:
                     try:
                         if suppress(queue_index, True):
