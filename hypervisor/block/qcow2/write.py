@@ -98,6 +98,10 @@ class Writer:
         """Fast path for whole unallocated clusters (the allocating-write case): one contiguous
         allocation and one write for the run, no copy-on-write needed. Returns the cluster count."""
         geo = self._geo
+        # Look before asking for a writable table: l2_for_write copies a shared table and tells
+        # the mapping's watchers of a change, neither of which an in-place write needs.
+        if self._cmap.entry_words(guest_cluster)[0] not in (0, fmt.OFLAG_ZERO):
+            return 0
         table, index = self._cmap.l2_for_write(guest_cluster)
         limit = min(max_count, geo.l2_entries - (guest_cluster & geo.l2_mask))
         count = 0
