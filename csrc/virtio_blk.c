@@ -1,6 +1,7 @@
 /*
- * virtio-blk read and write requests on a raw file, done on the device's I/O thread without
- * Python (see virtio_blk.h for what is done here and what is left to Python).
+ * virtio-blk read and write requests on a raw file or a plainly mapped qcow2 image, done on the
+ * device's I/O thread without Python (see virtio_blk.h for what is done here and what is left to
+ * Python).
  *
  * Everything the guest controls is read once into locals before it is checked and used: a
  * descriptor (§2.7.5), the request header (§5.2.6), the ring entries. Addresses are guest
@@ -22,6 +23,7 @@
 #define BLK_HEADER_BYTES 16
 #define SECTOR_BYTES 512
 #define MAX_CHAIN_BYTES (1ULL << 32) /* §2.7.5.2: the total length of a chain fits in 32 bits */
+#define MAP_IOV_CHUNK 64  /* iovecs per preadv/pwritev of one host-contiguous run (qcow2) */
 
 struct desc {
     uint64_t addr;
@@ -46,6 +48,93 @@ static void read_desc(const struct pyhv_blk_queue *q, uint32_t index, struct des
     /* One copy of the 16 bytes: the driver may change the table while we look (a buggy or
      * hostile one), and every check below is made on this copy. */
     memcpy(out, (const uint8_t *)(uintptr_t)q->desc + 16 * (size_t)index, sizeof(*out));
+}
+
+/* The host offset (with PYHV_BLK_MAP_WRITABLE) of guest cluster `cluster`, or 0 when the map
+ * does not hold it in its current generation: a miss, which declines the request. */
+static uint64_t map_lookup(const struct pyhv_blk_map *m, uint64_t cluster)
+{
+    const struct pyhv_blk_map_entry *e = &m->entries[cluster & (PYHV_BLK_MAP_ENTRIES - 1)];
+    if (e->key != cluster + 1 || e->generation != m->generation)
+        return 0;
+    return e->host;
+}
+
+/* Whether every cluster of guest bytes [offset, offset+length) is in the map (writable, for a
+ * write) and every byte's host place lies inside the image file. Checked for the whole request
+ * before any byte moves, so a declined write has written nothing. The caller has checked that
+ * the range is inside the disk the guest sees; it must also be inside the image's current size
+ * (an applied snapshot may have shrunk it). */
+static int map_covers(const struct pyhv_blk_map *m, uint64_t offset, uint64_t length, int is_read)
+{
+    uint64_t cluster_bytes = 1ULL << m->cluster_bits;
+    if (!m->enabled || length > m->disk_bytes || offset > m->disk_bytes - length)
+        return 0;
+    for (uint64_t pos = offset, end = offset + length; pos < end;) {
+        uint64_t in_cluster = pos & (cluster_bytes - 1);
+        uint64_t n = cluster_bytes - in_cluster < end - pos ? cluster_bytes - in_cluster : end - pos;
+        uint64_t host = map_lookup(m, pos >> m->cluster_bits);
+        if (!host || (!is_read && !(host & PYHV_BLK_MAP_WRITABLE)))
+            return 0;
+        host &= ~(uint64_t)PYHV_BLK_MAP_WRITABLE;
+        /* n <= cluster_bytes - in_cluster: never outside the cluster; and never past the file's
+         * end (Python zero-fills such a read, and such a write grows the file it tracks). */
+        if (host > m->file_bytes || in_cluster + n > m->file_bytes - host)
+            return 0;
+        pos += n;
+    }
+    return 1;
+}
+
+/* Move guest bytes [offset, offset+length) between the image file and the request's buffers
+ * `iov`, one preadv/pwritev per run of clusters contiguous in the file (in chunks of at most
+ * MAP_IOV_CHUNK buffers). map_covers said yes and nothing changed the map since: the image's
+ * lock is held. 0 on an error or a short transfer (Python then does the whole request again). */
+static int map_io(const struct pyhv_blk_map *m, int fd, int is_read, const struct iovec *iov, uint32_t segments,
+                  uint64_t offset, uint64_t length)
+{
+    uint64_t cluster_bytes = 1ULL << m->cluster_bits;
+    uint32_t segment = 0;
+    uint64_t used = 0; /* bytes of iov[segment] already moved */
+    uint64_t pos = offset, end = offset + length;
+    while (pos < end) {
+        uint64_t in_cluster = pos & (cluster_bytes - 1);
+        uint64_t host = (map_lookup(m, pos >> m->cluster_bits) & ~(uint64_t)PYHV_BLK_MAP_WRITABLE) + in_cluster;
+        uint64_t run = cluster_bytes - in_cluster < end - pos ? cluster_bytes - in_cluster : end - pos;
+        while (pos + run < end) { /* the next cluster starts where this run ends, in guest and file */
+            uint64_t next = map_lookup(m, (pos + run) >> m->cluster_bits) & ~(uint64_t)PYHV_BLK_MAP_WRITABLE;
+            if (next != host + run)
+                break;
+            run += cluster_bytes < end - pos - run ? cluster_bytes : end - pos - run;
+        }
+        pos += run;
+        while (run) {
+            struct iovec part[MAP_IOV_CHUNK];
+            int parts = 0;
+            uint64_t bytes = 0;
+            while (run > bytes && parts < MAP_IOV_CHUNK && segment < segments) {
+                uint64_t left = iov[segment].iov_len - used;
+                uint64_t take = left < run - bytes ? left : run - bytes;
+                part[parts].iov_base = (uint8_t *)iov[segment].iov_base + used;
+                part[parts].iov_len = take;
+                parts++;
+                bytes += take;
+                used += take;
+                if (used == iov[segment].iov_len) {
+                    segment++;
+                    used = 0;
+                }
+            }
+            if (!bytes) /* cannot happen: the buffers hold exactly `length` bytes */
+                return 0;
+            ssize_t done = is_read ? preadv(fd, part, parts, (off_t)host) : pwritev(fd, part, parts, (off_t)host);
+            if (done < 0 || (uint64_t)done != bytes)
+                return 0;
+            host += bytes;
+            run -= bytes;
+        }
+    }
+    return 1;
 }
 
 /* Complete the chain at `head` if it is a request C does exactly as Python would; 0 if declined
@@ -112,7 +201,12 @@ static int run_chain(struct pyhv_blk_queue *q, uint32_t head, uint32_t *used_len
         data_bytes % SECTOR_BYTES || sector > q->capacity_sectors || sectors > q->capacity_sectors - sector ||
         (!is_read && q->read_only))
         return 0;
-    if (segments) {
+    if (q->map) {
+        uint64_t offset = sector * SECTOR_BYTES;
+        if (!map_covers(q->map, offset, data_bytes, is_read) ||
+            (segments && !map_io(q->map, q->fd, is_read, iov, segments, offset, data_bytes)))
+            return 0;
+    } else if (segments) {
         off_t offset = (off_t)(sector * SECTOR_BYTES);
         ssize_t done = is_read ? preadv(q->fd, iov, (int)segments, offset) : pwritev(q->fd, iov, (int)segments, offset);
         if (done < 0 || (uint64_t)done != data_bytes) /* errors, EOF and short transfers */
@@ -154,6 +248,18 @@ int pyhv_blk_process(struct pyhv_blk_queue *q)
     q->next_avail = next_avail;
     q->next_used = next_used;
     return result;
+}
+
+void pyhv_blk_map_fill(struct pyhv_blk_map *m, uint64_t first, const uint64_t *hosts, uint32_t count)
+{
+    for (uint32_t i = 0; i < count; i++) {
+        if (!(hosts[i] & ~(uint64_t)PYHV_BLK_MAP_WRITABLE)) /* not plainly mapped (offset 0 is the header) */
+            continue;
+        struct pyhv_blk_map_entry *e = &m->entries[(first + i) & (PYHV_BLK_MAP_ENTRIES - 1)];
+        e->key = first + i + 1;
+        e->host = hosts[i];
+        e->generation = m->generation;
+    }
 }
 
 uint32_t pyhv_store16_then_load16(uint64_t store_address, uint32_t value, uint64_t load_address)

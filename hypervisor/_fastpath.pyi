@@ -135,6 +135,8 @@ class _Lib:
     KVM_VCPUEVENT_VALID_SIPI_VECTOR: int
     PYHV_BLK_CAUGHT_UP: int
     PYHV_BLK_DECLINED: int
+    PYHV_BLK_MAP_ENTRIES: int
+    PYHV_BLK_MAP_WRITABLE: int
     PYHV_BLK_MAX_REGIONS: int
     PYHV_BLK_MAX_SEGMENTS: int
     PYHV_EXIT_BUDGET: int
@@ -170,6 +172,7 @@ class _Lib:
     def pyhv_uart_publish(self, uart: Any, out: Any, fast: int, lsr: Any) -> Any: ...
     def pyhv_cmpxchg16b(self, address: Any, expected: Any, desired_low: int, desired_high: int) -> int: ...
     def pyhv_blk_process(self, queue: Any) -> int: ...
+    def pyhv_blk_map_fill(self, map: Any, first: int, hosts: Any, count: int) -> None: ...
     def pyhv_store16_then_load16(self, store_address: int, value: int, load_address: int) -> Any: ...
 
 lib: _Lib

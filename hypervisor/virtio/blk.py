@@ -14,17 +14,23 @@ import weakref
 from collections.abc import Callable, Sequence
 
 from hypervisor.block.backend import BlockBackend
+from hypervisor.block.qcow2 import Qcow2Image
 from hypervisor.block.raw import RawFile
 from hypervisor.errors import ConfigError
 from hypervisor.kvm.virtio_c import MAX_REGIONS, BlkFastQueue, RamRegion
+from hypervisor.virtio.blk_plain import PlainClusterCache
 from hypervisor.virtio.blk_request import (
     ID_BYTES,
     SECTOR_SIZE,
+    T_IN,
+    T_OUT,
     BlockLimits,
+    BlockRequest,
     RequestExecutor,
     parse_request,
 )
 from hypervisor.virtio.device import VirtioDevice
+from hypervisor.virtio.iovec import total_length
 from hypervisor.virtio.queue import DescriptorChain, Virtqueue
 from hypervisor.virtio.spec import DeviceId, feature_bit
 
@@ -96,6 +102,8 @@ class VirtioBlock(VirtioDevice):
         # The C path of the queue it was made for (weakly: a queue pins guest RAM with its views,
         # and the transport drops its queues so that memory can be unmapped), on that backend.
         self._fast: tuple[weakref.ref[Virtqueue], BlockBackend, bool, BlkFastQueue] | None = None
+        # On a qcow2 image: the plain clusters C may do I/O at (blk_plain.py), for that backend.
+        self._plain: PlainClusterCache | None = None
         self.fast_requests = 0  # requests the C path completed (the rest ran in Python)
 
     @property
@@ -167,18 +175,25 @@ class VirtioBlock(VirtioDevice):
     def process_queue(self, index: int, queue: Virtqueue) -> None:
         """Run every request available now, in order; the transport interrupts once after.
 
-        On a raw file the C path (csrc/virtio_blk.c) completes the plain reads and writes and
-        stops at the first chain it does not take; that one runs here with every check and
-        error status, then C goes on. The loop is bounded so the I/O thread gets back to its
-        stop requests however fast the guest refills the ring.
+        On a raw file, and on the plainly mapped clusters of a qcow2 image, the C path
+        (csrc/virtio_blk.c) completes the plain reads and writes and stops at the first chain it
+        does not take; that one runs here with every check and error status, then C goes on. On
+        qcow2 the image's lock is held around C (blk_plain.py says why), and what Python served
+        teaches the cluster map. The loop is bounded so the I/O thread gets back to its stop
+        requests however fast the guest refills the ring.
         """
         fast = self._fast_queue(queue)
         if fast is None:
             for chain in queue.iter_available():
                 self._run(queue, chain)
             return
+        plain = self._plain
         for _ in range(queue.size):
-            result = fast.process(queue.next_avail, queue.next_used)
+            if plain is not None:
+                with plain.lock:
+                    result = fast.process(queue.next_avail, queue.next_used)
+            else:
+                result = fast.process(queue.next_avail, queue.next_used)
             queue.advance(result.next_avail, result.next_used, result.completed)
             self.fast_requests += result.completed
             if result.caught_up:
@@ -186,10 +201,35 @@ class VirtioBlock(VirtioDevice):
             declined = queue.take_available()
             if declined is None:
                 return
-            self._run(queue, declined)
+            if plain is None:
+                self._run(queue, declined)
+                continue
+            changes = plain.changes
+            request = self._run(queue, declined)
+            # A read or write that changed no mapping (a cold map, a backing file read) is worth
+            # learning; one that allocated or copied would be forgotten at the next change anyway.
+            if request.type in (T_IN, T_OUT) and plain.changes == changes:
+                data = request.in_data if request.type == T_IN else request.out_data
+                plain.learn(request.sector * SECTOR_SIZE, total_length(data))
 
-    def _run(self, queue: Virtqueue, chain: DescriptorChain) -> None:
-        queue.add_used(chain.head, self._executor.execute(parse_request(chain)))
+    def _run(self, queue: Virtqueue, chain: DescriptorChain) -> BlockRequest:
+        request = parse_request(chain)
+        queue.add_used(chain.head, self._executor.execute(request))
+        return request
+
+    def _plain_cache(self, backend: Qcow2Image) -> PlainClusterCache | None:
+        """The cluster map of `backend`, made on first use (kept across queue resets)."""
+        plain = self._plain
+        if plain is not None and plain.image is backend:
+            return plain
+        self._drop_plain()
+        self._plain = PlainClusterCache.for_image(backend)
+        return self._plain
+
+    def _drop_plain(self) -> None:
+        if self._plain is not None:
+            self._plain.close()
+            self._plain = None
 
     def _fast_queue(self, queue: Virtqueue) -> BlkFastQueue | None:
         """The C path for `queue`, made on first use; None where only Python can serve."""
@@ -199,8 +239,19 @@ class VirtioBlock(VirtioDevice):
             return cached[3]
         self._fast = None
         regions = queue.memory.regions
-        # Only a raw file is a plain fd to preadv/pwritev; qcow2 keeps its mapping in Python.
-        if not self.use_c_path or type(backend) is not RawFile or len(regions) > MAX_REGIONS:
+        if not self.use_c_path or len(regions) > MAX_REGIONS:
+            return None
+        # A raw file is a plain fd to preadv/pwritev; a qcow2 image (exactly: no shim or overlay
+        # around it, whose semantics C does not know) is one through its map of plain clusters.
+        plain = None
+        if type(backend) is RawFile:
+            fd = backend.fd
+        elif type(backend) is Qcow2Image:
+            plain = self._plain_cache(backend)
+            if plain is None:
+                return None
+            fd = plain.fd
+        else:
             return None
         fast = BlkFastQueue(
             [RamRegion(region.gpa, region.size, region.host_address) for region in regions],
@@ -208,9 +259,10 @@ class VirtioBlock(VirtioDevice):
             queue.desc_host,
             queue.avail_host,
             queue.used_host,
-            backend.fd,
+            fd,
             read_only,
             self._executor.limits.capacity_sectors,
+            plain.map if plain is not None else None,
         )
         self._fast = (weakref.ref(queue), backend, read_only, fast)
         return fast
@@ -259,6 +311,7 @@ class VirtioBlock(VirtioDevice):
         old, self.backend = self.backend, backend
         self._executor.backend = backend
         self._fast = None
+        self._drop_plain()
         return old
 
     def add_close_action(self, action: Callable[[], None]) -> None:
@@ -268,6 +321,7 @@ class VirtioBlock(VirtioDevice):
     def close(self) -> None:
         self._fast = None
         try:
+            self._drop_plain()
             self.backend.close()
         finally:
             for action in self._close_actions:

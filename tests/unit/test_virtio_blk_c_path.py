@@ -196,7 +196,9 @@ def test_a_file_that_shrank_reads_as_zeros_through_python(tmp_path: Path) -> Non
     rig.close()
 
 
-def test_qcow2_disks_never_take_the_c_path(tmp_path: Path) -> None:
+def test_an_unallocated_qcow2_is_read_by_python(tmp_path: Path) -> None:
+    """No cluster is plainly mapped: C declines every read (tests/unit/test_virtio_blk_qcow2_c_path.py
+    has the allocated cases)."""
     path = tmp_path / "disk.qcow2"
     create_qcow2(str(path), Qcow2CreateOptions(size=DISK_SECTORS * 512))
     image = Qcow2Image.open(str(path), read_only=False, allow_backing=False)

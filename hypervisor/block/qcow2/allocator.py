@@ -31,13 +31,16 @@ class Allocator:
         table_offset: int,
         table_clusters: int,
         on_table_moved: Callable[[int, int], None],
+        metadata_changed: Callable[[], None] = lambda: None,
     ) -> None:
         """`on_table_moved(offset, clusters)` makes the header point at a moved refcount table
-        (durably) before the old one is freed."""
+        (durably) before the old one is freed. `metadata_changed()` is called whenever clusters
+        join the metadata set (a data entry pointing there is no longer plain: plainmap.py)."""
         self._hf = hf
         self._geometry = geometry
         self._order = refcount_order
         self._on_table_moved = on_table_moved
+        self._metadata_changed = metadata_changed
         self._metadata: set[int] = set()
         self._compressed_cursor = 0
         self._table = (table_offset, table_clusters)
@@ -51,6 +54,7 @@ class Allocator:
     def reload(self, table_offset: int, table_clusters: int) -> None:
         """Forget the in-memory refcounts and read the structure at `table_offset` from the file
         (a transaction abandoned, or the structure replaced under the engine)."""
+        self._metadata_changed()
         self._refs = self._load(table_offset, table_clusters)
         self._table = (table_offset, table_clusters)
         self._compressed_cursor = 0
@@ -68,6 +72,7 @@ class Allocator:
 
     def set_metadata(self, clusters: Iterable[int]) -> None:
         """Replace the set with a recount of the image's metadata (at open, after a commit)."""
+        self._metadata_changed()
         self._metadata.clear()
         self._metadata.update(clusters)
         self._table = self._refs.table_clusters_range()
@@ -80,6 +85,7 @@ class Allocator:
         return self._refs.block_offsets()
 
     def _table_moved(self, offset: int, clusters: int) -> None:
+        self._metadata_changed()
         self._on_table_moved(offset, clusters)
         cb = self._geometry.cluster_bits
         old_offset, old_clusters = self._table
@@ -103,6 +109,7 @@ class Allocator:
         count = self._geometry.clusters(length)
         host = self._refs.allocate(count)
         first = host >> self._geometry.cluster_bits
+        self._metadata_changed()
         self._metadata.update(range(first, first + count))
         return host
 

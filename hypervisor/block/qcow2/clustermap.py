@@ -15,6 +15,7 @@ What is dirty here (changed L2 tables, a changed or moved L1 table) is written b
 from __future__ import annotations
 
 from array import array
+from collections.abc import Callable
 
 from hypervisor.block.qcow2 import format as fmt
 from hypervisor.block.qcow2.allocator import Allocator
@@ -41,9 +42,11 @@ class ClusterMap:
         l1: array[int],
         l1_offset: int,
         tables_wanted: int,
+        mapping_changed: Callable[[], None] = lambda: None,
     ) -> None:
         """`l1` is the active table (or, read-only, a snapshot's); `header` names where the active
-        L1 lives, which an L2 table must not overlap."""
+        L1 lives, which an L2 table must not overlap. `mapping_changed()` is called before any L1
+        or L2 entry may change (plainmap.py: what caches host offsets hears of it here)."""
         self._hf = hf
         self._geo = geometry
         self._alloc = allocator
@@ -54,6 +57,7 @@ class ClusterMap:
         self._l1_dirty = False
         self._l1_moved = False
         self._l2 = L2Cache(hf, geometry.cluster_size, tables_wanted)
+        self._mapping_changed = mapping_changed
 
     @property
     def path(self) -> str:
@@ -71,12 +75,14 @@ class ClusterMap:
 
     def set_l1_entry(self, l1_index: int, entry: int) -> None:
         if self._l1[l1_index] != entry:
+            self._mapping_changed()
             self._l1[l1_index] = entry
             self._l1_dirty = True
 
     def replace_l1(self, l1: array[int], offset: int) -> None:
         """A new L1 table that is already in the file at `offset` (a committed transaction); the
         cached L2 tables may be stale and are dropped."""
+        self._mapping_changed()
         self._l1, self._l1_offset = l1, offset
         self._l1_dirty = self._l1_moved = False
         self._l2.clear()
@@ -84,6 +90,7 @@ class ClusterMap:
     def move_l1(self, l1: array[int], offset: int) -> None:
         """Use `l1` from now on, stored at `offset` (freshly allocated) at the next flush, which
         then also points the header at it."""
+        self._mapping_changed()
         self._l1, self._l1_offset = l1, offset
         self._l1_dirty = self._l1_moved = True
 
@@ -188,7 +195,9 @@ class ClusterMap:
     # -- changes -----------------------------------------------------------------------------
     def l2_for_write(self, guest_cluster: int) -> tuple[array[int], int]:
         """The L2 table for a guest cluster and the entry's word index, allocated or copied so
-        that the active image owns the table alone."""
+        that the active image owns the table alone. Every change of an L2 entry starts here (the
+        caller then sets words of the table returned), so this is where the mapping changes."""
+        self._mapping_changed()
         geo = self._geo
         l1_index = guest_cluster >> geo.l2_bits
         index = (guest_cluster & geo.l2_mask) << geo.ext_shift
@@ -223,6 +232,7 @@ class ClusterMap:
 
     def clear_cache(self) -> None:
         """Drop every cached L2 table (unwritten changes are lost: flush first)."""
+        self._mapping_changed()
         self._l2.clear()
 
     # -- flush (called by flush.py's order) ----------------------------------------------------

@@ -32,6 +32,7 @@ from hypervisor.block.qcow2.flush import DATA, FlushOrder
 from hypervisor.block.qcow2.geometry import Geometry
 from hypervisor.block.qcow2.header import Qcow2Header, parse_header, serialize
 from hypervisor.block.qcow2.hostfile import HostFile, ImageFiles
+from hypervisor.block.qcow2.plainmap import MappingWatch
 from hypervisor.block.qcow2.read import Reader
 from hypervisor.block.qcow2.snapshot_table import SnapshotEntry, parse_snapshot_table, table_size_bound
 from hypervisor.block.qcow2.write import Writer
@@ -98,6 +99,8 @@ class Engine:
         self._open_qcow2_backing = open_qcow2_backing
         self.files = ImageFiles(hf)
         self.prepared_for_write = False  # bitmaps marked in use, unknown autoclear bits cleared
+        # Told of every change of L1/L2 entries and of the metadata set (plainmap.py).
+        self.mapping_watch = watch = MappingWatch()
 
         hdr = read_header(hf)
         if hdr.incompatible_features & fmt.INCOMPAT_CORRUPT and not read_only:
@@ -111,7 +114,13 @@ class Engine:
         self.header = hdr
         self.geometry = geo = Geometry.from_header(hdr)
         self.allocator = Allocator(
-            hf, geo, hdr.refcount_order, hdr.refcount_table_offset, hdr.refcount_table_clusters, self._table_moved
+            hf,
+            geo,
+            hdr.refcount_order,
+            hdr.refcount_table_offset,
+            hdr.refcount_table_clusters,
+            self._table_moved,
+            watch.changed,
         )
         l1 = load_l1(hf, hdr.l1_table_offset, hdr.l1_size)
         self.snapshots = self._load_snapshots()
@@ -122,7 +131,9 @@ class Engine:
             self.snapshot = self.find_snapshot(snapshot)
             l1 = load_l1(hf, self.snapshot.l1_table_offset, self.snapshot.l1_size)
             self.size = self.snapshot.disk_size or hdr.size
-        self.cmap = ClusterMap(hf, geo, self.allocator, hdr, l1, hdr.l1_table_offset, hdr.l1_entries_needed(self.size))
+        self.cmap = ClusterMap(
+            hf, geo, self.allocator, hdr, l1, hdr.l1_table_offset, hdr.l1_entries_needed(self.size), watch.changed
+        )
         self.allocator.set_metadata(self.collect_metadata_clusters())
         self.reader = Reader(geo, self.cmap, self.allocator, self.files, hdr)
         self.writer = Writer(geo, self.cmap, self.allocator, self.files, hdr, self.reader)

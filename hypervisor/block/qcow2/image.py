@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import NamedTuple
 
 from hypervisor.block import fileio
 from hypervisor.block.backend import BlockBackend
@@ -20,6 +21,7 @@ from hypervisor.block.qcow2 import ops
 from hypervisor.block.qcow2.engine import Engine
 from hypervisor.block.qcow2.header import Qcow2Header
 from hypervisor.block.qcow2.hostfile import HostFile
+from hypervisor.block.qcow2.plainmap import PlainRun, plain_runs
 from hypervisor.block.qcow2.refcount import Refcounts, load_u64_table
 from hypervisor.block.qcow2.types import Extent, SnapshotInfo
 from hypervisor.block.raw import open_image_fd
@@ -29,6 +31,16 @@ from hypervisor.errors import ImageError
 def _open_qcow2_backing(path: str, chain: tuple[str, ...]) -> BlockBackend:
     """A qcow2 backing file: read-only, opening its own backing files, with the chain down to it."""
     return Qcow2Image.open(path, read_only=True, allow_backing=True, _chain=chain)
+
+
+class PlainLayout(NamedTuple):
+    """What a cache of plain clusters needs to do I/O itself (see Qcow2Image.plain_layout)."""
+
+    fd: int  # the image file (plain clusters are in it: no external data file)
+    cluster_bits: int
+    disk_size: int  # the current virtual size: nothing at or past it is plain
+    file_size: int  # the image file's size: no plain byte lies past it
+    writable: bool  # open read-write and prepared for writing: COPIED entries are writable in place
 
 
 class Qcow2Image:
@@ -153,6 +165,7 @@ class Qcow2Image:
                     self._engine.flush()
             finally:
                 self._closed = True
+                self._engine.mapping_watch.changed()  # the fd a cache names is about to close
                 self._engine.close_external()
                 self._hf.close()
 
@@ -178,6 +191,42 @@ class Qcow2Image:
         with self._lock:
             self._check_open()
             return list(self._engine.reader.extents(start, end, depth))
+
+    # -- plain clusters, for a fast path that does their I/O itself (plainmap.py) -----------
+    @property
+    def lock(self) -> threading.RLock:
+        """The image's lock. Held by whoever does I/O at offsets from `plain_runs`, for as long as
+        it does: every change of the mapping (and its notice to `watch_mapping`) happens under it."""
+        return self._lock
+
+    def watch_mapping(self, listener: Callable[[], None]) -> Callable[[], None]:
+        """Call `listener()` (under the lock) whenever what `plain_runs` and `plain_layout` said may
+        have stopped being true; returns the function that stops the calls."""
+        with self._lock:
+            return self._engine.mapping_watch.add(listener)
+
+    def plain_layout(self) -> PlainLayout | None:
+        """The file and shape plain clusters live in, or None when this image has none that a
+        cache may hold (closed, extended L2 entries, external data file). Call under the lock."""
+        engine = self._engine
+        geo = engine.geometry
+        if self._closed or geo.extended_l2 or geo.has_data_file:
+            return None
+        writable = not self._read_only and engine.prepared_for_write
+        return PlainLayout(self._hf.fd, geo.cluster_bits, engine.size, self._hf.size, writable)
+
+    def plain_runs(self, offset: int, length: int) -> list[PlainRun]:
+        """The plainly mapped clusters around guest bytes [offset, offset+length) (plainmap.py),
+        writable only where an in-place write changes no metadata. Call under the lock; valid
+        until the next notice to `watch_mapping`. ImageCorruptError as a read there would raise."""
+        layout = self.plain_layout()
+        if layout is None:
+            return []
+        engine = self._engine
+        return plain_runs(
+            engine.geometry, engine.cmap, engine.allocator.metadata, self._hf.size, engine.size, offset, length,
+            layout.writable,
+        )  # fmt: skip
 
     # -- snapshots, resize, rebase, compressed writes ----------------------------------------
     def snapshots(self) -> list[SnapshotInfo]:

@@ -197,6 +197,7 @@ def resize(engine: Engine, new_size: int) -> None:
     old_size = engine.size
     cs = engine.geometry.cluster_size
     engine.flush()
+    engine.mapping_watch.changed()  # the virtual size a cached mapping may serve changes
     if new_size > old_size:
         needed = engine.header.l1_entries_needed(new_size)
         if needed > len(engine.cmap.l1):
