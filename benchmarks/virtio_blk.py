@@ -4,9 +4,11 @@ The test guest tests/guests/virtio_blk.c (its loop at CPL3, so on kvm_pvm hosts 
 runs natively) reads a raw image through virtio-mmio: `--count` sequential 1 MiB reads, then
 random 4 KiB reads, `--depth` requests in flight. Each figure is the difference between a run
 of `--count` reads and one of a tenth of that, so starting the guest and setting up the device
-are not counted; both with virtio-blk's C path (csrc/virtio_blk.c, the default on a raw file)
-and with the Python path alone. In the same run and interleaved with it, the host reads the
-same file with os.preadv in the same sizes into one buffer, as many reads as the difference.
+are not counted; both with virtio-blk's C path (csrc/virtio_blk.c, the default on a raw file and
+on a qcow2 image's plainly mapped clusters) and with the Python path alone, on the raw file and
+on the same data as a fully allocated qcow2 image. In the same run and interleaved with it, the
+host reads the same file with os.preadv in the same sizes into one buffer, as many reads as the
+difference.
 Targets (issue 12): random 4 KiB >= 0.25 and sequential >= 0.7 of the host's preadv.
 Usage: python benchmarks/virtio_blk.py [--count N] [--rounds R]
 [--depth D] [--disk-mib M]. Last line: one JSON object.
@@ -55,7 +57,7 @@ def guest_round(
     """Seconds the device took for the requests the long run makes beyond the short one: the
     difference of the two runs, so starting the vCPU, probing the device and setting up the
     queue (the same in both) are not counted, and nothing is wrapped around the backend (the C
-    path takes only a plain raw file)."""
+    path takes only a plain raw file or qcow2 image)."""
     VirtioBlock.use_c_path = c_path
     try:
         long_run = guest_run_seconds(image_path, long_guest, image_format)
@@ -96,7 +98,8 @@ def main() -> None:
     except (OSError, RuntimeError) as error:
         raise SystemExit(f"cannot build the test guest virtio_blk: {error}") from None
 
-    keys = ("seq_c", "seq_py", "seq_qcow2", "seq_host", "rand_c", "rand_py", "rand_qcow2", "rand_host")
+    paths = ("c", "py", "qcow2_c", "qcow2_py")
+    keys = [f"{name}_{path}" for name in ("seq", "rand") for path in (*paths, "host")]
     times: dict[str, list[float]] = {key: [] for key in keys}
     with tempfile.TemporaryDirectory() as tmp:
         image_path = os.path.join(tmp, "bench.raw")
@@ -116,13 +119,14 @@ def main() -> None:
                 times[f"{name}_host"].append(host_round(image_path, size, offsets))
                 for path, c_path, disk_path, image_format in (("c", True, image_path, "raw"),
                                                               ("py", False, image_path, "raw"),
-                                                              ("qcow2", True, qcow2_path, "qcow2")):  # fmt: skip
+                                                              ("qcow2_c", True, qcow2_path, "qcow2"),
+                                                              ("qcow2_py", False, qcow2_path, "qcow2")):  # fmt: skip
                     long_guest, short_guest = guests[mode, args.count], guests[mode, short]
                     seconds = guest_round(disk_path, long_guest, short_guest, c_path, image_format)
                     times[f"{name}_{path}"].append(max(seconds, 1e-9))
 
     rate = {key: requests / median(values) for key, values in times.items()}  # requests per second
-    seq = {key: rate[f"seq_{key}"] * SEQUENTIAL_SIZE / MiB for key in ("c", "py", "qcow2", "host")}  # MB/s
+    seq = {key: rate[f"seq_{key}"] * SEQUENTIAL_SIZE / MiB for key in (*paths, "host")}  # MB/s
     print(f"{requests} reads per round beyond a run of {short}, {args.rounds} rounds (medians), {depth} in flight, "
           f"page cache warm")  # fmt: skip
     print(f"sequential 1 MiB: C path {seq['c']:9.1f} MB/s  Python path {seq['py']:9.1f} MB/s  "
@@ -130,9 +134,10 @@ def main() -> None:
     print(f"random 4 KiB:     C path {rate['rand_c']:9.0f} IOPS  Python path {rate['rand_py']:9.0f} IOPS  "
           f"host preadv {rate['rand_host']:9.0f} IOPS  ratio {rate['rand_c'] / rate['rand_host']:.3f} "
           f"(target >= 0.25)")  # fmt: skip
-    print(f"qcow2, fully allocated (Python path): sequential {seq['qcow2']:9.1f} MB/s, ratio "
-          f"{seq['qcow2'] / seq['host']:.3f}; random {rate['rand_qcow2']:9.0f} IOPS, ratio "
-          f"{rate['rand_qcow2'] / rate['rand_host']:.3f}")  # fmt: skip
+    for label, path in (("C path", "qcow2_c"), ("Python path", "qcow2_py")):
+        print(f"qcow2, fully allocated ({label}): sequential {seq[path]:9.1f} MB/s, ratio "
+              f"{seq[path] / seq['host']:.3f}; random {rate[f'rand_{path}']:9.0f} IOPS, ratio "
+              f"{rate[f'rand_{path}'] / rate['rand_host']:.3f}")  # fmt: skip
     emit({
         "seq_read_mb_s": round(seq["c"], 1),
         "seq_read_mb_s_python": round(seq["py"], 1),
@@ -145,8 +150,15 @@ def main() -> None:
         "rand_read_ratio": round(rate["rand_c"] / rate["rand_host"], 4),
         "rand_read_ratio_python": round(rate["rand_py"] / rate["rand_host"], 4),
         "c_over_python_rand": round(rate["rand_c"] / rate["rand_py"], 2),
-        "qcow2_seq_read_ratio": round(seq["qcow2"] / seq["host"], 3),
-        "qcow2_rand_read_ratio": round(rate["rand_qcow2"] / rate["rand_host"], 4),
+        "qcow2_seq_read_mb_s": round(seq["qcow2_c"], 1),
+        "qcow2_seq_read_mb_s_python": round(seq["qcow2_py"], 1),
+        "qcow2_seq_read_ratio": round(seq["qcow2_c"] / seq["host"], 3),
+        "qcow2_seq_read_ratio_python": round(seq["qcow2_py"] / seq["host"], 3),
+        "qcow2_rand_read_iops": round(rate["rand_qcow2_c"]),
+        "qcow2_rand_read_iops_python": round(rate["rand_qcow2_py"]),
+        "qcow2_rand_read_ratio": round(rate["rand_qcow2_c"] / rate["rand_host"], 4),
+        "qcow2_rand_read_ratio_python": round(rate["rand_qcow2_py"] / rate["rand_host"], 4),
+        "c_over_python_qcow2_rand": round(rate["rand_qcow2_c"] / rate["rand_qcow2_py"], 2),
         "depth": depth,
         "count": args.count,
         "rounds": args.rounds,
