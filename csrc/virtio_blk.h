@@ -2,7 +2,7 @@
  * pyhv's C fast path for virtio-blk: the common read and write request on a raw file, or on a
  * qcow2 image whose clusters the request touches are plainly mapped (struct pyhv_blk_map).
  *
- * Called by the device's I/O thread (hypervisor/virtio/blk_fast.py) with the GIL released. It
+ * Called by the device's I/O thread (hypervisor/virtio/blk.py) with the GIL released. It
  * takes chains from a split virtqueue's available ring (virtio 1.2 §2.7.6), and completes only a
  * request it can finish exactly as hypervisor/virtio/blk_request.py would: a 16-byte header
  * descriptor, data descriptors all device-writable (IN) or all device-readable (OUT), a 1-byte

@@ -43,12 +43,19 @@ Public API (what the device layer and the `pyhv image` tools use)::
 
     img.refcounts -> refcount.Refcounts              # the engine's refcount structure (block cache)
 
+    # Plain clusters, for a fast path that does their I/O itself (plainmap.py; virtio-blk's C path)
+    img.lock                                         # held around that I/O and around every change
+    img.watch_mapping(listener) -> stop              # listener() before any L1/L2 change, and on close
+    img.plain_layout() -> PlainLayout | None         # fd, cluster_bits, disk_size, file_size, writable
+    img.plain_runs(offset, length) -> [PlainRun]     # (first guest cluster, host offsets | WRITABLE)
+
     # A read-write open of a dirty image repairs it first through the checker
     # (check.check_image(..., repair="all")), as QEMU's qcow2_open does.
 
 Inside (one direction, format -> tables -> engine -> open): geometry.py (the shape, a value),
 allocator.py (refcounts, metadata clusters, compressed bytes), clustermap.py (L1, L2 cache,
-validation), flush.py (the order metadata reaches the disk), read.py / write.py (Reader, Writer),
+validation), plainmap.py (what a cache of host offsets may hold, and its change notices),
+flush.py (the order metadata reaches the disk), read.py / write.py (Reader, Writer),
 engine.py (the parts wired together, open and repair), ops.py and transaction.py (snapshots,
 resize, rebase), image.py (the Qcow2Image facade).
 """
