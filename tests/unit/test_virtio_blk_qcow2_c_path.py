@@ -195,6 +195,38 @@ def test_writes_that_need_metadata_go_to_python(tmp_path: Path) -> None:
     check_clean(path)
 
 
+def test_applying_a_snapshot_and_resizing_clear_the_map(tmp_path: Path) -> None:
+    path, model = allocated_image(tmp_path)
+    rig = Rig(path)
+    rig.image.create_snapshot("old")
+    rig.run([(T_OUT, 0, 2 * CLUSTER, 0x77)])  # copy-on-write in Python
+    rig.run(reads([0]))
+    assert rig.run(reads([CLUSTER, 4 * CLUSTER])) == [
+        (0, b"\x77" * CLUSTER),
+        (0, bytes(model[4 * CLUSTER : 5 * CLUSTER])),
+    ]
+    fast = rig.device.fast_requests
+    assert fast >= 1
+    rig.image.apply_snapshot("old")  # the active L1 is replaced: cached offsets are stale
+    assert rig.run(reads([CLUSTER])) == [(0, bytes(model[CLUSTER : 2 * CLUSTER]))]
+    assert rig.device.fast_requests == fast
+    rig.image.delete_snapshot("old")  # COPIED comes back: writes in place again, once learned
+    rig.run(reads([0]))
+    before = rig.device.fast_requests
+    rig.run([(T_OUT, 3 * CLUSTER, CLUSTER, 0x78)])
+    assert rig.device.fast_requests == before + 1
+    model[3 * CLUSTER : 4 * CLUSTER] = b"\x78" * CLUSTER
+    # Shrinking under the device (the guest still sees the old capacity): the tail is no
+    # longer the image's, reads there fail in Python and C serves only what is left.
+    rig.image.resize(DISK // 2)
+    assert rig.run(reads([DISK // 2, 0])) == [(1, b"\xee" * CLUSTER), (0, bytes(model[:CLUSTER]))]
+    assert rig.run(reads([DISK // 2 + CLUSTER])) == [(1, b"\xee" * CLUSTER)]
+    assert rig.device.fast_requests == before + 2
+    rig.close()
+    assert to_raw(path, tmp_path / "out.raw") == bytes(model[: DISK // 2])
+    check_clean(path)
+
+
 def test_compressed_zero_and_backing_clusters_are_read_by_python(tmp_path: Path) -> None:
     base_raw = tmp_path / "base.raw"
     base = b"".join(os.urandom(64) * (CLUSTER // 64) for _ in range(DISK // CLUSTER))  # compressible
