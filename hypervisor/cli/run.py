@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 PVM_NOTICE = (
     "this host's KVM is kvm_pvm: guest kernel code runs in KVM's instruction emulator (a Linux "
-    "boot takes minutes), a stock kernel's user space cannot make system calls (the bundled "
+    "boot takes tens of seconds to minutes), a stock kernel's user space cannot make system calls (the bundled "
     "guest carries a patch for that), and guest debugging is limited; see docs/booting.md"
 )
 MAX_MEMORY_MIB = 1 << 20  # 1 TiB: beyond that a typo is likelier than a wish
