@@ -34,7 +34,8 @@ MARKERS: tuple[tuple[str, bytes], ...] = (
     ("init: exec, mount", b"Run /init as init process"),
     ("shell start (setsid, cttyhack, sh)", b"pyhv guest: init started"),
 )
-SHELL_PROMPT = b"pyhv:/# "
+SHELL_PROMPT = b"pyhv:/# "  # guest_images/init's PS1 in /
+DEFAULT_INITRD = ROOT / "guest_images" / "initramfs.cpio.xz"
 
 
 def boot(kernel: Path | None, initrd: Path, timeout: float) -> dict[str, float]:
@@ -110,7 +111,7 @@ def plot(path: Path, bars: dict[str, dict[str, float]]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kernel", type=Path, help="default: the bundled vmlinux")
-    parser.add_argument("--initrd", type=Path, default=ROOT / "guest_images" / "initramfs.cpio.xz")
+    parser.add_argument("--initrd", type=Path, default=DEFAULT_INITRD)
     parser.add_argument("--reference", type=Path, help="a second kernel, booted alternately")
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--timeout", type=float, default=300)

@@ -14,21 +14,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from _common import CHILD_ENVIRONMENT, ROOT, emit
+from boot_phases import DEFAULT_INITRD, SHELL_PROMPT
+from boot_phases import boot as boot_to_prompt
 
 sys.path.insert(0, str(ROOT / "guest_images"))
 from qemu_check import BASE_APPEND, plain_initramfs, plain_vmlinux, run_qemu  # noqa: E402
 
 COMMAND = 'pyhv.cmd="true"'
 PHASES = ("first_byte", "banner", "run_init", "init_greeting", "reboot", "shell_prompt")
-SHELL_PROMPT = b"pyhv:/# "  # guest_images/init's PS1 in /
 # pyhv's report names for the same phases
 PYHV_NAMES = {
     "first_byte": "first_console_byte", "banner": "kernel_banner", "run_init": "init_started",
@@ -44,34 +43,6 @@ def pyhv_boot(timeout: float) -> dict[str, float]:
         subprocess.run(command, cwd=ROOT, capture_output=True, timeout=timeout + 60, env=CHILD_ENVIRONMENT)
         timeline = json.loads(report.read_text())["timeline"]
     return {phase: timeline[name] for phase, name in PYHV_NAMES.items() if name in timeline}
-
-
-def pyhv_shell_prompt(timeout: float) -> float | None:
-    """Seconds from starting `pyhv run` (no command: init starts its shell) to the shell's
-    prompt on the console, or None if it did not show within `timeout`. `exit` is typed at the
-    prompt, so the guest resets and the run ends by itself."""
-    command = [sys.executable, "-m", "hypervisor", "run", "--console", "stdio", "--timeout", str(timeout)]
-    start = time.monotonic()
-    process = subprocess.Popen(command, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                               stderr=subprocess.DEVNULL, env=CHILD_ENVIRONMENT)  # fmt: skip
-    assert process.stdin is not None and process.stdout is not None
-    console, prompt = b"", None
-    try:
-        while prompt is None:
-            chunk = os.read(process.stdout.fileno(), 65536)  # blocks; the --timeout bounds it
-            if not chunk:
-                break
-            console = console[-len(SHELL_PROMPT) :] + chunk
-            if SHELL_PROMPT in console:
-                prompt = time.monotonic() - start
-                process.stdin.write(b"exit\n")
-                process.stdin.flush()
-        process.communicate(timeout=60)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-    return prompt
 
 
 def qemu_boot(accelerator: str, timeout: float) -> dict[str, float]:
@@ -94,7 +65,8 @@ def main() -> None:
     parser.add_argument("--kvm-timeout", type=float, default=30, help="how long QEMU -enable-kvm may take")
     args = parser.parse_args()
     pyhv = pyhv_boot(args.timeout)
-    prompt = pyhv_shell_prompt(args.timeout)
+    # No command: init starts its shell; `exit` is typed at the prompt (boot_phases.py).
+    prompt = boot_to_prompt(None, DEFAULT_INITRD, args.timeout).get("prompt")
     if prompt is not None:
         pyhv["shell_prompt"] = prompt
     tcg = qemu_boot("tcg", args.timeout)
