@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
 
 import pytest
 
@@ -12,6 +13,16 @@ from tests.guests.build import ToolMissing, build_guest
 # The pyhv_vm fixture (tests/kvm/test_pytest_plugin.py). Users get it from the pytest11 entry
 # point, which is named after the module, so the two never register it twice.
 pytest_plugins = ["hypervisor.pytest_plugin"]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # A shell without job control starts background jobs with SIGINT ignored (POSIX, Shell
+    # Command Language 2.11), Python then leaves it ignored, and an ignored signal stays ignored
+    # across fork and exec: the pyhv processes that tests send SIGINT or Ctrl-C to would never
+    # see it (`(.ci/run &)` failed four such tests). A handled signal is reset to the default at
+    # exec, so with Python's own handler here every child starts as it would from a terminal.
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @functools.lru_cache(maxsize=1)
