@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import logging
 import struct
+import sys
 import weakref
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, cast
 
 from hypervisor.block.backend import BlockBackend
-from hypervisor.block.qcow2 import Qcow2Image
 from hypervisor.block.raw import RawFile
 from hypervisor.errors import ConfigError
 from hypervisor.kvm.virtio_c import MAX_REGIONS, BlkFastQueue, RamRegion
-from hypervisor.virtio.blk_plain import PlainClusterCache
 from hypervisor.virtio.blk_request import (
     ID_BYTES,
     SECTOR_SIZE,
@@ -33,6 +33,21 @@ from hypervisor.virtio.device import VirtioDevice
 from hypervisor.virtio.iovec import total_length
 from hypervisor.virtio.queue import DescriptorChain, Virtqueue
 from hypervisor.virtio.spec import DeviceId, feature_bit
+
+if TYPE_CHECKING:
+    from hypervisor.block.qcow2 import Qcow2Image
+    from hypervisor.virtio.blk_plain import PlainClusterCache
+
+
+
+def _exactly_qcow2_image(backend: BlockBackend) -> Qcow2Image | None:
+    """`backend` if its type is exactly Qcow2Image, else None. Only a run that opened a qcow2
+    image has imported the engine, so a raw disk's start-up does not pay for importing it
+    (construct and the engine, tens of milliseconds: docs/performance.md, start-up)."""
+    package = sys.modules.get("hypervisor.block.qcow2")
+    if package is None or type(backend) is not package.Qcow2Image:
+        return None
+    return cast("Qcow2Image", backend)
 
 log = logging.getLogger(__name__)
 
@@ -222,6 +237,8 @@ class VirtioBlock(VirtioDevice):
         plain = self._plain
         if plain is not None and plain.image is backend:
             return plain
+        from hypervisor.virtio.blk_plain import PlainClusterCache
+
         self._drop_plain()
         self._plain = PlainClusterCache.for_image(backend)
         return self._plain
@@ -246,8 +263,8 @@ class VirtioBlock(VirtioDevice):
         plain = None
         if type(backend) is RawFile:
             fd = backend.fd
-        elif type(backend) is Qcow2Image:
-            plain = self._plain_cache(backend)
+        elif (image := _exactly_qcow2_image(backend)) is not None:
+            plain = self._plain_cache(image)
             if plain is None:
                 return None
             fd = plain.fd
