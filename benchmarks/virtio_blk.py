@@ -138,31 +138,22 @@ def main() -> None:
         print(f"qcow2, fully allocated ({label}): sequential {seq[path]:9.1f} MB/s, ratio "
               f"{seq[path] / seq['host']:.3f}; random {rate[f'rand_{path}']:9.0f} IOPS, ratio "
               f"{rate[f'rand_{path}'] / rate['rand_host']:.3f}")  # fmt: skip
-    emit({
-        "seq_read_mb_s": round(seq["c"], 1),
-        "seq_read_mb_s_python": round(seq["py"], 1),
+    figures: dict[str, object] = {
         "host_seq_read_mb_s": round(seq["host"], 1),
-        "seq_read_ratio": round(seq["c"] / seq["host"], 3),
-        "seq_read_ratio_python": round(seq["py"] / seq["host"], 3),
-        "rand_read_iops": round(rate["rand_c"]),
-        "rand_read_iops_python": round(rate["rand_py"]),
         "host_rand_read_iops": round(rate["rand_host"]),
-        "rand_read_ratio": round(rate["rand_c"] / rate["rand_host"], 4),
-        "rand_read_ratio_python": round(rate["rand_py"] / rate["rand_host"], 4),
-        "c_over_python_rand": round(rate["rand_c"] / rate["rand_py"], 2),
-        "qcow2_seq_read_mb_s": round(seq["qcow2_c"], 1),
-        "qcow2_seq_read_mb_s_python": round(seq["qcow2_py"], 1),
-        "qcow2_seq_read_ratio": round(seq["qcow2_c"] / seq["host"], 3),
-        "qcow2_seq_read_ratio_python": round(seq["qcow2_py"] / seq["host"], 3),
-        "qcow2_rand_read_iops": round(rate["rand_qcow2_c"]),
-        "qcow2_rand_read_iops_python": round(rate["rand_qcow2_py"]),
-        "qcow2_rand_read_ratio": round(rate["rand_qcow2_c"] / rate["rand_host"], 4),
-        "qcow2_rand_read_ratio_python": round(rate["rand_qcow2_py"] / rate["rand_host"], 4),
-        "c_over_python_qcow2_rand": round(rate["rand_qcow2_c"] / rate["rand_qcow2_py"], 2),
         "depth": depth,
         "count": args.count,
         "rounds": args.rounds,
-    })  # fmt: skip
+    }
+    # The same figures for each format: "" and "qcow2_" prefixes, the Python path's with "_python".
+    for prefix, c_key, python_key in (("", "c", "py"), ("qcow2_", "qcow2_c", "qcow2_py")):
+        for suffix, key in (("", c_key), ("_python", python_key)):
+            figures[f"{prefix}seq_read_mb_s{suffix}"] = round(seq[key], 1)
+            figures[f"{prefix}seq_read_ratio{suffix}"] = round(seq[key] / seq["host"], 3)
+            figures[f"{prefix}rand_read_iops{suffix}"] = round(rate[f"rand_{key}"])
+            figures[f"{prefix}rand_read_ratio{suffix}"] = round(rate[f"rand_{key}"] / rate["rand_host"], 4)
+        figures[f"c_over_python_{prefix}rand"] = round(rate[f"rand_{c_key}"] / rate[f"rand_{python_key}"], 2)
+    emit(figures)
 
 
 if __name__ == "__main__":
