@@ -46,7 +46,6 @@ class BlkClusterMap:
             raise ValueError(f"cluster_bits {cluster_bits} outside {MIN_CLUSTER_BITS}..{MAX_CLUSTER_BITS}")
         self._map = ffi.new("struct pyhv_blk_map *")  # zeroed: empty and disabled
         self._map.cluster_bits = cluster_bits
-        self.generation = 0  # mirror of the C field, for callers that compare before and after
 
     @property
     def pointer(self) -> Any:
@@ -54,8 +53,7 @@ class BlkClusterMap:
 
     def clear(self) -> None:
         """Every entry stale at once (a new generation): an O(1) call on every mapping change."""
-        self.generation += 1
-        self._map.generation = self.generation
+        self._map.generation += 1
 
     def set_limits(self, disk_bytes: int, file_bytes: int, enabled: bool) -> None:
         """No I/O at or past `disk_bytes` of the disk nor past `file_bytes` of the file; none at all

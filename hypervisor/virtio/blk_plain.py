@@ -23,7 +23,7 @@ import logging
 import threading
 
 from hypervisor.block.qcow2 import Qcow2Image
-from hypervisor.block.qcow2.plainmap import FILL_WINDOW, WRITABLE
+from hypervisor.block.qcow2.plainmap import FILL_WINDOW, MAX_FILL_WINDOWS, WRITABLE
 from hypervisor.errors import HypervisorError
 from hypervisor.kvm.virtio_c import MAP_WRITABLE, BlkClusterMap
 
@@ -67,7 +67,8 @@ class PlainClusterCache:
     def learn(self, offset: int, length: int) -> None:
         """Fill the map around guest bytes [offset, offset+length), which Python just served."""
         cb = self._cluster_bits
-        windows = range((offset >> cb) // FILL_WINDOW, ((offset + max(length, 1) - 1) >> cb) // FILL_WINDOW + 1)[:4]
+        first_window, last_window = (offset >> cb) // FILL_WINDOW, ((offset + max(length, 1) - 1) >> cb) // FILL_WINDOW
+        windows = range(first_window, last_window + 1)[:MAX_FILL_WINDOWS]
         with self.image.lock:
             layout = self.image.plain_layout()
             if layout is None or layout.fd != self.fd:

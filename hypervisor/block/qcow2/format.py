@@ -164,6 +164,9 @@ OFLAG_COMPRESSED = 1 << 62  # L2: compressed cluster descriptor follows
 OFLAG_ZERO = 1 << 0  # standard cluster descriptor bit 0: reads as zeros (v3 only)
 L2E_OFFSET_MASK = 0x00FF_FFFF_FFFF_FE00  # standard descriptor bits 9-55
 L2E_STD_RESERVED_MASK = 0x3F00_0000_0000_01FE  # bits 1-8 and 56-61
+# Any of these bits: not a plain data cluster whose bytes are at its host offset (the Reader's hot
+# loop and plainmap.py's cache fill, which must agree on what is plain).
+L2E_NOT_PLAIN_DATA = OFLAG_COMPRESSED | OFLAG_ZERO | L2E_STD_RESERVED_MASK
 COMPRESSED_SECTOR_SIZE = 512  # "Number of additional 512-byte sectors"
 
 # Extended L2: 128-bit entries, second half is the subcluster bitmap.

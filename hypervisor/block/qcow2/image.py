@@ -224,8 +224,8 @@ class Qcow2Image:
             return []
         engine = self._engine
         return plain_runs(
-            engine.geometry, engine.cmap, engine.allocator.metadata, self._hf.size, engine.size, offset, length,
-            layout.writable,
+            engine.geometry, engine.cmap, engine.allocator.metadata, layout.file_size, layout.disk_size, offset,
+            length, layout.writable,
         )  # fmt: skip
 
     # -- snapshots, resize, rebase, compressed writes ----------------------------------------

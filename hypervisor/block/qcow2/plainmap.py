@@ -31,14 +31,13 @@ if TYPE_CHECKING:
     from hypervisor.block.qcow2.clustermap import ClusterMap
     from hypervisor.block.qcow2.geometry import Geometry
 
-# Any of these bits: not a plain data cluster (read.py's _NOT_PLAIN_DATA).
-_NOT_PLAIN = fmt.OFLAG_COMPRESSED | fmt.OFLAG_ZERO | fmt.L2E_STD_RESERVED_MASK
 # Marks a writable entry in the returned words; host offsets are cluster aligned (>= 512).
 WRITABLE = 1
 # Clusters looked at around a request that missed: the aligned window holding it (a fill of a
 # whole 8192-entry table costs milliseconds of Python, paid again after every mapping change).
 FILL_WINDOW = 1024
-MAX_FILL = 4 * FILL_WINDOW
+MAX_FILL_WINDOWS = 4  # at most this many windows for one request
+MAX_FILL = MAX_FILL_WINDOWS * FILL_WINDOW
 
 
 class MappingWatch:
@@ -85,7 +84,7 @@ def plain_runs(
     file, not metadata). Raises ImageCorruptError from the L1 entry check like a read would."""
     if geometry.extended_l2 or geometry.has_data_file:
         return []
-    cb, in_mask = geometry.cluster_bits, geometry.cluster_size - 1
+    cb, in_mask, not_plain = geometry.cluster_bits, geometry.cluster_size - 1, fmt.L2E_NOT_PLAIN_DATA
     clusters = -(-disk_size >> cb) if disk_size else 0
     first = (offset >> cb) // FILL_WINDOW * FILL_WINDOW
     last = (offset + max(length, 1) - 1) >> cb
@@ -101,7 +100,7 @@ def plain_runs(
             for i in range(table_end - cluster):
                 entry = table[base + i]
                 host = entry & fmt.L2E_OFFSET_MASK
-                if entry & _NOT_PLAIN or not host or host & in_mask or host >= file_size or host >> cb in metadata:
+                if entry & not_plain or not host or host & in_mask or host >= file_size or host >> cb in metadata:
                     continue
                 hosts[i] = host | WRITABLE if writable and entry & fmt.OFLAG_COPIED else host
             runs.append(PlainRun(cluster, hosts))

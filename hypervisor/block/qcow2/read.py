@@ -32,7 +32,6 @@ SEG_COMPRESSED = 3
 
 _SUBCLUSTER_ALL = fmt.SUBCLUSTER_ALLOC_MASK
 # Any of these bits means "not a plain data cluster": classify the entry the slow way.
-_NOT_PLAIN_DATA = fmt.OFLAG_COMPRESSED | fmt.OFLAG_ZERO | fmt.L2E_STD_RESERVED_MASK
 
 
 class ViewCursor:
@@ -224,7 +223,7 @@ class Reader:
         cb, cs = geo.cluster_bits, geo.cluster_size
         in_mask = cs - 1
         l2_bits, l2_mask = geo.l2_bits, geo.l2_mask
-        not_plain = _NOT_PLAIN_DATA
+        not_plain = fmt.L2E_NOT_PLAIN_DATA
         file_size, metadata = self._files.image.size, self._alloc.metadata
         l2_table = self._cmap.l2_table
         end = offset + length
